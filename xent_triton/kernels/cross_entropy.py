@@ -1,0 +1,208 @@
+"""Fused cross-entropy kernels: one streaming forward pass, one recomputing backward pass.
+
+Notation (per row r, classes j < C): x the logits as stored, z = T(x) the transformed logits
+(``T`` = logit scale then optional softcap, see ``online.transform_logits``), lse = log sum_j e^{z_j},
+p_j = e^{z_j - lse}; w the class weights (1 without ``weight``), W = sum_j w_j, eps the label
+smoothing, zl the z-loss scale.
+
+Hard target y (``valid`` = y != ignore_index, w_y := 0 when ignored)::
+
+    loss_r   = (1-eps) w_y (lse - z_y) + eps/C sum_j w_j (lse - z_j) + zl lse^2   (0 if not valid)
+    dL/dz_j  = g_r [((1-eps) w_y + eps W/C + 2 zl lse) p_j - (1-eps) w_y [j=y] - eps/C w_j] + h_r p_j
+
+Soft target t (probabilities, t' = (1-eps) t + eps/C, S = sum_j w_j t'_j)::
+
+    loss_r   = sum_j w_j t'_j (lse - z_j) + zl lse^2
+    dL/dz_j  = g_r [(S + 2 zl lse) p_j - w_j t'_j] + h_r p_j
+
+``C`` is the number of columns a kernel sees and ``n_classes`` the C of the smoothing formulas
+(equal, except for a vocabulary shard under tensor parallelism, where n_classes is the global C).
+g_r is the upstream gradient of loss_r (already divided by the ``mean`` denominator), h_r the
+upstream gradient of the returned lse. dL/dx = dL/dz * T'(x).
+
+Why recompute in backward (the design choice): the forward cannot know g_r (gradient accumulation
+and ``sum / num_items`` make it != 1), so a gradient formed in forward must be rescaled by a second
+pass: forward read + write of dx, backward read + write again = 4-5x the logits' bytes. Recomputing p
+from the saved per-row (ref, log s) costs forward read (1x) + backward read and write (2x) = 3x, for
+any g_r, with no host sync and no N x C buffer beyond the gradient itself. So: recompute.
+
+Bytes moved (B = bytes per logit, R rows, soft targets add their own R*C*B' per pass):
+    forward : R*C*B read + ~20 R bytes (target, w_y, x_y, loss, lse, 3 stats)
+    backward: R*C*B read + R*C*B write + ~24 R bytes; ignored rows read nothing (masked).
+FLOPs are ~10 per logit per pass (exp2 on the MUFU, one per logit per pass); the kernels are
+memory bound on every GPU (e.g. H100: 3.35 TB/s vs 60 TFLOP/s fp32 non-tensor).
+"""
+import triton
+import triton.language as tl
+
+from .online import online_lse_update, softmax_from_stats, transform_grad, transform_logits, LN2
+
+
+@triton.jit
+def _row_pointer(ptr, r, D, stride_n, stride_d):
+    """Rows are r = n * D + d over an (N, C, D) view; int64 so N*C past 2**31 is safe."""
+    n = r // D
+    d = r - n * D
+    return ptr + n * stride_n + d * stride_d
+
+
+@triton.jit
+def _weight_total(wsum_ptr, n_classes, HAS_WEIGHT: tl.constexpr):
+    """W = sum_j w_j: precomputed for class weights, n_classes without them."""
+    if HAS_WEIGHT:
+        return tl.load(wsum_ptr)
+    else:
+        return n_classes * 1.0
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    x_ptr, stride_xn, stride_xd, stride_xc,
+    tgt_ptr, w_ptr, wsum_ptr,
+    soft_ptr, stride_tn, stride_td, stride_tc,
+    loss_ptr, lse_ptr, stats_ptr,
+    C, D, n_classes, ignore_index,
+    label_smoothing, lse_square_scale, softcap, logit_scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward, one program per row, streaming the row once in BLOCK_C chunks (grid = (R,)).
+
+    Writes loss_r (fp32, see module docstring), lse_r, and stats_r = (ref, log s, row weight) where
+    the row weight is w_y for a valid hard target (0 if ignored, NaN if out of range) or S for a
+    soft target. The ``mean`` denominator of a hard target is sum_r stats_r[2].
+    Smoothing and soft targets keep A = sum_j a_j (z_j - ref), shifted when ref moves, so that
+    sum_j a_j (lse - z_j) = (sum_j a_j) log s - A never subtracts two large numbers.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    x_row = _row_pointer(x_ptr, r, D, stride_xn, stride_xd)
+    offs = tl.arange(0, BLOCK_C)
+
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    acc = tl.zeros((), tl.float32)  # A = sum_j a_j (z_j - ref)
+    a_sum = tl.zeros((), tl.float32)  # sum_j a_j over the columns seen
+
+    if SOFT_TARGET:
+        t_row = _row_pointer(soft_ptr, r, D, stride_tn, stride_td)
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs
+        mask = cols < C
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=0.0)
+        z = tl.where(mask, transform_logits(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        m, s, ref_old, ref_new = online_lse_update(m, s, z)
+        if SOFT_TARGET or HAS_SMOOTHING:
+            if SOFT_TARGET:
+                a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SMOOTHING:
+                    a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
+            else:
+                a = tl.full((BLOCK_C,), 1.0, tl.float32)
+            if HAS_WEIGHT:
+                a = a * tl.load(w_ptr + cols, mask=mask, other=0.0)
+            a = tl.where(mask, a, 0.0)
+            acc = acc + (ref_old - ref_new) * a_sum + tl.sum(tl.where(mask, a * (z - ref_new), 0.0), 0)
+            a_sum = a_sum + tl.sum(a, 0)
+
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log2(s) * LN2
+    lse = ref + log_s
+    if SOFT_TARGET:
+        row_w = a_sum
+        loss = a_sum * log_s - acc + lse_square_scale * lse * lse
+    else:
+        y = tl.load(tgt_ptr + r)
+        valid = y != ignore_index
+        in_range = (y >= 0) & (y < C)
+        ok = valid & in_range
+        y_safe = tl.where(ok, y, 0)
+        z_y = transform_logits(tl.load(x_row + y_safe * stride_xc), logit_scale, softcap, HAS_SOFTCAP)
+        if HAS_WEIGHT:
+            w_y = tl.load(w_ptr + y_safe)
+        else:
+            w_y = 1.0
+        loss = (1.0 - label_smoothing) * w_y * ((ref - z_y) + log_s) + lse_square_scale * lse * lse
+        if HAS_SMOOTHING:
+            loss += label_smoothing / n_classes * (_weight_total(wsum_ptr, n_classes, HAS_WEIGHT) * log_s - acc)
+        row_w = tl.where(ok, w_y, 0.0)
+        loss = tl.where(ok, loss, 0.0)
+        # An out-of-range target poisons its row (and so a mean) with NaN: no host sync needed.
+        row_w = tl.where(valid & ~in_range, float("nan"), row_w)
+        loss = tl.where(valid & ~in_range, float("nan"), loss)
+    tl.store(loss_ptr + r, loss)
+    tl.store(lse_ptr + r, lse)
+    tl.store(stats_ptr + 3 * r, ref)
+    tl.store(stats_ptr + 3 * r + 1, log_s)
+    tl.store(stats_ptr + 3 * r + 2, row_w)
+
+
+@triton.jit
+def cross_entropy_bwd_kernel(
+    x_ptr, stride_xn, stride_xd, stride_xc,
+    dx_ptr, stride_gn, stride_gd, stride_gc,
+    tgt_ptr, w_ptr, wsum_ptr,
+    soft_ptr, stride_tn, stride_td, stride_tc,
+    stats_ptr, dloss_ptr, stride_dloss, dlse_ptr, stride_dlse,
+    C, D, n_classes, ignore_index,
+    label_smoothing, lse_square_scale, softcap, logit_scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward, grid = (R, cdiv(C, BLOCK_C)): each program recomputes p for one chunk of one row
+    from the saved (ref, log s) and writes dL/dx (formulas in the module docstring).
+
+    dx may alias x (``inplace_backward``): each program reads its chunk before writing it.
+    A hard-target row that is ignored (and has no lse gradient) reads no logits and writes zeros.
+    """
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x_row = _row_pointer(x_ptr, r, D, stride_xn, stride_xd)
+    dx_row = _row_pointer(dx_ptr, r, D, stride_gn, stride_gd)
+    ref = tl.load(stats_ptr + 3 * r)
+    log_s = tl.load(stats_ptr + 3 * r + 1)
+    row_w = tl.load(stats_ptr + 3 * r + 2)
+    g = tl.load(dloss_ptr + r * stride_dloss)
+    if HAS_DLSE:
+        h = tl.load(dlse_ptr + r * stride_dlse)
+    else:
+        h = 0.0
+    lse = ref + log_s
+
+    if SOFT_TARGET:
+        active = r >= 0  # every soft-target row takes part
+        coef_p = g * (row_w + 2.0 * lse_square_scale * lse) + h
+    else:
+        y = tl.load(tgt_ptr + r)
+        valid = y != ignore_index
+        if HAS_DLSE:
+            active = r >= 0  # the lse gradient reaches ignored rows too
+        else:
+            active = valid
+        coef_p = tl.where(valid, g * ((1.0 - label_smoothing) * row_w + 2.0 * lse_square_scale * lse), 0.0) + h
+        if HAS_SMOOTHING:
+            coef_p += tl.where(valid, g * label_smoothing / n_classes * _weight_total(wsum_ptr, n_classes, HAS_WEIGHT), 0.0)
+    # (a block mask combined with a scalar flag by comparison: the interpreter mistypes `mask & flag`)
+    lmask = cols < tl.where(active, C, 0)
+    x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=lmask, other=0.0)
+    z = transform_logits(x, logit_scale, softcap, HAS_SOFTCAP)
+    dz = coef_p * softmax_from_stats(z, ref, log_s)
+    if SOFT_TARGET:
+        t_row = _row_pointer(soft_ptr, r, D, stride_tn, stride_td)
+        a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0).to(tl.float32)
+        if HAS_SMOOTHING:
+            a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
+        if HAS_WEIGHT:
+            a = a * tl.load(w_ptr + cols, mask=lmask, other=0.0)
+        dz -= g * a
+    else:
+        dz -= tl.where(cols == y, g * (1.0 - label_smoothing) * row_w, 0.0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=cols < tl.where(valid, C, 0), other=0.0)
+            else:
+                w = 1.0
+            dz -= tl.where(valid, g * label_smoothing / n_classes * w, 0.0)
+    dx = transform_grad(dz, z, logit_scale, softcap, HAS_SOFTCAP)
+    dx = tl.where(active, dx, 0.0)
+    tl.store(dx_row + cols.to(tl.int64) * stride_gc, dx.to(dx_ptr.dtype.element_ty), mask=mask)

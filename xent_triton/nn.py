@@ -1,0 +1,49 @@
+"""``torch.nn`` modules over the functional API."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .functional import check_options, cross_entropy
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` backed by the fused kernels.
+
+    Same arguments as :func:`xent_triton.cross_entropy` (the extras keyword-only). ``weight`` is a
+    registered buffer, so it follows ``.to(device)``.
+
+    Example:
+        >>> crit = CrossEntropyLoss(ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-4)
+        >>> loss = crit(torch.randn(4, 1000), torch.randint(0, 1000, (4,)))
+    """
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 lse_square_scale: float = 0.0, softcap: Optional[float] = None,
+                 logit_scale: float = 1.0, inplace_backward: bool = False,
+                 return_lse: bool = False) -> None:
+        super().__init__()
+        check_options(reduction, label_smoothing, lse_square_scale, softcap, logit_scale)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.inplace_backward = inplace_backward
+        self.return_lse = return_lse
+
+    def forward(self, input: Tensor, target: Tensor):
+        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
+                             self.label_smoothing, lse_square_scale=self.lse_square_scale,
+                             softcap=self.softcap, logit_scale=self.logit_scale,
+                             inplace_backward=self.inplace_backward, return_lse=self.return_lse)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, lse_square_scale={self.lse_square_scale}, "
+                f"softcap={self.softcap}, logit_scale={self.logit_scale}")
