@@ -13,13 +13,6 @@ _REDUCTIONS = ("none", "mean", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - torch < 2.3
-        return False
-
-
 def check_options(reduction: str, label_smoothing: float, lse_square_scale: float,
                   softcap: Optional[float], logit_scale: float) -> None:
     """Validate the scalar options shared by every entry point (raises ValueError/TypeError)."""
@@ -55,7 +48,7 @@ def check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
 
     On CUDA the check is skipped; the kernel makes such a row's loss (and a mean) NaN instead.
     """
-    if target.device.type != "cpu" or _is_compiling() or target.numel() == 0:
+    if target.device.type != "cpu" or ops._is_compiling() or target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= C))
     if bool(bad.any()):
@@ -139,7 +132,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     w = check_weight(weight, C, input.device)
     if not tgt.is_floating_point():
         check_target_range(tgt, C, int(ignore_index))
-    loss_rows, lse, stats = torch.ops.xent_triton.cross_entropy_fwd(
+    loss_rows, lse, stats = ops.cross_entropy_rows(
         x3, tgt, w, int(ignore_index), float(label_smoothing), float(lse_square_scale),
         float(softcap) if softcap is not None else 0.0, float(logit_scale), bool(inplace_backward))
     if reduction == "none":

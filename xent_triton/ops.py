@@ -1,8 +1,12 @@
 """torch.library custom ops around the kernels, with fake (meta) implementations and autograd.
 
-Registering the forward and backward as custom ops makes them opaque, shape-known nodes for
-``torch.compile``: a compiled training step traces through them with no graph break, and the
-Triton launch happens inside the op. Each op routes to the Triton kernels when Triton can run
+Two doors to the same implementation (``forward_impl`` / ``backward_into``):
+
+* eager: ``CrossEntropyFunction``, a plain ``torch.autograd.Function`` (no dispatcher round trip);
+* ``torch.compile``: the ``xent_triton::`` custom ops with fake implementations and registered
+  autograd, opaque shape-known nodes a compiled training step traces through with no graph break.
+
+``cross_entropy_rows`` picks the door. Each op routes to the Triton kernels when Triton can run
 the tensor (CUDA, or any device under ``TRITON_INTERPRET=1``) and to the chunked pure-torch
 ``reference`` otherwise (CPU, float64).
 
@@ -19,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .launch import config, interpreting
+from .launch import backward_grid, config, interpreting
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this so that every output buffer starts as NaN and an unwritten element fails.
@@ -46,10 +50,9 @@ def _side_args(x: Tensor, target: Tensor, weight: Optional[Tensor]):
     return soft, soft_t, tgt, w, wsum
 
 
-@torch.library.custom_op("xent_triton::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                      label_smoothing: float, lse_square_scale: float, softcap: float,
-                      logit_scale: float, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+def forward_impl(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                 label_smoothing: float, lse_square_scale: float, softcap: float,
+                 logit_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, stats) of the (N, C, D) logits ``x``; see kernels.cross_entropy."""
     if not uses_triton(x):
         loss, lse, stats = reference.forward_rows(x, target, weight, ignore_index, label_smoothing,
@@ -75,6 +78,15 @@ def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignor
     return loss, lse, stats
 
 
+@torch.library.custom_op("xent_triton::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                      label_smoothing: float, lse_square_scale: float, softcap: float,
+                      logit_scale: float, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Custom-op form of ``forward_impl`` (``inplace_backward`` is kept for the backward)."""
+    return forward_impl(x, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
+                        logit_scale)
+
+
 @cross_entropy_fwd.register_fake
 def _(x, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale,
       inplace_backward):
@@ -83,7 +95,7 @@ def _(x, target, weight, ignore_index, label_smoothing, lse_square_scale, softca
             x.new_empty((R, 3), dtype=torch.float32))
 
 
-def _backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                    dloss: Tensor, dlse: Optional[Tensor], ignore_index: int, label_smoothing: float,
                    lse_square_scale: float, softcap: float, logit_scale: float) -> None:
     if not uses_triton(x):
@@ -98,18 +110,15 @@ def _backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tens
     soft, soft_t, tgt, w, wsum = _side_args(x, target, weight)
     cfg = config(C)
     h = dlse if dlse is not None else dloss
-    cross_entropy_bwd_kernel[(N * D, triton_cdiv(C, cfg.block_c))](
+    grid, span = backward_grid(N * D, C, cfg.block_c)
+    cross_entropy_bwd_kernel[grid](
         x, *x.stride(), out, *out.stride(), tgt, w, wsum, soft_t, *soft_t.stride(),
         stats, dloss, dloss.stride(0), h, h.stride(0),
-        C, D, C, ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale,
+        C, D, C, ignore_index, span, label_smoothing, lse_square_scale, softcap, logit_scale,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, SOFT_TARGET=soft,
         HAS_SOFTCAP=softcap > 0, HAS_DLSE=dlse is not None, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps,
     )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 @torch.library.custom_op("xent_triton::cross_entropy_bwd", mutates_args=())
@@ -119,7 +128,7 @@ def cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], stats
                       logit_scale: float) -> Tensor:
     """dL/dx as a new tensor with x's shape and dtype."""
     out = _alloc(x.shape, x.dtype, x.device)
-    _backward_into(out, x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing,
+    backward_into(out, x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing,
                    lse_square_scale, softcap, logit_scale)
     return out
 
@@ -136,7 +145,7 @@ def cross_entropy_bwd_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor
                               label_smoothing: float, lse_square_scale: float, softcap: float,
                               logit_scale: float) -> None:
     """dL/dx written over x itself (x is consumed)."""
-    _backward_into(x, x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing,
+    backward_into(x, x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing,
                    lse_square_scale, softcap, logit_scale)
 
 
@@ -169,3 +178,40 @@ def _backward(ctx, dloss, dlse, _dstats):
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Eager autograd around ``forward_impl`` / ``backward_into`` (same math as the custom ops)."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap,
+                logit_scale, inplace_backward):
+        loss, lse, stats = forward_impl(x, target, weight, ignore_index, label_smoothing,
+                                        lse_square_scale, softcap, logit_scale)
+        _setup_context(ctx, (x, target, weight, ignore_index, label_smoothing, lse_square_scale,
+                             softcap, logit_scale, inplace_backward), (loss, lse, stats))
+        ctx.set_materialize_grads(False)
+        return loss, lse, stats
+
+    @staticmethod
+    def backward(ctx, dloss, dlse, _dstats):
+        x, target, weight, stats = ctx.saved_tensors
+        if dloss is None:
+            dloss = torch.zeros((), dtype=torch.float32, device=x.device).expand(stats.shape[0])
+        out = x if ctx.inplace_backward else _alloc(x.shape, x.dtype, x.device)
+        backward_into(out, x, target, weight, stats, dloss, dlse, *ctx.hparams)
+        return out, None, None, None, None, None, None, None, None
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def cross_entropy_rows(*args):
+    """(loss_rows, lse, stats) with autograd: custom ops under torch.compile, else the Function."""
+    if _is_compiling():
+        return torch.ops.xent_triton.cross_entropy_fwd(*args)
+    return CrossEntropyFunction.apply(*args)

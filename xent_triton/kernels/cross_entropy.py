@@ -143,20 +143,23 @@ def cross_entropy_bwd_kernel(
     tgt_ptr, w_ptr, wsum_ptr,
     soft_ptr, stride_tn, stride_td, stride_tc,
     stats_ptr, dloss_ptr, stride_dloss, dlse_ptr, stride_dlse,
-    C, D, n_classes, ignore_index,
+    C, D, n_classes, ignore_index, span,
     label_smoothing, lse_square_scale, softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Backward, grid = (R, cdiv(C, BLOCK_C)): each program recomputes p for one chunk of one row
-    from the saved (ref, log s) and writes dL/dx (formulas in the module docstring).
+    """Backward, grid = (R, splits): program (r, k) recomputes p over columns [k*span, (k+1)*span)
+    of row r, BLOCK_C at a time, from the saved (ref, log s), and writes dL/dx (formulas in the
+    module docstring). ``span`` is a multiple of BLOCK_C; splits = 1 unless rows are too few to
+    fill the GPU (launch policy). Per-row scalars are read once per program.
 
-    dx may alias x (``inplace_backward``): each program reads its chunk before writing it.
+    dx may alias x (``inplace_backward``): each block is read before it is written.
     A hard-target row that is ignored (and has no lse gradient) reads no logits and writes zeros.
     """
     r = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = cols < C
+    offs = tl.arange(0, BLOCK_C)
+    c_begin = tl.program_id(1) * span
+    c_end = tl.minimum(c_begin + span, C)
     x_row = _row_pointer(x_ptr, r, D, stride_xn, stride_xd)
     dx_row = _row_pointer(dx_ptr, r, D, stride_gn, stride_gd)
     ref = tl.load(stats_ptr + 3 * r)
@@ -182,27 +185,32 @@ def cross_entropy_bwd_kernel(
         coef_p = tl.where(valid, g * ((1.0 - label_smoothing) * row_w + 2.0 * lse_square_scale * lse), 0.0) + h
         if HAS_SMOOTHING:
             coef_p += tl.where(valid, g * label_smoothing / n_classes * _weight_total(wsum_ptr, n_classes, HAS_WEIGHT), 0.0)
-    # (a block mask combined with a scalar flag by comparison: the interpreter mistypes `mask & flag`)
-    lmask = cols < tl.where(active, C, 0)
-    x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=lmask, other=0.0)
-    z = transform_logits(x, logit_scale, softcap, HAS_SOFTCAP)
-    dz = coef_p * softmax_from_stats(z, ref, log_s)
     if SOFT_TARGET:
         t_row = _row_pointer(soft_ptr, r, D, stride_tn, stride_td)
-        a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0).to(tl.float32)
-        if HAS_SMOOTHING:
-            a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
-        if HAS_WEIGHT:
-            a = a * tl.load(w_ptr + cols, mask=lmask, other=0.0)
-        dz -= g * a
-    else:
-        dz -= tl.where(cols == y, g * (1.0 - label_smoothing) * row_w, 0.0)
-        if HAS_SMOOTHING:
+    # (a block mask combined with a scalar flag by comparison: the interpreter mistypes `mask & flag`)
+    c_active = tl.where(active, c_end, 0)
+    for start in range(c_begin, c_end, BLOCK_C):
+        cols = start + offs
+        mask = cols < c_end
+        lmask = cols < c_active
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=lmask, other=0.0)
+        z = transform_logits(x, logit_scale, softcap, HAS_SOFTCAP)
+        dz = coef_p * softmax_from_stats(z, ref, log_s)
+        if SOFT_TARGET:
+            a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0).to(tl.float32)
+            if HAS_SMOOTHING:
+                a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
             if HAS_WEIGHT:
-                w = tl.load(w_ptr + cols, mask=cols < tl.where(valid, C, 0), other=0.0)
-            else:
-                w = 1.0
-            dz -= tl.where(valid, g * label_smoothing / n_classes * w, 0.0)
-    dx = transform_grad(dz, z, logit_scale, softcap, HAS_SOFTCAP)
-    dx = tl.where(active, dx, 0.0)
-    tl.store(dx_row + cols.to(tl.int64) * stride_gc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                a = a * tl.load(w_ptr + cols, mask=lmask, other=0.0)
+            dz -= g * a
+        else:
+            dz -= tl.where(cols == y, g * (1.0 - label_smoothing) * row_w, 0.0)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    w = tl.load(w_ptr + cols, mask=cols < tl.where(valid, c_end, 0), other=0.0)
+                else:
+                    w = 1.0
+                dz -= tl.where(valid, g * label_smoothing / n_classes * w, 0.0)
+        dx = transform_grad(dz, z, logit_scale, softcap, HAS_SOFTCAP)
+        dx = tl.where(active, dx, 0.0)
+        tl.store(dx_row + cols.to(tl.int64) * stride_gc, dx.to(dx_ptr.dtype.element_ty), mask=mask)
