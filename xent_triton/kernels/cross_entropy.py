@@ -56,6 +56,41 @@ def _weight_total(wsum_ptr, n_classes, HAS_WEIGHT: tl.constexpr):
 
 
 @triton.jit
+def stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
+               label_smoothing, softcap, logit_scale,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Stream one row of C logits once: returns (m, s, A, a_sum) with m the max, s = sum e^{z - ref},
+    and (smoothing / soft targets only) A = sum_j a_j (z_j - ref), a_sum = sum_j a_j, where
+    a_j = w_j t'_j (soft) or w_j (hard smoothing) and ref = safe_ref(m). Shared by every forward
+    that needs row statistics (single device, or one vocabulary shard)."""
+    offs = tl.arange(0, BLOCK_C)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    acc = tl.zeros((), tl.float32)
+    a_sum = tl.zeros((), tl.float32)
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs
+        mask = cols < C
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=0.0)
+        z = tl.where(mask, transform_logits(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        m, s, ref_old, ref_new = online_lse_update(m, s, z)
+        if SOFT_TARGET or HAS_SMOOTHING:
+            if SOFT_TARGET:
+                a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SMOOTHING:
+                    a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
+            else:
+                a = tl.full((BLOCK_C,), 1.0, tl.float32)
+            if HAS_WEIGHT:
+                a = a * tl.load(w_ptr + cols, mask=mask, other=0.0)
+            a = tl.where(mask, a, 0.0)
+            acc = acc + (ref_old - ref_new) * a_sum + tl.sum(tl.where(mask, a * (z - ref_new), 0.0), 0)
+            a_sum = a_sum + tl.sum(a, 0)
+    return m, s, acc, a_sum
+
+
+@triton.jit
 def cross_entropy_fwd_kernel(
     x_ptr, stride_xn, stride_xd, stride_xc,
     tgt_ptr, w_ptr, wsum_ptr,
@@ -76,34 +111,13 @@ def cross_entropy_fwd_kernel(
     """
     r = tl.program_id(0).to(tl.int64)
     x_row = _row_pointer(x_ptr, r, D, stride_xn, stride_xd)
-    offs = tl.arange(0, BLOCK_C)
-
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    acc = tl.zeros((), tl.float32)  # A = sum_j a_j (z_j - ref)
-    a_sum = tl.zeros((), tl.float32)  # sum_j a_j over the columns seen
-
     if SOFT_TARGET:
         t_row = _row_pointer(soft_ptr, r, D, stride_tn, stride_td)
-    for start in range(0, C, BLOCK_C):
-        cols = start + offs
-        mask = cols < C
-        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=0.0)
-        z = tl.where(mask, transform_logits(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-        m, s, ref_old, ref_new = online_lse_update(m, s, z)
-        if SOFT_TARGET or HAS_SMOOTHING:
-            if SOFT_TARGET:
-                a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SMOOTHING:
-                    a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
-            else:
-                a = tl.full((BLOCK_C,), 1.0, tl.float32)
-            if HAS_WEIGHT:
-                a = a * tl.load(w_ptr + cols, mask=mask, other=0.0)
-            a = tl.where(mask, a, 0.0)
-            acc = acc + (ref_old - ref_new) * a_sum + tl.sum(tl.where(mask, a * (z - ref_new), 0.0), 0)
-            a_sum = a_sum + tl.sum(a, 0)
-
+    else:
+        t_row = soft_ptr
+    m, s, acc, a_sum = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
+                                  label_smoothing, softcap, logit_scale,
+                                  HAS_WEIGHT, HAS_SMOOTHING, SOFT_TARGET, HAS_SOFTCAP, BLOCK_C)
     ref = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log2(s) * LN2
     lse = ref + log_s
