@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 import xent_triton
-from tolerances import FLOOR, assert_close_rule, rel_err
+from tolerances import assert_close_rule, rel_err
 from xent_triton.reference import cross_entropy_composed
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -64,10 +64,8 @@ def logits(shape: tuple, dtype: torch.dtype, device: str, *, scale: float = 1.0,
 
 def class_ids(x: Tensor, *, ignore_index: int = -100, ignore_frac: float = 0.0,
               index_dtype: torch.dtype = torch.int64, avoid: tuple = ()) -> Tensor:
-    """Random class ids for logits ``x`` (never in ``avoid``); a fraction set to ignore_index.
-
-    When ``ignore_index`` is a valid class id it also occurs naturally: at least one row is set
-    to it (a target equal to ignore_index is ignored whatever its origin).
+    """Random class ids for logits ``x`` (never in ``avoid``); about ``ignore_frac`` of them set
+    to ``ignore_index`` (then at least one row ignored and, unless ignore_frac >= 1, one kept).
     """
     C = x.shape[0] if x.dim() == 1 else x.shape[1]
     shape = () if x.dim() == 1 else x.shape[:1] + x.shape[2:]
@@ -95,11 +93,12 @@ def class_weight(C: int, dtype: torch.dtype, device: str) -> Tensor:
     return (torch.rand(C, device=device) * 1.5 + 0.25).to(dtype).float()
 
 
-def upstream(shape: tuple, dtype: torch.dtype, device: str, reduction: str) -> Tensor:
+def upstream(shape: tuple, dtype: torch.dtype, device: str, reduction: str,
+             generator: Optional[torch.Generator] = None) -> Tensor:
     """dL/dloss: 0.37 for a scalar loss, random per token for 'none' (values exact in dtype)."""
     if reduction != "none":
         return torch.tensor(0.37, device=device).to(dtype).float()
-    return torch.randn(shape, device=device).to(dtype).float()
+    return torch.randn(shape, generator=generator).to(dtype).float().to(device)
 
 
 def _opts_composed(opts: dict) -> dict:
@@ -117,7 +116,7 @@ def run_ours(x: Tensor, target: Tensor, weight: Optional[Tensor], g_fn, h_fn, **
         leaf = inp = x.detach().requires_grad_()
     out = xent_triton.cross_entropy(inp, target, weight, **opts)
     loss, lse = out if opts.get("return_lse") else (out, None)
-    assert loss.dtype == torch.float32
+    assert loss.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
     tensors, grads = [loss], [g_fn(loss.shape)]
     h = h_fn(lse.shape) if lse is not None and h_fn is not None else None
     if h is not None:
@@ -175,31 +174,36 @@ def check(x: Tensor, target: Tensor, weight: Optional[Tensor] = None, *, use_lse
     reduction = opts.get("reduction", "mean")
     if use_lse:
         opts["return_lse"] = True
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    g_cache, h_cache = {}, {}
+    low = dtype if dtype != F64 else F32
+    g = h = None  # the same upstream gradients for every evaluation (and every call of check)
 
-    def g_fn(shape):  # the same upstream for every evaluation
-        if "g" not in g_cache:
-            g_cache["g"] = upstream(tuple(shape), dtype if dtype != F64 else F32, "cpu", reduction).to(dev)
-        return g_cache["g"]
+    def g_fn(shape):
+        nonlocal g
+        if g is None:
+            g = upstream(tuple(shape), low, dev, reduction, torch.Generator().manual_seed(1234))
+        return g
 
     def h_fn(shape):
-        if "h" not in h_cache:
-            h_cache["h"] = torch.randn(tuple(shape), generator=gen).to(dtype).float().to(dev)
-        return h_cache["h"]
+        nonlocal h
+        if h is None:
+            h = upstream(tuple(shape), low, dev, "none", torch.Generator().manual_seed(4321))
+        return h
 
     ours = run_ours(x, target, weight, g_fn, h_fn if use_lse else None, **opts)
     ref = run_composed(x, target, weight, F64, g_fn, h_fn, use_lse, **opts)
     theirs = run_composed(x, target, weight, dtype, g_fn, h_fn, use_lse, **opts)
-    assert_rule("loss", ours.loss, theirs.loss, ref.loss, dtype)
+    out_dtype = dtype  # loss and lse: float32 for low-precision input (run_ours checks), float64 for float64
+    assert_rule("loss", ours.loss, theirs.loss, ref.loss, out_dtype)
     if opts.get("return_lse"):
-        assert ours.lse.dtype == torch.float32
-        assert_rule("lse", ours.lse, theirs.lse, ref.lse, dtype)
+        assert ours.lse.dtype == ours.loss.dtype
+        assert_rule("lse", ours.lse, theirs.lse, ref.lse, out_dtype)
     assert_rule("grad", ours.grad, theirs.grad, ref.grad, dtype)
     if not target.is_floating_point() and not use_lse:
         ignored = (target == opts.get("ignore_index", -100)).reshape(-1)
         rows = ours.grad.reshape(1, -1) if x.dim() == 1 else ours.grad.movedim(1, -1).reshape(-1, x.shape[1])
         assert torch.all(rows[ignored] == 0), "ignored rows must get exactly zero gradient"
+        if reduction == "none":
+            assert torch.all(ours.loss.reshape(-1)[ignored] == 0), "ignored rows must have loss 0"
     return ours
 
 
@@ -211,7 +215,3 @@ def pid(*parts) -> str:
             continue
         out.append(SHORT.get(p, str(p)) if isinstance(p, torch.dtype) else str(p))
     return "-".join(out)
-
-
-__all__ = ["BF16", "F16", "F32", "F64", "FLOOR", "Outputs", "logits", "class_ids", "probabilities",
-           "class_weight", "upstream", "run_ours", "run_composed", "check", "assert_rule", "pid"]

@@ -28,3 +28,42 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _traffic_module():
+    """The traffic counter when the kernels run under the interpreter and it is importable, else None.
+
+    Imported lazily: importing it patches the interpreter's loads and stores (to check every active
+    lane against the storages of the kernel's tensor arguments), which is what we want here.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return None
+    try:
+        import traffic
+    except ImportError:
+        return None
+    return traffic
+
+
+def assert_no_oob_lanes() -> None:
+    """Fail if any Triton kernel since the last clear touched memory outside its tensor arguments.
+
+    Reads and then clears the traffic tool's global record (also filled outside ``traffic.count()``;
+    note that ``traffic.count()`` resets it when it starts). No-op without the traffic tool.
+    """
+    traffic = _traffic_module()
+    if traffic is None:
+        return
+    oob = list(traffic._STATE["oob"])
+    traffic._STATE["oob"].clear()
+    assert not oob, f"Triton kernel accessed out-of-bounds lanes: {oob} (list of (load|store, lanes))"
+
+
+@pytest.fixture(autouse=True)
+def _no_out_of_bounds_lanes():
+    """Every test of the suite: no kernel launch may read or write a lane outside its tensors."""
+    traffic = _traffic_module()
+    if traffic is not None:
+        traffic._STATE["oob"].clear()
+    yield
+    assert_no_oob_lanes()

@@ -92,14 +92,15 @@ def _canonical(input: Tensor, target: Tensor):
     if target.shape != expected:
         raise ValueError(f"target of class ids must have shape {tuple(expected)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    return x3, target.reshape(-1).to(torch.int64), expected, C
+    return x3, target.reshape(-1).to(torch.int64).contiguous(), expected, C
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                   lse_square_scale: float = 0.0, softcap: Optional[float] = None,
                   logit_scale: float = 1.0, inplace_backward: bool = False,
-                  return_lse: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                  return_lse: bool = False, process_group=None,
+                  vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Fused cross-entropy with ``torch.nn.functional.cross_entropy`` semantics.
 
     Args:
@@ -115,9 +116,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         inplace_backward: write the gradient into ``input``'s storage (no extra N x C memory). The
             input's values are destroyed by backward: use it only when nothing else reads them.
         return_lse: also return the float32 log-sum-exp per token (target's shape), differentiable.
+        process_group: vocabulary (tensor) parallelism. When given, ``input`` (and a probability
+            target) is this rank's contiguous slice of the class dimension; class-id targets hold
+            global ids and, like ``weight`` (the global (C_global,) weights), are the same on every
+            rank. Every rank returns the full-vocabulary loss (and lse) and gets its shard's
+            gradient; two O(tokens) all-reduces per call. See ``xent_triton.distributed``.
+        vocab_start_index: this rank's first class id under ``process_group``; None (on every rank)
+            places the shards in group-rank order (Megatron's layout; shards may be unequal).
 
     Returns:
-        The float32 loss (a scalar, or the target's shape for ``reduction="none"``), and the lse if
+        The float32 loss (float64 for float64 input; a scalar, or the target's shape for
+        ``reduction="none"``), and the lse if
         ``return_lse``. The gradient has the input's dtype. Out-of-range class ids raise IndexError on
         CPU; on CUDA (no host sync) they make that token's loss and gradient NaN, hence a NaN mean.
 
@@ -127,9 +136,18 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         >>> loss = cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
+    if process_group is not None:
+        from .distributed import vocab_parallel_cross_entropy
+        return vocab_parallel_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing,
+            lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
+            inplace_backward=inplace_backward, return_lse=return_lse, process_group=process_group,
+            vocab_start_index=vocab_start_index)
     check_options(reduction, label_smoothing, lse_square_scale, softcap, logit_scale)
     x3, tgt, out_shape, C = _canonical(input, target)
     w = check_weight(weight, C, input.device)
+    if w is not None and input.dtype != torch.float64:
+        w = w.float()  # kernels read fp32 weights; float64 weights only on the float64 path
     if not tgt.is_floating_point():
         check_target_range(tgt, C, int(ignore_index))
     loss_rows, lse, stats = ops.cross_entropy_rows(

@@ -24,7 +24,8 @@ class CrossEntropyLoss(torch.nn.Module):
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
                  logit_scale: float = 1.0, inplace_backward: bool = False,
-                 return_lse: bool = False) -> None:
+                 return_lse: bool = False, process_group=None,
+                 vocab_start_index: Optional[int] = None) -> None:
         super().__init__()
         check_options(reduction, label_smoothing, lse_square_scale, softcap, logit_scale)
         self.register_buffer("weight", weight)
@@ -36,12 +37,16 @@ class CrossEntropyLoss(torch.nn.Module):
         self.logit_scale = logit_scale
         self.inplace_backward = inplace_backward
         self.return_lse = return_lse
+        self.process_group = process_group  # vocabulary parallelism (see xent_triton.distributed)
+        self.vocab_start_index = vocab_start_index
 
     def forward(self, input: Tensor, target: Tensor):
         return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
                              self.label_smoothing, lse_square_scale=self.lse_square_scale,
                              softcap=self.softcap, logit_scale=self.logit_scale,
-                             inplace_backward=self.inplace_backward, return_lse=self.return_lse)
+                             inplace_backward=self.inplace_backward, return_lse=self.return_lse,
+                             process_group=self.process_group,
+                             vocab_start_index=self.vocab_start_index)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "

@@ -41,6 +41,16 @@ def uses_triton(x: Tensor) -> bool:
     return x.dtype in _TRITON_DTYPES and (x.is_cuda or interpreting())
 
 
+def nd_c_strides(t: Tensor) -> tuple[int, int, int]:
+    """Strides of an (N, C, D) view in the kernels' argument order (n, d, c)."""
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """Per-row outputs are float32, float64 for float64 logits (the reference path)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _side_args(x: Tensor, target: Tensor, weight: Optional[Tensor]):
     soft = target.is_floating_point()
     soft_t = target if soft else x  # placeholder pointer, never dereferenced
@@ -57,7 +67,8 @@ def forward_impl(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_ind
     if not uses_triton(x):
         loss, lse, stats = reference.forward_rows(x, target, weight, ignore_index, label_smoothing,
                                                   lse_square_scale, softcap, logit_scale)
-        return loss.float(), lse.float(), stats.float()
+        dt = stats_dtype(x)
+        return loss.to(dt), lse.to(dt), stats.to(dt)
     from .kernels.cross_entropy import cross_entropy_fwd_kernel
 
     N, C, D = x.shape
@@ -70,7 +81,7 @@ def forward_impl(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_ind
     soft, soft_t, tgt, w, wsum = _side_args(x, target, weight)
     cfg = config(C)
     cross_entropy_fwd_kernel[(R,)](
-        x, *x.stride(), tgt, w, wsum, soft_t, *soft_t.stride(), loss, lse, stats,
+        x, *nd_c_strides(x), tgt, w, wsum, soft_t, *nd_c_strides(soft_t), loss, lse, stats,
         C, D, C, ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, SOFT_TARGET=soft,
         HAS_SOFTCAP=softcap > 0, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
@@ -91,8 +102,8 @@ def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignor
 def _(x, target, weight, ignore_index, label_smoothing, lse_square_scale, softcap, logit_scale,
       inplace_backward):
     R = x.shape[0] * x.shape[2]
-    return (x.new_empty((R,), dtype=torch.float32), x.new_empty((R,), dtype=torch.float32),
-            x.new_empty((R, 3), dtype=torch.float32))
+    dt = stats_dtype(x)
+    return x.new_empty((R,), dtype=dt), x.new_empty((R,), dtype=dt), x.new_empty((R, 3), dtype=dt)
 
 
 def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
@@ -112,7 +123,7 @@ def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tenso
     h = dlse if dlse is not None else dloss
     grid, span = backward_grid(N * D, C, cfg.block_c)
     cross_entropy_bwd_kernel[grid](
-        x, *x.stride(), out, *out.stride(), tgt, w, wsum, soft_t, *soft_t.stride(),
+        x, *nd_c_strides(x), out, *nd_c_strides(out), tgt, w, wsum, soft_t, *nd_c_strides(soft_t),
         stats, dloss, dloss.stride(0), h, h.stride(0),
         C, D, C, ignore_index, span, label_smoothing, lse_square_scale, softcap, logit_scale,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, SOFT_TARGET=soft,
@@ -168,7 +179,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dloss, dlse, _dstats):
     x, target, weight, stats = ctx.saved_tensors
     if dloss is None:
-        dloss = torch.zeros((), dtype=torch.float32, device=x.device).expand(stats.shape[0])
+        dloss = torch.zeros((), dtype=stats.dtype, device=x.device).expand(stats.shape[0])
     if ctx.inplace_backward:
         torch.ops.xent_triton.cross_entropy_bwd_inplace(x, target, weight, stats, dloss, dlse, *ctx.hparams)
         dx = x
@@ -197,7 +208,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, dloss, dlse, _dstats):
         x, target, weight, stats = ctx.saved_tensors
         if dloss is None:
-            dloss = torch.zeros((), dtype=torch.float32, device=x.device).expand(stats.shape[0])
+            dloss = torch.zeros((), dtype=stats.dtype, device=x.device).expand(stats.shape[0])
         out = x if ctx.inplace_backward else _alloc(x.shape, x.dtype, x.device)
         backward_into(out, x, target, weight, stats, dloss, dlse, *ctx.hparams)
         return out, None, None, None, None, None, None, None, None

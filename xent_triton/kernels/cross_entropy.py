@@ -85,7 +85,7 @@ def stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
             if HAS_WEIGHT:
                 a = a * tl.load(w_ptr + cols, mask=mask, other=0.0)
             a = tl.where(mask, a, 0.0)
-            acc = acc + (ref_old - ref_new) * a_sum + tl.sum(tl.where(mask, a * (z - ref_new), 0.0), 0)
+            acc = acc + (ref_old - ref_new) * a_sum + tl.sum(a * tl.where(mask, z - ref_new, 0.0), 0)
             a_sum = a_sum + tl.sum(a, 0)
     return m, s, acc, a_sum
 
