@@ -1,13 +1,19 @@
 """Peak extra memory of a callable, on CUDA (allocator statistics) or CPU (profiler memory events)."""
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import torch
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
-    """Peak bytes allocated while ``fn()`` runs, above what was live before it started."""
+    """Peak bytes allocated while ``fn()`` runs, above what was live before it started.
+
+    Garbage is collected first: a tensor from earlier code freed inside the window would count as
+    negative bytes and hide part of the peak.
+    """
+    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

@@ -1,0 +1,253 @@
+"""Performance sweep of xent_triton against its peers, on a GPU or (machine-independent figures) on CPU.
+
+    python perf/sweep.py --out perf/out                 # full sweep (GPU) / memory+traffic sweep (CPU)
+    python perf/sweep.py --out perf/out --quick         # a few cases
+    python perf/sweep.py --out perf/out --providers xent_triton torch --modes fwdbwd nograd
+
+GPU: time (do_bench median, 20/80 % quantiles) and peak extra memory of each provider, the device's
+measured copy bandwidth and bf16 matmul rate, and the roofline floor of each case
+(``xent_triton.roofline``) at the datasheet peaks and at the measured ceilings.
+CPU: per provider the peak extra memory (profiler) and the bytes moved (``traffic.py``, when
+importable from ../shared/tools), measured at a small N (``--cpu-rows``) with the Triton kernels under
+the interpreter, reported as multiples of the logits' bytes (scale-free), beside the model's bytes.
+
+Writes ``sweep.csv`` (one row per provider x case x mode, stamped), ``sweep.md`` (tables with the
+speedup and memory ratio against torch eager and the best peer) and PNG plots under ``--out``.
+Cases that would not fit in GPU memory (estimated first) are skipped and recorded as such.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on CPU
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_TOOLS = os.path.join(os.path.dirname(ROOT), "shared", "tools")
+
+import triton  # noqa: E402
+
+from perf import measure as M  # noqa: E402
+from perf import plots as plotting  # noqa: E402
+from perf import providers as P  # noqa: E402
+from perf import report  # noqa: E402
+from xent_triton import roofline  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TOKENS = [1024, 2048, 4096, 8192, 16384, 32768]
+VOCABS = [32000, 50257, 128256, 151936, 262144]
+QUICK_TOKENS, QUICK_VOCABS = [4096, 16384], [32000, 128256, 262144]
+FIELDS = ["device", "torch", "triton", "python", "date", "commit", "kind", "provider", "mode", "dtype",
+          "N", "C", "D", "status", "ms", "ms_p20", "ms_p80", "peak_bytes", "logits_bytes",
+          "mem_x_logits", "model_bytes", "measured_bytes", "measured_x_logits", "ideal_bytes",
+          "ideal_flops", "ideal_mma_flops", "floor_ms_spec", "floor_ms_measured", "bound",
+          "eff_GBps", "frac_copy_bw", "eff_TFLOPs", "frac_mm_rate", "copy_GBps", "mm_TFLOPs"]
+
+
+def stamp(argv: list[str]) -> dict:
+    """Where and with what the figures were measured."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except Exception:  # noqa: BLE001
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    device = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()}, " \
+        f"{os.cpu_count()} cores, Triton interpreter)"
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit, "command": "python " + " ".join(argv)}
+
+
+def load_traffic():
+    """The traffic counter from ../shared/tools, or None (optional)."""
+    if CUDA or not os.path.isdir(SHARED_TOOLS):
+        return None
+    sys.path.insert(0, SHARED_TOOLS)
+    try:
+        import traffic
+        return traffic
+    except Exception as e:  # noqa: BLE001
+        print(f"traffic.py not usable ({e}); no measured bytes", file=sys.stderr)
+        return None
+
+
+def model_fields(p, kind, N, C, D, B, mode, dev, ceil) -> dict:
+    """Roofline figures of one row: the provider's own model, and the ideal (our kernels') floor."""
+    if kind == "ce":
+        ign = P.ignored_fraction(N)
+        ideal = roofline.cross_entropy_cost(N, C, B, mode, ignored=ign)
+        own = roofline.cross_entropy_cost(N, C, B, mode, p.model, ignored=ign) if p.model else None
+    else:
+        ideal = roofline.linear_cross_entropy_cost(N, D, C, B, mode)
+        own = roofline.linear_cross_entropy_cost(N, D, C, B, mode, p.model) if p.model else None
+    f = {"logits_bytes": N * C * B, "ideal_bytes": int(ideal.bytes), "ideal_flops": int(ideal.flops),
+         "ideal_mma_flops": int(ideal.mma_flops), "model_bytes": int(own.bytes) if own else ""}
+    if dev is not None:
+        f["floor_ms_spec"] = roofline.time_floor(ideal, dev) * 1e3
+        f["bound"] = roofline.bound(ideal, dev)
+    if ceil:  # an unknown GPU: memory and tensor terms only, from the measured ceilings
+        d = dev or roofline.Device("measured", ceil["copy_Bps"], ceil["mm_flops"], float("inf"), float("inf"))
+        f["floor_ms_measured"] = roofline.time_floor(ideal, d, ceil["copy_Bps"], ceil["mm_flops"]) * 1e3
+    return f
+
+
+def gpu_need_bytes(p, kind, N, C, D, B) -> float:
+    """Conservative memory estimate of a GPU case (inputs, gradients, provider's extra)."""
+    inputs = N * C * B if kind == "ce" else (N + C) * D * B
+    acc = 0 if kind == "ce" else (N + C) * D * 4
+    return 2 * inputs + acc + P.extra_bytes_per_logit(p.name, B) * N * C + 2 ** 30
+
+
+def run_gpu(args, provs, base, write) -> None:
+    dev = roofline.device_for(base["device"])
+    ceil = M.device_ceilings()
+    print(f"measured ceilings: copy {ceil['copy_Bps'] / 1e9:.0f} GB/s, bf16 matmul "
+          f"{ceil['mm_flops'] / 1e12:.0f} TFLOP/s; datasheet: {dev}", file=sys.stderr)
+    base = dict(base, copy_GBps=ceil["copy_Bps"] / 1e9, mm_TFLOPs=ceil["mm_flops"] / 1e12)
+    # Modes outermost, in the order given: under --time-budget the first modes are complete.
+    plan = [((k, N, C, dt), p, m) for m in args.modes for k in args.kinds for dt in args.dtypes
+            for N in args.tokens for C in args.vocabs for p in provs if p.kind == k]
+    bar, t0 = M.Progress(len(plan), "gpu sweep"), time.time()
+    for (kind, N, C, dt), p, mode in plan:
+        B = DTYPES[dt].itemsize
+        row = dict(base, kind=kind, provider=p.name, mode=mode, dtype=dt, N=N, C=C,
+                   D=args.hidden if kind == "linear" else "")
+        row.update(model_fields(p, kind, N, C, args.hidden, B, mode, dev, ceil))
+        free, _ = torch.cuda.mem_get_info()
+        if args.time_budget and time.time() - t0 > args.time_budget:
+            row["status"] = "skipped: time budget"
+        elif gpu_need_bytes(p, kind, N, C, args.hidden, B) > 0.9 * free:
+            row["status"] = "skipped: estimated OOM"
+        else:
+            try:
+                r = M.measure_gpu(p, kind, N, C, args.hidden, DTYPES[dt], mode, args.rep_ms)
+                row.update(r, status="ok", mem_x_logits=r["peak_bytes"] / row["logits_bytes"])
+                s = r["ms"] * 1e-3
+                row["eff_GBps"] = row["ideal_bytes"] / s / 1e9
+                row["frac_copy_bw"] = row["ideal_bytes"] / s / ceil["copy_Bps"]
+                if row["ideal_mma_flops"]:
+                    row["eff_TFLOPs"] = row["ideal_mma_flops"] / s / 1e12
+                    row["frac_mm_rate"] = row["ideal_mma_flops"] / s / ceil["mm_flops"]
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "oom"
+            except Exception as e:  # noqa: BLE001 - a failing peer must not stop the sweep
+                row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            torch.cuda.empty_cache()
+        write(row)
+        bar.step(f"{p.name} {kind} {dt} N={N} C={C} {mode}: {row['status']}")
+    bar.close()
+
+
+def run_cpu(args, provs, base, write) -> None:
+    tr = load_traffic()
+    N = args.cpu_rows
+    cases = [(k, C, dt) for k in args.kinds for dt in args.dtypes for C in args.vocabs]
+    plan = [(c, p) for c in cases for p in provs if p.kind == c[0]]
+    warmed = set()
+    bar = M.Progress(len(plan), "cpu sweep")
+    for (kind, C, dt), p in plan:
+        D = args.cpu_hidden
+        B = DTYPES[dt].itemsize
+        if p.triton and (p.name, dt) not in warmed:  # lazy init once, at a tiny shape
+            M.measure_cpu(p, kind, 4, 256, 16, DTYPES[dt], ["fwdbwd"], None, warm=False)
+            warmed.add((p.name, dt))
+        try:
+            res = M.measure_cpu(p, kind, N, C, D, DTYPES[dt], args.modes, tr, warm=not p.triton)
+            status = "ok"
+        except Exception as e:  # noqa: BLE001
+            res, status = {}, f"error: {type(e).__name__}: {e}"[:160]
+        for mode in args.modes:
+            row = dict(base, kind=kind, provider=p.name, mode=mode, dtype=dt, N=N, C=C,
+                       D=D if kind == "linear" else "", status=status)
+            row.update(model_fields(p, kind, N, C, D, B, mode, None, None))
+            r = res.get(mode)
+            if r:
+                row["peak_bytes"] = r["peak_bytes"]
+                row["mem_x_logits"] = r["peak_bytes"] / row["logits_bytes"]
+                if r["measured_bytes"] is not None:
+                    row["measured_bytes"] = r["measured_bytes"]
+                    row["measured_x_logits"] = r["measured_bytes"] / row["logits_bytes"]
+            write(row)
+        bar.step(f"{p.name} {kind} {dt} N={N} C={C}: {status}")
+    bar.close()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (CSV, markdown, PNG)")
+    ap.add_argument("--quick", action="store_true", help="a few cases: N in %s, C in %s, bf16"
+                    % (QUICK_TOKENS, QUICK_VOCABS))
+    ap.add_argument("--providers", nargs="+", choices=list(P.BY_NAME), help="default: all installed")
+    ap.add_argument("--modes", nargs="+", choices=list(roofline.MODES), default=["fwdbwd", "nograd", "fwd", "bwd"])
+    ap.add_argument("--kinds", nargs="+", choices=["ce", "linear"],
+                    help="default: ce, plus (GPU) linear when xent_triton.linear_cross_entropy exists")
+    ap.add_argument("--tokens", nargs="+", type=int, help=f"GPU N values (default {TOKENS})")
+    ap.add_argument("--vocabs", nargs="+", type=int, help=f"C values (default {VOCABS})")
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="default: bfloat16 float32")
+    ap.add_argument("--hidden", type=int, default=4096, help="D of the linear head on GPU")
+    ap.add_argument("--cpu-rows", type=int, default=64, help="N measured on CPU (interpreter: keep small)")
+    ap.add_argument("--cpu-hidden", type=int, default=256, help="D of the linear head on CPU")
+    ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per case")
+    ap.add_argument("--time-budget", type=float, default=0, help="GPU: stop starting cases after S seconds")
+    a = ap.parse_args(argv)
+    a.tokens = a.tokens or (QUICK_TOKENS if a.quick else TOKENS)
+    a.vocabs = a.vocabs or (QUICK_VOCABS if a.quick else VOCABS)
+    a.dtypes = a.dtypes or (["bfloat16"] if a.quick else ["bfloat16", "float32"])
+    # The linear head under the CPU interpreter takes minutes per case: CPU runs it only on request.
+    linear = CUDA and hasattr(P.xent_triton, "linear_cross_entropy")
+    if a.providers and not a.kinds:
+        a.kinds = sorted({P.BY_NAME[n].kind for n in a.providers})
+    a.kinds = a.kinds or (["ce", "linear"] if linear else ["ce"])
+    return a
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    os.makedirs(args.out, exist_ok=True)
+    provs = [p for p in P.select(args.providers, CUDA) if p.kind in args.kinds]
+    meta = stamp(["perf/sweep.py", *argv])
+    wanted = [n for n in (args.providers or P.BY_NAME) if P.BY_NAME[n].kind in args.kinds]
+    missing = [n for n in wanted if n not in {p.name for p in provs}]
+    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | providers: "
+          f"{', '.join(p.name for p in provs)}" + (f" | unavailable here: {', '.join(missing)}" if missing else ""),
+          file=sys.stderr)
+    base = {k: v for k, v in meta.items() if k != "command"}
+    rows: list[dict] = []
+    t0 = time.time()
+    with open(os.path.join(args.out, "sweep.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+
+        def write(row: dict) -> None:
+            rows.append(row)
+            w.writerow(row)
+            fh.flush()
+
+        (run_gpu if CUDA else run_cpu)(args, provs, base, write)
+    meta.update(seconds=time.time() - t0, cpu_rows=args.cpu_rows, providers=[p.name for p in provs],
+                missing=missing)
+    md = report.markdown(rows, meta, CUDA)
+    with open(os.path.join(args.out, "sweep.md"), "w") as fh:
+        fh.write(md)
+    pngs = plotting.plots(rows, args.out, CUDA)
+    print(f"wrote {args.out}/sweep.csv, sweep.md, {', '.join(os.path.basename(x) for x in pngs)} "
+          f"in {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,94 @@
+"""The roofline model (xent_triton.roofline) against the traffic the kernels really request, its
+arithmetic on the headline case, and the GPU validation script's behaviour without CUDA."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xent_triton
+from xent_triton import roofline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+N, C = 64, 32000
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Bytes moved by forward and backward of each provider, counted by traffic.py (bf16, N=64)."""
+    traffic = pytest.importorskip("traffic")
+    if torch.cuda.is_available():
+        pytest.skip("traffic.py counts interpreted kernels (CPU only)")
+    torch.manual_seed(0)
+    x = (torch.randn(N, C) * 2).to(torch.bfloat16)
+    y = torch.randint(0, C, (N,))
+    y[::8] = -100  # ignored rows: our backward must not read their logits
+    fns = {"xent_triton": xent_triton.cross_entropy, "torch": F.cross_entropy,
+           "torch_float": lambda a, b: F.cross_entropy(a.float(), b)}
+    out = {}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(xent_triton.ops, "POISON_OUTPUTS", False)  # a NaN fill would count as traffic
+    for name, fn in fns.items():
+        xx = x.clone().requires_grad_()
+        with traffic.count() as f:
+            loss = fn(xx, y)
+        with traffic.count() as b:
+            loss.backward(torch.tensor(0.37))
+        with traffic.count() as ng, torch.no_grad():
+            fn(xx, y)
+        assert not f["oob"] and not b["oob"]
+        out[name] = {"fwd": f["bytes"], "bwd": b["bytes"], "fwdbwd": f["bytes"] + b["bytes"],
+                     "nograd": ng["bytes"]}
+    mp.undo()
+    return out
+
+
+@pytest.mark.parametrize("provider,mode,tol", [
+    pytest.param("xent_triton", "fwd", 0.01, id="xent-fwd"),
+    pytest.param("xent_triton", "bwd", 0.01, id="xent-bwd"),
+    pytest.param("xent_triton", "fwdbwd", 0.01, id="xent-fwdbwd"),
+    pytest.param("xent_triton", "nograd", 0.01, id="xent-nograd"),
+    pytest.param("torch", "fwdbwd", 0.01, id="torch-fwdbwd"),
+    pytest.param("torch_float", "fwdbwd", 0.01, id="torch_float-fwdbwd"),
+])
+def test_model_matches_measured_traffic(measured, provider, mode, tol):
+    cost = roofline.cross_entropy_cost(N, C, 2, mode, provider, ignored=1 / 8)
+    got = measured[provider][mode]
+    assert abs(got - cost.bytes) <= tol * got, (provider, mode, got, cost.bytes)
+
+
+def test_model_numbers():
+    # Headline: N=8192, C=128256 bf16 forward+backward = 3 x 2.10 GB of logits.
+    E = 8192 * 128256
+    c = roofline.cross_entropy_cost(8192, 128256, 2, "fwdbwd")
+    assert c.bytes == pytest.approx(3 * 2 * E, rel=1e-4)
+    h200 = roofline.DEVICES["H200"]
+    assert roofline.time_floor(c, h200) == pytest.approx(3 * 2 * E / 4.8e12, rel=1e-4)
+    assert roofline.bound(c, h200) == "memory"
+    assert roofline.device_for("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert roofline.device_for("NVIDIA H200").bandwidth == 4.8e12
+    # Eager: 8x the logits traffic.py-style, 6x as a GPU moves it; .float() on bf16: 22x.
+    assert roofline.cross_entropy_cost(64, C, 2, "fwdbwd", "torch").bytes == pytest.approx(8 * 64 * C * 2, rel=1e-3)
+    assert roofline.cross_entropy_cost(64, C, 2, "fwdbwd", "torch", gather_full=False).bytes == \
+        pytest.approx(6 * 64 * C * 2, rel=1e-3)
+    # Linear head: 2P forward, 6P backward; tensor-bound on the Llama-3 head.
+    P = 8192 * 4096 * 128256
+    lin = roofline.linear_cross_entropy_cost(8192, 4096, 128256, 2, "fwdbwd")
+    assert lin.mma_flops == 8 * P
+    assert roofline.linear_cross_entropy_cost(8192, 4096, 128256, 2, "fwd").mma_flops == 2 * P
+    assert roofline.bound(lin, h200) == "tensor"
+    with pytest.raises(ValueError):
+        roofline.cross_entropy_cost(1, 1, 2, "sideways")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA failure path")
+def test_gpu_check_fails_fast_without_cuda(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "perf" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "no CUDA device" in r.stderr
+    assert not (tmp_path / "out").exists()  # failed before doing anything

@@ -1,0 +1,179 @@
+"""Roofline model of the cross-entropy kernels: bytes and FLOPs per op as functions of shape.
+
+Everything here is arithmetic (no torch, no GPU): the sweep (``perf/sweep.py``) puts these figures
+beside measurements, ``tests/test_roofline.py`` checks them against the traffic the kernels really
+request (``traffic.count()`` under the Triton interpreter).
+
+Modes: ``fwd`` (forward with grad enabled), ``bwd`` (backward alone), ``fwdbwd`` (both), ``nograd``
+(forward under ``torch.no_grad()``). Shapes: N rows (tokens), C classes, D hidden size (linear head),
+B bytes per element of the logits / hidden states (2 for bf16/fp16, 4 for fp32). Default options:
+hard targets, no class weights, no smoothing, ``reduction="mean"``.
+
+Costs of ``xent_triton.cross_entropy`` (from the kernel docstrings, checked by measurement):
+
+* forward: the logits read once (N*C*B) + per row the target (8), the target's logit (B) and the
+  outputs loss, lse, 3 stats (20 fp32 bytes) + the ``mean`` reduction (8: loss and row weight);
+* backward: the logits read once and the gradient written once (2*N*C*B) + per row 3 stats, the
+  upstream gradient and the target (24);
+* ~10 non-tensor FLOPs and one exp2 (MUFU) per logit per pass.
+
+PyTorch eager ``F.cross_entropy`` = ``log_softmax`` + ``nll_loss``, counted the way
+``traffic.py`` counts eager ops (every op reads and writes all of its tensor arguments):
+forward 3x the logits' bytes (log_softmax 2, nll_loss 1), backward 5x (nll_loss_backward 2,
+log_softmax_backward 3): 8x in all. A GPU moves a little less (nll_loss gathers N values and its
+backward writes zeros once): 2x + 4x = 6x with ``gather_full=False``. The ``.float()`` path of HF
+transformers on low-precision logits adds an fp32 copy each way and runs everything in fp32:
+per element B + 4*4 forward, 6*4 + B backward (bf16: 9x + 13x = 22x the bf16 logits).
+
+Linear head ``xent_triton.linear_cross_entropy`` (X (N, D), W (C, D), P = N*D*C): 2P tensor FLOPs
+forward, 6P backward (logit tile recomputed, dX and dW products) = 8P; bytes under the ideal-reuse
+assumption (each operand crosses DRAM once per pass, tiles reused from L2/SRAM): forward X and W;
+backward X and W read, the fp32 gradients of dX and dW written once (atomics resolved in L2) and,
+for 16-bit inputs, read back and written in the input dtype (4 + B per element). The real kernels
+re-read parts of the dW accumulator and traffic.py also counts their zero-fill and L2-resident
+atomics (see ``kernels/linear_cross_entropy.py``): this is a floor, not a count. The
+materialising torch head is F.linear (2P, writes the logits) + the eager cross-entropy above +
+the dX, dW products (4P, reading the logits' gradient twice): 6P.
+
+Time floor = max(bytes / bandwidth, tensor FLOPs / tensor rate, FLOPs / fp32 rate, exps / MUFU rate).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+MODES = ("fwd", "bwd", "fwdbwd", "nograd")
+CE_PROVIDERS = ("xent_triton", "torch", "torch_float")   # the ones with a cost model
+FLOPS_PER_LOGIT = 10   # non-tensor FLOPs per logit per pass (max, sub, scale, add, compare, ...)
+FWD_ROW_BYTES = 8 + 20 + 8  # target, 5 fp32 outputs, mean reduction (+ B for the target's logit)
+BWD_ROW_BYTES = 24          # 3 stats, upstream gradient, target
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Work of one op: DRAM bytes, non-tensor FLOPs, tensor-core FLOPs, transcendental ops."""
+    bytes: float
+    flops: float = 0.0
+    mma_flops: float = 0.0
+    exps: float = 0.0
+
+    def __add__(self, o: "Cost") -> "Cost":
+        return Cost(self.bytes + o.bytes, self.flops + o.flops, self.mma_flops + o.mma_flops,
+                    self.exps + o.exps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Peak figures of a GPU (vendor datasheets, dense, boost clock)."""
+    name: str
+    bandwidth: float      # DRAM bytes/s
+    mma_rate: float       # bf16 dense tensor-core FLOP/s
+    fp32_rate: float      # non-tensor fp32 FLOP/s
+    exp_rate: float       # MUFU ex2 results/s = SMs x 16/clk x boost clock
+
+
+DEVICES = {
+    "H100 SXM": Device("H100 SXM", 3.35e12, 989e12, 67e12, 132 * 16 * 1.98e9),
+    "H100 PCIe": Device("H100 PCIe", 2.0e12, 756e12, 51e12, 114 * 16 * 1.755e9),
+    "H200": Device("H200", 4.8e12, 989e12, 67e12, 132 * 16 * 1.98e9),
+    "A100": Device("A100", 2.0e12, 312e12, 19.5e12, 108 * 16 * 1.41e9),
+}
+
+
+def device_for(name: str) -> Optional[Device]:
+    """The table entry for a ``torch.cuda.get_device_name()`` string, or None."""
+    n = name.upper()
+    if "H200" in n:
+        return DEVICES["H200"]
+    if "H100" in n:
+        return DEVICES["H100 PCIe" if "PCIE" in n else "H100 SXM"]
+    if "A100" in n:
+        return DEVICES["A100"]
+    return None
+
+
+def _check(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _compose(mode: str, fwd: Cost, bwd: Cost, nograd: Optional[Cost] = None) -> Cost:
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd, "nograd": nograd or fwd}[mode]
+
+
+def cross_entropy_cost(N: int, C: int, B: int, mode: str, provider: str = "xent_triton",
+                       gather_full: bool = True, ignored: float = 0.0) -> Cost:
+    """Cost of a cross-entropy over (N, C) logits of B bytes each; see the module docstring.
+
+    ``provider``: ``xent_triton``, ``torch`` (eager F.cross_entropy) or ``torch_float`` (eager on
+    ``logits.float()``). ``gather_full`` counts eager ops as traffic.py does (False: as a GPU moves).
+    ``ignored``: fraction of tokens with ``ignore_index``; our backward reads none of their logits
+    (it still writes their zero gradient); eager ops process every row alike.
+    """
+    _check(mode)
+    E = N * C
+    pass_ = Cost(0, FLOPS_PER_LOGIT * E, 0, E)
+    if provider == "xent_triton":
+        live = 1.0 - ignored
+        fwd = pass_ + Cost(E * B + N * (FWD_ROW_BYTES + B))
+        bwd = Cost(0, FLOPS_PER_LOGIT * E * live, 0, E * live) + Cost(E * B * (1 + live) + N * BWD_ROW_BYTES)
+        return _compose(mode, fwd, bwd)
+    if provider in ("torch", "torch_float"):
+        F = B if provider == "torch" else 4          # the dtype the ops run in
+        nll_f, nll_b = (F, 2 * F) if gather_full else (0, F)
+        fwd = pass_ + Cost(E * (2 * F + nll_f) + 16 * N)
+        bwd = pass_ + Cost(E * (nll_b + 3 * F) + 16 * N)
+        if F != B:                                   # the .float() copy and the cast back
+            fwd, bwd = fwd + Cost(E * (B + F)), bwd + Cost(E * (B + F))
+        return _compose(mode, fwd, bwd)
+    raise ValueError(f"no cost model for provider {provider!r}; known: {CE_PROVIDERS}")
+
+
+def linear_cross_entropy_cost(N: int, D: int, C: int, B: int, mode: str,
+                              provider: str = "xent_triton") -> Cost:
+    """Cost of cross-entropy of X W^T (X (N, D), W (C, D)); see the module docstring.
+
+    ``provider``: ``xent_triton`` (fused, ideal reuse) or ``torch`` / ``torch_float`` (F.linear
+    then that cross-entropy, then the two gradient GEMMs).
+    """
+    _check(mode)
+    P = N * D * C
+    ops_ = (N + C) * D                                # operand elements (X and W)
+    if provider == "xent_triton":
+        per = Cost(0, FLOPS_PER_LOGIT * N * C, 0, N * C)
+        fwd = per + Cost(ops_ * B + N * (FWD_ROW_BYTES + 20), mma_flops=2 * P)
+        cast = ops_ * (4 + B) if B < 4 else 0         # low precision: read fp32 sums, write B
+        bwd = per + Cost(ops_ * B + ops_ * 4 + cast + N * BWD_ROW_BYTES, mma_flops=6 * P)
+        return _compose(mode, fwd, bwd)
+    logits = N * C * B
+    gemm_f = Cost(ops_ * B + logits, mma_flops=2 * P)
+    gemm_b = Cost(2 * logits + 2 * ops_ * B, mma_flops=4 * P)  # dX = G W, dW = G^T X
+    ce = {m: cross_entropy_cost(N, C, B, m, provider) for m in ("fwd", "bwd")}
+    return _compose(mode, gemm_f + ce["fwd"], ce["bwd"] + gemm_b)
+
+
+def logits_bytes(N: int, C: int, B: int) -> int:
+    return N * C * B
+
+
+def time_floor(cost: Cost, dev: Device, bandwidth: Optional[float] = None,
+               mma_rate: Optional[float] = None) -> float:
+    """Seconds at the roofline: the slowest of memory, tensor, fp32 and MUFU time.
+
+    ``bandwidth`` / ``mma_rate`` override the device's peaks (e.g. with measured ceilings)."""
+    return max(terms(cost, dev, bandwidth, mma_rate).values())
+
+
+def terms(cost: Cost, dev: Device, bandwidth: Optional[float] = None,
+          mma_rate: Optional[float] = None) -> dict[str, float]:
+    """Seconds per resource: {'memory', 'tensor', 'fp32', 'mufu'}; the max is the floor."""
+    return {"memory": cost.bytes / (bandwidth or dev.bandwidth),
+            "tensor": cost.mma_flops / (mma_rate or dev.mma_rate),
+            "fp32": cost.flops / dev.fp32_rate,
+            "mufu": cost.exps / dev.exp_rate}
+
+
+def bound(cost: Cost, dev: Device) -> str:
+    """Which resource sets the floor."""
+    t = terms(cost, dev)
+    return max(t, key=t.get)
