@@ -12,8 +12,9 @@ logits are large (|z| ~ 1e4: ``ref + log(s)`` alone would round to ~1e-3).
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
-LN2 = 0.6931471805599453  # ln(2):    log(x) == log2(x) * LN2
+# constexpr: the Triton compiler (unlike the interpreter) rejects plain-float globals in @jit code
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2):    log(x) == log2(x) * LN2
 
 
 @triton.jit
