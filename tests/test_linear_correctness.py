@@ -304,3 +304,14 @@ def test_layouts_and_edge_shapes(layout):
     for name, a, r in zip(("d_input", "d_weight"), leaves, ref_leaves):
         assert a.grad.shape == r.grad.shape
         assert_close_rule(name, a.grad, None, r.grad, F32)
+
+
+def test_strided_class_ids_regression(device):
+    """A strided 1-D target (a column of a (N, 2) tensor) once was read as if contiguous."""
+    x = torch.randn(16, 64, device=device)
+    W = torch.randn(100, 64, device=device)
+    y = torch.randint(0, 100, (16, 2), device=device)[:, 0]
+    assert not y.is_contiguous()
+    ours = xent_triton.linear_cross_entropy(x, W, y, reduction="none")
+    torch.testing.assert_close(ours, torch.nn.functional.cross_entropy(x @ W.t(), y, reduction="none"),
+                               rtol=1e-5, atol=1e-5)

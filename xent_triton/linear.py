@@ -6,7 +6,7 @@ the core's extras) without ever materialising the N×C logits; see
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -64,7 +64,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                          softcap: Optional[float] = None, logit_scale: float = 1.0,
-                         return_lse: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                         return_lse: bool = False, process_group: Any = None,
+                         vocab_start_index: Optional[int] = None,
+                         reduce_input_grad: bool = True) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, fused.
 
     Equals ``cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight, ...)`` of
@@ -84,6 +86,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         logit_scale: a maps logits x -> a * x first.
         return_lse: also return the log-sum-exp per token (target's shape, the loss's dtype),
             differentiable.
+        process_group: vocabulary (tensor) parallelism: ``linear_weight`` / ``linear_bias`` hold this
+            rank's contiguous slice of the classes, ``target`` global ids, ``weight`` the global class
+            weights; every rank returns the full-vocabulary loss. See ``xent_triton.linear_parallel``.
+        vocab_start_index: this rank's first class id (None: shards in group-rank order).
+        reduce_input_grad: under ``process_group``, all-reduce the input gradient across the group
+            (Megatron's column-parallel layout); False leaves each rank's partial.
 
     Returns:
         The float32 loss (float64 for float64 input; scalar, or target's shape for
@@ -98,11 +106,21 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         >>> y = torch.randint(0, 32000, (4, 128))
         >>> linear_cross_entropy(h, W, y, label_smoothing=0.1).backward()
     """
+    if process_group is not None:
+        from .linear_parallel import vocab_parallel_linear_cross_entropy
+        return vocab_parallel_linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
+            return_lse=return_lse, process_group=process_group, vocab_start_index=vocab_start_index,
+            reduce_input_grad=reduce_input_grad)
     check_options(reduction, label_smoothing, lse_square_scale, softcap, logit_scale)
     _check_linear(input, linear_weight, linear_bias, target)
     C, D = linear_weight.shape
     w = check_weight(weight, C, input.device)
-    tgt = target.reshape(-1).to(torch.int64)
+    if w is not None and input.dtype != torch.float64:
+        w = w.float()  # kernels read fp32 class weights
+    tgt = target.reshape(-1).to(torch.int64).contiguous()  # kernels read targets with unit stride
     check_target_range(tgt, C, int(ignore_index))
     x2 = input.reshape(-1, D)
     bias = linear_bias.contiguous() if linear_bias is not None else None
@@ -132,7 +150,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
-                 logit_scale: float = 1.0, return_lse: bool = False) -> None:
+                 logit_scale: float = 1.0, return_lse: bool = False, process_group: Any = None,
+                 vocab_start_index: Optional[int] = None, reduce_input_grad: bool = True) -> None:
         super().__init__()
         check_options(reduction, label_smoothing, lse_square_scale, softcap, logit_scale)
         self.register_buffer("weight", weight)
@@ -143,6 +162,9 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.logit_scale = logit_scale
         self.return_lse = return_lse
+        self.process_group = process_group  # vocabulary parallelism (xent_triton.linear_parallel)
+        self.vocab_start_index = vocab_start_index
+        self.reduce_input_grad = reduce_input_grad
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
                 linear_bias: Optional[Tensor] = None):
@@ -150,7 +172,10 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     weight=self.weight, ignore_index=self.ignore_index,
                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
                                     lse_square_scale=self.lse_square_scale, softcap=self.softcap,
-                                    logit_scale=self.logit_scale, return_lse=self.return_lse)
+                                    logit_scale=self.logit_scale, return_lse=self.return_lse,
+                                    process_group=self.process_group,
+                                    vocab_start_index=self.vocab_start_index,
+                                    reduce_input_grad=self.reduce_input_grad)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "

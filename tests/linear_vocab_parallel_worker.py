@@ -1,0 +1,111 @@
+"""One spawned rank of tests/test_linear_vocab_parallel.py: runs every case of one world size in a
+single gloo group and saves, per case, the loss, lse, gradients (input, this rank's weight and bias
+shards) and the collectives of each call (forward and backward apart).
+
+Usage: python linear_vocab_parallel_worker.py RANK WORLD INIT_FILE CASES_FILE OUT_DIR
+
+The parent puts TRITON_INTERPRET=1 (CPU) in the environment before triton is imported here. The
+collective recorder is the core TP harness's (vocab_parallel_worker.Recorder).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import xent_triton.distributed
+from vocab_parallel_worker import Recorder
+from xent_triton import launch
+import xent_triton
+
+
+def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
+    members = next(m for m in case["groups"] if dist.get_rank() in m)
+    gi = case["groups"].index(members)
+    group = groups[tuple(members)]
+    r = members.index(dist.get_rank())
+    d = case["data"][gi]
+    start, size = case["real_starts"][r], case["sizes"][r]
+    need_x, need_w, need_b = case["need"]
+    opts = dict(case["opts"])
+    extra = {"vocab_start_index": case["starts"][r]} if case["starts"] else {}
+    os.environ["TRITON_INTERPRET"] = "0" if case["torch_path"] else case["interpret"]
+    if case["tiles"]:  # small interpreter tiles: several class splits and row blocks
+        launch.INTERPRET_LINEAR = launch.LinearConfig(*case["tiles"], 1, 1)
+
+    def fn(x, w, b, y):
+        # through the public entry point, which dispatches to linear_parallel under a process group
+        return xent_triton.linear_cross_entropy(x, w, y, linear_bias=b, weight=d["weight"],
+                                                process_group=group, **opts, **extra)
+    if case["compile"]:  # a graph break around the vocab-parallel call
+        fn = torch.compile(fn, backend="aot_eager")
+    out: dict = {"group_index": gi, "group_rank": r, "calls": []}
+    for _ in range(case["repeat"]):
+        leaf = x = d["x"].clone().requires_grad_(need_x)
+        y = d["target"]
+        if case["layout"] == "strided":  # x: a column slice of a wider tensor; y: every other id
+            leaf = torch.cat([d["x"], d["x"]], 1).requires_grad_(need_x)
+            x, y = leaf[:, :d["x"].shape[1]], torch.stack([y, y], 1)[:, 0]
+        elif case["layout"] == "3d":  # (2, N/2, D) hidden states, (2, N/2) targets
+            x, y = leaf.view(2, -1, leaf.shape[1]), y.view(2, -1)
+        w = d["W"][start:start + size].clone().requires_grad_(need_w)
+        b = d["b"][start:start + size].clone().requires_grad_(need_b) if d["b"] is not None else None
+        rec.active = True
+        res = fn(x, w, b, y)
+        fwd = rec.take()
+        loss, lse = res if opts.get("return_lse") else (res, None)
+        tensors, grads = [loss], [d["g"].to(loss.dtype).view(loss.shape)]
+        if lse is not None and d["h"] is not None:
+            tensors.append(lse)
+            grads.append(d["h"].to(lse.dtype).view(lse.shape))
+        torch.autograd.backward(tensors, grads)
+        bwd = rec.take()
+        rec.active = False
+        out["calls"].append({"fwd": fwd, "bwd": bwd})
+        dx = None if leaf.grad is None else leaf.grad[:, :d["x"].shape[1]]
+        out.update(loss=loss.detach().reshape(-1 if loss.dim() else ()),
+                   lse=None if lse is None else lse.detach().reshape(-1), dx=dx,
+                   dw=w.grad, db=None if b is None else b.grad)
+    return out
+
+
+def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -> None:
+    t0 = time.time()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    print(f"rank {rank} init {time.time() - t0:.2f}s", flush=True)
+    cases = torch.load(cases_file, weights_only=False)
+    groups = {tuple(range(world)): dist.group.WORLD}
+    for case in cases:  # every rank creates every subgroup, in the same order
+        for members in case["groups"]:
+            if tuple(members) not in groups:
+                groups[tuple(members)] = dist.new_group(list(members))
+    rec = Recorder()
+    interpret, tiles = os.environ.get("TRITON_INTERPRET", "0"), launch.INTERPRET_LINEAR
+    results = {}
+    for case in cases:
+        case["interpret"] = interpret
+        t0 = time.time()
+        xent_triton.distributed._LAYOUTS.clear()  # cases independent: each validates its layout
+        try:
+            results[case["id"]] = run_case(case, groups, rec)
+        except Exception as e:  # recorded; the parent decides whether it was expected
+            rec.active = False
+            rec.take()
+            results[case["id"]] = {"error": type(e).__name__, "message": str(e),
+                                   "traceback": traceback.format_exc()}
+        os.environ["TRITON_INTERPRET"] = interpret
+        launch.INTERPRET_LINEAR = tiles
+        print(f"rank {rank} {case['id']} {time.time() - t0:.2f}s", flush=True)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
