@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops, reference
-from .launch import backward_grid, config
+from .launch import backward_compile_options, backward_grid, config, interpreting, vector_friendly
 
 M, S, A, ASUM, ZY = range(5)
 N_PARTIALS = 5
@@ -141,7 +141,7 @@ def _partials_torch(x3: Tensor, tgt: Tensor, w: Optional[Tensor], n_classes: int
         ref_old, ref_new = reference._safe_ref(m), reference._safe_ref(m_new)
         s = s * torch.exp(ref_old - ref_new) + torch.exp(z - ref_new[:, None]).sum(1)
         if soft is not None or eps > 0:
-            a = reference._smooth_coef(soft, w, None, c0, c1, n_classes, eps, cdt, R, dev)
+            a = reference._smooth_coef(soft, w, c0, c1, n_classes, eps, cdt, dev)
             acc = acc + (ref_old - ref_new) * a_sum + (a * (z - ref_new[:, None])).sum(1)
             a_sum = a_sum + a.sum(1)
         m = m_new
@@ -248,41 +248,9 @@ def combine_partials(part: Tensor, target: Tensor, local_target: Optional[Tensor
 # ------------------------------------------------------------------------------------- backward
 def _backward_torch(out, x3, tgt, w, wsum, stats, dloss, dlse, n_classes, eps, zl, softcap,
                     logit_scale) -> None:
-    """The shard backward with chunked torch ops (same formulas as cross_entropy_bwd_kernel)."""
-    N, C, D = x3.shape
-    cdt, dev = reference._compute_dtype(x3), x3.device
-    soft = tgt if tgt.is_floating_point() else None
-    ref, log_s, row_w = (stats[:, i].to(cdt) for i in range(3))
-    g = dloss.to(cdt)
-    h = dlse.to(cdt) if dlse is not None else torch.zeros_like(g)
-    lse = ref + log_s
-    zero = torch.zeros_like(g)
-    if soft is not None:
-        coef = g * (row_w + 2 * zl * lse) + h
-        valid = active = torch.ones_like(g, dtype=torch.bool)
-    else:
-        valid = tgt != IGNORED
-        coef = torch.where(valid, g * ((1 - eps) * row_w + 2 * zl * lse), zero)
-        if eps > 0:
-            W = wsum.to(cdt)[0] if wsum is not None else n_classes
-            coef = coef + torch.where(valid, g * eps / n_classes * W, zero)
-        coef = coef + h
-        active = valid | (dlse is not None)
-    for c0 in range(0, C, reference.CHUNK_C):
-        c1 = min(C, c0 + reference.CHUNK_C)
-        z = reference._transform(reference._rows(x3, c0, c1, cdt), logit_scale, softcap)
-        dz = coef[:, None] * torch.exp((z - ref[:, None]) - log_s[:, None])
-        if soft is not None:
-            dz = dz - g[:, None] * reference._smooth_coef(soft, w, None, c0, c1, n_classes, eps, cdt, None, dev)
-        else:
-            hit = torch.arange(c0, c1, device=dev)[None, :] == tgt[:, None]
-            dz = dz - torch.where(hit, (g * (1 - eps) * row_w)[:, None], torch.zeros_like(dz))
-            if eps > 0:
-                wc = w[c0:c1].to(cdt)[None, :] if w is not None else 1.0
-                dz = dz - torch.where(valid[:, None], (g * eps / n_classes)[:, None] * wc, torch.zeros_like(dz))
-        dz = dz * logit_scale * ((1 - (z / softcap) ** 2) if softcap > 0 else 1.0)
-        dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
-        out[:, c0:c1, :].copy_(dz.view(N, D, c1 - c0).permute(0, 2, 1))
+    """The shard backward with chunked torch ops: the reference's, with the global C and sum(w)."""
+    reference.backward_rows(x3, tgt, w, stats, dloss, dlse, IGNORED, eps, zl, softcap, logit_scale,
+                            out, n_classes=n_classes, weight_sum=wsum)
 
 
 def shard_backward_into(out: Tensor, x3: Tensor, tgt: Tensor, w: Optional[Tensor],
@@ -318,6 +286,7 @@ def shard_backward_into(out: Tensor, x3: Tensor, tgt: Tensor, w: Optional[Tensor
         logit_scale=logit_scale, HAS_WEIGHT=w is not None, HAS_SMOOTHING=eps > 0,
         SOFT_TARGET=soft, HAS_SOFTCAP=softcap > 0, HAS_DLSE=dlse is not None,
         BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        **({} if interpreting() else backward_compile_options(vector_friendly(x3, out, soft_t))),
     )
 
 

@@ -73,6 +73,31 @@ def all_configs() -> list[Config]:
     return [Config(b, _warps(b)) for b in _block_sizes()]
 
 
+# Backward over logits the compiler cannot read with 16-byte vector loads (class stride != 1, or
+# rows not 16-byte aligned, e.g. C = 50257): left alone, ptxas (sm_90 with triton's
+# --regAllocOptLevel=2, and sm_80) settles on 64-80 registers and spills 4-28 bytes to the stack
+# in 23 of the 3456 odd/nd-layout variants (static report, --full). An explicit .maxnreg of 128
+# removes every spill there (90-128 registers); the aligned common case keeps ptxas's own choice
+# (48-80 registers, no spill), so its occupancy is unchanged.
+BWD_UNALIGNED_MAXNREG = 128
+
+
+def backward_compile_options(vector_friendly: bool) -> dict:
+    """Extra compile options of the backward kernel for a layout (see BWD_UNALIGNED_MAXNREG)."""
+    return {} if vector_friendly else {"maxnreg": BWD_UNALIGNED_MAXNREG}
+
+
+def vector_friendly(*tensors) -> bool:
+    """True when every (N, C, D) view has unit class stride and 16-byte-aligned rows."""
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(1) != 1 or (t.data_ptr() % 16) or (t.stride(0) * es) % 16:
+            return False
+        if t.shape[2] > 1 and (t.stride(2) * es) % 16:
+            return False
+    return True
+
+
 def backward_grid(R: int, C: int, block_c: int) -> tuple[tuple[int, int], int]:
     """((rows, splits), span) for the backward kernel; span is a multiple of block_c."""
     blocks = triton.cdiv(C, block_c)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .launch import backward_grid, config, interpreting
+from .launch import backward_compile_options, backward_grid, config, interpreting, vector_friendly
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this so that every output buffer starts as NaN and an unwritten element fails.
@@ -122,13 +122,15 @@ def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tenso
     cfg = config(C)
     h = dlse if dlse is not None else dloss
     grid, span = backward_grid(N * D, C, cfg.block_c)
+    options = {} if interpreting() else backward_compile_options(
+        vector_friendly(x, out, *((soft_t,) if soft else ())))
     cross_entropy_bwd_kernel[grid](
         x, *nd_c_strides(x), out, *nd_c_strides(out), tgt, w, wsum, soft_t, *nd_c_strides(soft_t),
         stats, dloss, dloss.stride(0), h, h.stride(0),
         C, D, C, ignore_index, span, label_smoothing, lse_square_scale, softcap, logit_scale,
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, SOFT_TARGET=soft,
         HAS_SOFTCAP=softcap > 0, HAS_DLSE=dlse is not None, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **options,
     )
 
 

@@ -40,7 +40,7 @@ def _safe_ref(m: Tensor) -> Tensor:
     return torch.where(m == float("-inf"), torch.zeros_like(m), m)
 
 
-def _smooth_coef(soft: Optional[Tensor], weight, chunk_rows, c0, c1, C, eps, cdt, R, device):
+def _smooth_coef(soft: Optional[Tensor], weight, c0, c1, C, eps, cdt, device):
     """a_j for the chunk: w_j t'_j (soft) or w_j (hard smoothing), shape (R, c) or (1, c)."""
     if soft is not None:
         a = _rows(soft, c0, c1, cdt)
@@ -81,7 +81,7 @@ def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_in
         ref_old, ref_new = _safe_ref(m), _safe_ref(m_new)
         s = s * torch.exp(ref_old - ref_new) + torch.exp(z - ref_new[:, None]).sum(1)
         if soft is not None or eps > 0:
-            a = _smooth_coef(soft, weight, None, c0, c1, C, eps, cdt, R, dev)
+            a = _smooth_coef(soft, weight, c0, c1, C, eps, cdt, dev)
             acc = acc + (ref_old - ref_new) * a_sum + (a * (z - ref_new[:, None])).sum(1)
             a_sum = a_sum + a.sum(1)
         m = m_new
@@ -111,9 +111,15 @@ def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], ignore_in
 def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                   dloss: Tensor, dlse: Optional[Tensor], ignore_index: int, label_smoothing: float,
                   lse_square_scale: float, softcap: float, logit_scale: float,
-                  out: Tensor) -> Tensor:
-    """dL/dx written into ``out`` (an (N, C, D) tensor; may be ``x3`` itself), chunk by chunk."""
+                  out: Tensor, n_classes: Optional[int] = None,
+                  weight_sum: Optional[Tensor] = None) -> Tensor:
+    """dL/dx written into ``out`` (an (N, C, D) tensor; may be ``x3`` itself), chunk by chunk.
+
+    ``n_classes`` / ``weight_sum`` override C and sum(weight) in the smoothing terms (a vocabulary
+    shard passes the global values; ``weight`` is then the shard's slice).
+    """
     N, C, D = x3.shape
+    n = n_classes if n_classes is not None else C
     cdt, dev = _compute_dtype(x3), x3.device
     soft = target if target.is_floating_point() else None
     eps = label_smoothing
@@ -129,8 +135,11 @@ def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: T
         valid = target != ignore_index
         coef_p = torch.where(valid, g * ((1 - eps) * row_w + 2 * lse_square_scale * lse), torch.zeros_like(g))
         if eps > 0:
-            wsum = weight.to(cdt).sum() if weight is not None else C
-            coef_p = coef_p + torch.where(valid, g * eps / C * wsum, torch.zeros_like(g))
+            if weight_sum is not None:
+                wsum = weight_sum.to(cdt).reshape(())
+            else:
+                wsum = weight.to(cdt).sum() if weight is not None else n
+            coef_p = coef_p + torch.where(valid, g * eps / n * wsum, torch.zeros_like(g))
         coef_p = coef_p + h
         active = valid | (dlse is not None)
     for c0 in range(0, C, CHUNK_C):
@@ -138,14 +147,14 @@ def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: T
         z = _transform(_rows(x3, c0, c1, cdt), logit_scale, softcap)
         dz = coef_p[:, None] * torch.exp((z - ref[:, None]) - log_s[:, None])
         if soft is not None:
-            dz = dz - g[:, None] * _smooth_coef(soft, weight, None, c0, c1, C, eps, cdt, None, dev)
+            dz = dz - g[:, None] * _smooth_coef(soft, weight, c0, c1, n, eps, cdt, dev)
         else:
             cols = torch.arange(c0, c1, device=dev)
             hit = (cols[None, :] == target[:, None]) & valid[:, None]
             dz = dz - torch.where(hit, (g * (1 - eps) * row_w)[:, None], torch.zeros_like(dz))
             if eps > 0:
                 w = weight[c0:c1].to(cdt)[None, :] if weight is not None else 1.0
-                dz = dz - torch.where(valid[:, None], (g * eps / C)[:, None] * w, torch.zeros_like(dz))
+                dz = dz - torch.where(valid[:, None], (g * eps / n)[:, None] * w, torch.zeros_like(dz))
         dz = dz * logit_scale * ((1 - (z / softcap) ** 2) if softcap > 0 else 1.0)
         dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
         out[:, c0:c1, :].copy_(dz.view(N, D, c1 - c0).permute(0, 2, 1))
