@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from perf.memory import peak_extra_bytes
+from perf.memory import memory_curve, peak_extra_bytes
 from perf.providers import Provider, make_inputs
 
 GRAD_SCALE = 0.5   # upstream gradient != 1 (e.g. gradient accumulation), as in training
@@ -57,12 +57,7 @@ def _phase(fn: Callable[[], object], traffic) -> tuple[int, int, Optional[int]]:
     finally:
         with _quiet_stderr():
             prof.stop()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
+    peak, cur = memory_curve(prof)
     return peak, cur, (r["bytes"] if r is not None else None)
 
 

@@ -25,10 +25,15 @@ def peak_extra_bytes(fn: Callable[[], object], device: str) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    return memory_curve(prof)[0]
+
+
+def memory_curve(prof) -> tuple[int, int]:
+    """(peak, final) of the running sum of a finished CPU profile's memory events."""
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     cur = peak = 0
     for e in events:
         cur += e.nbytes()
         peak = max(peak, cur)
-    return peak
+    return peak, cur

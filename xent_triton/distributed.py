@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops, reference
+from .functional import reduce_rows
 from .launch import backward_compile_options, backward_grid, config, interpreting, vector_friendly
 
 M, S, A, ASUM, ZY = range(5)
@@ -353,12 +354,5 @@ def _vocab_parallel_eager(input: Tensor, target: Tensor, weight: Optional[Tensor
         x3, tgt, w, shard, process_group, int(ignore_index), float(label_smoothing),
         float(lse_square_scale), float(softcap) if softcap is not None else 0.0, float(logit_scale),
         bool(inplace_backward))
-    if reduction == "none":
-        loss = loss_rows.view(out_shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    elif tgt.is_floating_point():
-        loss = loss_rows.sum() / loss_rows.shape[0]
-    else:
-        loss = loss_rows.sum() / stats[:, 2].sum().to(loss_rows.dtype)
+    loss = reduce_rows(loss_rows, stats, reduction, tgt.is_floating_point(), out_shape)
     return (loss, lse.view(out_shape)) if return_lse else loss

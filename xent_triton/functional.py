@@ -56,6 +56,19 @@ def check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
         raise IndexError(f"Target {v} is out of bounds: expected class ids in [0, {C}) or ignore_index={ignore_index}")
 
 
+def reduce_rows(loss_rows: Tensor, stats: Tensor, reduction: str, soft: bool, out_shape) -> Tensor:
+    """Apply ``reduction`` to per-row losses. ``mean`` divides by the summed row weights of the
+    non-ignored hard targets (``stats[:, 2]``, torch's denominator; NaN when all are ignored) or, for
+    soft targets, by the number of rows. No host sync: the denominator stays a device tensor."""
+    if reduction == "none":
+        return loss_rows.view(out_shape)
+    if reduction == "sum":
+        return loss_rows.sum()
+    if soft:
+        return loss_rows.sum() / loss_rows.shape[0]
+    return loss_rows.sum() / stats[:, 2].sum().to(loss_rows.dtype)
+
+
 def _canonical(input: Tensor, target: Tensor):
     """(N, C, D) view of the logits, the target in kernel form, the per-row output shape."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
@@ -153,12 +166,5 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     loss_rows, lse, stats = ops.cross_entropy_rows(
         x3, tgt, w, int(ignore_index), float(label_smoothing), float(lse_square_scale),
         float(softcap) if softcap is not None else 0.0, float(logit_scale), bool(inplace_backward))
-    if reduction == "none":
-        loss = loss_rows.view(out_shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    elif tgt.is_floating_point():
-        loss = loss_rows.sum() / loss_rows.shape[0]
-    else:
-        loss = loss_rows.sum() / stats[:, 2].sum()
+    loss = reduce_rows(loss_rows, stats, reduction, tgt.is_floating_point(), out_shape)
     return (loss, lse.view(out_shape)) if return_lse else loss

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import linear_ops
-from .functional import _FLOAT_DTYPES, check_options, check_target_range, check_weight
+from .functional import _FLOAT_DTYPES, check_options, check_target_range, check_weight, reduce_rows
 
 
 def _check_linear(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
@@ -128,14 +128,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         x2, linear_weight, bias, tgt, w, int(ignore_index), float(label_smoothing),
         float(lse_square_scale), float(softcap) if softcap is not None else 0.0, float(logit_scale),
         not return_lse)
-    out_shape = target.shape
-    if reduction == "none":
-        loss = loss_rows.view(out_shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / stats[:, 2].sum().to(loss_rows.dtype)
-    return (loss, lse.view(out_shape)) if return_lse else loss
+    loss = reduce_rows(loss_rows, stats, reduction, False, target.shape)
+    return (loss, lse.view(target.shape)) if return_lse else loss
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from . import linear_ops, ops
 from .distributed import VocabShard, combine_partials, localize_target, merge_splits, vocab_shard
-from .functional import check_options, check_target_range, check_weight
+from .functional import check_options, check_target_range, check_weight, reduce_rows
 
 
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
@@ -158,11 +158,5 @@ def _eager(input, linear_weight, target, linear_bias, weight, ignore_index, redu
         float(label_smoothing), float(lse_square_scale),
         float(softcap) if softcap is not None else 0.0, float(logit_scale), not return_lse,
         bool(reduce_input_grad))
-    out_shape = target.shape
-    if reduction == "none":
-        loss = loss_rows.view(out_shape)
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() / stats[:, 2].sum().to(loss_rows.dtype)
-    return (loss, lse.view(out_shape)) if return_lse else loss
+    loss = reduce_rows(loss_rows, stats, reduction, False, target.shape)
+    return (loss, lse.view(target.shape)) if return_lse else loss
