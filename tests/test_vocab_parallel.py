@@ -11,17 +11,14 @@ setup raises the same error on every rank (no hang).
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import subprocess
-import sys
-import time
 from typing import Optional
 
 import pytest
 import torch
 
 from cases import BF16, F16, F32, F64, assert_rule, class_weight, logits, probabilities, run_composed, upstream
+from spawn_group import assert_ranks_ok, cached_spawner, run_group
 
 WORKER = pathlib.Path(__file__).with_name("vocab_parallel_worker.py")
 SPAWN_TIMEOUT_S = 240
@@ -155,58 +152,20 @@ def _build(c: VP, seed: int) -> tuple[dict, list]:
     return spec, data
 
 
-def _spawn(world: int, tmp: pathlib.Path) -> dict:
+def _spawn(world: int, tmp: pathlib.Path) -> tuple[dict, dict]:
     """Run every case of ``world`` in one group of ``world`` processes:
     ({case id: [result of each rank]}, {case id: the full-vocabulary inputs of each TP group})."""
     built = {c.id: _build(c, seed=i) for i, c in enumerate(CASES) if c.world == world}
-    specs = [spec for spec, _ in built.values()]
-    cases_file, init_file = tmp / f"cases{world}.pt", tmp / f"init{world}"
-    torch.save(specs, cases_file)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"  # must be in the environment before the child imports triton
-    env.setdefault("OMP_NUM_THREADS", "1")
-    logs = [open(tmp / f"rank{r}.log", "w") for r in range(world)]  # files: a pipe could fill up
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(init_file),
-                               str(cases_file), str(tmp)], env=env, stdout=logs[r],
-                              stderr=subprocess.STDOUT) for r in range(world)]
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        pass  # killed below; the assertion shows the ranks' logs
-    finally:
-        for p in procs:  # only our own children, by handle
-            if p.poll() is None:
-                p.kill()
-    for r, p in enumerate(procs):
-        p.wait()
-        logs[r].close()
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{(tmp / f'rank{r}.log').read_text()[-6000:]}"
-    per_rank = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    return {cid: [pr[cid] for pr in per_rank] for cid in per_rank[0]}, {cid: d for cid, (_, d) in built.items()}
+    results = run_group(WORKER, world, [spec for spec, _ in built.values()], tmp, SPAWN_TIMEOUT_S)
+    return results, {cid: d for cid, (_, d) in built.items()}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    cache: dict = {}
-
-    def get(world: int) -> tuple:
-        if world not in cache:  # one spawn per world size, even when it fails
-            try:
-                cache[world] = _spawn(world, tmp_path_factory.mktemp(f"vp{world}"))
-            except Exception as e:
-                cache[world] = e
-        if isinstance(cache[world], Exception):
-            raise cache[world]
-        return cache[world]
-    return get
+    return cached_spawner(_spawn, tmp_path_factory, "vp")
 
 
-def _ok(res: list) -> None:
-    for r, out in enumerate(res):
-        assert "error" not in out, f"rank {r} raised {out['error']}: {out['message']}\n{out['traceback']}"
+_ok = assert_ranks_ok
 
 
 @pytest.mark.parametrize("case", OK_CASES)
