@@ -9,7 +9,6 @@ collective recorder is the core TP harness's (vocab_parallel_worker.Recorder).
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import xent_triton.distributed
-from vocab_parallel_worker import Recorder
+from vocab_parallel_worker import Recorder, init_group_and_cases
 from xent_triton import launch
 import xent_triton
 
@@ -75,16 +74,7 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
 
 
 def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -> None:
-    t0 = time.time()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    print(f"rank {rank} init {time.time() - t0:.2f}s", flush=True)
-    cases = torch.load(cases_file, weights_only=False)
-    groups = {tuple(range(world)): dist.group.WORLD}
-    for case in cases:  # every rank creates every subgroup, in the same order
-        for members in case["groups"]:
-            if tuple(members) not in groups:
-                groups[tuple(members)] = dist.new_group(list(members))
+    cases, groups = init_group_and_cases(rank, world, init_file, cases_file)
     rec = Recorder()
     interpret, tiles = os.environ.get("TRITON_INTERPRET", "0"), launch.INTERPRET_LINEAR
     results = {}

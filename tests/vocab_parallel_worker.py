@@ -101,17 +101,24 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     return out
 
 
-def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -> None:
+def init_group_and_cases(rank: int, world: int, init_file: str, cases_file: str) -> tuple[list, dict]:
+    """Join the gloo group, load the cases, and create every TP subgroup they name (same order on
+    every rank): (cases, {member tuple: process group})."""
     t0 = time.time()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     print(f"rank {rank} init {time.time() - t0:.2f}s", flush=True)
     cases = torch.load(cases_file, weights_only=False)
     groups = {tuple(range(world)): dist.group.WORLD}
-    for case in cases:  # every rank creates every subgroup, in the same order
+    for case in cases:
         for members in case["groups"]:
             if tuple(members) not in groups:
                 groups[tuple(members)] = dist.new_group(list(members))
+    return cases, groups
+
+
+def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -> None:
+    cases, groups = init_group_and_cases(rank, world, init_file, cases_file)
     rec = Recorder()
     interpret = os.environ.get("TRITON_INTERPRET", "0")
     results = {}
