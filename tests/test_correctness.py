@@ -14,16 +14,13 @@ import torch.nn.functional as F
 import xent_triton
 from cases import BF16, F16, F32, check, class_ids, class_weight, logits, pid, probabilities
 from tolerances import assert_close_rule
-from xent_triton import launch, ops
-
-def marks(shape: tuple, spec: dict) -> list:
-    """Per-case pytest marks (none at present; kept so tables can mark cases in one place)."""
-    return []
+from xent_triton import config
+from xent_triton import runtime
 
 
 def case(shape: tuple, dtype: torch.dtype, spec: dict, id: str):
-    """A table row (shape, dtype, spec) with the marks its shape and layout call for."""
-    return pytest.param(shape, dtype, spec, id=id, marks=marks(shape, spec))
+    """A table row (shape, dtype, spec)."""
+    return pytest.param(shape, dtype, spec, id=id)
 
 
 def run_spec(device: str, shape: tuple, dtype: torch.dtype, spec: dict):
@@ -95,18 +92,21 @@ COMBINED = [
     *[pytest.param(dict(ALL, reduction=r), dt, id=pid("N16-C1000", dt, "all", r))
       for r in ("mean", "sum", "none") for dt in (F32, BF16, F16)],
     pytest.param(dict(IGN, weight=True), BF16, id="N16-C1000-bf16-weight-ignore-mean"),
-    pytest.param(dict(IGN, weight=True, label_smoothing=0.2), F32, id="N16-C1000-fp32-weight-ignore-smooth0.2"),
+    pytest.param(dict(IGN, weight=True, label_smoothing=0.2), F32,
+                 id="N16-C1000-fp32-weight-ignore-smooth0.2"),
     pytest.param(dict(IGN, ignore_index=5, label_smoothing=0.1, reduction="none"), BF16,
                  id="N16-C1000-bf16-ignore5-smooth0.1-none"),
     pytest.param(dict(softcap=3.0, logit_scale=2.5, scale=2.0), F16, id="N16-C1000-fp16-softcap3-scale2.5"),
-    pytest.param(dict(IGN, lse_square_scale=1e-2, reduction="none"), BF16, id="N16-C1000-bf16-ignore-zloss-none"),
+    pytest.param(dict(IGN, lse_square_scale=1e-2, reduction="none"), BF16,
+                 id="N16-C1000-bf16-ignore-zloss-none"),
     pytest.param(dict(IGN, ignore_index=5, lse_square_scale=1e-2, label_smoothing=0.1, weight=True), F16,
                  id="N16-C1000-fp16-ignore5-zloss-smooth-weight"),
     pytest.param(dict(IGN, lse_square_scale=0.1, use_lse=True, reduction="none"), F32,
                  id="N16-C1000-fp32-ignore-zloss0.1-lse-used-none"),
     pytest.param(dict(IGN, lse_square_scale=1e-2, use_lse=True, inplace_backward=True,
                       index_dtype=torch.int32), BF16, id="N16-C1000-bf16-ignore-zloss-lse-inplace-int32"),
-    pytest.param(dict(label_smoothing=1.0, weight=True, reduction="sum"), F32, id="N16-C1000-fp32-smooth1.0-weight"),
+    pytest.param(dict(label_smoothing=1.0, weight=True, reduction="sum"), F32,
+                 id="N16-C1000-fp32-smooth1.0-weight"),
 ]
 
 
@@ -134,7 +134,8 @@ def test_inplace_gradient_equals_out_of_place(device):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype,use_lse,extra", [
     pytest.param(BF16, False, {}, id="N8-C1000-bf16"),
-    pytest.param(F32, False, dict(weight=True, label_smoothing=0.1, lse_square_scale=1e-2), id="N8-C1000-fp32-weight-smooth-zloss"),
+    pytest.param(F32, False, dict(weight=True, label_smoothing=0.1, lse_square_scale=1e-2),
+                 id="N8-C1000-fp32-weight-smooth-zloss"),
     pytest.param(F16, True, dict(lse_square_scale=1e-2), id="N8-C1000-fp16-zloss-lse-used"),
 ])
 def test_all_rows_ignored(device, dtype, use_lse, extra, reduction):
@@ -184,7 +185,8 @@ KDIM = [
     case((3, 300, 3, 4), BF16, dict(ALL, reduction="none"), id="N3-C300-3x4-bf16-all-none"),
     case((2, 50257, 3), BF16, dict(IGN, use_lse=True), id="N2-C50257-d3-bf16-lse-used"),
     case((1000,), F32, {}, id="C1000-fp32-1d"),
-    case((1000,), BF16, dict(reduction="none", weight=True, use_lse=True), id="C1000-bf16-1d-weight-lse-none"),
+    case((1000,), BF16, dict(reduction="none", weight=True, use_lse=True),
+         id="C1000-bf16-1d-weight-lse-none"),
     case((1000,), F16, dict(ALL, reduction="sum"), id="C1000-fp16-1d-all-sum"),
 ]
 
@@ -208,9 +210,11 @@ LAYOUTS = [
     case((16, 1000), F32, dict(IGN, layout="transposed", weight=True), id="N16-C1000-fp32-transposed-weight"),
     case((16, 1000), F16, dict(layout="transposed", inplace_backward=True, use_lse=True),
                  id="N16-C1000-fp16-transposed-inplace-lse"),
-    case((4, 300, 6), BF16, dict(IGN, layout="channels_last", reduction="none"), id="N4-C300-d6-bf16-classlast"),
+    case((4, 300, 6), BF16, dict(IGN, layout="channels_last", reduction="none"),
+         id="N4-C300-d6-bf16-classlast"),
     case((3, 300, 3, 4), F32, dict(ALL, layout="channels_last"), id="N3-C300-3x4-fp32-classlast-all"),
-    case((3, 300, 2, 4), BF16, dict(IGN, layout="strided", label_smoothing=0.1), id="N3-C300-2x4-bf16-strided"),
+    case((3, 300, 2, 4), BF16, dict(IGN, layout="strided", label_smoothing=0.1),
+         id="N3-C300-2x4-bf16-strided"),
     case((4, 300, 6), F16, dict(layout="slice", soft=True), id="N4-C300-d6-fp16-classslice-soft"),
     case((1000,), BF16, dict(layout="strided", label_smoothing=0.1), id="C1000-bf16-1d-strided"),
 ]
@@ -241,9 +245,11 @@ def test_transposed_probabilities(device):
 # --- extreme values -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype,spec", [
     pytest.param(F32, dict(IGN, label_smoothing=0.1), id="N16-C1000-fp32-smooth"),
-    pytest.param(BF16, dict(IGN, weight=True, use_lse=True, reduction="none"), id="N16-C1000-bf16-weight-lse-none"),
+    pytest.param(BF16, dict(IGN, weight=True, use_lse=True, reduction="none"),
+                 id="N16-C1000-bf16-weight-lse-none"),
     pytest.param(F16, dict(IGN, reduction="sum"), id="N16-C1000-fp16-sum"),
-    pytest.param(BF16, dict(lse_square_scale=1e-4, softcap=3e4, soft=True), id="N16-C1000-bf16-soft-zloss-softcap"),
+    pytest.param(BF16, dict(lse_square_scale=1e-4, softcap=3e4, soft=True),
+                 id="N16-C1000-bf16-soft-zloss-softcap"),
 ])
 def test_huge_logits(device, dtype, spec):
     """|logits| ~ 1e4: lse - z_y must not lose the O(1) part to the O(1e4) magnitudes."""
@@ -252,8 +258,10 @@ def test_huge_logits(device, dtype, spec):
 
 @pytest.mark.parametrize("dtype,spec", [
     pytest.param(F32, dict(weight=True, use_lse=True), id="N16-C1000-fp32-weight-lse-used"),
-    pytest.param(BF16, dict(IGN, lse_square_scale=1e-2, reduction="none"), id="N16-C1000-bf16-ignore-zloss-none"),
-    pytest.param(F16, dict(logit_scale=0.5, reduction="sum", inplace_backward=True), id="N16-C1000-fp16-scale0.5-inplace"),
+    pytest.param(BF16, dict(IGN, lse_square_scale=1e-2, reduction="none"),
+                 id="N16-C1000-bf16-ignore-zloss-none"),
+    pytest.param(F16, dict(logit_scale=0.5, reduction="sum", inplace_backward=True),
+                 id="N16-C1000-fp16-scale0.5-inplace"),
     pytest.param(BF16, dict(softcap=5.0), id="N16-C1000-bf16-softcap5"),
 ])
 def test_neg_inf_columns(device, dtype, spec):
@@ -263,7 +271,8 @@ def test_neg_inf_columns(device, dtype, spec):
     dead = torch.tensor([0, 1, 2, 417, 998, 999])
     x[:, dead] = float("-inf")
     x[3, 100:900] = float("-inf")  # a row that is almost all -inf
-    y = class_ids(x, ignore_frac=spec.pop("ignore_frac", 0.0), avoid=tuple(dead.tolist()) + tuple(range(100, 900)))
+    y = class_ids(x, ignore_frac=spec.pop("ignore_frac", 0.0),
+                  avoid=tuple(dead.tolist()) + tuple(range(100, 900)))
     w = class_weight(1000, dtype, device) if spec.pop("weight", False) else None
     ours = check(x, y, w, **spec)
     assert torch.isfinite(ours.loss).all()
@@ -285,60 +294,59 @@ def test_confident_rows(device, dtype, spec):
 
 
 # --- launch policy: split backward and multi-block rows ------------------------------------------------
-@pytest.mark.parametrize("shape,dtype,fill,spec", [
-    pytest.param((4, 50257), BF16, 4096, dict(IGN, label_smoothing=0.1), id="N4-C50257-bf16-span1block"),
-    pytest.param((4, 262144), F32, 24, dict(weight=True, use_lse=True, reduction="none"),
-                 id="N4-C262144-fp32-span3blocks-ragged"),
-    pytest.param((4, 40000), F16, 4096, dict(soft=True, label_smoothing=0.1, inplace_backward=True),
+@pytest.mark.parametrize("shape,dtype,splits,spec", [
+    pytest.param((4, 50257), BF16, 4, dict(IGN, label_smoothing=0.1), id="N4-C50257-bf16-4spans"),
+    pytest.param((4, 262144), F32, 6, dict(weight=True, use_lse=True, reduction="none"),
+                 id="N4-C262144-fp32-6spans-ragged"),
+    pytest.param((4, 40000), F16, 3, dict(soft=True, label_smoothing=0.1, inplace_backward=True),
                  id="N4-C40000-fp16-soft-inplace"),
-    pytest.param((2, 40000, 2), BF16, 4096, dict(IGN, reduction="none"), id="N2-C40000-d2-bf16-none"),
+    pytest.param((2, 40000, 2), BF16, 3, dict(IGN, reduction="none"), id="N2-C40000-d2-bf16-none"),
 ])
-def test_backward_split(device, monkeypatch, shape, dtype, fill, spec):
-    """With INTERPRET_ROWS_TO_FILL raised, backward_grid splits rows into spans: same bits."""
+def test_backward_split(device, shape, dtype, splits, spec):
+    """Forcing the backward grid to split rows into column spans (a launch parameter, on every
+    device) gives the same bits as one program per row."""
     R, C = shape[0] * (shape[2] if len(shape) > 2 else 1), shape[1]
-    block = launch.config(C).block_c
-    monkeypatch.setattr(launch, "INTERPRET_ROWS_TO_FILL", fill)
-    if launch.interpreting():
-        (rows, splits), span = launch.backward_grid(R, C, block)
-        assert splits > 1 and rows == R and span % block == 0
-    x, y, w, split = run_spec(device, shape, dtype, spec)
-    monkeypatch.setattr(launch, "INTERPRET_ROWS_TO_FILL", 1)
-    if launch.interpreting():
-        assert launch.backward_grid(R, C, block)[0][1] == 1
-    lib = {k: v for k, v in spec.items() if k not in ("weight", "soft", "ignore_frac")}
-    unsplit = check(x, y, w, **lib)
+    with config.overrides(backward_splits=splits, block_c=4096):
+        (rows, got), span = config.backward_grid(R, C, config.config(C).block_c)
+        assert got > 1 and rows == R and span % 4096 == 0
+        x, y, w, split = run_spec(device, shape, dtype, spec)
+    with config.overrides(backward_splits=1, block_c=4096):
+        assert config.backward_grid(R, C, 4096)[0][1] == 1
+        lib = {k: v for k, v in spec.items() if k not in ("weight", "soft", "ignore_frac")}
+        unsplit = check(x, y, w, **lib)
     assert torch.equal(unsplit.loss, split.loss)
     assert torch.equal(unsplit.grad, split.grad)
 
 
 @pytest.mark.parametrize("spec", [
-    pytest.param(dict(IGN, weight=True, label_smoothing=0.1, reduction="none"), id="N16-C1000-block128-weight-smooth"),
-    pytest.param(dict(soft=True, weight=True, label_smoothing=0.1, lse_square_scale=1e-2), id="N16-C1000-block128-soft-weight-smooth"),
+    pytest.param(dict(IGN, weight=True, label_smoothing=0.1, reduction="none"),
+                 id="N16-C1000-block128-weight-smooth"),
+    pytest.param(dict(soft=True, weight=True, label_smoothing=0.1, lse_square_scale=1e-2),
+                 id="N16-C1000-block128-soft-weight-smooth"),
     pytest.param(dict(softcap=4.0, scale=4.0, use_lse=True), id="N16-C1000-block128-softcap-lse-used"),
 ])
-def test_many_blocks_per_row(device, monkeypatch, spec):
-    """A small interpreter block (128) makes C=1000 eight ragged blocks: the online rescaling path."""
-    monkeypatch.setattr(launch, "INTERPRET_BLOCK_C", 128)
-    if launch.interpreting():
-        assert launch.config(1000).block_c == 128
-    run_spec(device, (16, 1000), F32, spec)
+def test_many_blocks_per_row(device, spec):
+    """A forced block of 128 makes C=1000 eight ragged blocks: the online rescaling path."""
+    with config.overrides(block_c=128):
+        assert config.config(1000).block_c == 128
+        run_spec(device, (16, 1000), F32, spec)
 
 
-def test_first_block_all_neg_inf(device, monkeypatch):
+def test_first_block_all_neg_inf(device):
     """Rows whose first blocks are all -inf (running max -inf, reference 0) then finite."""
-    monkeypatch.setattr(launch, "INTERPRET_BLOCK_C", 128)
     x = logits((8, 1000), BF16, device)
     x[:, :300] = float("-inf")
     y = class_ids(x, avoid=tuple(range(300)))
-    ours = check(x, y, lse_square_scale=1e-2, use_lse=True, reduction="none")
+    with config.overrides(block_c=128):
+        ours = check(x, y, lse_square_scale=1e-2, use_lse=True, reduction="none")
     assert torch.all(ours.grad[:, :300] == 0)
 
 
 # --- the checks themselves can fail -------------------------------------------------------------------
 def test_poison_is_active_and_caught(device):
     """Outputs start as NaN under the tests, and the rule rejects a single NaN or a wrong value."""
-    assert ops.POISON_OUTPUTS
-    assert torch.isnan(ops._alloc((3,), torch.float32, device)).all()
+    assert runtime.poison_outputs()
+    assert torch.isnan(runtime.alloc((3,), torch.float32, device)).all()
     ref = torch.randn(64, 100, dtype=torch.float64)
     bad = ref.clone()
     bad[5, 7] = float("nan")

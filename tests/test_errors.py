@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import xent_triton
-from xent_triton import ops
+from xent_triton.cross_entropy import ops
+from xent_triton.options import LossOptions
+from xent_triton.runtime import uses_triton
 
 N, C = 6, 40
 
@@ -45,10 +47,6 @@ ERROR_CASES = [
     # probability targets
     pytest.param(lambda: ((_x(), torch.rand(N, C + 1)), {}), ValueError, "must have the input's shape",
                  id="soft-target-wrong-shape"),
-    pytest.param(lambda: ((_x(), torch.rand(N, C, dtype=torch.float64)), {}), TypeError, "must match input dtype",
-                 id="soft-target-float64-for-float32"),
-    pytest.param(lambda: ((_x(torch.bfloat16), torch.rand(N, C, dtype=torch.float16)), {}), TypeError,
-                 "must match input dtype", id="soft-target-fp16-for-bf16"),
     pytest.param(lambda: ((_x(), torch.rand(N, C, requires_grad=True)), {}), NotImplementedError,
                  "probability target", id="soft-target-requires-grad"),
     # dtypes
@@ -58,9 +56,8 @@ ERROR_CASES = [
                  "input must be float16", id="int32-logits"),
     pytest.param(lambda: ((_x(), _y(dtype=torch.int16)), {}), TypeError, "target must be int64/int32",
                  id="int16-target"),
-    pytest.param(lambda: ((_x(), _y(dtype=torch.uint8)), {}), TypeError, "target must be int64/int32",
-                 id="uint8-target"),
-    pytest.param(lambda: ((_x(), _y().bool()), {}), TypeError, "target must be int64/int32", id="bool-target"),
+    pytest.param(lambda: ((_x(), _y().bool()), {}), TypeError, "target must be int64/int32",
+                 id="bool-target"),
     pytest.param(lambda: (([[0.0] * C] * N, _y()), {}), TypeError, "must be tensors", id="list-input"),
     # devices ('meta' stands in for a second device)
     pytest.param(lambda: ((_x(), _y().to("meta")), {}), ValueError, "target is on meta but input is on cpu",
@@ -70,10 +67,10 @@ ERROR_CASES = [
     pytest.param(lambda: ((_x(), _y()), {"weight": torch.rand(C, device="meta")}), ValueError,
                  "weight is on meta but input is on cpu", id="weight-on-other-device"),
     # class weights
-    pytest.param(lambda: ((_x(), _y()), {"weight": torch.rand(C - 1)}), ValueError, f"weight must have shape ({C},)",
-                 id="weight-too-short"),
-    pytest.param(lambda: ((_x(), _y()), {"weight": torch.rand(C + 1)}), ValueError, f"weight must have shape ({C},)",
-                 id="weight-too-long"),
+    pytest.param(lambda: ((_x(), _y()), {"weight": torch.rand(C - 1)}), ValueError,
+                 f"weight must have shape ({C},)", id="weight-too-short"),
+    pytest.param(lambda: ((_x(), _y()), {"weight": torch.rand(C + 1)}), ValueError,
+                 f"weight must have shape ({C},)", id="weight-too-long"),
     pytest.param(lambda: ((_x(), _y()), {"weight": torch.rand(1, C)}), ValueError, "weight must have shape",
                  id="weight-2d"),
     pytest.param(lambda: ((_x(), _y()), {"weight": torch.ones(C, dtype=torch.int64)}), TypeError,
@@ -81,24 +78,24 @@ ERROR_CASES = [
     pytest.param(lambda: ((_x(), _y()), {"weight": torch.rand(C, requires_grad=True)}), NotImplementedError,
                  "gradient with respect to weight", id="weight-requires-grad"),
     # scalar options
-    pytest.param(lambda: ((_x(), _y()), {"label_smoothing": -0.1}), ValueError, "label_smoothing must be in [0, 1]",
-                 id="smoothing-neg"),
-    pytest.param(lambda: ((_x(), _y()), {"label_smoothing": 1.5}), ValueError, "label_smoothing must be in [0, 1]",
-                 id="smoothing-gt1"),
+    pytest.param(lambda: ((_x(), _y()), {"label_smoothing": -0.1}), ValueError,
+                 "label_smoothing must be in [0, 1]", id="smoothing-neg"),
+    pytest.param(lambda: ((_x(), _y()), {"label_smoothing": 1.5}), ValueError,
+                 "label_smoothing must be in [0, 1]", id="smoothing-gt1"),
     pytest.param(lambda: ((_x(), _y()), {"label_smoothing": math.nan}), ValueError, "label_smoothing must be",
                  id="smoothing-nan"),
     pytest.param(lambda: ((_x(), _y()), {"softcap": 0.0}), ValueError, "softcap must be a positive finite",
                  id="softcap-0"),
     pytest.param(lambda: ((_x(), _y()), {"softcap": -30.0}), ValueError, "softcap must be a positive finite",
                  id="softcap-neg"),
-    pytest.param(lambda: ((_x(), _y()), {"softcap": math.nan}), ValueError, "softcap must be a positive finite",
-                 id="softcap-nan"),
-    pytest.param(lambda: ((_x(), _y()), {"softcap": math.inf}), ValueError, "softcap must be a positive finite",
-                 id="softcap-inf"),
+    pytest.param(lambda: ((_x(), _y()), {"softcap": math.nan}), ValueError,
+                 "softcap must be a positive finite", id="softcap-nan"),
+    pytest.param(lambda: ((_x(), _y()), {"softcap": math.inf}), ValueError,
+                 "softcap must be a positive finite", id="softcap-inf"),
     pytest.param(lambda: ((_x(), _y()), {"lse_square_scale": math.nan}), ValueError,
                  "lse_square_scale must be a finite", id="zloss-nan"),
-    pytest.param(lambda: ((_x(), _y()), {"logit_scale": math.inf}), ValueError, "logit_scale must be a finite",
-                 id="logit-scale-inf"),
+    pytest.param(lambda: ((_x(), _y()), {"logit_scale": math.inf}), ValueError,
+                 "logit_scale must be a finite", id="logit-scale-inf"),
     pytest.param(lambda: ((_x(), _y()), {"logit_scale": torch.tensor(2.0)}), ValueError,
                  "logit_scale must be a finite Python float", id="logit-scale-tensor"),
     pytest.param(lambda: ((_x(), _y()), {"reduction": "avg"}), ValueError, "reduction must be one of",
@@ -106,14 +103,18 @@ ERROR_CASES = [
     pytest.param(lambda: ((_x(), _y()), {"reduction": None}), ValueError, "reduction must be one of",
                  id="reduction-none-object"),
     # shapes
-    pytest.param(lambda: ((torch.tensor(1.5), torch.tensor(0)), {}), ValueError, "got a scalar", id="0d-input"),
+    pytest.param(lambda: ((torch.tensor(1.5), torch.tensor(0)), {}), ValueError, "got a scalar",
+                 id="0d-input"),
     pytest.param(lambda: ((torch.randn(N, 0), torch.zeros(N, dtype=torch.int64)), {}), ValueError,
                  "no classes", id="zero-classes"),
-    pytest.param(lambda: ((_x(), _y(N + 1)), {}), ValueError, f"must have shape ({N},)", id="2d-target-too-long"),
-    pytest.param(lambda: ((_x(), _y().view(N, 1)), {}), ValueError, f"must have shape ({N},)", id="2d-target-2d"),
-    pytest.param(lambda: ((_x(shape=(C,)), _y(1)), {}), ValueError, "must have shape ()", id="1d-input-1elem-target"),
-    pytest.param(lambda: ((_x(shape=(2, C, 3, 4)), _y(6).view(2, 3)), {}), ValueError, "must have shape (2, 3, 4)",
-                 id="4d-input-target-missing-dim"),
+    pytest.param(lambda: ((_x(), _y(N + 1)), {}), ValueError, f"must have shape ({N},)",
+                 id="2d-target-too-long"),
+    pytest.param(lambda: ((_x(), _y().view(N, 1)), {}), ValueError, f"must have shape ({N},)",
+                 id="2d-target-2d"),
+    pytest.param(lambda: ((_x(shape=(C,)), _y(1)), {}), ValueError, "must have shape ()",
+                 id="1d-input-1elem-target"),
+    pytest.param(lambda: ((_x(shape=(2, C, 3, 4)), _y(6).view(2, 3)), {}), ValueError,
+                 "must have shape (2, 3, 4)", id="4d-input-target-missing-dim"),
     pytest.param(lambda: ((_x(shape=(2, C, 3)), _y(6).view(3, 2)), {}), ValueError, "must have shape (2, 3)",
                  id="3d-input-target-transposed"),
     pytest.param(lambda: ((_x(shape=(2, C, 3)), _y(2)), {}), ValueError, "must have shape (2, 3)",
@@ -132,8 +133,10 @@ def test_functional_rejects_bad_input(make, exc, fragment):
 
 MODULE_CASES = [
     pytest.param({"reduction": "batchmean"}, ValueError, "reduction must be one of", id="reduction"),
-    pytest.param({"label_smoothing": 1.01}, ValueError, "label_smoothing must be in [0, 1]", id="smoothing-gt1"),
-    pytest.param({"label_smoothing": -1e-3}, ValueError, "label_smoothing must be in [0, 1]", id="smoothing-neg"),
+    pytest.param({"label_smoothing": 1.01}, ValueError, "label_smoothing must be in [0, 1]",
+                 id="smoothing-gt1"),
+    pytest.param({"label_smoothing": -1e-3}, ValueError, "label_smoothing must be in [0, 1]",
+                 id="smoothing-neg"),
     pytest.param({"softcap": 0.0}, ValueError, "softcap must be", id="softcap-0"),
     pytest.param({"softcap": math.inf}, ValueError, "softcap must be", id="softcap-inf"),
     pytest.param({"lse_square_scale": math.inf}, ValueError, "lse_square_scale must be", id="zloss-inf"),
@@ -160,7 +163,8 @@ BAD_ROW_CASES = [
     # (bad target values by row, kernel options) on an (N, C, 1) view; row N-1 is ignored (-100)
     pytest.param({1: C, 4: -3}, {}, id="plain"),
     pytest.param({0: 2**40, 3: -7}, {"weight": True}, id="weight"),
-    pytest.param({2: C + 100}, {"weight": True, "label_smoothing": 0.2, "softcap": 20.0}, id="weight-smooth-softcap"),
+    pytest.param({2: C + 100}, {"weight": True, "label_smoothing": 0.2, "softcap": 20.0},
+                 id="weight-smooth-softcap"),
     pytest.param({3: -1, 1: C}, {"label_smoothing": 0.1, "lse_square_scale": 1e-3}, id="smooth-zloss"),
 ]
 
@@ -171,23 +175,25 @@ def test_kernel_out_of_range_target_gives_nan_row_without_oob(bad, options):
     """The kernel path (no host check, as on CUDA) turns an out-of-range class id into a NaN loss
     and NaN row weight for that row only, a NaN gradient row only there, and never reads or writes
     outside its tensors (traffic's oob list stays empty). Ignored rows stay finite (zero)."""
-    traffic = pytest.importorskip("traffic")
+    from harness import traffic
+
     x = torch.randn(N, C, 1, dtype=torch.bfloat16)
-    assert ops.uses_triton(x), "this test exercises the Triton kernels (interpreter or CUDA)"
+    assert uses_triton(x), "this test exercises the Triton kernels (interpreter or CUDA)"
     y = _y()
     y[N - 1] = -100  # an ignored row next to the bad ones
     for row, v in bad.items():
         y[row] = v
     w = torch.rand(C) + 0.5 if options.get("weight") else None
-    hp = (-100, options.get("label_smoothing", 0.0), options.get("lse_square_scale", 0.0),
-          options.get("softcap", 0.0), 1.0)
+    opts = LossOptions.make(label_smoothing=options.get("label_smoothing", 0.0),
+                            lse_square_scale=options.get("lse_square_scale", 0.0),
+                            softcap=options.get("softcap"))
     bad_rows = torch.zeros(N, dtype=torch.bool)
     bad_rows[list(bad)] = True
     with traffic.count() as r:
-        loss, lse, stats = ops.forward_impl(x, y, w, *hp)
+        loss, lse, stats = ops.forward_rows(x, y, w, opts)
         dloss = torch.rand(N) + 0.1
         dx = torch.full_like(x, 7.0)
-        ops.backward_into(dx, x, y, w, stats, dloss, None, *hp)
+        ops.backward_into(dx, x, y, w, stats, dloss, None, opts)
     assert r["oob"] == [], f"out-of-bounds lanes: {r['oob']}"
     assert r["launches"] == 2
     assert torch.isnan(loss[bad_rows]).all() and torch.isfinite(loss[~bad_rows]).all(), loss

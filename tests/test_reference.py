@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from cases import BF16, F16, F32, F64, assert_rule, check, class_ids, class_weight, logits, probabilities
-from xent_triton import ops, reference
-from xent_triton.functional import _canonical, check_weight
-from xent_triton.reference import cross_entropy_composed
+from reference import cross_entropy_composed
+from xent_triton import fallback
+from xent_triton.options import LossOptions, canonical, check_weight
+from xent_triton.runtime import uses_triton
+
 
 def _inputs(shape, device, *, soft=False, weight=False, ignore_index=-100, frac=0.25, dtype=F64, scale=1.0):
     x = logits(shape, dtype, device, scale=scale)
@@ -93,11 +95,14 @@ def _formula(x, y, w, ignore_index, reduction, eps, zl, softcap, scale):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape,kw,opts", [
     pytest.param((16, 40), dict(weight=True), dict(lse_square_scale=0.1), id="weight-zloss"),
-    pytest.param((16, 40), dict(ignore_index=5), dict(label_smoothing=0.2, softcap=2.0), id="ignore5-smooth-softcap"),
-    pytest.param((16, 40), dict(weight=True), dict(label_smoothing=0.1, logit_scale=1.7, lse_square_scale=1e-2,
-                                                   softcap=3.0), id="weight-smooth-scale-zloss-softcap"),
-    pytest.param((4, 40, 3), dict(soft=True, weight=True), dict(label_smoothing=0.1, lse_square_scale=1e-2,
-                                                                logit_scale=0.5), id="kdim-soft-weight-smooth-zloss"),
+    pytest.param((16, 40), dict(ignore_index=5), dict(label_smoothing=0.2, softcap=2.0),
+                 id="ignore5-smooth-softcap"),
+    pytest.param((16, 40), dict(weight=True),
+                 dict(label_smoothing=0.1, logit_scale=1.7, lse_square_scale=1e-2, softcap=3.0),
+                 id="weight-smooth-scale-zloss-softcap"),
+    pytest.param((4, 40, 3), dict(soft=True, weight=True),
+                 dict(label_smoothing=0.1, lse_square_scale=1e-2, logit_scale=0.5),
+                 id="kdim-soft-weight-smooth-zloss"),
     pytest.param((40,), dict(frac=0.0), dict(lse_square_scale=0.1, softcap=1.5), id="1d-zloss-softcap"),
 ])
 def test_composed_extras_match_formula(device, shape, kw, opts, reduction):
@@ -105,7 +110,8 @@ def test_composed_extras_match_formula(device, shape, kw, opts, reduction):
     ign = kw.get("ignore_index", -100)
     got, lse = cross_entropy_composed(x, y, w, ign, reduction, return_lse=True, **opts)
     want, lse_want = _formula(x, y, w, ign, reduction, opts.get("label_smoothing", 0.0),
-                              opts.get("lse_square_scale", 0.0), opts.get("softcap"), opts.get("logit_scale", 1.0))
+                              opts.get("lse_square_scale", 0.0), opts.get("softcap"),
+                              opts.get("logit_scale", 1.0))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, lse_want, rtol=1e-12, atol=1e-12)
 
@@ -115,15 +121,19 @@ ROWS = [
     pytest.param((32, 1000), {}, {}, 64, id="N32-C1000-chunk64"),
     pytest.param((32, 1000), dict(weight=True, ignore_index=5), dict(label_smoothing=0.1), 64,
                  id="N32-C1000-chunk64-weight-ignore5-smooth"),
-    pytest.param((32, 1000), dict(weight=True), dict(lse_square_scale=1e-2, softcap=5.0, logit_scale=1.5, dlse=True),
+    pytest.param((32, 1000), dict(weight=True),
+                 dict(lse_square_scale=1e-2, softcap=5.0, logit_scale=1.5, dlse=True),
                  100, id="N32-C1000-chunk100-weight-zloss-softcap-scale-dlse"),
-    pytest.param((32, 1000), dict(soft=True, weight=True), dict(label_smoothing=0.1, lse_square_scale=1e-2, dlse=True),
+    pytest.param((32, 1000), dict(soft=True, weight=True),
+                 dict(label_smoothing=0.1, lse_square_scale=1e-2, dlse=True),
                  64, id="N32-C1000-chunk64-soft-weight-smooth-zloss-dlse"),
-    pytest.param((4, 300, 5), dict(weight=True), dict(label_smoothing=0.2, dlse=True), 64, id="N4-C300-D5-chunk64"),
+    pytest.param((4, 300, 5), dict(weight=True), dict(label_smoothing=0.2, dlse=True), 64,
+                 id="N4-C300-D5-chunk64"),
     pytest.param((4, 300, 5), dict(soft=True), dict(label_smoothing=0.1), 64, id="N4-C300-D5-chunk64-soft"),
     pytest.param((8, 20000), dict(weight=True), dict(label_smoothing=0.1, lse_square_scale=1e-3), None,
                  id="N8-C20000-realchunk-weight-smooth-zloss"),
-    pytest.param((32, 1000), dict(frac=1.0), dict(lse_square_scale=1e-2, dlse=True), 64, id="N32-all-ignored-dlse"),
+    pytest.param((32, 1000), dict(frac=1.0), dict(lse_square_scale=1e-2, dlse=True), 64,
+                 id="N32-all-ignored-dlse"),
     pytest.param((32, 1000), dict(scale=1e4), dict(label_smoothing=0.1), 64, id="N32-C1000-huge"),
 ]
 
@@ -132,8 +142,8 @@ ROWS = [
 @pytest.mark.parametrize("shape,kw,opts,chunk", ROWS)
 def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, chunk, dtype):
     if chunk is not None:
-        monkeypatch.setattr(reference, "CHUNK_C", chunk)
-    assert shape[1] > reference.CHUNK_C  # several chunks, the last one ragged
+        monkeypatch.setattr(fallback, "CHUNK_C", chunk)
+    assert shape[1] > fallback.CHUNK_C  # several chunks, the last one ragged
     opts = dict(opts)
     use_dlse = opts.pop("dlse", False)
     kw = dict(kw)
@@ -143,17 +153,21 @@ def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, ch
     if dead:  # a row whose first chunks are all -inf (smoothing or soft targets would make it inf)
         x[1, :200] = float("-inf")
         y[1] = torch.where(y[1] == ign, y[1], torch.full_like(y[1], 250))
-    x3, tgt, _, C = _canonical(x, y)
-    wk = check_weight(w, C, x.device)
-    ls, zl = opts.get("label_smoothing", 0.0), opts.get("lse_square_scale", 0.0)
+    can = canonical(x, y)
+    x3, tgt, C = can.x3, can.target, can.C
+    wk = check_weight(w, C, x.device, x.dtype)
+    # rows carry no z-loss (options.reduce_rows adds it from the lse): compare rows without it
+    ls, zl = opts.get("label_smoothing", 0.0), 0.0
     sc, scale = opts.get("softcap", 0.0), opts.get("logit_scale", 1.0)
-    loss, lse, stats = reference.forward_rows(x3, tgt, wk, ign, ls, zl, sc, scale)
+    ropts = LossOptions.make(ignore_index=ign, label_smoothing=ls, softcap=sc or None, logit_scale=scale)
+    loss, lse, stats = fallback.forward_rows(x3, tgt, wk, ropts)
     cdt = F64 if dtype == F64 else F32
     assert loss.dtype == lse.dtype == stats.dtype == cdt and stats.shape == (x3.shape[0] * x3.shape[2], 3)
 
     g = (torch.randn(loss.shape, device=device).to(dtype).to(cdt))
     h = (torch.randn(loss.shape, device=device).to(dtype).to(cdt)) if use_dlse else None
-    copts = dict(ignore_index=ign, label_smoothing=ls, lse_square_scale=zl, softcap=sc or None, logit_scale=scale)
+    copts = dict(ignore_index=ign, label_smoothing=ls, lse_square_scale=zl, softcap=sc or None,
+                 logit_scale=scale)
     truth, theirs = {}, {}
     for dt, store in ((F64, truth), (dtype, theirs)):
         xin = x.detach().to(dt).requires_grad_()
@@ -180,7 +194,7 @@ def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, ch
     for inplace in (False, True):
         out = x3.clone() if inplace else torch.full_like(x3, float("nan"))
         src = out if inplace else x3
-        reference.backward_rows(src, tgt, wk, stats, g, h, ign, ls, zl, sc, scale, out)
+        fallback.backward_rows(src, tgt, wk, stats, g, h, ropts, out)
         grad = out.reshape(x.shape) if x.dim() != 2 else out[..., 0]
         assert_rule("rows grad" + (" inplace" if inplace else ""), grad, theirs["grad"], truth["grad"], dtype)
         if h is None and not y.is_floating_point():
@@ -192,15 +206,19 @@ def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, ch
 
 # --- 2b. the public API on the fallback path --------------------------------------------------------
 @pytest.mark.parametrize("shape,dtype,spec", [
-    pytest.param((16, 1000), F32, dict(ignore_frac=0.25, weight=True, label_smoothing=0.1), id="fp32-weight-smooth"),
-    pytest.param((16, 1000), BF16, dict(ignore_frac=0.25, lse_square_scale=1e-2, use_lse=True, reduction="none"),
+    pytest.param((16, 1000), F32, dict(ignore_frac=0.25, weight=True, label_smoothing=0.1),
+                 id="fp32-weight-smooth"),
+    pytest.param((16, 1000), BF16,
+                 dict(ignore_frac=0.25, lse_square_scale=1e-2, use_lse=True, reduction="none"),
                  id="bf16-zloss-lse-used-none"),
     pytest.param((16, 1000), F16, dict(softcap=5.0, logit_scale=2.0, inplace_backward=True, reduction="sum"),
                  id="fp16-softcap-scale-inplace-sum"),
     pytest.param((8, 20000), BF16, dict(soft=True, label_smoothing=0.1, weight=True), id="bf16-C20000-soft"),
-    pytest.param((4, 300, 3, 2), F32, dict(ignore_frac=0.25, ignore_index=5, use_lse=True), id="fp32-kdim-ignore5"),
+    pytest.param((4, 300, 3, 2), F32, dict(ignore_frac=0.25, ignore_index=5, use_lse=True),
+                 id="fp32-kdim-ignore5"),
     pytest.param((300,), BF16, dict(weight=True), id="bf16-1d"),
-    pytest.param((16, 1000), F64, dict(ignore_frac=0.25, weight=True, label_smoothing=0.1, lse_square_scale=1e-2,
+    pytest.param((16, 1000), F64,
+                 dict(ignore_frac=0.25, weight=True, label_smoothing=0.1, lse_square_scale=1e-2,
                                        softcap=4.0, use_lse=True, reduction="none"), id="fp64-all-none"),
     pytest.param((4, 300, 5), F64, dict(soft=True, weight=True, reduction="sum"), id="fp64-kdim-soft"),
 ])
@@ -209,10 +227,11 @@ def test_public_api_cpu_fallback(monkeypatch, shape, dtype, spec):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     spec = dict(spec)
     x = logits(shape, dtype, "cpu", scale=2.0)
-    assert not ops.uses_triton(x)
+    assert not uses_triton(x)
     C = shape[0] if len(shape) == 1 else shape[1]
     soft, frac = spec.pop("soft", False), spec.pop("ignore_frac", 0.0)
-    y = probabilities(x) if soft else class_ids(x, ignore_index=spec.get("ignore_index", -100), ignore_frac=frac)
+    y = (probabilities(x) if soft
+         else class_ids(x, ignore_index=spec.get("ignore_index", -100), ignore_frac=frac))
     w = class_weight(C, dtype, "cpu") if spec.pop("weight", False) else None
     check(x, y, w, **spec)
 

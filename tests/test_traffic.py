@@ -1,4 +1,5 @@
-"""Global-memory traffic of the fused loss, counted by ../shared/tools/traffic.py under the interpreter.
+"""Global-memory traffic of the fused loss, counted by the in-repo harness (tests/harness/traffic.py)
+under the interpreter.
 
 Budget (the design's 3x): forward + backward move at most 3.0x the logits' bytes (forward read,
 backward read + gradient write), and a forward alone at most 1.0x, plus a per-row allowance of
@@ -15,9 +16,8 @@ import triton
 import triton.language as tl
 
 import xent_triton
-from xent_triton import ops
+from harness import traffic
 
-traffic = pytest.importorskip("traffic")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                 reason="traffic counts Triton kernels only under the CPU interpreter")
 
@@ -29,15 +29,15 @@ PER_ROW = 128  # bytes per row: targets, per-row loss/lse/stats, upstream gradie
 def _no_poison(monkeypatch):
     """Users' buffers start uninitialised: drop the tests' NaN poisoning (a torch.full per output,
     i.e. an extra N x C write for the gradient) so that we count what a real run moves."""
-    monkeypatch.setattr(ops, "POISON_OUTPUTS", False)
+    monkeypatch.setenv("XENT_POISON_OUTPUTS", "0")
 
 
 def _report(record_property, what: str, r: dict, logit_bytes: int) -> float:
     ratio = r["bytes"] / logit_bytes
     record_property(what, f"{ratio:.6f}")
+    per_row = (r["bytes"] - round(ratio) * logit_bytes) / N
     print(f"\n{what}: {ratio:.6f}x logits ({r['bytes']} B: read {r['kernel_read']}, write "
-          f"{r['kernel_write']}, aten {r['aten_bytes']}; {(r['bytes'] - round(ratio) * logit_bytes) / N:.1f} B/row "
-          f"over {round(ratio)}x)")
+          f"{r['kernel_write']}, aten {r['aten_bytes']}; {per_row:.1f} B/row over {round(ratio)}x)")
     return ratio
 
 
@@ -161,14 +161,15 @@ def test_out_of_bounds_lanes_are_detected():
         _overreaching_copy[(1,)](src, dst, 13, BLOCK=16)
     assert r["oob"] == [("load", 3)], r["oob"]
     assert torch.equal(dst[:13], src) and (dst[13:] == 7).all()
-    traffic._STATE["oob"].clear()
+    assert traffic.oob_record() == [("load", 3)], "count() leaves its accesses in the record too"
+    traffic.clear_oob()
 
     _overreaching_copy[(1,)](src, dst, 13, BLOCK=16)  # outside count(): what the autouse fixture sees
-    assert traffic._STATE["oob"] == [("load", 3)]
+    assert traffic.oob_record() == [("load", 3)]
     with pytest.raises(AssertionError, match="out-of-bounds lanes"):
         conftest.assert_no_oob_lanes()
-    assert traffic._STATE["oob"] == [], "the check clears the record (so this test's teardown passes)"
+    assert traffic.oob_record() == [], "the check clears the record (so this test's teardown passes)"
 
     ok_src = torch.randn(16)
     _overreaching_copy[(1,)](ok_src, dst, 16, BLOCK=16)
-    assert traffic._STATE["oob"] == [], "an in-bounds launch records nothing"
+    assert traffic.oob_record() == [], "an in-bounds launch records nothing"

@@ -24,11 +24,13 @@ def assert_close_rule(name: str, ours: torch.Tensor, theirs, ref: torch.Tensor, 
     ours_d, ref_d = ours.detach().double().cpu(), ref.detach().double().cpu()
     assert ours_d.shape == ref_d.shape, f"{name}: shape {tuple(ours_d.shape)} != {tuple(ref_d.shape)}"
     nonfinite = ~torch.isfinite(ref_d)
-    assert torch.equal(nonfinite, ~torch.isfinite(ours_d)), f"{name}: non-finite entries differ from reference"
+    assert torch.equal(nonfinite, ~torch.isfinite(ours_d)), \
+        f"{name}: non-finite entries differ from reference"
     assert torch.equal(ours_d[nonfinite].nan_to_num(0.0), ref_d[nonfinite].nan_to_num(0.0)), \
         f"{name}: +-inf entries differ from reference"
     e_ours = rel_err(ours_d, ref_d)
     e_torch = rel_err(theirs, ref_d) if theirs is not None else 0.0
     tol = max(TORCH_FACTOR * e_torch, FLOOR[dtype])
-    assert e_ours <= tol, f"{name}: error {e_ours:.3g} > tolerance {tol:.3g} (torch's own error {e_torch:.3g})"
+    assert e_ours <= tol, \
+        f"{name}: error {e_ours:.3g} > tolerance {tol:.3g} (torch's own error {e_torch:.3g})"
     return e_ours, e_torch

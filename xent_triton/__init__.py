@@ -1,7 +1,17 @@
-"""xent_triton: fused, memory-lean cross-entropy for large vocabularies, in Triton."""
-from .functional import cross_entropy
-from .nn import CrossEntropyLoss
-from .linear import LinearCrossEntropyLoss, linear_cross_entropy
+"""xent_triton: fused, memory-lean cross-entropy for large vocabularies, in Triton.
 
-__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss"]
-__version__ = "0.1.0"
+Public API: ``cross_entropy``, ``CrossEntropyLoss``, ``linear_cross_entropy``,
+``LinearCrossEntropyLoss``, ``LossStats``; custom ops under ``torch.ops.xent_triton``.
+"""
+from .cross_entropy.functional import cross_entropy
+from .cross_entropy.module import CrossEntropyLoss
+from .kl.functional import distillation_loss, token_logprobs
+from .kl.linear import linear_distillation_loss, linear_token_logprobs
+from .linear.functional import linear_cross_entropy
+from .linear.module import LinearCrossEntropyLoss
+from .options import LossStats
+
+__all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss",
+           "LossStats", "distillation_loss", "token_logprobs",
+           "linear_distillation_loss", "linear_token_logprobs"]
+__version__ = "0.2.0"

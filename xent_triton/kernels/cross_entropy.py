@@ -1,58 +1,34 @@
 """Fused cross-entropy kernels: one streaming forward pass, one recomputing backward pass.
 
-Notation (per row r, classes j < C): x the logits as stored, z = T(x) the transformed logits
-(``T`` = logit scale then optional softcap, see ``online.transform_logits``), lse = log sum_j e^{z_j},
-p_j = e^{z_j - lse}; w the class weights (1 without ``weight``), W = sum_j w_j, eps the label
-smoothing, zl the z-loss scale.
+Math (per row; z = T(x) the transformed logits, lse = log sum_j e^{z_j}, p = softmax(z), w class
+weights, W = sum_j w_j, eps the smoothing over ``n_classes``; derivation in docs/math.md)::
 
-Hard target y (``valid`` = y != ignore_index, w_y := 0 when ignored)::
+    hard y : loss = (1-eps) w_y (lse - z_y) + eps/C sum_j w_j (lse - z_j)          (0 if ignored)
+             dL/dz_j = coef_p p_j - coef_y [j=y] - coef_u w_j     (common.hard_target_coefficients)
+    soft t : t' = (1-eps) t + eps/C, loss = sum_j w_j t'_j (lse - z_j)
+             dL/dz_j = (g S + h) p_j - g w_j t'_j,  S = sum_j w_j t'_j
 
-    loss_r   = (1-eps) w_y (lse - z_y) + eps/C sum_j w_j (lse - z_j) + zl lse^2   (0 if not valid)
-    dL/dz_j  = g_r [((1-eps) w_y + eps W/C + 2 zl lse) p_j - (1-eps) w_y [j=y] - eps/C w_j] + h_r p_j
+g_r is the loss's upstream gradient (already scaled by the reduction), h_r the lse's (the z-loss
+reaches the kernels only through h: it is a function of the returned lse). dL/dx = dL/dz T'(x).
 
-Soft target t (probabilities, t' = (1-eps) t + eps/C, S = sum_j w_j t'_j)::
-
-    loss_r   = sum_j w_j t'_j (lse - z_j) + zl lse^2
-    dL/dz_j  = g_r [(S + 2 zl lse) p_j - w_j t'_j] + h_r p_j
-
-``C`` is the number of columns a kernel sees and ``n_classes`` the C of the smoothing formulas
-(equal, except for a vocabulary shard under tensor parallelism, where n_classes is the global C).
-g_r is the upstream gradient of loss_r (already divided by the ``mean`` denominator), h_r the
-upstream gradient of the returned lse. dL/dx = dL/dz * T'(x).
-
-Why recompute in backward (the design choice): the forward cannot know g_r (gradient accumulation
-and ``sum / num_items`` make it != 1), so a gradient formed in forward must be rescaled by a second
-pass: forward read + write of dx, backward read + write again = 4-5x the logits' bytes. Recomputing p
-from the saved per-row (ref, log s) costs forward read (1x) + backward read and write (2x) = 3x, for
-any g_r, with no host sync and no N x C buffer beyond the gradient itself. So: recompute.
-
-Bytes moved (B = bytes per logit, R rows, soft targets add their own R*C*B' per pass):
-    forward : R*C*B read + ~20 R bytes (target, w_y, x_y, loss, lse, 3 stats)
-    backward: R*C*B read + R*C*B write + ~24 R bytes; ignored rows read nothing (masked).
-FLOPs are ~10 per logit per pass (exp2 on the MUFU, one per logit per pass); the kernels are
-memory bound on every GPU (e.g. H100: 3.35 TB/s vs 60 TFLOP/s fp32 non-tensor).
+Grids and bytes (B bytes per logit, R rows): forward grid (R,), reads R*C*B once plus ~20 R;
+backward grid (R, splits), recomputes p from the saved (ref, log s) and reads R*C*B, writes R*C*B
+plus ~24 R. Forward + backward = 3x the logits' bytes for any upstream gradient (why recompute:
+docs/design.md). Ignored rows read nothing in backward.
 """
 import triton
 import triton.language as tl
 
-from .online import online_lse_update, softmax_from_stats, transform_grad, transform_logits, LN2
-
-
-@triton.jit
-def _row_pointer(ptr, r, D, stride_n, stride_d):
-    """Rows are r = n * D + d over an (N, C, D) view; int64 so N*C past 2**31 is safe."""
-    n = r // D
-    d = r - n * D
-    return ptr + n * stride_n + d * stride_d
-
-
-@triton.jit
-def _weight_total(wsum_ptr, n_classes, HAS_WEIGHT: tl.constexpr):
-    """W = sum_j w_j: precomputed for class weights, n_classes without them."""
-    if HAS_WEIGHT:
-        return tl.load(wsum_ptr)
-    else:
-        return n_classes * 1.0
+from .common import (
+    LN2,
+    hard_target_coefficients,
+    online_lse_update,
+    row_pointer,
+    softmax_from_stats,
+    transform_grad,
+    transform_logits,
+    weight_total,
+)
 
 
 @triton.jit
@@ -97,7 +73,7 @@ def cross_entropy_fwd_kernel(
     soft_ptr, stride_tn, stride_td, stride_tc,
     loss_ptr, lse_ptr, stats_ptr,
     C, D, n_classes, ignore_index,
-    label_smoothing, lse_square_scale, softcap, logit_scale,
+    label_smoothing, softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -110,9 +86,9 @@ def cross_entropy_fwd_kernel(
     sum_j a_j (lse - z_j) = (sum_j a_j) log s - A never subtracts two large numbers.
     """
     r = tl.program_id(0).to(tl.int64)
-    x_row = _row_pointer(x_ptr, r, D, stride_xn, stride_xd)
+    x_row = row_pointer(x_ptr, r, D, stride_xn, stride_xd)
     if SOFT_TARGET:
-        t_row = _row_pointer(soft_ptr, r, D, stride_tn, stride_td)
+        t_row = row_pointer(soft_ptr, r, D, stride_tn, stride_td)
     else:
         t_row = soft_ptr
     m, s, acc, a_sum = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
@@ -123,7 +99,7 @@ def cross_entropy_fwd_kernel(
     lse = ref + log_s
     if SOFT_TARGET:
         row_w = a_sum
-        loss = a_sum * log_s - acc + lse_square_scale * lse * lse
+        loss = a_sum * log_s - acc
     else:
         y = tl.load(tgt_ptr + r)
         valid = y != ignore_index
@@ -135,9 +111,9 @@ def cross_entropy_fwd_kernel(
             w_y = tl.load(w_ptr + y_safe)
         else:
             w_y = 1.0
-        loss = (1.0 - label_smoothing) * w_y * ((ref - z_y) + log_s) + lse_square_scale * lse * lse
+        loss = (1.0 - label_smoothing) * w_y * ((ref - z_y) + log_s)
         if HAS_SMOOTHING:
-            loss += label_smoothing / n_classes * (_weight_total(wsum_ptr, n_classes, HAS_WEIGHT) * log_s - acc)
+            loss += label_smoothing / n_classes * (weight_total(wsum_ptr, n_classes, HAS_WEIGHT) * log_s - acc)
         row_w = tl.where(ok, w_y, 0.0)
         loss = tl.where(ok, loss, 0.0)
         # An out-of-range target poisons its row (and so a mean) with NaN: no host sync needed.
@@ -158,7 +134,7 @@ def cross_entropy_bwd_kernel(
     soft_ptr, stride_tn, stride_td, stride_tc,
     stats_ptr, dloss_ptr, stride_dloss, dlse_ptr, stride_dlse,
     C, D, n_classes, ignore_index, span,
-    label_smoothing, lse_square_scale, softcap, logit_scale,
+    label_smoothing, softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -174,8 +150,8 @@ def cross_entropy_bwd_kernel(
     offs = tl.arange(0, BLOCK_C)
     c_begin = tl.program_id(1) * span
     c_end = tl.minimum(c_begin + span, C)
-    x_row = _row_pointer(x_ptr, r, D, stride_xn, stride_xd)
-    dx_row = _row_pointer(dx_ptr, r, D, stride_gn, stride_gd)
+    x_row = row_pointer(x_ptr, r, D, stride_xn, stride_xd)
+    dx_row = row_pointer(dx_ptr, r, D, stride_gn, stride_gd)
     ref = tl.load(stats_ptr + 3 * r)
     log_s = tl.load(stats_ptr + 3 * r + 1)
     row_w = tl.load(stats_ptr + 3 * r + 2)
@@ -184,11 +160,9 @@ def cross_entropy_bwd_kernel(
         h = tl.load(dlse_ptr + r * stride_dlse)
     else:
         h = 0.0
-    lse = ref + log_s
-
     if SOFT_TARGET:
         active = r >= 0  # every soft-target row takes part
-        coef_p = g * (row_w + 2.0 * lse_square_scale * lse) + h
+        coef_p = g * row_w + h
     else:
         y = tl.load(tgt_ptr + r)
         valid = y != ignore_index
@@ -196,11 +170,11 @@ def cross_entropy_bwd_kernel(
             active = r >= 0  # the lse gradient reaches ignored rows too
         else:
             active = valid
-        coef_p = tl.where(valid, g * ((1.0 - label_smoothing) * row_w + 2.0 * lse_square_scale * lse), 0.0) + h
-        if HAS_SMOOTHING:
-            coef_p += tl.where(valid, g * label_smoothing / n_classes * _weight_total(wsum_ptr, n_classes, HAS_WEIGHT), 0.0)
+        coef_p, coef_y, coef_u = hard_target_coefficients(
+            g, h, row_w, valid, label_smoothing, n_classes,
+            weight_total(wsum_ptr, n_classes, HAS_WEIGHT), HAS_SMOOTHING)
     if SOFT_TARGET:
-        t_row = _row_pointer(soft_ptr, r, D, stride_tn, stride_td)
+        t_row = row_pointer(soft_ptr, r, D, stride_tn, stride_td)
     # (a block mask combined with a scalar flag by comparison: the interpreter mistypes `mask & flag`)
     c_active = tl.where(active, c_end, 0)
     for start in range(c_begin, c_end, BLOCK_C):
@@ -218,13 +192,13 @@ def cross_entropy_bwd_kernel(
                 a = a * tl.load(w_ptr + cols, mask=lmask, other=0.0)
             dz -= g * a
         else:
-            dz -= tl.where(cols == y, g * (1.0 - label_smoothing) * row_w, 0.0)
+            dz -= tl.where(cols == y, coef_y, 0.0)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     w = tl.load(w_ptr + cols, mask=cols < tl.where(valid, c_end, 0), other=0.0)
                 else:
                     w = 1.0
-                dz -= tl.where(valid, g * label_smoothing / n_classes * w, 0.0)
+                dz -= coef_u * w
         dx = transform_grad(dz, z, logit_scale, softcap, HAS_SOFTCAP)
         dx = tl.where(active, dx, 0.0)
         tl.store(dx_row + cols.to(tl.int64) * stride_gc, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -4,14 +4,15 @@ X (N, D) hidden states, W (C, D) the classifier, b (C,) its bias. The N×C logit
 memory: every kernel forms (BLOCK_N rows × BLOCK_V classes) logit tiles in registers (fp32
 tensor-core accumulation over D in BLOCK_D steps), viewed transposed (classes on axis 0, exactly
 like the 1-D row blocks of the core kernels) and folded into per-row statistics by the shared
-online log-sum-exp of ``online.py``, unchanged. Loss and gradient formulas are those of
+online log-sum-exp of ``common.py``, unchanged. Loss and gradient formulas are those of
 ``kernels/cross_entropy.py``'s docstring (hard targets); ``linear_ops.combine`` assembles the loss.
 
 Algorithm (FLOPs counted as 2·M·N·K per dot; P = N·D·C):
 
 * forward ``linear_xent_fwd_kernel``, 1-D grid of (class split × row block) programs: each sweeps
   its span of class tiles and writes per-row *partials* (m, s, A, a_sum, z_y) of its span: 2P.
-  z_y comes from a gathered row-wise dot x_r · W[y_r] (N·D extra bytes, no one-hot over tiles).
+  z_y is selected from the same logit tile the softmax uses (one value of z, whatever the dot
+  precision: TF32 included).
   ``combine`` (torch, O(N·splits)) merges the partials into loss, lse and the (ref, log s, w_y)
   stats the core saves. A vocabulary shard (``class_offset``, global ``n_classes``) produces the
   same partials, merged across ranks by the same combine: the tensor-parallel door.
@@ -62,8 +63,14 @@ bf16, 3.35 TB/s HBM (H200: same FLOPs, 4.8 TB/s); 50 MB L2:
 import triton
 import triton.language as tl
 
-from .cross_entropy import _weight_total
-from .online import online_lse_update, softmax_from_stats, transform_grad, transform_logits
+from .common import (
+    hard_target_coefficients,
+    online_lse_update,
+    softmax_from_stats,
+    transform_grad,
+    transform_logits,
+    weight_total,
+)
 
 
 @triton.jit
@@ -106,31 +113,6 @@ def _logit_tile(x_ptr, stride_xn, stride_xd, w_ptr, stride_wc, stride_wd, b_ptr,
 
 
 @triton.jit
-def _target_logit(x_ptr, stride_xn, stride_xd, w_ptr, stride_wc, stride_wd, b_ptr,
-                  row0, y_col, hit, D, logit_scale, softcap,
-                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """z_y = T(x_r · W[y_r] + b[y_r]) for the rows with ``hit`` (0 elsewhere), as a gathered row-wise
-    dot in fp32 (exact products, fp32 sums like the tensor cores): N·D extra bytes per pass instead
-    of a one-hot select over every logit tile (whose broadcast target ids cost 64+ registers)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    x_blk = x_ptr + row0 * stride_xn
-    w_rows = w_ptr + tl.where(hit, y_col, 0).to(tl.int64) * stride_wc
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    d_end = tl.where(tl.max(hit.to(tl.int32), 0) > 0, D, 0)
-    for d0 in range(0, d_end, BLOCK_D):
-        dd = d0 + offs_d
-        mask = hit[:, None] & (dd < D)[None, :]
-        xb = tl.load(x_blk + (offs_n[:, None] * stride_xn + dd[None, :] * stride_xd), mask=mask, other=0.0)
-        wy = tl.load(w_rows[:, None] + dd[None, :] * stride_wd, mask=mask, other=0.0)
-        acc += tl.sum(xb.to(tl.float32) * wy.to(tl.float32), 1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + y_col, mask=hit, other=0.0).to(tl.float32)
-    return tl.where(hit, transform_logits(acc, logit_scale, softcap, HAS_SOFTCAP), 0.0)
-
-
-@triton.jit
 def linear_xent_fwd_kernel(
     x_ptr, stride_xn, stride_xd, w_ptr, stride_wc, stride_wd, b_ptr, cw_ptr, tgt_ptr, part_ptr,
     N, C, D, class_offset, ignore_index, n_splits, tiles_per_split, logit_scale, softcap,
@@ -142,7 +124,7 @@ def linear_xent_fwd_kernel(
     """Forward partials, 1-D grid of n_splits x cdiv(N, BLOCK_N) programs, the split fastest:
     program k + n_splits·i streams class tiles
     [k·tiles_per_split, (k+1)·tiles_per_split) for rows [i·BLOCK_N, (i+1)·BLOCK_N) and writes, per
-    row, into part (5, splits, N) fp32: m (max z), s = Σ e^{z - ref}, A = Σ a_j (z_j - ref),
+    row, into part (splits, N, 5) fp32: m (max z), s = Σ e^{z - ref}, A = Σ a_j (z_j - ref),
     a_sum = Σ a_j (a_j = w_j or 1; smoothing only, else 0) and z_y (0 unless y is in the span),
     with ref = safe_ref(m). Columns are local to this weight (a vocabulary shard starts at global
     class ``class_offset``). SKIP_IGNORED: a row block with no non-ignored target does no work."""
@@ -162,6 +144,9 @@ def linear_xent_fwd_kernel(
     s = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     a_sum = tl.zeros((), tl.float32)
+    z_y = tl.zeros((BLOCK_N,), tl.float32)
+    y_col = y - class_offset  # the target's column in this weight, or -1 when it holds none
+    y_col = tl.where((y != ignore_index) & (y_col >= 0) & (y_col < C), y_col, -1)
     offs_v = tl.arange(0, BLOCK_V)
     for c0 in range(c_begin, c_end, BLOCK_V):
         cmask = c0 + offs_v < C
@@ -169,6 +154,8 @@ def linear_xent_fwd_kernel(
                         row0, N - row0, c0, C - c0, D, logit_scale, softcap,
                         HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PRECISION, DOT_UPCAST)
         z = tl.where(cmask[:, None], z, float("-inf"))
+        # z_y from the very tile the softmax uses (same dot precision, e.g. TF32): a one-hot select
+        z_y += tl.sum(tl.where((c0 + offs_v)[:, None] == y_col[None, :], z, 0.0), 0)
         m, s, ref_old, ref_new = online_lse_update(m, s, z)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
@@ -178,18 +165,12 @@ def linear_xent_fwd_kernel(
             acc = acc + (ref_old - ref_new) * a_sum + \
                 tl.sum(a[:, None] * tl.where(cmask[:, None], z - ref_new[None, :], 0.0), 0)
             a_sum = a_sum + tl.sum(a, 0)
-    y_col = y - class_offset
-    hit = (y != ignore_index) & (y_col >= c_begin) & (y_col < c_end)
-    z_y = _target_logit(x_ptr, stride_xn, stride_xd, w_ptr, stride_wc, stride_wd, b_ptr,
-                        row0, y_col, hit, D, logit_scale, softcap, HAS_BIAS, HAS_SOFTCAP,
-                        BLOCK_N, BLOCK_D)
-    out = part_ptr + split * N + rows
-    stride_q = n_splits * N
+    out = part_ptr + (split * N + rows) * 5  # partials layout (splits, N, 5): see xent_triton.partials
     tl.store(out, m, mask=rmask)
-    tl.store(out + stride_q, s, mask=rmask)
-    tl.store(out + 2 * stride_q, acc, mask=rmask)
-    tl.store(out + 3 * stride_q, tl.zeros((BLOCK_N,), tl.float32) + a_sum, mask=rmask)
-    tl.store(out + 4 * stride_q, z_y, mask=rmask)
+    tl.store(out + 1, s, mask=rmask)
+    tl.store(out + 2, acc, mask=rmask)
+    tl.store(out + 3, tl.zeros((BLOCK_N,), tl.float32) + a_sum, mask=rmask)
+    tl.store(out + 4, z_y, mask=rmask)
 
 
 @triton.jit
@@ -197,7 +178,7 @@ def linear_xent_bwd_kernel(
     x_ptr, stride_xn, stride_xd, w_ptr, stride_wc, stride_wd, b_ptr, cw_ptr, wsum_ptr, tgt_ptr,
     stats_ptr, dloss_ptr, stride_dloss, dlse_ptr, stride_dlse, dx_ptr, dw_ptr, db_ptr,
     N, C, D, n_classes, class_offset, ignore_index,
-    label_smoothing, lse_square_scale, softcap, logit_scale,
+    label_smoothing, softcap, logit_scale,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -239,13 +220,13 @@ def linear_xent_bwd_kernel(
     else:
         active = valid
     # Inactive rows (and rows past N) get p = 0: their stats may be unset (skipped forward).
-    log_s = tl.where(active, log_s, 0.0)
-    lse = ref + log_s
-    coef_p = tl.where(valid, g * ((1.0 - label_smoothing) * row_w + 2.0 * lse_square_scale * lse), 0.0)
-    if HAS_SMOOTHING:
-        coef_p += tl.where(valid, g * label_smoothing / n_classes * _weight_total(wsum_ptr, n_classes, HAS_WEIGHT), 0.0)
     if HAS_DLSE:
-        coef_p += tl.load(dlse_ptr + rows * stride_dlse, mask=rmask, other=0.0)
+        h = tl.load(dlse_ptr + rows * stride_dlse, mask=rmask, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_N,), tl.float32)
+    coef_p, coef_y, coef_u = hard_target_coefficients(
+        g, h, row_w, valid, label_smoothing, n_classes, weight_total(wsum_ptr, n_classes, HAS_WEIGHT),
+        HAS_SMOOTHING)
     log_s = tl.where(active, log_s, float("inf"))
     # Uniform skip: a block without active rows runs zero iterations of both D loops.
     d_end = tl.where(tl.max(active.to(tl.int32), 0) > 0, D, 0)
@@ -256,13 +237,13 @@ def linear_xent_bwd_kernel(
     dz = coef_p[None, :] * softmax_from_stats(z, ref[None, :], log_s[None, :])
     y_rel = y - class_offset - col0  # the target's column in this tile, or -1
     y_rel = tl.where(valid & (y_rel >= 0) & (y_rel < BLOCK_V), y_rel, -1).to(tl.int32)
-    dz -= tl.where(offs_v[:, None] == y_rel[None, :], (g * (1.0 - label_smoothing) * row_w)[None, :], 0.0)
+    dz -= tl.where(offs_v[:, None] == y_rel[None, :], coef_y[None, :], 0.0)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             w_c = tl.load(cw_ptr + col0 + offs_v, mask=cmask, other=0.0)
         else:
             w_c = tl.full((BLOCK_V,), 1.0, tl.float32)
-        dz -= tl.where(valid, g * label_smoothing / n_classes, 0.0)[None, :] * w_c[:, None]
+        dz -= coef_u[None, :] * w_c[:, None]
     dz = transform_grad(dz, z, logit_scale, softcap, HAS_SOFTCAP)
     # Inactive rows must add nothing to dW and db. Classes past C need no mask: their W rows load
     # as 0 (dX) and their dW / db atomics are masked; their dz is finite (z = T(0) there).

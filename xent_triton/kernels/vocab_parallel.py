@@ -23,8 +23,8 @@ single-device forward.
 import triton
 import triton.language as tl
 
-from .cross_entropy import _row_pointer, stream_row
-from .online import transform_logits
+from .common import row_pointer, transform_logits
+from .cross_entropy import stream_row
 
 
 @triton.jit
@@ -40,9 +40,9 @@ def vocab_parallel_fwd_kernel(
 ):
     """One program per row (grid = (R,)): stream the shard's row, write (m, s, A, a_sum, z_y)."""
     r = tl.program_id(0).to(tl.int64)
-    x_row = _row_pointer(x_ptr, r, D, stride_xn, stride_xd)
+    x_row = row_pointer(x_ptr, r, D, stride_xn, stride_xd)
     if SOFT_TARGET:
-        t_row = _row_pointer(soft_ptr, r, D, stride_tn, stride_td)
+        t_row = row_pointer(soft_ptr, r, D, stride_tn, stride_td)
     else:
         t_row = soft_ptr
     m, s, acc, a_sum = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,

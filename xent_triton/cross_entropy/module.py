@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .functional import check_options, cross_entropy
+from ..options import LossOptions
+from .functional import cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.Module):
@@ -24,10 +25,12 @@ class CrossEntropyLoss(torch.nn.Module):
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
                  logit_scale: float = 1.0, inplace_backward: bool = False,
-                 return_lse: bool = False, process_group=None,
+                 return_lse: bool = False, empty_batch: str = "nan", process_group=None,
                  vocab_start_index: Optional[int] = None) -> None:
         super().__init__()
-        check_options(reduction, label_smoothing, lse_square_scale, softcap, logit_scale)
+        LossOptions.make(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                         lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
+                         empty_batch=empty_batch)  # validate early
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -37,7 +40,8 @@ class CrossEntropyLoss(torch.nn.Module):
         self.logit_scale = logit_scale
         self.inplace_backward = inplace_backward
         self.return_lse = return_lse
-        self.process_group = process_group  # vocabulary parallelism (see xent_triton.distributed)
+        self.empty_batch = empty_batch
+        self.process_group = process_group  # vocabulary parallelism (docs/distributed.md)
         self.vocab_start_index = vocab_start_index
 
     def forward(self, input: Tensor, target: Tensor):
@@ -45,6 +49,7 @@ class CrossEntropyLoss(torch.nn.Module):
                              self.label_smoothing, lse_square_scale=self.lse_square_scale,
                              softcap=self.softcap, logit_scale=self.logit_scale,
                              inplace_backward=self.inplace_backward, return_lse=self.return_lse,
+                             empty_batch=self.empty_batch,
                              process_group=self.process_group,
                              vocab_start_index=self.vocab_start_index)
 

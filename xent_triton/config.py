@@ -22,10 +22,13 @@ and its test compile each of them for sm_80 and sm_90.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
+from typing import Iterator, Optional
 
 import triton
+
+from .runtime import interpreting
 
 MAX_BLOCK_C = 4096
 MIN_BLOCK_C = 128
@@ -39,14 +42,37 @@ ROWS_TO_FILL_GPU = 2048
 INTERPRET_ROWS_TO_FILL = 1  # the interpreter runs programs one by one: no split (tests raise it)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     block_c: int
     num_warps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Overrides:
+    """Launch parameters forced on every device (tests drive the multi-block / split paths with
+    them; users may too). None = the policy's own choice."""
+    block_c: Optional[int] = None  # logits per block of the row kernels (a power of two)
+    backward_splits: Optional[int] = None  # column spans per row in the backward grid
+    linear_block_v: Optional[int] = None  # class tile of the linear-head kernels
+    linear_splits: Optional[int] = None  # class splits of the linear-head forward grid
+
+
+_OVERRIDES = [Overrides()]
+
+
+def current_overrides() -> Overrides:
+    return _OVERRIDES[-1]
+
+
+@contextlib.contextmanager
+def overrides(**kwargs) -> Iterator[Overrides]:
+    """Force launch parameters inside a ``with`` block, e.g. ``with overrides(block_c=128): ...``."""
+    _OVERRIDES.append(dataclasses.replace(_OVERRIDES[-1], **kwargs))
+    try:
+        yield _OVERRIDES[-1]
+    finally:
+        _OVERRIDES.pop()
 
 
 def _block_sizes():
@@ -62,6 +88,9 @@ def _warps(block_c: int) -> int:
 
 def config(C: int) -> Config:
     """Block size and warps for a row of C classes (forward and backward use the same)."""
+    forced = current_overrides().block_c
+    if forced is not None:
+        return Config(forced, 1 if interpreting() else _warps(forced))
     if interpreting():
         return Config(min(INTERPRET_BLOCK_C, max(MIN_BLOCK_C, triton.next_power_of_2(C))), 1)
     block = min(MAX_BLOCK_C, max(MIN_BLOCK_C, triton.next_power_of_2(C)))
@@ -104,6 +133,9 @@ def backward_grid(R: int, C: int, block_c: int) -> tuple[tuple[int, int], int]:
     blocks = triton.cdiv(C, block_c)
     fill = INTERPRET_ROWS_TO_FILL if interpreting() else ROWS_TO_FILL_GPU
     splits = 1 if R >= fill else min(blocks, triton.cdiv(fill, R))
+    forced = current_overrides().backward_splits
+    if forced is not None:
+        splits = max(1, min(blocks, forced))
     span = triton.cdiv(blocks, splits) * block_c
     return (R, triton.cdiv(C, span)), span
 
@@ -165,13 +197,18 @@ INTERPRET_LINEAR_SPLITS = 2  # exercise the partials' combine whenever C has 2+ 
 def linear_configs(element_bits: int, aligned: bool = True,
                    C: int = 0) -> tuple[LinearConfig, LinearConfig]:
     """(forward, backward) tiles for 16- or 32-bit inputs whose rows are (not) 16-byte aligned."""
+    forced = current_overrides().linear_block_v
     if interpreting():
         cfg = INTERPRET_LINEAR
         cfg = dataclasses.replace(cfg, block_v=min(cfg.block_v, max(64, triton.next_power_of_2(C))))
-        return cfg, cfg
-    if aligned:
-        return LINEAR_FWD[element_bits], LINEAR_BWD[element_bits]
-    return LINEAR_FWD_UNALIGNED[element_bits], LINEAR_BWD_UNALIGNED[element_bits]
+        pair = (cfg, cfg)
+    elif aligned:
+        pair = (LINEAR_FWD[element_bits], LINEAR_BWD[element_bits])
+    else:
+        pair = (LINEAR_FWD_UNALIGNED[element_bits], LINEAR_BWD_UNALIGNED[element_bits])
+    if forced is not None:
+        pair = tuple(dataclasses.replace(c, block_v=min(c.block_v, forced)) for c in pair)
+    return pair
 
 
 def linear_all_configs() -> dict[str, list[tuple[int, bool, LinearConfig]]]:
@@ -188,6 +225,8 @@ def linear_forward_splits(N: int, C: int, cfg: LinearConfig) -> tuple[int, int]:
     row_blocks = triton.cdiv(N, cfg.block_n)
     want = INTERPRET_LINEAR_SPLITS if interpreting() else max(
         LINEAR_FWD_SPLITS, triton.cdiv(LINEAR_FILL_PROGRAMS, row_blocks))
+    if current_overrides().linear_splits is not None:
+        want = current_overrides().linear_splits
     per = triton.cdiv(tiles, max(1, min(tiles, want)))
     return triton.cdiv(tiles, per), per
 

@@ -1,4 +1,6 @@
-"""Triton jit helpers shared by every kernel: the logit transform and the online log-sum-exp.
+"""Triton jit helpers shared by every kernel: the logit transform, the online log-sum-exp, row
+addressing and the gradient coefficients. Each formula has its torch twin of the same name in
+``xent_triton.fallback``.
 
 One source of truth for the numerics. All arithmetic is fp32; exponentials and logarithms go
 through ``exp2``/``log2`` with the named constants below (the hardware's native MUFU ops).
@@ -19,9 +21,24 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2):    log(x) == log2(x) * LN2
 
 @triton.jit
 def tanh_f32(u):
-    """tanh for fp32 from exp2, portable to the interpreter (no libdevice). Absolute error ~1e-7."""
-    e = tl.exp2(u * (2.0 * LOG2E))  # exp(2u); inf for large u gives exactly 1
-    return 1.0 - 2.0 / (e + 1.0)
+    """tanh for fp32, portable to the interpreter (no libdevice), with a small *relative* error
+    everywhere (softcap multiplies it by s, so an absolute 1e-7 is not enough): an odd Taylor
+    polynomial of degree 15 for |u| < 0.55 (truncation < 1e-8 relative), else
+    (1 - e) / (1 + e) with e = exp(-2|u|) in (0, 0.33], which does not cancel there."""
+    a = tl.abs(u)
+    e = tl.exp2(a * (-2.0 * LOG2E))
+    big = (1.0 - e) / (1.0 + e)
+    q = a * a
+    p = -929569.0 / 638512875.0
+    p = p * q + 21844.0 / 6081075.0
+    p = p * q - 1382.0 / 155925.0
+    p = p * q + 62.0 / 2835.0
+    p = p * q - 17.0 / 315.0
+    p = p * q + 2.0 / 15.0
+    p = p * q - 1.0 / 3.0
+    small = a + a * (q * p)
+    t = tl.where(a < 0.55, small, big)
+    return tl.where(u < 0, -t, t)
 
 
 @triton.jit
@@ -66,3 +83,34 @@ def online_lse_update(m, s, z):
 def softmax_from_stats(z, ref, log_s):
     """p = exp(z - lse) with lse = ref + log_s, computed as exp((z - ref) - log_s)."""
     return tl.exp2(((z - ref) - log_s) * LOG2E)
+
+
+@triton.jit
+def row_pointer(ptr, r, D, stride_n, stride_d):
+    """Rows are r = n * D + d over an (N, C, D) view; int64 so N*C past 2**31 is safe."""
+    n = r // D
+    d = r - n * D
+    return ptr + n * stride_n + d * stride_d
+
+
+@triton.jit
+def weight_total(wsum_ptr, n_classes, HAS_WEIGHT: tl.constexpr):
+    """W = sum_j w_j: precomputed for class weights, n_classes without them."""
+    if HAS_WEIGHT:
+        return tl.load(wsum_ptr)
+    else:
+        return n_classes * 1.0
+
+
+@triton.jit
+def hard_target_coefficients(g, h, row_w, valid, label_smoothing, n_classes, w_total,
+                             HAS_SMOOTHING: tl.constexpr):
+    """Coefficients of dL/dz_j = coef_p p_j - coef_y [j = y] - coef_u w_j for a hard target
+    (scalars or per-row vectors): g the loss's upstream gradient, h the lse's, row_w = w_y,
+    w_total = sum_j w_j. Ignored rows (valid False) keep only the lse term h p_j."""
+    coef_y = tl.where(valid, g * (1.0 - label_smoothing) * row_w, 0.0)
+    coef_p = coef_y + h
+    coef_u = tl.where(valid, g * label_smoothing / n_classes, 0.0)
+    if HAS_SMOOTHING:
+        coef_p += coef_u * w_total
+    return coef_p, coef_y, coef_u

@@ -1,0 +1,1 @@
+"""Cross-entropy over materialised logits: ops (custom ops + launchers), functional API, module."""

@@ -1,0 +1,88 @@
+"""``cross_entropy``: a drop-in for ``torch.nn.functional.cross_entropy``."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Union
+
+from torch import Tensor
+
+from ..options import LossOptions, canonical, check_weight, reduce_rows
+from ..parallel.cross_entropy import vocab_parallel_cross_entropy
+from ..parallel.dtensor import dtensor_cross_entropy, is_dtensor
+from ..runtime import compute_dtype
+from .ops import cross_entropy_rows
+
+
+def inplace_refusal(x: Tensor) -> Optional[str]:
+    """Why the gradient cannot be written over ``x`` (None when it can)."""
+    if x.is_leaf:
+        return "the logits are a leaf tensor (their .grad would share their storage)"
+    dims = sorted((d for d in range(x.dim()) if x.shape[d] > 1), key=lambda d: x.stride(d))
+    span = 1
+    for d in dims:
+        if x.stride(d) < span:
+            return "the logits overlap in memory (e.g. an expanded tensor)"
+        span = x.stride(d) * x.shape[d]
+    return None
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
+                  logit_scale: float = 1.0, inplace_backward: bool = False,
+                  return_lse: bool = False, empty_batch: str = "nan", process_group: Any = None,
+                  vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Fused cross-entropy with ``torch.nn.functional.cross_entropy`` semantics.
+
+    Args:
+        input: logits (C), (N, C) or (N, C, d1, ..., dK); float16, bfloat16, float32 (float64 runs
+            the torch fallback). Any strides, no copy.
+        target: class ids () / (N) / (N, d1, ..., dK) (int64, int32 or uint8), or class
+            probabilities of the input's shape (any float dtype).
+        weight, ignore_index, reduction, label_smoothing: as in PyTorch (``ignore_index=None``
+            means -100).
+        lse_square_scale: z-loss scale zl: adds zl * lse**2 per non-ignored token; ``mean``
+            averages it over the non-ignored tokens (independent of class weights).
+        softcap: s > 0 maps logits z -> s * tanh(z / s) before the softmax (after ``logit_scale``).
+        logit_scale: a maps logits x -> a * x first.
+        inplace_backward: write the gradient into ``input``'s storage (no extra N x C memory); the
+            input's version counter is bumped, so autograd raises if anything else needed those
+            values. Ignored, with a warning, for leaf or self-overlapping logits.
+        return_lse: also return the log-sum-exp per token (target's shape), differentiable.
+        empty_batch: "nan" (torch's mean over no valid token) or "zero" (0, zero gradients).
+        process_group, vocab_start_index: vocabulary (tensor) parallelism, see docs/distributed.md:
+            ``input`` is this rank's contiguous slice of the classes; targets hold global ids.
+
+    Returns:
+        The float32 loss (float64 for float64 input; a scalar, or the target's shape for
+        ``reduction="none"``), and the lse if ``return_lse``. The gradient has the input's dtype.
+        Out-of-range class ids raise IndexError on CPU; on CUDA (no host sync) they make that
+        token's loss and gradient NaN, hence a NaN mean.
+
+    Example:
+        >>> logits = torch.randn(8, 32000, dtype=torch.bfloat16, requires_grad=True)
+        >>> target = torch.randint(0, 32000, (8,))
+        >>> loss = cross_entropy(logits, target, label_smoothing=0.1)
+        >>> loss.backward()
+    """
+    opts = LossOptions.make(ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                            softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
+    if is_dtensor(input):  # the layout comes from the placements (parallel/dtensor.py)
+        return dtensor_cross_entropy(input, target, weight, opts, return_lse=return_lse)
+    if process_group is not None:
+        return vocab_parallel_cross_entropy(input, target, weight, opts, inplace_backward=inplace_backward,
+                                            return_lse=return_lse, process_group=process_group,
+                                            vocab_start_index=vocab_start_index)
+    can = canonical(input, target)
+    w = check_weight(weight, can.C, input.device, input.dtype)
+    if inplace_backward and input.requires_grad:
+        why = inplace_refusal(input)
+        if why is not None:
+            warnings.warn(f"xent_triton.cross_entropy: inplace_backward ignored: {why}", stacklevel=2)
+            inplace_backward = False
+    loss_rows, lse, stats = cross_entropy_rows(can.x3, can.target, w, opts, inplace_backward)
+    loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output)
+    if return_lse:
+        return loss, can.rows_to_output(lse.to(compute_dtype(input)))
+    return loss

@@ -1,0 +1,177 @@
+"""Cross-entropy ops: the launchers of the row kernels and the ``xent_triton::`` custom ops
+(with fake implementations and registered autograd) that serve eager mode and torch.compile alike.
+
+Canonical layout: logits as an (N, C, D) view (2-D input has D = 1; K-dim input flattens its
+spatial dims to D), rows r = n * D + d. Hard targets are int64 (N*D,); soft targets a float
+(N, C, D) view like the logits. Each launcher routes to the Triton kernels when Triton can run the
+tensor (CUDA, or any device under ``TRITON_INTERPRET=1``) and to ``xent_triton.fallback``
+otherwise (CPU, float64).
+
+Ops (one door: eager calls the same custom ops; overhead measured in docs/design.md):
+``xent_triton::cross_entropy_fwd`` -> (loss, lse, stats) per row; ``cross_entropy_bwd`` -> dL/dx;
+``cross_entropy_bwd_inplace`` writes dL/dx over x (``inplace_backward``; bumps x's version).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import config, fallback
+from ..kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
+from ..options import LossOptions, target_range_check
+from ..runtime import alloc, compute_dtype, interpreting, no_second_derivative, upstream_or_zeros, uses_triton
+
+
+def nd_c_strides(t: Tensor) -> dict:
+    """Strides of an (N, C, D) view as the kernels' keyword arguments (suffixes n, d, c)."""
+    return dict(n=t.stride(0), d=t.stride(2), c=t.stride(1))
+
+
+def _strides(prefix: str, t: Tensor) -> dict:
+    return {f"{prefix}{k}": v for k, v in nd_c_strides(t).items()}
+
+
+def side_operands(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                  weight_sum: Optional[Tensor] = None) -> dict:
+    """Target / soft target / class-weight pointers of the row kernels (placeholders are never
+    dereferenced) and the class-weight total W (a (1,) tensor)."""
+    soft = target.is_floating_point()
+    soft_t = target if soft else x
+    if weight is None:
+        wsum = x
+    else:
+        wsum = (weight_sum if weight_sum is not None else weight.sum(dtype=torch.float32)).reshape(1)
+    return dict(tgt_ptr=x if soft else target, w_ptr=weight if weight is not None else x, wsum_ptr=wsum,
+                soft_ptr=soft_t, **_strides("stride_t", soft_t))
+
+
+def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                 opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, stats) of the (N, C, D) logits ``x`` (see kernels.cross_entropy)."""
+    if not uses_triton(x):
+        dt = compute_dtype(x)
+        return tuple(t.to(dt) for t in fallback.forward_rows(x, target, weight, opts))
+    N, C, D = x.shape
+    R = N * D
+    loss = alloc((R,), torch.float32, x.device)
+    lse = alloc((R,), torch.float32, x.device)
+    stats = alloc((R, 3), torch.float32, x.device)
+    if R == 0:
+        return loss, lse, stats
+    cfg = config.config(C)
+    cross_entropy_fwd_kernel[(R,)](
+        x_ptr=x, **_strides("stride_x", x), **side_operands(x, target, weight),
+        loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, C=C, D=D, n_classes=C, **opts.kernel_scalars(),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing,
+        SOFT_TARGET=target.is_floating_point(), HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps,
+    )
+    return loss, lse, stats
+
+
+def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                  dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions,
+                  n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None) -> None:
+    """dL/dx of the (N, C, D) logits into ``out`` (may be ``x``). ``n_classes`` / ``weight_sum``
+    override C and sum(weight) in the smoothing terms (a vocabulary shard passes the global ones)."""
+    if not uses_triton(x):
+        fallback.backward_rows(x, target, weight, stats, dloss, dlse, opts, out, n_classes, weight_sum)
+        return
+    N, C, D = x.shape
+    if N * D == 0 or C == 0:
+        return
+    cfg = config.config(C)
+    h = dlse if dlse is not None else dloss
+    grid, span = config.backward_grid(N * D, C, cfg.block_c)
+    soft = target.is_floating_point()
+    options = {} if interpreting() else config.backward_compile_options(
+        config.vector_friendly(x, out, *((target,) if soft else ())))
+    cross_entropy_bwd_kernel[grid](
+        x_ptr=x, **_strides("stride_x", x), dx_ptr=out, **_strides("stride_g", out),
+        **side_operands(x, target, weight, weight_sum), stats_ptr=stats,
+        dloss_ptr=dloss, stride_dloss=dloss.stride(0), dlse_ptr=h, stride_dlse=h.stride(0),
+        C=C, D=D, n_classes=C if n_classes is None else n_classes, span=span, **opts.kernel_scalars(),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing, SOFT_TARGET=soft,
+        HAS_SOFTCAP=opts.has_softcap, HAS_DLSE=dlse is not None, BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps, **options,
+    )
+
+
+# ------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("xent_triton::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                      label_smoothing: float, softcap: float, logit_scale: float,
+                      inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, stats) of the (N, C, D) logits; ``inplace_backward`` is kept for the
+    backward. Out-of-range class ids raise IndexError here on CPU (eager and compiled alike)."""
+    opts = LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale)
+    if not target.is_floating_point():
+        target_range_check(target, x.shape[1], ignore_index)
+    return forward_rows(x, target, weight, opts)
+
+
+@cross_entropy_fwd.register_fake
+def _(x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward):
+    R = x.shape[0] * x.shape[2]
+    dt = compute_dtype(x)
+    return x.new_empty((R,), dtype=dt), x.new_empty((R,), dtype=dt), x.new_empty((R, 3), dtype=dt)
+
+
+@torch.library.custom_op("xent_triton::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                      dloss: Tensor, dlse: Optional[Tensor], ignore_index: int,
+                      label_smoothing: float, softcap: float, logit_scale: float) -> Tensor:
+    """dL/dx as a new tensor with x's shape and dtype."""
+    out = alloc(x.shape, x.dtype, x.device)
+    backward_into(out, x, target, weight, stats, dloss, dlse,
+                  LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale))
+    return out
+
+
+@cross_entropy_bwd.register_fake
+def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap, logit_scale):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("xent_triton::cross_entropy_bwd_inplace", mutates_args=("x",))
+def cross_entropy_bwd_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                              dloss: Tensor, dlse: Optional[Tensor], ignore_index: int,
+                              label_smoothing: float, softcap: float, logit_scale: float) -> None:
+    """dL/dx written over x itself (x is consumed; its version counter is bumped)."""
+    backward_into(x, x, target, weight, stats, dloss, dlse,
+                  LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale))
+
+
+@cross_entropy_bwd_inplace.register_fake
+def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap, logit_scale):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward = inputs
+    ctx.save_for_backward(x, target, weight, output[2])
+    ctx.flat = (ignore_index, label_smoothing, softcap, logit_scale)
+    ctx.inplace_backward = inplace_backward
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dloss, dlse, _dstats):
+    x, target, weight, stats = ctx.saved_tensors
+    dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x.device)
+    if ctx.inplace_backward:
+        torch.ops.xent_triton.cross_entropy_bwd_inplace(x, target, weight, stats, dloss, dlse, *ctx.flat)
+        dx = x
+    else:
+        dx = torch.ops.xent_triton.cross_entropy_bwd(x, target, weight, stats, dloss, dlse, *ctx.flat)
+    return (no_second_derivative(dx, "cross_entropy"),) + (None,) * 7
+
+
+cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_entropy_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions,
+                       inplace_backward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss_rows, lse, stats) with autograd, through the ``xent_triton::cross_entropy_fwd`` op."""
+    return torch.ops.xent_triton.cross_entropy_fwd(x, target, weight, *opts.flat(), inplace_backward)

@@ -1,0 +1,1 @@
+"""Fused linear cross-entropy (logits never materialised): ops, functional API, module."""

@@ -1,0 +1,138 @@
+"""Public API of the fused linear cross-entropy: ``linear_cross_entropy`` and ``LinearCrossEntropyLoss``.
+
+``linear_cross_entropy(h, W, y, ...)`` equals ``F.cross_entropy(F.linear(h, W, b), y, ...)`` (plus
+the core's extras) without ever materialising the N×C logits; see
+``kernels/linear_cross_entropy.py`` for the algorithm and its FLOP / byte / memory budget.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..options import (
+    LossOptions,
+    autocast_operands,
+    check_linear_operands,
+    check_weight,
+    class_ids,
+    reduce_rows,
+)
+from ..parallel.dtensor import dtensor_linear_cross_entropy, is_dtensor
+from ..parallel.linear import vocab_parallel_linear_cross_entropy
+from ..runtime import compute_dtype
+from .ops import linear_cross_entropy_rows, linear_cross_entropy_scalar
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                         softcap: Optional[float] = None, logit_scale: float = 1.0,
+                         return_lse: bool = False, process_group: Any = None,
+                         vocab_start_index: Optional[int] = None,
+                         reduce_input_grad: bool = True,
+                         empty_batch: str = "nan", chunk_size: Optional[int] = None,
+                         grad_accum_dtype: Optional[torch.dtype] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, fused.
+
+    Equals ``cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight, ...)`` of
+    this package (same options, same formulas) but the (N, C) logits never exist at once.
+
+    Algorithms (docs/performance.md): with a scalar upstream gradient (``reduction`` mean / sum,
+    no ``return_lse``) and a gradient to compute, token chunks of ``chunk_size`` rows on the
+    vendor GEMMs form the gradients in the forward pass (6 N D C FLOPs; one (chunk_size, C)
+    workspace); otherwise the fused partials kernel gives the loss (2 N D C, no workspace) and
+    backward recomputes the logits by vocabulary splits (8 N D C in all). No atomics.
+
+    Args:
+        input: hidden states (..., D), float16 / bfloat16 / float32 (float64 and CPU tensors
+            without ``TRITON_INTERPRET=1`` run a chunked pure-torch path); any strides.
+        linear_weight: (C, D) classifier, same dtype and device as ``input`` (under
+            ``torch.autocast`` both are cast to the autocast dtype, as ``F.linear`` does).
+        target: int64/int32/uint8 class ids of shape ``input.shape[:-1]``.
+        linear_bias: optional (C,) bias, same dtype as ``input``.
+        weight, ignore_index, reduction, label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+        lse_square_scale: z-loss scale zl: adds zl * lse**2 per non-ignored token (``mean``:
+            averaged over the non-ignored tokens).
+        softcap: s > 0 maps logits z -> s * tanh(z / s) (after ``logit_scale``).
+        logit_scale: a maps logits x -> a * x first.
+        return_lse: also return the log-sum-exp per token (target's shape, the loss's dtype),
+            differentiable.
+        process_group: vocabulary (tensor) parallelism: ``linear_weight`` / ``linear_bias`` hold this
+            rank's contiguous slice of the classes, ``target`` global ids, ``weight`` the global class
+            weights; every rank returns the full-vocabulary loss. See docs/distributed.md.
+        vocab_start_index: this rank's first class id (None: shards in group-rank order).
+        empty_batch: "nan" (torch's mean over no valid token) or "zero" (0, zero gradients).
+        reduce_input_grad: under ``process_group``, all-reduce the input gradient across the group
+            (Megatron's column-parallel layout); False leaves each rank's partial.
+        chunk_size: rows per token chunk (workspace chunk_size x C in the input's dtype; also sizes
+            the vocabulary splits of the recompute backward). None: from the shape (on CUDA at
+            least 1024 rows, about 1 GiB of workspace; CPU 32 MiB).
+        grad_accum_dtype: dtype of the dW / db accumulation across token chunks: None or
+            ``torch.float32`` (default; C x D x 4 bytes, + C x D x 2 for a 16-bit dW in backward)
+            or ``linear_weight.dtype`` (C x D x 2 bytes only; every chunk rounds into a 16-bit sum).
+
+    Returns:
+        The float32 loss (float64 for float64 input; scalar, or target's shape for
+        ``reduction="none"``) and, with ``return_lse``, the lse (same dtype). Gradients reach ``input``, ``linear_weight`` and ``linear_bias``
+        (those that require grad) in their own dtypes. A class id outside [0, C) that is not
+        ``ignore_index`` raises IndexError on CPU; on CUDA (no host sync) it makes the loss NaN
+        (and every gradient, since all classes' weight gradients include that token).
+
+    Example:
+        >>> h = torch.randn(4, 128, 64, dtype=torch.bfloat16, requires_grad=True)
+        >>> W = torch.randn(32000, 64, dtype=torch.bfloat16, requires_grad=True)
+        >>> y = torch.randint(0, 32000, (4, 128))
+        >>> linear_cross_entropy(h, W, y, label_smoothing=0.1).backward()
+    """
+    opts = LossOptions.make(ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                            softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
+    if is_dtensor(input) or is_dtensor(linear_weight):  # layout from the placements (parallel/dtensor.py)
+        return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts,
+                                            return_lse=return_lse, reduce_input_grad=reduce_input_grad)
+    if process_group is not None:  # validates the operands after its exchange: no rank raises alone
+        return vocab_parallel_linear_cross_entropy(
+            input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
+            process_group=process_group, vocab_start_index=vocab_start_index,
+            reduce_input_grad=reduce_input_grad)
+    if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
+        input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
+    check_linear_operands(input, linear_weight, linear_bias, target)
+    accum_fp32 = check_accum_dtype(grad_accum_dtype, linear_weight)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    C, D = linear_weight.shape
+    w = check_weight(weight, C, input.device, input.dtype)
+    tgt = class_ids(target, input.shape[:-1], "input's leading shape")
+    x2 = input.reshape(-1, D)
+    bias = linear_bias.contiguous() if linear_bias is not None else None
+    need = (input.requires_grad, linear_weight.requires_grad,
+            linear_bias is not None and linear_bias.requires_grad)
+    need = tuple(n and torch.is_grad_enabled() for n in need)
+    if opts.reduction != "none" and not return_lse and any(need):
+        return linear_cross_entropy_scalar(x2, linear_weight, bias, tgt, w, opts, chunk_size, accum_fp32,
+                                           need)
+    loss_rows, lse, stats = linear_cross_entropy_rows(x2, linear_weight, bias, tgt, w, opts,
+                                                      skip_ignored=not return_lse and opts.lse_square_scale == 0)
+    loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape))
+    if return_lse:
+        return loss, lse.to(compute_dtype(input)).view(target.shape)
+    return loss
+
+
+def check_accum_dtype(grad_accum_dtype: Optional[torch.dtype], linear_weight: Tensor) -> bool:
+    """True for fp32 accumulation (None / torch.float32; float64 weights accumulate in float64),
+    False for ``linear_weight.dtype``; anything else raises ValueError."""
+    if grad_accum_dtype is None or grad_accum_dtype == torch.float32 or linear_weight.dtype == torch.float64:
+        if grad_accum_dtype not in (None, torch.float32, linear_weight.dtype):
+            raise ValueError(f"grad_accum_dtype must be None, torch.float32 or linear_weight.dtype, "
+                             f"got {grad_accum_dtype!r}")
+        return True
+    if grad_accum_dtype == linear_weight.dtype:
+        return False
+    raise ValueError(f"grad_accum_dtype must be None, torch.float32 or linear_weight.dtype "
+                     f"({linear_weight.dtype}), got {grad_accum_dtype!r}")

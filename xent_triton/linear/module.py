@@ -1,0 +1,60 @@
+"""``LinearCrossEntropyLoss``: the module form of ``linear_cross_entropy``."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..options import LossOptions
+from .functional import linear_cross_entropy
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form of :func:`linear_cross_entropy`; ``forward(input, linear_weight, target,
+    linear_bias=None)``. ``weight`` (class weights) is a registered buffer.
+
+    Example:
+        >>> crit = LinearCrossEntropyLoss(ignore_index=-100, lse_square_scale=1e-4)
+        >>> loss = crit(torch.randn(8, 64), torch.randn(1000, 64), torch.randint(0, 1000, (8,)))
+    """
+
+    def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 lse_square_scale: float = 0.0, softcap: Optional[float] = None,
+                 logit_scale: float = 1.0, return_lse: bool = False, process_group: Any = None,
+                 vocab_start_index: Optional[int] = None, reduce_input_grad: bool = True,
+                 empty_batch: str = "nan") -> None:
+        super().__init__()
+        LossOptions.make(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                         lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
+                         empty_batch=empty_batch)  # validate early
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.return_lse = return_lse
+        self.process_group = process_group  # vocabulary parallelism (docs/distributed.md)
+        self.vocab_start_index = vocab_start_index
+        self.reduce_input_grad = reduce_input_grad
+        self.empty_batch = empty_batch
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Optional[Tensor] = None):
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                    weight=self.weight, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                    lse_square_scale=self.lse_square_scale, softcap=self.softcap,
+                                    logit_scale=self.logit_scale, return_lse=self.return_lse,
+                                    process_group=self.process_group,
+                                    vocab_start_index=self.vocab_start_index,
+                                    reduce_input_grad=self.reduce_input_grad,
+                                    empty_batch=self.empty_batch)
+
+    def extra_repr(self) -> str:
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, lse_square_scale={self.lse_square_scale}, "
+                f"softcap={self.softcap}, logit_scale={self.logit_scale}")

@@ -1,0 +1,312 @@
+"""Fused linear cross-entropy ops: launchers, the torch path, and the custom ops (fake impls,
+registered autograd; one door for eager and torch.compile):
+
+* ``xent_triton::linear_cross_entropy_chunked`` - the default for a scalar upstream gradient
+  (reduction mean / sum, no lse): token chunks on vendor GEMMs that form the gradients in forward
+  (``linear/chunked.py``, 6 N D C FLOPs); backward only scales them by g / denominator.
+* ``xent_triton::linear_cross_entropy_fwd`` / ``_bwd`` - per-row loss / lse / stats by the fused
+  partials kernel (2 N D C, no workspace: also the no-grad / eval path), and the recompute
+  backward by vocabulary splits (6 N D C more, deterministic, no atomics).
+
+Layout: hidden states x (N, D) (any strides), classifier w (C, D) (any strides), bias b (C,)
+contiguous or None, targets int64 (N,) of *global* class ids, class weights fp32 (C,) or None.
+
+Building blocks shared with the vocabulary-parallel head (``parallel/linear.py``):
+
+* ``forward_partials`` -> (splits, N, 5) per-row partials of this weight's classes
+  (``xent_triton.partials``), merged by ``partials.combine`` (locally, or across vocabulary
+  shards with a process group);
+* ``backward_accumulate`` -> (fp32 dX, dW, db) from per-row stats (possibly global ones) with a
+  ``class_offset`` for the targets and the global ``n_classes`` of the smoothing formulas.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .. import config
+from ..fallback import safe_ref, transform_logits
+from ..kernels.linear_cross_entropy import linear_xent_fwd_kernel
+from ..options import LossOptions, reduce_rows, target_range_check
+from ..partials import N_PARTIALS, combine
+from ..runtime import alloc, compute_dtype, interpreting, no_second_derivative, upstream_or_zeros, uses_triton
+from .chunked import chunk_rows, chunked_loss_and_grads, recompute_backward
+
+ROW_CHUNK = 1024  # the torch path's tiles: ROW_CHUNK x COL_CHUNK logits at a time
+COL_CHUNK = 4096
+
+
+def element_bits(x: Tensor) -> int:
+    return 32 if x.dtype == torch.float32 else 16
+
+
+def kernel_operands(x: Tensor, w: Tensor, block_rows: int, block_cols: int):
+    """(x, w, aligned): the kernels address a tile with int32 offsets from an int64 block base, so
+    an operand whose in-tile offsets could pass 2**31 is made contiguous (never for real shapes);
+    ``aligned`` = every row starts 16-byte aligned with a unit inner stride (cp.async-able)."""
+    def fits(t: Tensor, rows: int) -> bool:
+        return (rows - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) < 2**31
+
+    x = x if fits(x, block_rows) else x.contiguous()
+    w = w if fits(w, block_cols) else w.contiguous()
+    aligned = all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+                  for t in (x, w))
+    return x, w, aligned
+
+
+# ------------------------------------------------------------------------------------- forward
+def dot_upcast(x: Tensor) -> bool:
+    """The CPU interpreter's tl.dot mishandles bf16 (raw bits): feed it fp32 copies there."""
+    return interpreting() and x.dtype == torch.bfloat16
+
+
+def forward_partials(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                     weight: Optional[Tensor], opts: LossOptions, skip_ignored: bool,
+                     class_offset: int = 0) -> Tensor:
+    """(splits, N, 5) partials (m, s, A, a_sum, z_y) of the logits x wᵀ + b (see the kernel)."""
+    N, D = x.shape
+    C = w.shape[0]
+    if not uses_triton(x):
+        return partials_torch(x, w, b, target, weight, opts, class_offset)
+    cfg, _ = config.linear_configs(element_bits(x), kernel_operands(x, w, 128, 128)[2], C)
+    x, w, _ = kernel_operands(x, w, cfg.block_n, cfg.block_v)
+    splits, per = config.linear_forward_splits(N, C, cfg)
+    part = alloc((splits, N, N_PARTIALS), torch.float32, x.device)
+    if N == 0:
+        return part
+    linear_xent_fwd_kernel[(splits * triton.cdiv(N, cfg.block_n),)](
+        x_ptr=x, stride_xn=x.stride(0), stride_xd=x.stride(1), w_ptr=w, stride_wc=w.stride(0),
+        stride_wd=w.stride(1), b_ptr=b if b is not None else x, cw_ptr=weight if weight is not None else x,
+        tgt_ptr=target, part_ptr=part, N=N, C=C, D=D, class_offset=class_offset,
+        ignore_index=opts.ignore_index, n_splits=splits, tiles_per_split=per,
+        logit_scale=opts.logit_scale, softcap=opts.softcap,
+        HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing,
+        HAS_SOFTCAP=opts.has_softcap, SKIP_IGNORED=skip_ignored, BLOCK_N=cfg.block_n,
+        BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        DOT_PRECISION=config.linear_dot_precision(element_bits(x)), DOT_UPCAST=dot_upcast(x),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return part
+
+
+def logits_torch(xr: Tensor, w: Tensor, b: Optional[Tensor], c0: int, c1: int,
+                 opts: LossOptions) -> Tensor:
+    """Transformed logits of rows ``xr`` (compute dtype) for classes [c0, c1)."""
+    z = xr @ w[c0:c1].to(xr.dtype).t()
+    if b is not None:
+        z = z + b[c0:c1].to(xr.dtype)
+    return transform_logits(z, opts.logit_scale, opts.softcap)
+
+
+def partials_torch(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                   weight: Optional[Tensor], opts: LossOptions, class_offset: int = 0) -> Tensor:
+    """The kernel's partials in chunked torch (one split), computed in fp32 (fp64 for fp64)."""
+    N, C = x.shape[0], w.shape[0]
+    cdt = compute_dtype(x)
+    eps = opts.label_smoothing
+    m = torch.full((N,), float("-inf"), dtype=cdt, device=x.device)
+    s, acc, a_sum, z_y = (torch.zeros(N, dtype=cdt, device=x.device) for _ in range(4))
+    y_local = torch.where(target != opts.ignore_index, target - class_offset, -1)
+    for r0 in range(0, N, ROW_CHUNK):
+        r1 = min(N, r0 + ROW_CHUNK)
+        xr = x[r0:r1].to(cdt)
+        rs = slice(r0, r1)
+        for c0 in range(0, C, COL_CHUNK):
+            c1 = min(C, c0 + COL_CHUNK)
+            z = logits_torch(xr, w, b, c0, c1, opts)
+            m_new = torch.maximum(m[rs], z.amax(1))
+            ref_old, ref_new = safe_ref(m[rs]), safe_ref(m_new)
+            s[rs] = s[rs] * torch.exp(ref_old - ref_new) + torch.exp(z - ref_new[:, None]).sum(1)
+            cols = torch.arange(c0, c1, device=x.device)
+            z_y[rs] += torch.where(cols[None, :] == y_local[rs, None], z, 0.0).sum(1)
+            if eps > 0:
+                a = weight[c0:c1].to(cdt) if weight is not None else torch.ones(c1 - c0, dtype=cdt, device=x.device)
+                acc[rs] = acc[rs] + (ref_old - ref_new) * a_sum[rs] + (a * (z - ref_new[:, None])).sum(1)
+                a_sum[rs] = a_sum[rs] + a.sum()
+            m[rs] = m_new
+    return torch.stack([m, s, acc, a_sum, z_y], dim=1).unsqueeze(0)
+
+
+def forward_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+                 opts: LossOptions, skip_ignored: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, lse and the stats for backward: float32 (float64 for float64 inputs)."""
+    part = forward_partials(x, w, b, target, weight, opts, skip_ignored)
+    loss, lse, stats = combine(part, target, weight, w.shape[0], opts)
+    cdt = compute_dtype(x)
+    return loss.to(cdt), lse.to(cdt), stats
+
+
+# ------------------------------------------------------------------------------------ backward
+def backward_accumulate(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                        weight: Optional[Tensor], stats: Tensor, dloss: Tensor,
+                        dlse: Optional[Tensor], opts: LossOptions,
+                        need: tuple[bool, bool, bool], class_offset: int = 0,
+                        n_classes: Optional[int] = None, weight_total: Optional[Tensor] = None):
+    """(dX (N, D) fp32 accumulator (fp64 for fp64), dW (C, D) in w's dtype, db (C,) in b's dtype);
+    None where not needed. The recompute backward by vocabulary splits (``chunked.py``): no
+    atomics, deterministic, 6 N D C FLOPs on vendor GEMMs.
+
+    For a vocabulary shard: ``weight`` holds this shard's class weights, ``stats`` the global ones,
+    ``class_offset`` the shard's first class, ``n_classes`` the global C and ``weight_total`` the
+    global sum of class weights (label smoothing); dX is then this shard's partial sum."""
+    cdt = compute_dtype(x)
+    if weight is None:
+        wsum = None
+    else:
+        wsum = (weight_total if weight_total is not None else weight.sum()).to(cdt).reshape(1)
+    return recompute_backward(x, w, b, target, weight, stats, dloss, dlse, opts, need, class_offset,
+                              n_classes, wsum)
+
+
+def backward_rows(x, w, b, target, weight, stats, dloss, dlse, opts: LossOptions,
+                  need: tuple[bool, bool, bool]):
+    """(dX, dW, db) in the dtypes of x, w, b (None where not needed)."""
+    dx, dw, db = backward_accumulate(x, w, b, target, weight, stats, dloss, dlse, opts, need)
+    return (dx.to(x.dtype) if dx is not None else None, dw.to(w.dtype) if dw is not None else None,
+            db.to(b.dtype) if db is not None else None)
+
+
+# ---------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("xent_triton::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                             weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                             softcap: float, logit_scale: float,
+                             skip_ignored: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, stats); out-of-range class ids raise IndexError here on CPU."""
+    target_range_check(target, w.shape[0], ignore_index)
+    return forward_rows(x, w, b, target, weight,
+                        LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale),
+                        skip_ignored)
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_scale, skip_ignored):
+    N = x.shape[0]
+    dt = compute_dtype(x)
+    return x.new_empty((N,), dtype=dt), x.new_empty((N,), dtype=dt), x.new_empty((N, 3), dtype=dt)
+
+
+@torch.library.custom_op("xent_triton::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                             weight: Optional[Tensor], stats: Tensor, dloss: Tensor,
+                             dlse: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                             softcap: float, logit_scale: float, need_dx: bool, need_dw: bool,
+                             need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db); a gradient that is not needed comes back as an empty (0,) tensor."""
+    grads = backward_rows(x, w, b, target, weight, stats, dloss, dlse,
+                          LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale),
+                          (need_dx, need_dw, need_db))
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(x, w, b, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap,
+      logit_scale, need_dx, need_dw, need_db):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            w.new_empty(w.shape) if need_dw else x.new_empty((0,)),
+            b.new_empty(b.shape) if need_db else x.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, target, weight, ignore_index, eps, softcap, logit_scale, _skip = inputs
+    ctx.save_for_backward(x, w, b, target, weight, output[2])
+    ctx.flat = (ignore_index, eps, softcap, logit_scale)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dloss, dlse, _dstats):
+    x, w, b, target, weight, stats = ctx.saved_tensors
+    dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x.device)
+    need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+    grads = torch.ops.xent_triton.linear_cross_entropy_bwd(x, w, b, target, weight, stats, dloss,
+                                                           dlse, *ctx.flat, *need)
+    dx, dw, db = (no_second_derivative(g, "linear_cross_entropy") if n else None
+                  for g, n in zip(grads, need))
+    return (dx, dw, db) + (None,) * 7
+
+
+linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                              weight: Optional[Tensor], opts: LossOptions,
+                              skip_ignored: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss_rows, lse, stats) with autograd, through ``xent_triton::linear_cross_entropy_fwd``."""
+    return torch.ops.xent_triton.linear_cross_entropy_fwd(x, w, b, target, weight, *opts.flat(),
+                                                          skip_ignored)
+
+
+# ------------------------------------------------------------------ token-chunked custom op
+REDUCTION_CODES = {"mean": 0, "sum": 1}
+
+
+@torch.library.custom_op("xent_triton::linear_cross_entropy_chunked", mutates_args=())
+def linear_cross_entropy_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                                 weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                                 softcap: float, logit_scale: float, lse_square_scale: float,
+                                 reduction: int, empty_batch_zero: bool, chunk_size: int,
+                                 accum_fp32: bool, need_dx: bool, need_dw: bool,
+                                 need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss 0-d, scale 0-d, dX, dW, db) of the token-chunked head: the reduced loss (fp32), the
+    scale 1/denominator of a mean (1 for a sum) and the gradients for an upstream gradient of
+    1 before that scale (an empty (0,) tensor where not needed). ``chunk_size`` 0 = automatic."""
+    target_range_check(target, w.shape[0], ignore_index)
+    opts = LossOptions(ignore_index=ignore_index, reduction="mean" if reduction == 0 else "sum",
+                       label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                       softcap=softcap, logit_scale=logit_scale,
+                       empty_batch="zero" if empty_batch_zero else "nan")
+    rows = chunk_rows(x.shape[0], w.shape[0], x, chunk_size if chunk_size > 0 else None)
+    loss_rows, lse, stats, scale, dx, dw, db = chunked_loss_and_grads(
+        x, w, b, target, weight, opts, rows, accum_fp32, (need_dx, need_dw, need_db))
+    loss = reduce_rows(loss_rows, lse, stats, target, opts, lambda r: r)
+    return (loss, scale, *(g if g is not None else x.new_empty((0,)) for g in (dx, dw, db)))
+
+
+@linear_cross_entropy_chunked.register_fake
+def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale,
+      reduction, empty_batch_zero, chunk_size, accum_fp32, need_dx, need_dw, need_db):
+    cdt = compute_dtype(x)
+    return (x.new_empty((), dtype=cdt), x.new_empty((), dtype=cdt),
+            x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            x.new_empty(w.shape, dtype=cdt if accum_fp32 else w.dtype) if need_dw else x.new_empty((0,)),
+            x.new_empty((w.shape[0],), dtype=cdt) if need_db else x.new_empty((0,)))
+
+
+def _chunked_setup(ctx, inputs, output):
+    _, scale, dx, dw, db = output
+    x, w, b = inputs[:3]
+    ctx.save_for_backward(scale, dx, dw, db)
+    ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
+    ctx.need = inputs[-3:]
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _chunked_backward(ctx, g, *_):
+    """dX, dW, db = saved x g / denominator (device scalar: no host sync), in the leaves' dtypes."""
+    scale, dx, dw, db = ctx.saved_tensors
+    s = g.to(scale.dtype) * scale
+    grads = []
+    for t, dt, n in zip((dx, dw, db), ctx.dtypes, ctx.need):
+        if not n:
+            grads.append(None)
+            continue
+        out = torch.empty(t.shape, dtype=dt, device=t.device)
+        grads.append(no_second_derivative(torch.mul(t, s, out=out), "linear_cross_entropy"))
+    return (*grads,) + (None,) * 14
+
+
+linear_cross_entropy_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+
+
+def linear_cross_entropy_scalar(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                                weight: Optional[Tensor], opts: LossOptions, chunk_size: Optional[int],
+                                accum_fp32: bool, need: tuple[bool, bool, bool]) -> Tensor:
+    """The reduced (mean / sum) loss with autograd through ``xent_triton::linear_cross_entropy_chunked``."""
+    loss, *_ = torch.ops.xent_triton.linear_cross_entropy_chunked(
+        x, w, b, target, weight, opts.ignore_index, opts.label_smoothing, opts.softcap, opts.logit_scale,
+        opts.lse_square_scale, REDUCTION_CODES[opts.reduction], opts.empty_batch == "zero",
+        int(chunk_size or 0), accum_fp32, *need)
+    return loss

@@ -1,0 +1,1 @@
+"""Vocabulary (tensor) parallelism over torch.distributed: shard layout, cross-entropy, linear head."""

@@ -1,0 +1,141 @@
+"""The vocabulary shard of this rank, agreed on by every rank of the group in the same collective.
+
+Every call performs exactly one ``all_gather`` of a few float64 per rank (the local class count,
+the given start, and a signature of the options that must agree), entered unconditionally by
+every rank: whether a rank enters a collective never depends on per-rank state (there is no
+cache), so ranks can never wait in different collectives. The table read back costs one host
+sync per call. Any disagreement raises the same ValueError on every rank (all read the same table).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+IGNORED = -1  # localized target of an ignored row (what the kernels get as ignore_index)
+FOREIGN = -2  # localized target of a row whose class lives in another shard (or out of range)
+NOT_GIVEN = -(2.0 ** 52)  # vocab_start_index=None in the gathered table
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """This rank's contiguous class range [start, start + size) of an ``n_classes`` vocabulary."""
+    start: int
+    size: int
+    n_classes: int
+    rank: int
+    world_size: int
+
+
+def _number(v) -> float:
+    """A plain number for the agreement table (symbolic values under torch.compile count as 0)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return 0.0
+    return f if math.isfinite(f) else 0.0
+
+
+def layout_from_table(rows: list[list[float]], rank: int, names: tuple[str, ...], what: str,
+                      allow_empty: bool = False) -> VocabShard:
+    """Shard of ``rank`` from every rank's (C_local, start or NOT_GIVEN, failed, *agreement values);
+    raises the same ValueError on every rank (all see the same table). ``allow_empty``: ranks
+    with no class are fine (DTensor shards follow ``torch.chunk``: C = 5 over 4 ranks leaves one
+    empty), as long as some rank holds a class."""
+    failed = [i for i, r in enumerate(rows) if r[2] != 0]
+    if failed:
+        raise ValueError(f"{what}: invalid inputs on group rank(s) {failed} (raised there with the reason); "
+                         "no rank enters the loss's collectives")
+    sizes = [int(r[0]) for r in rows]
+    starts = [r[1] for r in rows]
+    for i, name in enumerate(names):
+        vals = [r[3 + i] for r in rows]
+        if len(set(vals)) != 1:
+            raise ValueError(f"{what}: '{name}' differs across the ranks of the process group "
+                             f"(by group rank: {vals}); every rank must pass the same value")
+    if min(sizes) < 0 or sum(sizes) < 1 or (min(sizes) < 1 and not allow_empty):
+        raise ValueError(f"{what}: every rank must hold at least one class; local class counts by "
+                         f"group rank: {sizes}")
+    if all(s == NOT_GIVEN for s in starts):
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]  # contiguous in group-rank order
+    elif any(s == NOT_GIVEN for s in starts):
+        raise ValueError(f"{what}: vocab_start_index must be given on every rank of the group or on none; "
+                         f"got {[None if s == NOT_GIVEN else int(s) for s in starts]}")
+    starts = [int(s) for s in starts]
+    n = sum(sizes)
+    ranges = sorted((a, b) for a, b in zip(starts, sizes) if b > 0)
+    ends = [a + b for a, b in ranges]
+    if ranges[0][0] != 0 or any(ends[i] != ranges[i + 1][0] for i in range(len(ranges) - 1)):
+        raise ValueError(f"{what}: the shards do not tile [0, {n}) exactly: (start, size) by group "
+                         f"rank = {list(zip(starts, sizes))}")
+    return VocabShard(starts[rank], sizes[rank], n, rank, len(sizes))
+
+
+def vocab_shard(group: Any, local_size: int, device: torch.device, vocab_start_index: Optional[int],
+                agree: dict, what: str, allow_empty: bool = False,
+                local_error: Optional[BaseException] = None) -> VocabShard:
+    """This rank's shard of the vocabulary of ``group`` (one all_gather, every call, every rank).
+
+    ``agree``: name -> value of every option that must be equal on all ranks (the global class
+    weights' length, the reduction, smoothing, softcap, ...); a mismatch raises on every rank.
+    Layout: ``vocab_start_index=None`` on every rank = shards in group-rank order (Megatron's
+    layout, unequal sizes allowed); else the given starts must tile [0, C_global).
+    ``allow_empty``: a rank may hold no class (what a DTensor's ``torch.chunk`` layout produces).
+    ``local_error``: this rank's own input validation failed (raised before any collective it
+    would hang the others): it still enters the exchange, then re-raises its error while every
+    other rank raises a ValueError naming it.
+    Cost: one all_gather of (3 + len(agree)) float64 per rank and one host read of the table.
+
+    Example:
+        >>> shard = vocab_shard(tp_group, 12565, torch.device("cuda"), None, {"reduction": 1.0}, "loss")
+        >>> shard.start, shard.size, shard.n_classes   # on rank 1 of 4 for C = 50257
+        (12565, 12565, 50257)
+    """
+    if group is None:
+        raise ValueError(f"{what} needs a process_group (None means: not vocabulary-parallel)")
+    start = NOT_GIVEN if vocab_start_index is None else float(vocab_start_index)
+    names = tuple(agree)
+    mine = torch.tensor([float(local_size), start, float(local_error is not None)]
+                        + [_number(agree[k]) for k in names], dtype=torch.float64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    if local_error is not None:
+        raise local_error
+    return layout_from_table(torch.stack(table).cpu().tolist(), dist.get_rank(group), names, what,
+                             allow_empty)
+
+
+def exchange_device(group: Any, hint: Any) -> torch.device:
+    """Where the layout exchange runs: ``hint``'s device when it is a tensor, else CUDA for NCCL."""
+    if isinstance(hint, Tensor):
+        return hint.device
+    backend = str(dist.get_backend(group)) if group is not None else ""
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
+def localize_target(target: Tensor, shard: VocabShard, ignore_index: int) -> Tensor:
+    """Global class ids (int64) -> shard-local ids: id - start inside the shard, ``IGNORED`` for
+    ignore_index, ``FOREIGN`` otherwise (another shard's class, or out of range). A shard-local id
+    may equal the user's ignore_index without harm: the kernels only ever see ``IGNORED``."""
+    local = target - shard.start
+    owned = (local >= 0) & (local < shard.size)
+    out = torch.where(owned, local, torch.full_like(local, FOREIGN))
+    return torch.where(target == ignore_index, torch.full_like(local, IGNORED), out)
+
+
+REDUCTION_CODES = {"none": 0.0, "mean": 1.0, "sum": 2.0}
+
+
+def agreement(weight: Any, opts: Any, **extra: float) -> dict:
+    """name -> number of every option that must be the same on all ranks (``vocab_shard``'s
+    ``agree``): the class weights' length (-1: none), the reduction and the loss options of
+    ``opts`` (a ``LossOptions``), plus ``extra``."""
+    wl = -1 if weight is None else (weight.numel() if isinstance(weight, Tensor) else -2)
+    return dict(weight_length=wl, reduction=REDUCTION_CODES.get(opts.reduction, -1),
+                ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
+                lse_square_scale=opts.lse_square_scale, softcap=opts.softcap, logit_scale=opts.logit_scale,
+                empty_batch=float(opts.empty_batch == "zero"), **extra)
