@@ -86,9 +86,13 @@ def _formula(x, y, w, ignore_index, reduction, eps, zl, softcap, scale):
         valid = y != ignore_index
         ys = torch.where(valid, y, torch.zeros_like(y))
         z_y = z.gather(-1, ys[..., None])[..., 0]
-        loss = (1 - eps) * wv[ys] * (lse - z_y) + eps / C * (wv * (lse[..., None] - z)).sum(-1) + zl * lse**2
-        loss = torch.where(valid, loss, torch.zeros_like(loss))
+        ce = (1 - eps) * wv[ys] * (lse - z_y) + eps / C * (wv * (lse[..., None] - z)).sum(-1)
+        ce = torch.where(valid, ce, torch.zeros_like(ce))
+        zrow = torch.where(valid, zl * lse**2, torch.zeros_like(lse))
         denom = torch.where(valid, wv[ys], torch.zeros_like(lse)).sum()
+        # the z-loss is a per-token mean over the non-ignored tokens under "mean"
+        mean = ce.sum() / denom + (zrow.sum() / valid.sum() if zl else 0.0)
+        return {"none": ce + zrow, "sum": (ce + zrow).sum(), "mean": mean}[reduction], lse
     return {"none": loss, "sum": loss.sum(), "mean": loss.sum() / denom}[reduction], lse
 
 

@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 
 from torch import Tensor
 
-from ..options import LossOptions, canonical, check_weight, reduce_rows
+from ..options import LossOptions, canonical, check_token_weight, check_weight, loss_stats, reduce_rows
 from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 from ..parallel.dtensor import dtensor_cross_entropy, is_dtensor
 from ..runtime import compute_dtype
@@ -30,8 +30,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                   lse_square_scale: float = 0.0, softcap: Optional[float] = None,
                   logit_scale: float = 1.0, inplace_backward: bool = False,
-                  return_lse: bool = False, empty_batch: str = "nan", process_group: Any = None,
-                  vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                  return_lse: bool = False, empty_batch: str = "nan", return_stats: bool = False,
+                  return_predicted: bool = False, token_weight: Optional[Tensor] = None,
+                  process_group: Any = None, vocab_start_index: Optional[int] = None,
+                  ) -> Union[Tensor, tuple[Tensor, ...]]:
     """Fused cross-entropy with ``torch.nn.functional.cross_entropy`` semantics.
 
     Args:
@@ -50,12 +52,18 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             values. Ignored, with a warning, for leaf or self-overlapping logits.
         return_lse: also return the log-sum-exp per token (target's shape), differentiable.
         empty_batch: "nan" (torch's mean over no valid token) or "zero" (0, zero gradients).
+        return_stats: also return ``LossStats(n_valid, n_correct, entropy_sum, predicted)`` from
+            the same pass over the logits (raw sums, device tensors); ``predicted`` (argmax per
+            token) only with ``return_predicted=True``.
+        token_weight: per-token weights (the target's shape) multiplying each token's loss;
+            ``mean`` divides by the sum of the token weights times the class weights of the
+            non-ignored tokens (docs/math.md).
         process_group, vocab_start_index: vocabulary (tensor) parallelism, see docs/distributed.md:
             ``input`` is this rank's contiguous slice of the classes; targets hold global ids.
 
     Returns:
         The float32 loss (float64 for float64 input; a scalar, or the target's shape for
-        ``reduction="none"``), and the lse if ``return_lse``. The gradient has the input's dtype.
+        ``reduction="none"``), then the lse if ``return_lse``, then the stats if ``return_stats``. The gradient has the input's dtype.
         Out-of-range class ids raise IndexError on CPU; on CUDA (no host sync) they make that
         token's loss and gradient NaN, hence a NaN mean.
 
@@ -81,8 +89,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if why is not None:
             warnings.warn(f"xent_triton.cross_entropy: inplace_backward ignored: {why}", stacklevel=2)
             inplace_backward = False
-    loss_rows, lse, stats = cross_entropy_rows(can.x3, can.target, w, opts, inplace_backward)
-    loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output)
+    tw = check_token_weight(token_weight, can)
+    loss_rows, lse, stats, ent, pred = cross_entropy_rows(can.x3, can.target, w, opts, inplace_backward,
+                                                          return_stats)
+    loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output, tw)
+    out = (loss,)
     if return_lse:
-        return loss, can.rows_to_output(lse.to(compute_dtype(input)))
-    return loss
+        out += (can.rows_to_output(lse.to(compute_dtype(input))),)
+    if return_stats:
+        out += (loss_stats(can.target, ent, pred, opts.ignore_index, return_predicted, can.rows_to_output),)
+    return out[0] if len(out) == 1 else out

@@ -47,28 +47,55 @@ def side_operands(x: Tensor, target: Tensor, weight: Optional[Tensor],
                 soft_ptr=soft_t, **_strides("stride_t", soft_t))
 
 
-def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor],
-                 opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse, stats) of the (N, C, D) logits ``x`` (see kernels.cross_entropy)."""
-    if not uses_triton(x):
-        dt = compute_dtype(x)
-        return tuple(t.to(dt) for t in fallback.forward_rows(x, target, weight, opts))
+def entropy_argmax_torch(x: Tensor, opts: LossOptions) -> tuple[Tensor, Tensor]:
+    """Per-row entropy of softmax(z) and argmax of the (N, C, D) logits, chunked torch (the
+    fallback's twin of the kernel's STATS outputs; one extra read on the CPU path)."""
+    N, C, D = x.shape
+    cdt = compute_dtype(x)
+    ent, pred = [], []
+    step = max(1, (1 << 22) // max(1, C * D))  # ~4M logits per chunk
+    for r0 in range(0, N, step):
+        xs = x[r0:r0 + step]
+        z = fallback.transform_logits(xs.to(cdt), opts.logit_scale, opts.softcap).permute(0, 2, 1)
+        logp = torch.log_softmax(z, -1)
+        ent.append(-(logp.exp() * torch.where(logp.isfinite(), logp, 0.0)).sum(-1).reshape(-1))
+        pred.append(z.argmax(-1).reshape(-1))
+    if not ent:
+        return x.new_empty((0,), dtype=cdt), x.new_empty((0,), dtype=torch.int64)
+    return torch.cat(ent), torch.cat(pred)
+
+
+def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions,
+                 with_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, stats, entropy, predicted) of the (N, C, D) logits ``x`` (see
+    kernels.cross_entropy); entropy / predicted are empty (0,) tensors unless ``with_stats``."""
     N, C, D = x.shape
     R = N * D
+    if not uses_triton(x):
+        dt = compute_dtype(x)
+        loss, lse, stats = (t.to(dt) for t in fallback.forward_rows(x, target, weight, opts))
+        if with_stats:
+            ent, pred = entropy_argmax_torch(x, opts)
+        else:
+            ent, pred = x.new_empty((0,), dtype=dt), x.new_empty((0,), dtype=torch.int64)
+        return loss, lse, stats, ent, pred
     loss = alloc((R,), torch.float32, x.device)
     lse = alloc((R,), torch.float32, x.device)
     stats = alloc((R, 3), torch.float32, x.device)
+    ent = alloc((R if with_stats else 0,), torch.float32, x.device)
+    pred = torch.empty((R if with_stats else 0,), dtype=torch.int64, device=x.device)
     if R == 0:
-        return loss, lse, stats
+        return loss, lse, stats, ent, pred
     cfg = config.config(C)
     cross_entropy_fwd_kernel[(R,)](
         x_ptr=x, **_strides("stride_x", x), **side_operands(x, target, weight),
-        loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, C=C, D=D, n_classes=C, **opts.kernel_scalars(),
+        loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, ent_ptr=ent if with_stats else loss,
+        pred_ptr=pred if with_stats else target, C=C, D=D, n_classes=C, **opts.kernel_scalars(),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing,
         SOFT_TARGET=target.is_floating_point(), HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
+        STATS=with_stats, num_warps=cfg.num_warps,
     )
-    return loss, lse, stats
+    return loss, lse, stats, ent, pred
 
 
 def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
@@ -103,20 +130,24 @@ def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tenso
 @torch.library.custom_op("xent_triton::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                       label_smoothing: float, softcap: float, logit_scale: float,
-                      inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse, stats) of the (N, C, D) logits; ``inplace_backward`` is kept for the
-    backward. Out-of-range class ids raise IndexError here on CPU (eager and compiled alike)."""
+                      inplace_backward: bool,
+                      with_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, stats, entropy, predicted) of the (N, C, D) logits;
+    ``inplace_backward`` is kept for the backward. Out-of-range class ids raise IndexError here on
+    CPU (eager and compiled alike)."""
     opts = LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale)
     if not target.is_floating_point():
         target_range_check(target, x.shape[1], ignore_index)
-    return forward_rows(x, target, weight, opts)
+    return forward_rows(x, target, weight, opts, with_stats)
 
 
 @cross_entropy_fwd.register_fake
-def _(x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward):
+def _(x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward, with_stats):
     R = x.shape[0] * x.shape[2]
     dt = compute_dtype(x)
-    return x.new_empty((R,), dtype=dt), x.new_empty((R,), dtype=dt), x.new_empty((R, 3), dtype=dt)
+    k = R if with_stats else 0
+    return (x.new_empty((R,), dtype=dt), x.new_empty((R,), dtype=dt), x.new_empty((R, 3), dtype=dt),
+            x.new_empty((k,), dtype=dt), x.new_empty((k,), dtype=torch.int64))
 
 
 @torch.library.custom_op("xent_triton::cross_entropy_bwd", mutates_args=())
@@ -150,14 +181,14 @@ def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, soft
 
 
 def _setup_context(ctx, inputs, output):
-    x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward = inputs
+    x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward, _ = inputs
     ctx.save_for_backward(x, target, weight, output[2])
     ctx.flat = (ignore_index, label_smoothing, softcap, logit_scale)
     ctx.inplace_backward = inplace_backward
-    ctx.mark_non_differentiable(output[2])
+    ctx.mark_non_differentiable(*output[2:])
 
 
-def _backward(ctx, dloss, dlse, _dstats):
+def _backward(ctx, dloss, dlse, _dstats, _dent, _dpred):
     x, target, weight, stats = ctx.saved_tensors
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x.device)
     if ctx.inplace_backward:
@@ -165,13 +196,16 @@ def _backward(ctx, dloss, dlse, _dstats):
         dx = x
     else:
         dx = torch.ops.xent_triton.cross_entropy_bwd(x, target, weight, stats, dloss, dlse, *ctx.flat)
-    return (no_second_derivative(dx, "cross_entropy"),) + (None,) * 7
+    return (no_second_derivative(dx, "cross_entropy"),) + (None,) * 8
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cross_entropy_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions,
-                       inplace_backward: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss_rows, lse, stats) with autograd, through the ``xent_triton::cross_entropy_fwd`` op."""
-    return torch.ops.xent_triton.cross_entropy_fwd(x, target, weight, *opts.flat(), inplace_backward)
+                       inplace_backward: bool = False,
+                       with_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss_rows, lse, stats, entropy, predicted) with autograd, through the
+    ``xent_triton::cross_entropy_fwd`` op (entropy / predicted empty unless ``with_stats``)."""
+    return torch.ops.xent_triton.cross_entropy_fwd(x, target, weight, *opts.flat(), inplace_backward,
+                                                   with_stats)

@@ -114,3 +114,19 @@ def hard_target_coefficients(g, h, row_w, valid, label_smoothing, n_classes, w_t
     if HAS_SMOOTHING:
         coef_p += coef_u * w_total
     return coef_p, coef_y, coef_u
+
+
+@triton.jit
+def entropy_argmax_update(e, best, best_idx, s_old, z, cols, ref_old, ref_new):
+    """Fold a block of logits z (masked lanes -inf) into E = sum_j e^{z_j - ref} (z_j - ref) and the
+    running argmax (first index of the maximum), after ``online_lse_update`` moved the reference
+    from ref_old to ref_new (s_old: the sum before that update). The entropy of the row is then
+    log s - E / s."""
+    d = ref_old - ref_new
+    p = tl.exp2((z - ref_new) * LOG2E)
+    e = tl.exp2(d * LOG2E) * (e + d * s_old) + tl.sum(tl.where(p > 0, p * (z - ref_new), 0.0), 0)
+    blk_max = tl.max(z, 0)
+    blk_idx = tl.min(tl.where(z == blk_max, cols, 2147483647), 0)
+    best_idx = tl.where(blk_max > best, blk_idx, best_idx)
+    best = tl.maximum(best, blk_max)
+    return e, best, best_idx

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .common import (
     LN2,
+    entropy_argmax_update,
     hard_target_coefficients,
     online_lse_update,
     row_pointer,
@@ -35,7 +36,7 @@ from .common import (
 def stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
                label_smoothing, softcap, logit_scale,
                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr):
+               HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr = False):
     """Stream one row of C logits once: returns (m, s, A, a_sum) with m the max, s = sum e^{z - ref},
     and (smoothing / soft targets only) A = sum_j a_j (z_j - ref), a_sum = sum_j a_j, where
     a_j = w_j t'_j (soft) or w_j (hard smoothing) and ref = safe_ref(m). Shared by every forward
@@ -45,12 +46,18 @@ def stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
     s = tl.zeros((), tl.float32)
     acc = tl.zeros((), tl.float32)
     a_sum = tl.zeros((), tl.float32)
+    e = tl.zeros((), tl.float32)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = tl.zeros((), tl.int32)
     for start in range(0, C, BLOCK_C):
         cols = start + offs
         mask = cols < C
         x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=0.0)
         z = tl.where(mask, transform_logits(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        s_old = s
         m, s, ref_old, ref_new = online_lse_update(m, s, z)
+        if STATS:
+            e, best, best_idx = entropy_argmax_update(e, best, best_idx, s_old, z, cols, ref_old, ref_new)
         if SOFT_TARGET or HAS_SMOOTHING:
             if SOFT_TARGET:
                 a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=0.0).to(tl.float32)
@@ -63,7 +70,7 @@ def stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
             a = tl.where(mask, a, 0.0)
             acc = acc + (ref_old - ref_new) * a_sum + tl.sum(a * tl.where(mask, z - ref_new, 0.0), 0)
             a_sum = a_sum + tl.sum(a, 0)
-    return m, s, acc, a_sum
+    return m, s, acc, a_sum, e, best_idx
 
 
 @triton.jit
@@ -71,11 +78,11 @@ def cross_entropy_fwd_kernel(
     x_ptr, stride_xn, stride_xd, stride_xc,
     tgt_ptr, w_ptr, wsum_ptr,
     soft_ptr, stride_tn, stride_td, stride_tc,
-    loss_ptr, lse_ptr, stats_ptr,
+    loss_ptr, lse_ptr, stats_ptr, ent_ptr, pred_ptr,
     C, D, n_classes, ignore_index,
     label_smoothing, softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr, STATS: tl.constexpr,
 ):
     """Forward, one program per row, streaming the row once in BLOCK_C chunks (grid = (R,)).
 
@@ -91,9 +98,9 @@ def cross_entropy_fwd_kernel(
         t_row = row_pointer(soft_ptr, r, D, stride_tn, stride_td)
     else:
         t_row = soft_ptr
-    m, s, acc, a_sum = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
-                                  label_smoothing, softcap, logit_scale,
-                                  HAS_WEIGHT, HAS_SMOOTHING, SOFT_TARGET, HAS_SOFTCAP, BLOCK_C)
+    m, s, acc, a_sum, e, best_idx = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
+                                               label_smoothing, softcap, logit_scale, HAS_WEIGHT,
+                                               HAS_SMOOTHING, SOFT_TARGET, HAS_SOFTCAP, BLOCK_C, STATS)
     ref = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log2(s) * LN2
     lse = ref + log_s
@@ -124,6 +131,9 @@ def cross_entropy_fwd_kernel(
     tl.store(stats_ptr + 3 * r, ref)
     tl.store(stats_ptr + 3 * r + 1, log_s)
     tl.store(stats_ptr + 3 * r + 2, row_w)
+    if STATS:  # entropy of softmax(z) and the argmax, from the same pass
+        tl.store(ent_ptr + r, log_s - e / s)
+        tl.store(pred_ptr + r, best_idx.to(tl.int64))
 
 
 @triton.jit

@@ -45,7 +45,7 @@ def vocab_parallel_fwd_kernel(
         t_row = row_pointer(soft_ptr, r, D, stride_tn, stride_td)
     else:
         t_row = soft_ptr
-    m, s, acc, a_sum = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
+    m, s, acc, a_sum, _, _ = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
                                   label_smoothing, softcap, logit_scale,
                                   HAS_WEIGHT, HAS_SMOOTHING, SOFT_TARGET, HAS_SOFTCAP, BLOCK_C)
     if SOFT_TARGET:
