@@ -60,7 +60,8 @@ class LossOptions:
         """Validated options (TypeError / ValueError with the option's name)."""
         if ignore_index is None:  # torch.nn.functional.linear_cross_entropy's default: -100
             ignore_index = -100
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) and not _symbolic(ignore_index):
+        if isinstance(ignore_index, bool) or (not isinstance(ignore_index, int)
+                                              and not _symbolic(ignore_index)):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -270,7 +271,8 @@ def check_linear_operands(input: Tensor, linear_weight: Tensor, linear_bias: Opt
         if not isinstance(linear_bias, Tensor):
             raise TypeError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
         if linear_bias.shape != (C,):
-            raise ValueError(f"linear_bias must have shape ({C},) (one per class), got {tuple(linear_bias.shape)}")
+            raise ValueError(f"linear_bias must have shape ({C},) (one per class), "
+                             f"got {tuple(linear_bias.shape)}")
         if linear_bias.dtype != input.dtype:
             raise TypeError(f"linear_bias dtype {linear_bias.dtype} must match input dtype {input.dtype}")
         if linear_bias.device != input.device:
@@ -297,7 +299,9 @@ def autocast_operands(input: Tensor, linear_weight: Tensor,
         dt = torch.get_autocast_dtype(dev)
     except AttributeError:  # pragma: no cover - torch < 2.4
         dt = torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
-    cast = (lambda t: t if t is None or t.dtype == dt else t.to(dt))
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t if t is None or t.dtype == dt else t.to(dt)
+
     return cast(input), cast(linear_weight), cast(linear_bias)
 
 

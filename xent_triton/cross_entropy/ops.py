@@ -186,6 +186,7 @@ def _setup_context(ctx, inputs, output):
     ctx.flat = (ignore_index, label_smoothing, softcap, logit_scale)
     ctx.inplace_backward = inplace_backward
     ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)  # an unused lse must not read as a zero gradient (extra bytes)
 
 
 def _backward(ctx, dloss, dlse, _dstats, _dent, _dpred):

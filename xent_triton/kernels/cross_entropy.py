@@ -120,7 +120,8 @@ def cross_entropy_fwd_kernel(
             w_y = 1.0
         loss = (1.0 - label_smoothing) * w_y * ((ref - z_y) + log_s)
         if HAS_SMOOTHING:
-            loss += label_smoothing / n_classes * (weight_total(wsum_ptr, n_classes, HAS_WEIGHT) * log_s - acc)
+            w_total = weight_total(wsum_ptr, n_classes, HAS_WEIGHT)
+            loss += label_smoothing / n_classes * (w_total * log_s - acc)
         row_w = tl.where(ok, w_y, 0.0)
         loss = tl.where(ok, loss, 0.0)
         # An out-of-range target poisons its row (and so a mean) with NaN: no host sync needed.
