@@ -229,8 +229,6 @@ def canonical(input: Tensor, target: Tensor) -> Canonical:
         if target.shape != input.shape:
             raise ValueError(f"class-probability target must have the input's shape {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
-        if target.requires_grad:
-            raise NotImplementedError("the gradient with respect to a probability target is not supported")
         t = target if order is None else target.permute(0, 1, *order)
         if t.dim() <= 2:
             t3, _ = _ncd_view(t, C)

@@ -100,11 +100,15 @@ def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: Loss
 
 def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                   dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions,
-                  n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None) -> None:
+                  n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None,
+                  dtarget: Optional[Tensor] = None) -> None:
     """dL/dx of the (N, C, D) logits into ``out`` (may be ``x``). ``n_classes`` / ``weight_sum``
-    override C and sum(weight) in the smoothing terms (a vocabulary shard passes the global ones)."""
+    override C and sum(weight) in the smoothing terms (a vocabulary shard passes the global ones).
+    ``dtarget`` ((N, C, D), soft targets only): also dL/dt, written by the same pass."""
     if not uses_triton(x):
         fallback.backward_rows(x, target, weight, stats, dloss, dlse, opts, out, n_classes, weight_sum)
+        if dtarget is not None:
+            soft_target_grad_torch(dtarget, x, weight, stats, dloss, opts)
         return
     N, C, D = x.shape
     if N * D == 0 or C == 0:
@@ -113,17 +117,35 @@ def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tenso
     h = dlse if dlse is not None else dloss
     grid, span = config.backward_grid(N * D, C, cfg.block_c)
     soft = target.is_floating_point()
+    dt = dtarget if dtarget is not None else out  # placeholder pointer, never dereferenced
     options = {} if interpreting() else config.backward_compile_options(
         config.vector_friendly(x, out, *((target,) if soft else ())))
     cross_entropy_bwd_kernel[grid](
         x_ptr=x, **_strides("stride_x", x), dx_ptr=out, **_strides("stride_g", out),
         **side_operands(x, target, weight, weight_sum), stats_ptr=stats,
         dloss_ptr=dloss, stride_dloss=dloss.stride(0), dlse_ptr=h, stride_dlse=h.stride(0),
+        dt_ptr=dt, **_strides("stride_dt", dt),
         C=C, D=D, n_classes=C if n_classes is None else n_classes, span=span, **opts.kernel_scalars(),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing, SOFT_TARGET=soft,
         HAS_SOFTCAP=opts.has_softcap, HAS_DLSE=dlse is not None, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps, **options,
+        SOFT_GRAD=dtarget is not None, num_warps=cfg.num_warps, **options,
     )
+
+
+def soft_target_grad_torch(dtarget: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor,
+                           dloss: Tensor, opts: LossOptions) -> None:
+    """dL/dt_j = g (1 - eps) w_j (lse - z_j) into ``dtarget`` (N, C, D), chunked torch."""
+    N, C, D = x.shape
+    cdt = compute_dtype(x)
+    lse = (stats[:, 0] + stats[:, 1]).to(cdt)
+    g = dloss.to(cdt) * (1 - opts.label_smoothing)
+    for c0 in range(0, C, fallback.CHUNK_C):
+        c1 = min(C, c0 + fallback.CHUNK_C)
+        z = fallback.transform_logits(fallback.rows(x, c0, c1, cdt), opts.logit_scale, opts.softcap)
+        dt = g[:, None] * (lse[:, None] - z)
+        if weight is not None:
+            dt = dt * weight[c0:c1].to(cdt)[None, :]
+        dtarget[:, c0:c1, :].copy_(dt.view(N, D, c1 - c0).permute(0, 2, 1))
 
 
 # ------------------------------------------------------------------------------- custom ops
@@ -166,6 +188,24 @@ def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, soft
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("xent_triton::cross_entropy_bwd_soft", mutates_args=())
+def cross_entropy_bwd_soft(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                           dloss: Tensor, dlse: Optional[Tensor], ignore_index: int,
+                           label_smoothing: float, softcap: float,
+                           logit_scale: float) -> tuple[Tensor, Tensor]:
+    """(dL/dx, dL/dtarget) for a probability target that requires grad, from one pass."""
+    out = alloc(x.shape, x.dtype, x.device)
+    dt = alloc(target.shape, target.dtype, target.device)
+    backward_into(out, x, target, weight, stats, dloss, dlse,
+                  LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale), dtarget=dt)
+    return out, dt
+
+
+@cross_entropy_bwd_soft.register_fake
+def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap, logit_scale):
+    return x.new_empty(x.shape), target.new_empty(target.shape)
+
+
 @torch.library.custom_op("xent_triton::cross_entropy_bwd_inplace", mutates_args=("x",))
 def cross_entropy_bwd_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                               dloss: Tensor, dlse: Optional[Tensor], ignore_index: int,
@@ -192,6 +232,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dloss, dlse, _dstats, _dent, _dpred):
     x, target, weight, stats = ctx.saved_tensors
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x.device)
+    if target.is_floating_point() and ctx.needs_input_grad[1]:
+        dx, dt = torch.ops.xent_triton.cross_entropy_bwd_soft(x, target, weight, stats, dloss, dlse,
+                                                              *ctx.flat)
+        return (no_second_derivative(dx, "cross_entropy"), no_second_derivative(dt, "cross_entropy")) + \
+            (None,) * 7
     if ctx.inplace_backward:
         torch.ops.xent_triton.cross_entropy_bwd_inplace(x, target, weight, stats, dloss, dlse, *ctx.flat)
         dx = x

@@ -144,10 +144,12 @@ def cross_entropy_bwd_kernel(
     tgt_ptr, w_ptr, wsum_ptr,
     soft_ptr, stride_tn, stride_td, stride_tc,
     stats_ptr, dloss_ptr, stride_dloss, dlse_ptr, stride_dlse,
+    dt_ptr, stride_dtn, stride_dtd, stride_dtc,
     C, D, n_classes, ignore_index, span,
     label_smoothing, softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_C: tl.constexpr,
+    SOFT_GRAD: tl.constexpr = False,
 ):
     """Backward, grid = (R, splits): program (r, k) recomputes p over columns [k*span, (k+1)*span)
     of row r, BLOCK_C at a time, from the saved (ref, log s), and writes dL/dx (formulas in the
@@ -156,6 +158,8 @@ def cross_entropy_bwd_kernel(
 
     dx may alias x (``inplace_backward``): each block is read before it is written.
     A hard-target row that is ignored (and has no lse gradient) reads no logits and writes zeros.
+    SOFT_GRAD (a probability target that requires grad): also writes
+    dL/dt_j = g (1-eps) w_j (lse - z_j) into dt, from the same pass (R*C*B' more bytes written).
     """
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
@@ -186,6 +190,8 @@ def cross_entropy_bwd_kernel(
             weight_total(wsum_ptr, n_classes, HAS_WEIGHT), HAS_SMOOTHING)
     if SOFT_TARGET:
         t_row = row_pointer(soft_ptr, r, D, stride_tn, stride_td)
+        if SOFT_GRAD:
+            dt_row = row_pointer(dt_ptr, r, D, stride_dtn, stride_dtd)
     # (a block mask combined with a scalar flag by comparison: the interpreter mistypes `mask & flag`)
     c_active = tl.where(active, c_end, 0)
     for start in range(c_begin, c_end, BLOCK_C):
@@ -197,6 +203,11 @@ def cross_entropy_bwd_kernel(
         dz = coef_p * softmax_from_stats(z, ref, log_s)
         if SOFT_TARGET:
             a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0).to(tl.float32)
+            if SOFT_GRAD:
+                wt = g * (1.0 - label_smoothing) * ((ref - z) + log_s)
+                if HAS_WEIGHT:
+                    wt = wt * tl.load(w_ptr + cols, mask=lmask, other=0.0)
+                tl.store(dt_row + cols.to(tl.int64) * stride_dtc, wt.to(dt_ptr.dtype.element_ty), mask=mask)
             if HAS_SMOOTHING:
                 a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
             if HAS_WEIGHT:
