@@ -54,7 +54,7 @@ import dataclasses
 import itertools
 from typing import Any, Callable, Iterator, Optional
 
-from . import launch
+from xent_triton import config as launch
 
 LOGITS_DTYPES = ("fp32", "bf16", "fp16")
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -238,24 +238,25 @@ def _side_args(dtype: str, flags: dict, layout: Layout) -> dict:
     )
 
 
-_HPARAMS = dict(ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0,
-                logit_scale=1.0)
+_HPARAMS = dict(ignore_index=-100, label_smoothing=0.1, softcap=30.0, logit_scale=1.0)
 
 
 def _fwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
-    """ops.forward_impl's launch of cross_entropy_fwd_kernel."""
+    """cross_entropy.ops.forward_rows' launch of cross_entropy_fwd_kernel."""
     s_n, s_c, s_d = layout.strides
     return dict(
         x_ptr=Ptr(dtype), stride_xn=s_n, stride_xd=s_d, stride_xc=s_c,
         **_side_args(dtype, flags, layout),
         loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"),
+        ent_ptr=Ptr("fp32"), pred_ptr=Ptr("i64"),
         C=layout.C, D=layout.D, n_classes=layout.C, **_HPARAMS,
     )
 
 
 def _bwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
-    """ops.backward_into's launch of cross_entropy_bwd_kernel. dloss of a mean/sum is an expanded
-    scalar (stride 0), dlse a contiguous (R,) tensor (stride 1); span is a multiple of BLOCK_C."""
+    """cross_entropy.ops.backward_into's launch of cross_entropy_bwd_kernel. dloss of a mean/sum is an
+    expanded scalar (stride 0), dlse a contiguous (R,) tensor (stride 1); span is a multiple of
+    BLOCK_C."""
     s_n, s_c, s_d = layout.strides
     return dict(
         x_ptr=Ptr(dtype), stride_xn=s_n, stride_xd=s_d, stride_xc=s_c,
@@ -263,6 +264,7 @@ def _bwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
         **_side_args(dtype, flags, layout),
         stats_ptr=Ptr("fp32"), dloss_ptr=Ptr("fp32"), stride_dloss=0,
         dlse_ptr=Ptr("fp32"), stride_dlse=1 if flags["HAS_DLSE"] else 0,
+        dt_ptr=Ptr(dtype), stride_dtn=s_n, stride_dtd=s_d, stride_dtc=s_c,
         C=layout.C, D=layout.D, n_classes=layout.C, span=4 * config["BLOCK_C"], **_HPARAMS,
     )
 
@@ -279,12 +281,14 @@ _CE_FLAGS = ("HAS_WEIGHT", "HAS_SMOOTHING", "SOFT_TARGET", "HAS_SOFTCAP")
 
 SPECS: dict[str, KernelSpec] = {
     "cross_entropy_fwd": KernelSpec(
-        "cross_entropy_fwd", _lazy("cross_entropy", "cross_entropy_fwd_kernel"), _CE_FLAGS, _fwd_args,
-        exclusive=("SOFT_TARGET",), stream_load="tl.load(x_row + cols"),
+        "cross_entropy_fwd", _lazy("cross_entropy", "cross_entropy_fwd_kernel"), _CE_FLAGS + ("STATS",),
+        _fwd_args, exclusive=("SOFT_TARGET",), stream_load="tl.load(x_row + cols"),
     "cross_entropy_bwd": KernelSpec(
-        "cross_entropy_bwd", _lazy("cross_entropy", "cross_entropy_bwd_kernel"), _CE_FLAGS + ("HAS_DLSE",),
-        _bwd_args, exclusive=("SOFT_TARGET",), stream_load="tl.load(x_row + cols",
-        layout_options=lambda layout: launch.backward_compile_options(layout == "c16")),
+        "cross_entropy_bwd", _lazy("cross_entropy", "cross_entropy_bwd_kernel"),
+        _CE_FLAGS + ("HAS_DLSE", "SOFT_GRAD"), _bwd_args, exclusive=("SOFT_TARGET",),
+        stream_load="tl.load(x_row + cols",
+        layout_options=lambda layout: launch.backward_compile_options(layout == "c16"),
+        valid=lambda f: f["SOFT_TARGET"] or not f["SOFT_GRAD"]),  # dL/dt only for probability targets
 }
 
 
@@ -339,7 +343,7 @@ def _linear_configs(kernel: str) -> Callable[[str], list[dict]]:
     return configs
 
 
-_LIN_HP = dict(ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-4, softcap=30.0, logit_scale=1.0)
+_LIN_HP = dict(ignore_index=-100, label_smoothing=0.1, softcap=30.0, logit_scale=1.0)
 
 
 def _linear_common(dtype: str, layout: Layout) -> dict:
@@ -362,7 +366,7 @@ def _linear_bwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> d
                 dloss_ptr=Ptr("fp32"), stride_dloss=0, dlse_ptr=Ptr("fp32"),
                 stride_dlse=1 if flags["HAS_DLSE"] else 0, dx_ptr=Ptr("fp32"), dw_ptr=Ptr("fp32"),
                 db_ptr=Ptr("fp32"), n_classes=_linear_shape(layout)[1],
-                label_smoothing=_LIN_HP["label_smoothing"], lse_square_scale=_LIN_HP["lse_square_scale"],
+                label_smoothing=_LIN_HP["label_smoothing"],
                 GROUP_N=launch.LINEAR_GROUP_N, **_linear_tiles(dtype, layout, "bwd"))
 
 
