@@ -1,0 +1,207 @@
+"""Distillation kernels: a streaming forward over a student row and a teacher row, and a
+recomputing backward that writes the student's gradient. Derivation in docs/kl.md.
+
+Per row (x student logits, t teacher logits, T temperature, b = x / T, a = t / T, q = softmax(b),
+p = softmax(a), divergence D, CE weight alpha, label y; 0 log 0 := 0)::
+
+    kl   D = KL(p||q) = sum p (log p - log q)          dD/db_j = q_j - p_j
+    rkl  D = KL(q||p) = sum q (log q - log p)          dD/db_j = q_j (log q_j - log p_j - D)
+    jsd  D = beta KL(p||m) + (1-beta) KL(q||m),  m = beta p + (1-beta) q
+                                                       dD/db_j = (1-beta) q_j (log q_j - log m_j - K),
+                                                       K = KL(q||m)
+    loss = alpha CE(x, y) + (1 - alpha) D              (0 for an ignored label)
+    dL/dx_j = g [alpha (softmax(x)_j - [j = y]) + (1 - alpha) / T dD/db_j]
+
+No T^2 factor. Per-row stats (R, 8) fp32: (ref_p, log s_p, ref_q, log s_q, ref_1, log s_1, extra,
+valid) with lse = ref + log s of a, b and x (the CE at T = 1); extra = D (rkl) or K (jsd).
+
+Grids and bytes (B bytes per logit, both models in one dtype, R rows): forward grid (R,) reads both
+rows once (2 R C B; jsd a second time: 4 R C B) and writes 36 R; an ignored row reads nothing.
+Backward grid (R, splits) reads both rows and writes the gradient (3 R C B). Forward + backward:
+5x the student logits' bytes for kl / rkl, 7x for jsd (+ O(R)).
+"""
+import triton
+import triton.language as tl
+
+from .common import LN2, LOG2E, online_lse_update, safe_ref
+
+KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+N_STATS = 8
+
+
+@triton.jit
+def log_mixture(logp, logq, log_beta, log_1mbeta):
+    """log m = log(beta p + (1-beta) q) from log p and log q (-inf when both are -inf)."""
+    u = logp + log_beta
+    v = logq + log_1mbeta
+    hi = tl.maximum(u, v)
+    lo = tl.minimum(u, v)
+    safe_hi = safe_ref(hi)
+    return tl.where(hi == float("-inf"), float("-inf"),
+                    hi + tl.log2(1.0 + tl.exp2((lo - safe_hi) * LOG2E)) * LN2)
+
+
+@triton.jit
+def xlogy_ratio(p, logp, logr):
+    """p (log p - log r) with 0 log 0 := 0."""
+    return tl.where(p > 0, p * (logp - logr), 0.0)
+
+
+@triton.jit
+def distill_fwd_kernel(
+    s_ptr, stride_sn, stride_sc, t_ptr, stride_tn, stride_tc, lbl_ptr,
+    loss_ptr, stats_ptr, C, ignore_index,
+    temperature, ce_weight, log_beta, log_1mbeta, beta,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward, one program per row (grid (R,)): online (max, sum) of a, b (and x for the CE) and
+    the cross sum of the divergence, sum e^{a-ref_p}(a - b) (kl) or sum e^{b-ref_q}(b - a) (rkl),
+    rescaled when the reference moves; jsd reads the rows a second time with the final lses.
+    Writes loss_r and stats_r (module docstring)."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    s_row = s_ptr + r * stride_sn
+    t_row = t_ptr + r * stride_tn
+    if HAS_LABELS:
+        y = tl.load(lbl_ptr + r)
+        valid = y != ignore_index
+        in_range = (y >= 0) & (y < C)
+        ok = valid & in_range
+    else:
+        y = 0
+        valid = r >= 0
+        ok = valid
+    c_lim = tl.where(ok, C, 0)  # an ignored row reads nothing
+    m_p = tl.full((), float("-inf"), tl.float32)
+    m_q = tl.full((), float("-inf"), tl.float32)
+    m_1 = tl.full((), float("-inf"), tl.float32)
+    s_p = tl.zeros((), tl.float32)
+    s_q = tl.zeros((), tl.float32)
+    s_1 = tl.zeros((), tl.float32)
+    cross = tl.zeros((), tl.float32)
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs
+        mask = cols < c_lim
+        x = tl.load(s_row + cols.to(tl.int64) * stride_sc, mask=mask, other=float("-inf")).to(tl.float32)
+        tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=float("-inf")).to(tl.float32)
+        b = x / temperature
+        a = tv / temperature
+        m_p, s_p, rp_old, rp_new = online_lse_update(m_p, s_p, a)
+        m_q, s_q, rq_old, rq_new = online_lse_update(m_q, s_q, b)
+        if HAS_CE:
+            m_1, s_1, _r1o, _r1n = online_lse_update(m_1, s_1, x)
+        if DIVERGENCE == KL:
+            e = tl.exp2((a - rp_new) * LOG2E)
+            cross = cross * tl.exp2((rp_old - rp_new) * LOG2E) + tl.sum(tl.where(e > 0, e * (a - b), 0.0), 0)
+        elif DIVERGENCE == REVERSE_KL:
+            e = tl.exp2((b - rq_new) * LOG2E)
+            cross = cross * tl.exp2((rq_old - rq_new) * LOG2E) + tl.sum(tl.where(e > 0, e * (b - a), 0.0), 0)
+    ref_p = safe_ref(m_p)
+    ref_q = safe_ref(m_q)
+    log_sp = tl.log2(s_p) * LN2
+    log_sq = tl.log2(s_q) * LN2
+    extra = tl.zeros((), tl.float32)
+    if DIVERGENCE == KL:
+        div = cross / s_p + (ref_q - ref_p) + (log_sq - log_sp)
+    elif DIVERGENCE == REVERSE_KL:
+        div = cross / s_q + (ref_p - ref_q) + (log_sp - log_sq)
+        extra = div
+    else:
+        kl_pm = tl.zeros((), tl.float32)
+        kl_qm = tl.zeros((), tl.float32)
+        for start in range(0, C, BLOCK_C):
+            cols = start + offs
+            mask = cols < c_lim
+            x = tl.load(s_row + cols.to(tl.int64) * stride_sc, mask=mask, other=float("-inf")).to(tl.float32)
+            tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=float("-inf")).to(tl.float32)
+            logp = (tv / temperature - ref_p) - log_sp
+            logq = (x / temperature - ref_q) - log_sq
+            logm = log_mixture(logp, logq, log_beta, log_1mbeta)
+            kl_pm += tl.sum(xlogy_ratio(tl.exp2(logp * LOG2E), logp, logm), 0)
+            kl_qm += tl.sum(xlogy_ratio(tl.exp2(logq * LOG2E), logq, logm), 0)
+        div = beta * kl_pm + (1.0 - beta) * kl_qm
+        extra = kl_qm
+    ref_1 = safe_ref(m_1)
+    log_s1 = tl.log2(s_1) * LN2
+    loss = div
+    if HAS_CE:
+        y_safe = tl.where(ok, y, 0).to(tl.int64)
+        x_y = tl.load(s_row + y_safe * stride_sc).to(tl.float32)
+        loss = ce_weight * ((ref_1 - x_y) + log_s1) + (1.0 - ce_weight) * div
+    loss = tl.where(ok, loss, 0.0)
+    row_valid = tl.where(ok, 1.0, 0.0)
+    if HAS_LABELS:
+        # an out-of-range label poisons its row (and so a mean) with NaN: no host sync needed
+        loss = tl.where(valid & ~in_range, float("nan"), loss)
+        row_valid = tl.where(valid & ~in_range, float("nan"), row_valid)
+    tl.store(loss_ptr + r, loss)
+    st = stats_ptr + 8 * r
+    tl.store(st, ref_p)
+    tl.store(st + 1, log_sp)
+    tl.store(st + 2, ref_q)
+    tl.store(st + 3, log_sq)
+    tl.store(st + 4, ref_1)
+    tl.store(st + 5, log_s1)
+    tl.store(st + 6, extra)
+    tl.store(st + 7, row_valid)
+
+
+@triton.jit
+def distill_bwd_kernel(
+    s_ptr, stride_sn, stride_sc, t_ptr, stride_tn, stride_tc, lbl_ptr,
+    dx_ptr, stride_gn, stride_gc, stats_ptr, dloss_ptr, stride_dloss, C, ignore_index, span,
+    temperature, ce_weight, log_beta, log_1mbeta, beta,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward, grid (R, splits): program (r, k) recomputes q, p (and softmax(x)) over columns
+    [k span, (k+1) span) of row r from the saved stats and writes dL/dx (module docstring).
+    dx may alias x (each block is read before it is written). An ignored row reads nothing and
+    writes zeros."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    c_begin = tl.program_id(1) * span
+    c_end = tl.minimum(c_begin + span, C)
+    s_row = s_ptr + r * stride_sn
+    t_row = t_ptr + r * stride_tn
+    dx_row = dx_ptr + r * stride_gn
+    st = stats_ptr + 8 * r
+    ref_p = tl.load(st)
+    log_sp = tl.load(st + 1)
+    ref_q = tl.load(st + 2)
+    log_sq = tl.load(st + 3)
+    ref_1 = tl.load(st + 4)
+    log_s1 = tl.load(st + 5)
+    extra = tl.load(st + 6)
+    g = tl.load(dloss_ptr + r * stride_dloss)
+    if HAS_LABELS:
+        y = tl.load(lbl_ptr + r)
+        active = y != ignore_index
+    else:
+        y = -1
+        active = r >= 0
+    c_active = tl.where(active, c_end, 0)
+    g_div = g * (1.0 - ce_weight) / temperature
+    for start in range(c_begin, c_end, BLOCK_C):
+        cols = start + offs
+        mask = cols < c_end
+        lmask = cols < c_active
+        x = tl.load(s_row + cols.to(tl.int64) * stride_sc, mask=lmask, other=0.0).to(tl.float32)
+        tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0).to(tl.float32)
+        logq = (x / temperature - ref_q) - log_sq
+        logp = (tv / temperature - ref_p) - log_sp
+        q = tl.exp2(logq * LOG2E)
+        if DIVERGENCE == KL:
+            dd = q - tl.exp2(logp * LOG2E)
+        elif DIVERGENCE == REVERSE_KL:
+            dd = tl.where(q > 0, q * (logq - logp - extra), 0.0)
+        else:
+            logm = log_mixture(logp, logq, log_beta, log_1mbeta)
+            dd = (1.0 - beta) * tl.where(q > 0, q * (logq - logm - extra), 0.0)
+        dx = g_div * dd
+        if HAS_CE:
+            sm1 = tl.exp2(((x - ref_1) - log_s1) * LOG2E)
+            dx += (g * ce_weight) * (sm1 - tl.where(cols == y, 1.0, 0.0))
+        dx = tl.where(active, dx, 0.0)
+        tl.store(dx_row + cols.to(tl.int64) * stride_gc, dx.to(dx_ptr.dtype.element_ty), mask=mask)

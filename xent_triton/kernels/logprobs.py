@@ -1,0 +1,91 @@
+"""Token log-probability (and entropy) kernels: one streaming forward, one recomputing backward.
+
+Per row (x logits, T temperature, b = x / T, q = softmax(b), y the token; derivation in
+docs/kl.md)::
+
+    lp = log q_y = (b_y - ref) - log s                    s = sum_j e^{b_j - ref}
+    H  = -sum_j q_j log q_j = log s - A / s               A = sum_j e^{b_j - ref} (b_j - ref)
+    dL/dx_j = (1/T) [g_lp ([j = y] - q_j) - g_H q_j (log q_j + H)]
+
+A is shifted with the reference: A <- e^{d} (A + d s) with d = ref_old - ref_new, so H never
+subtracts two large numbers. Stats per row (R, 2): (ref, log s).
+
+Grids and bytes (B bytes per logit, R rows): forward grid (R,) reads R C B once (+ the token's
+logit) and writes 16 R; backward grid (R, splits) reads R C B and writes R C B. Forward + backward
+= 3x the logits' bytes (+ O(R)), with or without the entropy.
+"""
+import triton
+import triton.language as tl
+
+from .common import LN2, LOG2E, online_lse_update, safe_ref
+
+
+@triton.jit
+def logprobs_fwd_kernel(
+    x_ptr, stride_xn, stride_xc, tok_ptr, lp_ptr, ent_ptr, stats_ptr, C, temperature,
+    ENTROPY: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Forward, one program per row (grid (R,)): online (max, sum) of b and (ENTROPY) the shifted
+    sum A; writes lp_r, H_r (ENTROPY) and stats_r. An out-of-range token makes lp_r NaN."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    x_row = x_ptr + r * stride_xn
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    acc = tl.zeros((), tl.float32)
+    for start in range(0, C, BLOCK_C):
+        cols = start + offs
+        mask = cols < C
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=float("-inf")).to(tl.float32)
+        b = x / temperature
+        s_old = s
+        m, s, ref_old, ref_new = online_lse_update(m, s, b)
+        if ENTROPY:
+            d = ref_old - ref_new
+            e = tl.exp2((b - ref_new) * LOG2E)
+            acc = tl.exp2(d * LOG2E) * (acc + d * s_old) + tl.sum(tl.where(e > 0, e * (b - ref_new), 0.0), 0)
+    ref = safe_ref(m)
+    log_s = tl.log2(s) * LN2
+    y = tl.load(tok_ptr + r)
+    in_range = (y >= 0) & (y < C)
+    y_safe = tl.where(in_range, y, 0).to(tl.int64)
+    b_y = tl.load(x_row + y_safe * stride_xc).to(tl.float32) / temperature
+    lp = tl.where(in_range, (b_y - ref) - log_s, float("nan"))
+    tl.store(lp_ptr + r, lp)
+    if ENTROPY:
+        tl.store(ent_ptr + r, log_s - acc / s)
+    tl.store(stats_ptr + 2 * r, ref)
+    tl.store(stats_ptr + 2 * r + 1, log_s)
+
+
+@triton.jit
+def logprobs_bwd_kernel(
+    x_ptr, stride_xn, stride_xc, tok_ptr, ent_ptr, stats_ptr, dx_ptr, stride_gn, stride_gc,
+    dlp_ptr, stride_dlp, dent_ptr, stride_dent, C, span, temperature,
+    HAS_DENT: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward, grid (R, splits): program (r, k) recomputes q over columns [k span, (k+1) span)
+    of row r from (ref, log s) and writes dL/dx (module docstring); dx may alias x."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    c_begin = tl.program_id(1) * span
+    c_end = tl.minimum(c_begin + span, C)
+    x_row = x_ptr + r * stride_xn
+    dx_row = dx_ptr + r * stride_gn
+    ref = tl.load(stats_ptr + 2 * r)
+    log_s = tl.load(stats_ptr + 2 * r + 1)
+    y = tl.load(tok_ptr + r)
+    g_lp = tl.load(dlp_ptr + r * stride_dlp) / temperature
+    if HAS_DENT:
+        g_h = tl.load(dent_ptr + r * stride_dent) / temperature
+        h = tl.load(ent_ptr + r)
+    for start in range(c_begin, c_end, BLOCK_C):
+        cols = start + offs
+        mask = cols < c_end
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        logq = (x / temperature - ref) - log_s
+        q = tl.exp2(logq * LOG2E)
+        dx = g_lp * (tl.where(cols == y, 1.0, 0.0) - q)
+        if HAS_DENT:
+            dx -= g_h * tl.where(q > 0, q * (logq + h), 0.0)
+        tl.store(dx_row + cols.to(tl.int64) * stride_gc, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,128 @@
+"""Torch twins of the distillation and log-prob kernels (``kernels/distillation.py``,
+``kernels/logprobs.py``): same formulas, same per-row stats, for tensors Triton does not serve
+(plain CPU tensors without the interpreter, float64). Computed in the compute dtype (float32, or
+float64 for float64 students) on whole (R, C) rows: N x C temporaries are fine on this path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..fallback import safe_ref
+
+KL, REVERSE_KL, JSD = 0, 1, 2
+N_STATS = 8
+
+
+def row_stats(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(ref, log s) of each row of z: ref = safe max, s = sum exp(z - ref)."""
+    ref = safe_ref(z.amax(-1)) if z.shape[-1] else torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
+    return ref, torch.log(torch.exp(z - ref[:, None]).sum(-1))
+
+
+def log_softmax_from(z: Tensor, ref: Tensor, log_s: Tensor) -> Tensor:
+    return (z - ref[:, None]) - log_s[:, None]
+
+
+def xlogy_ratio(p: Tensor, logp: Tensor, logr: Tensor) -> Tensor:
+    """p (log p - log r) with 0 log 0 := 0."""
+    return torch.where(p > 0, p * (logp - logr), torch.zeros_like(p))
+
+
+def log_mixture(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
+    """log(beta p + (1 - beta) q)."""
+    return torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+
+
+def distill_forward(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: int, beta: float,
+                    temperature: float, ignore_index: int, ce_weight: float) -> tuple[Tensor, Tensor]:
+    """(loss (R,), stats (R, 8)) of student rows x and teacher rows t (see the kernel)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.to(cdt)
+    b, a = xs / temperature, t.to(cdt) / temperature
+    ref_p, log_sp = row_stats(a)
+    ref_q, log_sq = row_stats(b)
+    logp, logq = log_softmax_from(a, ref_p, log_sp), log_softmax_from(b, ref_q, log_sq)
+    p, q = torch.exp(logp), torch.exp(logq)
+    extra = torch.zeros_like(ref_p)
+    if divergence == KL:
+        div = xlogy_ratio(p, logp, logq).sum(-1)
+    elif divergence == REVERSE_KL:
+        div = extra = xlogy_ratio(q, logq, logp).sum(-1)
+    else:
+        logm = log_mixture(logp, logq, beta)
+        extra = xlogy_ratio(q, logq, logm).sum(-1)
+        div = beta * xlogy_ratio(p, logp, logm).sum(-1) + (1 - beta) * extra
+    ref_1, log_s1 = row_stats(xs)
+    loss = div
+    R = x.shape[0]
+    ok = torch.ones(R, dtype=torch.bool, device=x.device)
+    if labels is not None:
+        ok = labels != ignore_index
+        if ce_weight != 0:
+            y = torch.where(ok, labels, 0)
+            ce = (ref_1 - xs.gather(1, y[:, None])[:, 0]) + log_s1
+            loss = ce_weight * ce + (1 - ce_weight) * div
+    loss = torch.where(ok, loss, torch.zeros_like(loss))
+    stats = torch.stack([ref_p, log_sp, ref_q, log_sq, ref_1, log_s1, extra, ok.to(cdt)], dim=1)
+    return loss, stats
+
+
+def distill_backward(x: Tensor, t: Tensor, labels: Optional[Tensor], stats: Tensor, dloss: Tensor,
+                     divergence: int, beta: float, temperature: float, ignore_index: int,
+                     ce_weight: float) -> Tensor:
+    """dL/dx (x's dtype) from the forward's stats and the per-row upstream gradient."""
+    cdt = stats.dtype
+    xs = x.to(cdt)
+    ref_p, log_sp, ref_q, log_sq, ref_1, log_s1, extra = stats[:, :7].unbind(1)
+    logq = log_softmax_from(xs / temperature, ref_q, log_sq)
+    logp = log_softmax_from(t.to(cdt) / temperature, ref_p, log_sp)
+    q = torch.exp(logq)
+    if divergence == KL:
+        dd = q - torch.exp(logp)
+    elif divergence == REVERSE_KL:
+        dd = torch.where(q > 0, q * (logq - logp - extra[:, None]), torch.zeros_like(q))
+    else:
+        logm = log_mixture(logp, logq, beta)
+        dd = (1 - beta) * torch.where(q > 0, q * (logq - logm - extra[:, None]), torch.zeros_like(q))
+    g = dloss.to(cdt)[:, None]
+    dx = g * (1 - ce_weight) / temperature * dd
+    if labels is not None:
+        ok = labels != ignore_index
+        if ce_weight != 0:
+            sm1 = torch.exp(log_softmax_from(xs, ref_1, log_s1))
+            onehot = torch.zeros_like(sm1).scatter_(1, torch.where(ok, labels, 0)[:, None], 1.0)
+            dx = dx + g * ce_weight * (sm1 - onehot)
+        dx = torch.where(ok[:, None], dx, torch.zeros_like(dx))
+    return dx.to(x.dtype)
+
+
+def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float,
+                     entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(lp (R,), H (R,) or (0,), stats (R, 2)) of rows x (see kernels/logprobs.py)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    b = x.to(cdt) / temperature
+    ref, log_s = row_stats(b)
+    logq = log_softmax_from(b, ref, log_s)
+    lp = logq.gather(1, tokens[:, None])[:, 0]
+    if entropy:
+        ent = -xlogy_ratio(torch.exp(logq), logq, torch.zeros_like(logq)).sum(-1)
+    else:
+        ent = lp.new_empty((0,))
+    return lp, ent, torch.stack([ref, log_s], dim=1)
+
+
+def logprobs_backward(x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp: Tensor,
+                      dent: Optional[Tensor], temperature: float) -> Tensor:
+    cdt = stats.dtype
+    logq = log_softmax_from(x.to(cdt) / temperature, stats[:, 0], stats[:, 1])
+    q = torch.exp(logq)
+    onehot = torch.zeros_like(q).scatter_(1, tokens[:, None], 1.0)
+    dx = dlp.to(cdt)[:, None] * (onehot - q)
+    if dent is not None:
+        dx = dx - dent.to(cdt)[:, None] * torch.where(q > 0, q * (logq + ent.to(cdt)[:, None]),
+                                                      torch.zeros_like(q))
+    return (dx / temperature).to(x.dtype)

@@ -1,0 +1,149 @@
+"""Public functions of the KL family: ``distillation_loss`` and ``token_logprobs``.
+
+Both take logits over the last dimension, ``(..., C)``, as language models produce them, and run
+one streaming forward and one recomputing backward kernel (``kernels/distillation.py``,
+``kernels/logprobs.py``); nothing N x C is materialised besides the gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..options import REDUCTIONS, class_ids
+from .ops import DIVERGENCES
+
+
+def check_real(name: str, v, ok, requirement: str) -> float:
+    """A Python float satisfying ``ok`` (TypeError / ValueError naming the option otherwise)."""
+    if isinstance(v, Tensor):
+        raise ValueError(f"{name} must be a finite Python float, got a tensor")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"{name} must be {requirement}, got {v!r}")
+    return float(v)
+
+
+def check_logits(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of shape (..., C)")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have a class dimension (..., C), got a scalar")
+
+
+def distill_options(divergence: str, beta: float, temperature: float, reduction: str,
+                    ce_weight: float, has_labels: bool) -> tuple[int, float, float, float]:
+    """Validated (divergence id, beta, temperature, ce_weight)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+    if divergence == "jsd":
+        beta = check_real("beta", beta, lambda v: 0 < v < 1,
+                          "in (0, 1) for jsd (use divergence='kl' or 'reverse_kl' for the endpoints)")
+    ce_weight = check_real("ce_weight", ce_weight, lambda v: 0 <= v <= 1, "in [0, 1]")
+    if ce_weight != 0 and not has_labels:
+        raise ValueError("ce_weight > 0 needs labels (the hard-label cross-entropy's class ids)")
+    return DIVERGENCES[divergence], float(beta), temperature, ce_weight
+
+
+def reduce_tokens(loss_rows: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str,
+                  shape) -> Tensor:
+    """none: the tokens' shape; sum; mean over the non-ignored tokens (all without labels)."""
+    if reduction == "none":
+        return loss_rows.view(shape)
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    if labels is None:
+        return total / loss_rows.shape[0]
+    return total / (labels != ignore_index).sum().to(total.dtype)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                      divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
+                      ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0) -> Tensor:
+    """Knowledge-distillation loss between student and teacher logits, fused and streamed.
+
+    With p = softmax(teacher / T) and q = softmax(student / T) over the last dimension:
+    ``"kl"`` = KL(p || q), ``"reverse_kl"`` = KL(q || p), ``"jsd"`` = beta KL(p || m) +
+    (1 - beta) KL(q || m) with m = beta p + (1 - beta) q. 0 log 0 := 0 (padded -inf logits are
+    fine). No T**2 factor is applied: multiply the loss by T**2 yourself if you want Hinton's
+    scaling. Per token: ce_weight * CE(student at T = 1, label) + (1 - ce_weight) * divergence.
+
+    Args:
+        student_logits: (..., C) float16 / bfloat16 / float32 (float64 runs the torch fallback).
+        teacher_logits: (..., C), any float dtype (e.g. fp32 with a bf16 student). Treated as a
+            constant: it gets no gradient (detached), even if it requires grad.
+        labels: optional class ids of shape ``student_logits.shape[:-1]``; tokens whose label is
+            ``ignore_index`` are left out of every term (loss 0, gradient 0).
+        divergence: "kl", "reverse_kl" or "jsd". beta: the JSD mixture weight, in (0, 1).
+        temperature: T > 0, finite. ce_weight: alpha in [0, 1] (needs labels when > 0).
+        reduction: "none" (the tokens' shape), "sum", or "mean" (over non-ignored tokens; over all
+            tokens when ``labels`` is None).
+
+    Returns:
+        The float32 loss (float64 for a float64 student). The gradient reaches the student only.
+        Labels outside [0, C) that are not ``ignore_index`` raise IndexError on CPU; on CUDA they
+        make that token's loss NaN.
+
+    Example:
+        >>> s = torch.randn(4, 7, 32000, dtype=torch.bfloat16, requires_grad=True)
+        >>> t = torch.randn(4, 7, 32000)
+        >>> distillation_loss(s, t, divergence="jsd", temperature=2.0).backward()
+    """
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
+                         f"{tuple(student_logits.shape)}")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError("teacher_logits and student_logits must be on the same device")
+    div, beta, temperature, ce_weight = distill_options(divergence, beta, temperature, reduction,
+                                                        ce_weight, labels is not None)
+    C = student_logits.shape[-1]
+    lbl = None if labels is None else class_ids(labels, student_logits.shape[:-1],
+                                                "student_logits' leading shape")
+    x = student_logits.reshape(-1, C)
+    t = teacher_logits.detach().reshape(-1, C)
+    loss_rows, _stats = torch.ops.xent_triton.distillation_fwd(x, t, lbl, div, beta, temperature,
+                                                                ignore_index, ce_weight)
+    return reduce_tokens(loss_rows, lbl, ignore_index, reduction, student_logits.shape[:-1])
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """Per-position log softmax(logits / T)[token] (and the entropy of softmax(logits / T)).
+
+    Args:
+        logits: (..., C) float16 / bfloat16 / float32 (float64 runs the torch fallback).
+        tokens: int64 / int32 / uint8 ids of shape ``logits.shape[:-1]``, in [0, C) (IndexError on
+            CPU otherwise; NaN log-prob on CUDA).
+        temperature: T > 0, finite.
+        return_entropy: also return -sum_j q_j log q_j, q = softmax(logits / T).
+
+    Returns:
+        float32 log-probs of the tokens' shape (float64 for float64 logits), or the pair
+        (log-probs, entropy). Both are differentiable with any per-token upstream gradient (the
+        gradient has the logits' dtype).
+
+    Example:
+        >>> logits = torch.randn(2, 16, 32000, dtype=torch.bfloat16, requires_grad=True)
+        >>> tokens = torch.randint(0, 32000, (2, 16))
+        >>> lp, ent = token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
+        >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
+    """
+    check_logits("logits", logits)
+    temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+    C = logits.shape[-1]
+    tok = class_ids(tokens, logits.shape[:-1], "logits' leading shape")
+    lp, ent, _stats = torch.ops.xent_triton.token_logprobs_fwd(logits.reshape(-1, C), tok, temperature,
+                                                               bool(return_entropy))
+    shape = logits.shape[:-1]
+    if return_entropy:
+        return lp.view(shape), ent.view(shape)
+    return lp.view(shape)

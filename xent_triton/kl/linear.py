@@ -1,0 +1,304 @@
+"""Linear forms of the KL family: ``linear_distillation_loss`` and ``linear_token_logprobs``.
+
+Chunked over tokens: per chunk of ``chunk_size`` rows the logits (student and teacher) are formed
+by ``torch.mm`` into reused (chunk, C) buffers and the row kernels of ``kl/ops.py`` run on them;
+the backward recomputes the chunk's logits, writes their gradient over the student buffer (in
+place) and turns it into dX (written per chunk) and dW, db (fp32 accumulators). Nothing N x C
+exists beyond one chunk per model.
+
+FLOPs (N tokens, C classes, D / Dt hidden sizes): forward 2 N D C (student) + 2 N Dt C (teacher);
+backward recompute 2 N D C + 2 N Dt C, dX 2 N D C, dW 2 N D C. token_logprobs: forward 2 N D C,
+backward 6 N D C. The teacher gets no gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..options import class_ids, target_range_check
+from ..runtime import compute_dtype, no_second_derivative, upstream_or_zeros
+from .functional import check_real, distill_options, reduce_tokens
+from .ops import (
+    distill_backward_into,
+    distill_forward_rows,
+    logprobs_backward_into,
+    logprobs_forward_rows,
+    token_range_check,
+)
+
+CHUNK_LOGITS = 1 << 24  # default chunk: about 16M logits per model buffer
+
+
+def chunk_rows(chunk_size: Optional[int], N: int, C: int) -> int:
+    if chunk_size is None:
+        return max(1, min(N, CHUNK_LOGITS // max(C, 1)))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def logits_into(out: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """out = x @ w.T (+ b), in the operands' dtype, without a new (rows, C) allocation."""
+    if b is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
+
+
+def grads_from_chunk(dz: Tensor, x: Tensor, w: Tensor, dx: Tensor, dw: Tensor, db: Tensor) -> None:
+    """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (fp32 / fp64 accumulators)."""
+    torch.mm(dz, w, out=dx)
+    if dz.dtype == dw.dtype:
+        dw.addmm_(dz.t(), x)
+    else:
+        dw.add_(torch.mm(dz.t(), x))
+    db.add_(dz.sum(0, dtype=db.dtype))
+
+
+# ------------------------------------------------------------------------------- distillation
+@torch.library.custom_op("xent_triton::linear_distillation_fwd", mutates_args=())
+def linear_distillation_fwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
+                            bt: Optional[Tensor], labels: Optional[Tensor], divergence: int, beta: float,
+                            temperature: float, ignore_index: int, ce_weight: float,
+                            chunk: int) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, stats) of the logits xs wsᵀ + bs against xt wtᵀ + bt, chunk rows at a time."""
+    N, C = xs.shape[0], ws.shape[0]
+    if labels is not None:
+        target_range_check(labels, C, ignore_index)
+    loss = xs.new_empty((N,), dtype=compute_dtype(xs))
+    stats = xs.new_empty((N, 8), dtype=compute_dtype(xs))
+    zs = xs.new_empty((min(chunk, N), C))
+    zt = xt.new_empty((min(chunk, N), C))
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        n = r1 - r0
+        logits_into(zs[:n], xs[r0:r1], ws, bs)
+        logits_into(zt[:n], xt[r0:r1], wt, bt)
+        lo, st = distill_forward_rows(zs[:n], zt[:n], None if labels is None else labels[r0:r1],
+                                      divergence, beta, temperature, ignore_index, ce_weight)
+        loss[r0:r1] = lo
+        stats[r0:r1] = st
+    return loss, stats
+
+
+@linear_distillation_fwd.register_fake
+def _(xs, ws, bs, xt, wt, bt, labels, divergence, beta, temperature, ignore_index, ce_weight, chunk):
+    N, dt = xs.shape[0], compute_dtype(xs)
+    return xs.new_empty((N,), dtype=dt), xs.new_empty((N, 8), dtype=dt)
+
+
+@torch.library.custom_op("xent_triton::linear_distillation_bwd", mutates_args=())
+def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
+                            bt: Optional[Tensor], labels: Optional[Tensor], stats: Tensor, dloss: Tensor,
+                            divergence: int, beta: float, temperature: float, ignore_index: int,
+                            ce_weight: float, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db) of the student (db has shape (0,) without a bias)."""
+    N, C = xs.shape[0], ws.shape[0]
+    acc = compute_dtype(xs)
+    dx = xs.new_empty(xs.shape)
+    dw = torch.zeros(ws.shape, dtype=acc, device=xs.device)
+    db = torch.zeros((C,), dtype=acc, device=xs.device)
+    zs = xs.new_empty((min(chunk, N), C))
+    zt = xt.new_empty((min(chunk, N), C))
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        n = r1 - r0
+        logits_into(zs[:n], xs[r0:r1], ws, bs)
+        logits_into(zt[:n], xt[r0:r1], wt, bt)
+        distill_backward_into(zs[:n], zs[:n], zt[:n], None if labels is None else labels[r0:r1],
+                              stats[r0:r1], dloss[r0:r1], divergence, beta, temperature, ignore_index,
+                              ce_weight)
+        grads_from_chunk(zs[:n], xs[r0:r1], ws, dx[r0:r1], dw, db)
+    return dx, dw.to(ws.dtype), db.to(ws.dtype) if bs is not None else db[:0].to(ws.dtype)
+
+
+@linear_distillation_bwd.register_fake
+def _(xs, ws, bs, xt, wt, bt, labels, stats, dloss, divergence, beta, temperature, ignore_index,
+      ce_weight, chunk):
+    nb = ws.shape[0] if bs is not None else 0
+    return xs.new_empty(xs.shape), ws.new_empty(ws.shape), ws.new_empty((nb,))
+
+
+def _ld_setup(ctx, inputs, output):
+    xs, ws, bs, xt, wt, bt, labels, *flat = inputs
+    ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, output[1])
+    ctx.flat = tuple(flat)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ld_backward(ctx, dloss, _dstats):
+    xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
+    dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, xs.device)
+    dx, dw, db = torch.ops.xent_triton.linear_distillation_bwd(xs, ws, bs, xt, wt, bt, labels, stats, dloss,
+                                                                *ctx.flat)
+    what = "linear_distillation_loss"
+    return (no_second_derivative(dx, what), no_second_derivative(dw, what),
+            no_second_derivative(db, what) if bs is not None else None) + (None,) * 10
+
+
+linear_distillation_fwd.register_autograd(_ld_backward, setup_context=_ld_setup)
+
+
+def check_head(name: str, h: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
+    for what, t in ((f"{name}_hidden", h), (f"{name}_weight", w)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{what} must be a floating-point tensor")
+    if h.dim() < 1 or w.dim() != 2 or h.shape[-1] != w.shape[1]:
+        raise ValueError(f"{name}_hidden (..., D) and {name}_weight (C, D) do not match: "
+                         f"{tuple(h.shape)} vs {tuple(w.shape)}")
+    if w.dtype != h.dtype or w.device != h.device:
+        raise ValueError(f"{name}_weight must have {name}_hidden's dtype and device")
+    if b is not None and (b.shape != (w.shape[0],) or b.dtype != h.dtype):
+        raise ValueError(f"{name}_bias must be ({w.shape[0]},) of {name}_hidden's dtype")
+
+
+def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                             teacher_weight: Tensor, labels: Optional[Tensor] = None, *,
+                             student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                             divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
+                             ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
+                             chunk_size: Optional[int] = None) -> Tensor:
+    """``distillation_loss(F.linear(student_hidden, student_weight, student_bias),
+    F.linear(teacher_hidden, teacher_weight, teacher_bias), labels, ...)`` without the N x C logits.
+
+    Args:
+        student_hidden: (..., D); student_weight: (C, D); student_bias: (C,) or None (same dtype).
+        teacher_hidden: (..., Dt) with the student's leading shape; teacher_weight: (C, Dt);
+            teacher_bias: (C,) or None. The teacher is a constant (detached; no gradient).
+        labels, divergence, beta, temperature, ignore_index, reduction, ce_weight: as in
+            ``distillation_loss`` (no T**2 factor).
+        chunk_size: tokens per chunk (default: about 16M logits per chunk).
+
+    Returns:
+        The float32 loss (float64 for float64 hidden states); gradients reach student_hidden,
+        student_weight and student_bias. FLOPs: see the module docstring.
+
+    Example:
+        >>> hs, ws = torch.randn(8, 64, requires_grad=True), torch.randn(1000, 64, requires_grad=True)
+        >>> ht, wt = torch.randn(8, 96), torch.randn(1000, 96)
+        >>> linear_distillation_loss(hs, ws, ht, wt, divergence="jsd", chunk_size=4).backward()
+    """
+    check_head("student", student_hidden, student_weight, student_bias)
+    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student and teacher heads have different class counts: {student_weight.shape[0]} "
+                         f"vs {teacher_weight.shape[0]}")
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} != "
+                         f"student_hidden's {tuple(lead)}")
+    div, beta, temperature, ce_weight = distill_options(divergence, beta, temperature, reduction, ce_weight,
+                                                        labels is not None)
+    lbl = None if labels is None else class_ids(labels, lead, "student_hidden's leading shape")
+    xs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    xt = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    chunk = chunk_rows(chunk_size, xs.shape[0], student_weight.shape[0])
+    loss_rows, _stats = torch.ops.xent_triton.linear_distillation_fwd(
+        xs, student_weight, student_bias, xt, teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(), lbl, div, beta, temperature, ignore_index,
+        ce_weight, chunk)
+    return reduce_tokens(loss_rows, lbl, ignore_index, reduction, lead)
+
+
+# ---------------------------------------------------------------------------------- logprobs
+@torch.library.custom_op("xent_triton::linear_token_logprobs_fwd", mutates_args=())
+def linear_token_logprobs_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, temperature: float,
+                              entropy: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs, entropy or (0,), stats) of the logits x wᵀ + b, chunk rows at a time."""
+    N, C = x.shape[0], w.shape[0]
+    token_range_check(tokens, C)
+    dt = compute_dtype(x)
+    lp, ent, stats = x.new_empty((N,), dtype=dt), x.new_empty((N if entropy else 0,), dtype=dt), \
+        x.new_empty((N, 2), dtype=dt)
+    z = x.new_empty((min(chunk, N), C))
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        logits_into(z[:r1 - r0], x[r0:r1], w, b)
+        lp[r0:r1], e, stats[r0:r1] = logprobs_forward_rows(z[:r1 - r0], tokens[r0:r1], temperature, entropy)
+        if entropy:
+            ent[r0:r1] = e
+    return lp, ent, stats
+
+
+@linear_token_logprobs_fwd.register_fake
+def _(x, w, b, tokens, temperature, entropy, chunk):
+    N, dt = x.shape[0], compute_dtype(x)
+    return (x.new_empty((N,), dtype=dt), x.new_empty((N if entropy else 0,), dtype=dt),
+            x.new_empty((N, 2), dtype=dt))
+
+
+@torch.library.custom_op("xent_triton::linear_token_logprobs_bwd", mutates_args=())
+def linear_token_logprobs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, ent: Tensor,
+                              stats: Tensor, dlp: Tensor, dent: Optional[Tensor], temperature: float,
+                              chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db) (db has shape (0,) without a bias)."""
+    N, C = x.shape[0], w.shape[0]
+    acc = compute_dtype(x)
+    dx = x.new_empty(x.shape)
+    dw = torch.zeros(w.shape, dtype=acc, device=x.device)
+    db = torch.zeros((C,), dtype=acc, device=x.device)
+    z = x.new_empty((min(chunk, N), C))
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        zc = z[:r1 - r0]
+        logits_into(zc, x[r0:r1], w, b)
+        logprobs_backward_into(zc, zc, tokens[r0:r1], ent[r0:r1] if dent is not None else ent,
+                               stats[r0:r1], dlp[r0:r1], None if dent is None else dent[r0:r1], temperature)
+        grads_from_chunk(zc, x[r0:r1], w, dx[r0:r1], dw, db)
+    return dx, dw.to(w.dtype), db.to(w.dtype) if b is not None else db[:0].to(w.dtype)
+
+
+@linear_token_logprobs_bwd.register_fake
+def _(x, w, b, tokens, ent, stats, dlp, dent, temperature, chunk):
+    return x.new_empty(x.shape), w.new_empty(w.shape), w.new_empty((w.shape[0] if b is not None else 0,))
+
+
+def _lt_setup(ctx, inputs, output):
+    x, w, b, tokens, temperature, entropy, chunk = inputs
+    ctx.save_for_backward(x, w, b, tokens, output[1], output[2])
+    ctx.temperature, ctx.entropy, ctx.chunk = temperature, entropy, chunk
+    ctx.mark_non_differentiable(output[2])
+
+
+def _lt_backward(ctx, dlp, dent, _dstats):
+    x, w, b, tokens, ent, stats = ctx.saved_tensors
+    dlp = upstream_or_zeros(dlp, stats.shape[0], stats.dtype, x.device)
+    dx, dw, db = torch.ops.xent_triton.linear_token_logprobs_bwd(
+        x, w, b, tokens, ent, stats, dlp, dent if ctx.entropy else None, ctx.temperature, ctx.chunk)
+    what = "linear_token_logprobs"
+    return (no_second_derivative(dx, what), no_second_derivative(dw, what),
+            no_second_derivative(db, what) if b is not None else None, None, None, None, None)
+
+
+linear_token_logprobs_fwd.register_autograd(_lt_backward, setup_context=_lt_setup)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
+                          temperature: float = 1.0, return_entropy: bool = False,
+                          chunk_size: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """``token_logprobs(F.linear(hidden, weight, bias), tokens, ...)`` without the N x C logits.
+
+    Args:
+        hidden: (..., D); weight: (C, D); bias: (C,) or None (same dtype); tokens: ids of shape
+            ``hidden.shape[:-1]`` in [0, C). temperature, return_entropy: as in ``token_logprobs``.
+        chunk_size: tokens per chunk (default: about 16M logits per chunk).
+
+    Returns:
+        float32 log-probs (tokens' shape), or (log-probs, entropy); gradients reach hidden, weight
+        and bias. FLOPs: forward 2 N D C, backward 6 N D C.
+
+    Example:
+        >>> h, W = torch.randn(2, 5, 64, requires_grad=True), torch.randn(1000, 64, requires_grad=True)
+        >>> lp = linear_token_logprobs(h, W, torch.randint(0, 1000, (2, 5)), temperature=0.7)
+        >>> lp.sum().backward()
+    """
+    check_head("student", hidden, weight, bias)
+    temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+    tok = class_ids(tokens, hidden.shape[:-1], "hidden's leading shape")
+    x = hidden.reshape(-1, hidden.shape[-1])
+    chunk = chunk_rows(chunk_size, x.shape[0], weight.shape[0])
+    lp, ent, _stats = torch.ops.xent_triton.linear_token_logprobs_fwd(x, weight, bias, tok, temperature,
+                                                                      bool(return_entropy), chunk)
+    shape = hidden.shape[:-1]
+    return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)

@@ -1,0 +1,248 @@
+"""KL-family ops: the launchers of the distillation and log-prob kernels and the ``xent_triton::``
+custom ops (fake implementations, registered autograd; one door for eager and torch.compile, as
+``cross_entropy/ops.py``).
+
+Layout: student / teacher / logits rows as (R, C) views with any strides (the class stride is
+passed to the kernels), labels / tokens int64 (R,). Each launcher runs the Triton kernels when
+Triton serves both tensors (CUDA, or any device under ``TRITON_INTERPRET=1``; fp16/bf16/fp32) and
+the torch twins of ``kl/fallback.py`` otherwise (CPU, float64).
+
+Ops: ``distillation_fwd`` -> (loss rows, stats); ``distillation_bwd`` -> dL/dstudent;
+``token_logprobs_fwd`` -> (log-probs, entropy or an empty tensor, stats); ``token_logprobs_bwd``.
+The teacher gets no gradient (treated as a constant).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import config
+from ..kernels.distillation import N_STATS, distill_bwd_kernel, distill_fwd_kernel
+from ..kernels.logprobs import logprobs_bwd_kernel, logprobs_fwd_kernel
+from ..options import target_range_check
+from ..runtime import (
+    TRITON_DTYPES,
+    alloc,
+    compute_dtype,
+    no_second_derivative,
+    upstream_or_zeros,
+    uses_triton,
+)
+from . import fallback
+
+DIVERGENCES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+
+
+def token_range_check(tokens: Tensor, C: int) -> None:
+    """On CPU, IndexError for a token id outside [0, C) (no ignore index for sampled tokens)."""
+    if tokens.device.type != "cpu" or tokens.numel() == 0:
+        return
+    bad = (tokens < 0) | (tokens >= C)
+    if bool(bad.any()):
+        raise IndexError(f"token {int(tokens[bad][0])} is out of bounds: expected ids in [0, {C})")
+
+
+def beta_logs(divergence: int, beta: float) -> tuple[float, float]:
+    """(log beta, log(1 - beta)) for jsd (0, 0 otherwise: unused)."""
+    if divergence != 2:
+        return 0.0, 0.0
+    return math.log(beta), math.log1p(-beta)
+
+
+def both_triton(x: Tensor, t: Tensor) -> bool:
+    return uses_triton(x) and t.dtype in TRITON_DTYPES
+
+
+def distill_scalars(divergence: int, beta: float, temperature: float, ce_weight: float) -> dict:
+    log_beta, log_1mbeta = beta_logs(divergence, beta)
+    return dict(temperature=temperature, ce_weight=ce_weight, log_beta=log_beta,
+                log_1mbeta=log_1mbeta, beta=beta)
+
+
+def distill_forward_rows(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: int, beta: float,
+                         temperature: float, ignore_index: int, ce_weight: float) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, stats) of student rows x (R, C) against teacher rows t (R, C)."""
+    if not both_triton(x, t):
+        return fallback.distill_forward(x, t, labels, divergence, beta, temperature, ignore_index, ce_weight)
+    R, C = x.shape
+    loss = alloc((R,), torch.float32, x.device)
+    stats = alloc((R, N_STATS), torch.float32, x.device)
+    if R == 0:
+        return loss, stats
+    cfg = config.config(C)
+    distill_fwd_kernel[(R,)](
+        s_ptr=x, stride_sn=x.stride(0), stride_sc=x.stride(1), t_ptr=t, stride_tn=t.stride(0),
+        stride_tc=t.stride(1), lbl_ptr=labels if labels is not None else x, loss_ptr=loss,
+        stats_ptr=stats, C=C, ignore_index=ignore_index,
+        **distill_scalars(divergence, beta, temperature, ce_weight), DIVERGENCE=divergence,
+        HAS_LABELS=labels is not None, HAS_CE=labels is not None and ce_weight != 0,
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return loss, stats
+
+
+def distill_backward_into(out: Tensor, x: Tensor, t: Tensor, labels: Optional[Tensor], stats: Tensor,
+                          dloss: Tensor, divergence: int, beta: float, temperature: float,
+                          ignore_index: int, ce_weight: float) -> None:
+    """dL/dx of the student rows into ``out`` (may be ``x``)."""
+    if not both_triton(x, t):
+        out.copy_(fallback.distill_backward(x, t, labels, stats, dloss, divergence, beta, temperature,
+                                            ignore_index, ce_weight))
+        return
+    R, C = x.shape
+    if R == 0 or C == 0:
+        return
+    cfg = config.config(C)
+    grid, span = config.backward_grid(R, C, cfg.block_c)
+    distill_bwd_kernel[grid](
+        s_ptr=x, stride_sn=x.stride(0), stride_sc=x.stride(1), t_ptr=t, stride_tn=t.stride(0),
+        stride_tc=t.stride(1), lbl_ptr=labels if labels is not None else x, dx_ptr=out,
+        stride_gn=out.stride(0), stride_gc=out.stride(1), stats_ptr=stats, dloss_ptr=dloss,
+        stride_dloss=dloss.stride(0), C=C, ignore_index=ignore_index, span=span,
+        **distill_scalars(divergence, beta, temperature, ce_weight), DIVERGENCE=divergence,
+        HAS_LABELS=labels is not None, HAS_CE=labels is not None and ce_weight != 0,
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+
+
+def logprobs_forward_rows(x: Tensor, tokens: Tensor, temperature: float,
+                          entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs (R,), entropy (R,) or (0,), stats (R, 2)) of rows x (R, C)."""
+    if not uses_triton(x):
+        return fallback.logprobs_forward(x, tokens, temperature, entropy)
+    R, C = x.shape
+    lp = alloc((R,), torch.float32, x.device)
+    ent = alloc((R if entropy else 0,), torch.float32, x.device)
+    stats = alloc((R, 2), torch.float32, x.device)
+    if R == 0:
+        return lp, ent, stats
+    cfg = config.config(C)
+    logprobs_fwd_kernel[(R,)](
+        x_ptr=x, stride_xn=x.stride(0), stride_xc=x.stride(1), tok_ptr=tokens, lp_ptr=lp,
+        ent_ptr=ent if entropy else lp, stats_ptr=stats, C=C, temperature=temperature,
+        ENTROPY=entropy, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+    )
+    return lp, ent, stats
+
+
+def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor,
+                           dlp: Tensor, dent: Optional[Tensor], temperature: float) -> None:
+    """dL/dx of rows x into ``out`` (may be ``x``)."""
+    if not uses_triton(x):
+        out.copy_(fallback.logprobs_backward(x, tokens, ent, stats, dlp, dent, temperature))
+        return
+    R, C = x.shape
+    if R == 0 or C == 0:
+        return
+    cfg = config.config(C)
+    grid, span = config.backward_grid(R, C, cfg.block_c)
+    logprobs_bwd_kernel[grid](
+        x_ptr=x, stride_xn=x.stride(0), stride_xc=x.stride(1), tok_ptr=tokens,
+        ent_ptr=ent if dent is not None else stats, stats_ptr=stats, dx_ptr=out, stride_gn=out.stride(0),
+        stride_gc=out.stride(1), dlp_ptr=dlp, stride_dlp=dlp.stride(0),
+        dent_ptr=dent if dent is not None else dlp, stride_dent=dent.stride(0) if dent is not None else 0,
+        C=C, span=span, temperature=temperature, HAS_DENT=dent is not None, BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps,
+    )
+
+
+# ------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("xent_triton::distillation_fwd", mutates_args=())
+def distillation_fwd(student: Tensor, teacher: Tensor, labels: Optional[Tensor], divergence: int,
+                     beta: float, temperature: float, ignore_index: int,
+                     ce_weight: float) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, stats) of (R, C) student / teacher logits. Out-of-range labels raise
+    IndexError here on CPU (eager and compiled alike)."""
+    if labels is not None:
+        target_range_check(labels, student.shape[1], ignore_index)
+    return distill_forward_rows(student, teacher, labels, divergence, beta, temperature, ignore_index,
+                                ce_weight)
+
+
+@distillation_fwd.register_fake
+def _(student, teacher, labels, divergence, beta, temperature, ignore_index, ce_weight):
+    R, dt = student.shape[0], compute_dtype(student)
+    return student.new_empty((R,), dtype=dt), student.new_empty((R, N_STATS), dtype=dt)
+
+
+@torch.library.custom_op("xent_triton::distillation_bwd", mutates_args=())
+def distillation_bwd(student: Tensor, teacher: Tensor, labels: Optional[Tensor], stats: Tensor,
+                     dloss: Tensor, divergence: int, beta: float, temperature: float, ignore_index: int,
+                     ce_weight: float) -> Tensor:
+    """dL/dstudent as a new tensor with the student's shape and dtype."""
+    out = alloc(student.shape, student.dtype, student.device)
+    distill_backward_into(out, student, teacher, labels, stats, dloss, divergence, beta, temperature,
+                          ignore_index, ce_weight)
+    return out
+
+
+@distillation_bwd.register_fake
+def _(student, teacher, labels, stats, dloss, divergence, beta, temperature, ignore_index, ce_weight):
+    return student.new_empty(student.shape)
+
+
+def _distill_setup(ctx, inputs, output):
+    student, teacher, labels, *flat = inputs
+    ctx.save_for_backward(student, teacher, labels, output[1])
+    ctx.flat = tuple(flat)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _distill_backward(ctx, dloss, _dstats):
+    student, teacher, labels, stats = ctx.saved_tensors
+    dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, student.device)
+    dx = torch.ops.xent_triton.distillation_bwd(student, teacher, labels, stats, dloss, *ctx.flat)
+    return (no_second_derivative(dx, "distillation_loss"),) + (None,) * 7
+
+
+distillation_fwd.register_autograd(_distill_backward, setup_context=_distill_setup)
+
+
+@torch.library.custom_op("xent_triton::token_logprobs_fwd", mutates_args=())
+def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float,
+                       entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs, entropy or (0,), stats) of (R, C) logits; IndexError for bad tokens on CPU."""
+    token_range_check(tokens, logits.shape[1])
+    return logprobs_forward_rows(logits, tokens, temperature, entropy)
+
+
+@token_logprobs_fwd.register_fake
+def _(logits, tokens, temperature, entropy):
+    R, dt = logits.shape[0], compute_dtype(logits)
+    return (logits.new_empty((R,), dtype=dt), logits.new_empty((R if entropy else 0,), dtype=dt),
+            logits.new_empty((R, 2), dtype=dt))
+
+
+@torch.library.custom_op("xent_triton::token_logprobs_bwd", mutates_args=())
+def token_logprobs_bwd(logits: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp: Tensor,
+                       dent: Optional[Tensor], temperature: float) -> Tensor:
+    """dL/dlogits as a new tensor with the logits' shape and dtype."""
+    out = alloc(logits.shape, logits.dtype, logits.device)
+    logprobs_backward_into(out, logits, tokens, ent, stats, dlp, dent, temperature)
+    return out
+
+
+@token_logprobs_bwd.register_fake
+def _(logits, tokens, ent, stats, dlp, dent, temperature):
+    return logits.new_empty(logits.shape)
+
+
+def _logprobs_setup(ctx, inputs, output):
+    logits, tokens, temperature, entropy = inputs
+    ctx.save_for_backward(logits, tokens, output[1], output[2])
+    ctx.temperature, ctx.entropy = temperature, entropy
+    ctx.mark_non_differentiable(output[2])
+
+
+def _logprobs_backward(ctx, dlp, dent, _dstats):
+    logits, tokens, ent, stats = ctx.saved_tensors
+    dlp = upstream_or_zeros(dlp, stats.shape[0], stats.dtype, logits.device)
+    dent = dent if ctx.entropy else None
+    dx = torch.ops.xent_triton.token_logprobs_bwd(logits, tokens, ent, stats, dlp, dent, ctx.temperature)
+    return no_second_derivative(dx, "token_logprobs"), None, None, None
+
+
+token_logprobs_fwd.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)
