@@ -1,7 +1,7 @@
 """The main job: an LM-like batch through xent_triton and PyTorch, side by side.
 
-    python perf/demo.py            # GPU when present, else the Triton interpreter on CPU
-    python perf/demo.py --tokens 8192 --vocab 128256
+    python -m perf.demo            # GPU when present, else the Triton interpreter on CPU
+    python -m perf.demo --tokens 8192 --vocab 128256
 
 Prints the loss of each implementation, the max error of loss and gradient against a float64
 reference, and the peak extra memory of forward + backward (the logits' own bytes for scale).
@@ -9,20 +9,13 @@ reference, and the peak extra memory of forward + backward (the logits' own byte
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # run the Triton kernels on the CPU
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch.nn.functional as F  # noqa: E402
-
-import xent_triton  # noqa: E402
-from perf.memory import peak_extra_bytes  # noqa: E402
+from perf._env import interpret_without_cuda
+from perf.memory import peak_extra_bytes
 
 MiB = 2 ** 20
 
@@ -47,7 +40,9 @@ def _run(name, fn, x, y, device, grad_scale):
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
+    cuda = interpret_without_cuda()  # without CUDA: the Triton kernels on the CPU (before the import)
+    import xent_triton
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192 if cuda else 256)
     p.add_argument("--vocab", type=int, default=128256 if cuda else 32000)
@@ -76,9 +71,11 @@ def main() -> None:
     ref = F.cross_entropy(x64, y, label_smoothing=ls)
     ref.backward(torch.tensor(grad_scale, dtype=torch.float64, device=device))
     runs = [
-        _run("xent_triton", lambda a, b: xent_triton.cross_entropy(a, b, label_smoothing=ls), x, y, device, grad_scale),
+        _run("xent_triton", lambda a, b: xent_triton.cross_entropy(a, b, label_smoothing=ls), x, y, device,
+             grad_scale),
         _run("torch eager", lambda a, b: F.cross_entropy(a, b, label_smoothing=ls), x, y, device, grad_scale),
-        _run("torch .float()", lambda a, b: F.cross_entropy(a.float(), b, label_smoothing=ls), x, y, device, grad_scale),
+        _run("torch .float()", lambda a, b: F.cross_entropy(a.float(), b, label_smoothing=ls), x, y, device,
+             grad_scale),
     ]
     print(f"{'implementation':<16}{'loss':>14}{'|loss err|':>12}{'max|grad err|':>15}{'peak extra MiB':>16}"
           f"{'x logits':>10}{'first step s':>14}")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-shot GPU validation of xent_triton (< 8 minutes on an H100/H200):
 #   1. the machine: nvidia-smi, python / torch / triton / optional peers' versions;
-#   2. the test suite on CUDA (python -m pytest -q tests), at most 200 s;
-#   3. a reduced sweep with every installed provider (N 4096/16384, C 32000/128256/262144, bf16;
+#   2. the test suite on CUDA (python -m pytest -q -rs tests), at most 200 s;
+#   3. the linear head vs its measured-GEMM floor (python -m perf.linear_gpu: N 2048/4096/8192,
+#      D 4096, C 128256, bf16; + a run-to-run determinism check) -> linear_gpu.csv, at most 150 s;
+#   4. a reduced sweep with every installed provider (N 4096/16384, C 32000/128256/262144, bf16;
 #      forward+backward and no-grad forward first; new cases stop after 170 s) -> CSV, MD, PNG.
 # Everything lands under OUTDIR (env.txt, pytest.txt, sweep.log, sweep.csv, sweep.md, *.png).
 #
@@ -26,7 +28,7 @@ rc=$?
 if [ "$rc" -ne 0 ]; then
     if [ "$rc" -eq 3 ]; then why="torch sees no CUDA device"; else why="'$PY' cannot import torch"; fi
     echo "gpu_check: FAILED - $why (python: $PY). This script validates the kernels on a GPU;" \
-         "on CPU run 'python -m pytest -q tests' and 'python perf/sweep.py --out perf/out'." >&2
+         "on CPU run 'python -m pytest -q -rs tests' and 'python -m perf.sweep --out perf/out'." >&2
     exit 2
 fi
 mkdir -p "$OUT"
@@ -52,11 +54,15 @@ PYEOF
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== tests on CUDA (limit 200 s)"
-timeout 200 "$PY" -m pytest -q tests 2>&1 | tee "$OUT/pytest.txt" | tail -25
+timeout 200 "$PY" -m pytest -q -rs tests 2>&1 | tee "$OUT/pytest.txt" | tail -25
 rc_tests=${PIPESTATUS[0]}
 
+echo "== linear head vs the three cuBLAS GEMMs (limit 150 s)"
+timeout 150 "$PY" -m perf.linear_gpu --out "$OUT" 2>&1 | tee "$OUT/linear_gpu.log" | tail -5
+rc_linear=${PIPESTATUS[0]}
+
 echo "== reduced sweep (limit 250 s)"
-timeout 250 "$PY" perf/sweep.py --out "$OUT" --quick --modes fwdbwd nograd fwd bwd \
+timeout 250 "$PY" -m perf.sweep --out "$OUT" --quick --modes fwdbwd nograd fwd bwd \
     --time-budget 170 --rep-ms 50 2>&1 | tee "$OUT/sweep.log" | grep -v '^\[gpu sweep' | tail -20
 rc_sweep=${PIPESTATUS[0]}
 [ -f "$OUT/sweep.md" ] && cat "$OUT/sweep.md"
@@ -71,5 +77,5 @@ sys.exit(1 if bad else 0)
 PYEOF
 fi
 
-echo "== gpu_check: tests rc=$rc_tests, sweep rc=$rc_sweep, $(( $(date +%s) - t0 )) s; outputs in $OUT"
-[ "$rc_tests" -eq 0 ] && [ "$rc_sweep" -eq 0 ]
+echo "== gpu_check: tests rc=$rc_tests, linear rc=$rc_linear, sweep rc=$rc_sweep, $(( $(date +%s) - t0 )) s; outputs in $OUT"
+[ "$rc_tests" -eq 0 ] && [ "$rc_linear" -eq 0 ] && [ "$rc_sweep" -eq 0 ]

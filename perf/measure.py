@@ -5,7 +5,7 @@ peak of ``torch.cuda.max_memory_allocated`` above what was live (``perf/memory.p
 copy bandwidth and bf16 matmul rate, measured once, are the ceilings the results are compared with.
 
 CPU: one forward + backward, each phase under the profiler (peak bytes allocated above the level at
-the phase's start) and, when ``traffic`` is importable, under ``traffic.count()`` (bytes moved);
+the phase's start) and, when the traffic counter is given, under ``traffic.count()`` (bytes moved);
 the ``fwdbwd`` peak is max(forward peak, bytes left live after forward + backward peak). The
 no-grad forward is a separate run. Triton kernels run under the interpreter (slow: small N).
 """
@@ -132,20 +132,30 @@ def measure_gpu(p: Provider, kind: str, N: int, C: int, D: int, dtype: torch.dty
     return {"ms": q[0], "ms_p20": q[1], "ms_p80": q[2], "peak_bytes": peak}
 
 
-def device_ceilings(copy_bytes: int = 2 ** 31, mm: int = 8192) -> dict:
-    """Measured device-to-device copy bandwidth (bytes/s, read + write) and bf16 matmul FLOP/s."""
+def _copy_bandwidth(nbytes: int) -> float:
+    """Device-to-device copy of ``nbytes`` bytes: bytes/s, read + write (buffers freed on return)."""
     from triton.testing import do_bench
 
-    a = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
     ms = do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
-    bw = 2 * copy_bytes / (ms * 1e-3)
-    del a, b
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def _matmul_rate(mm: int) -> float:
+    """bf16 (mm x mm) @ (mm x mm): FLOP/s (operands freed on return)."""
+    from triton.testing import do_bench
+
     x = torch.randn(mm, mm, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(mm, mm, device="cuda", dtype=torch.bfloat16)
     ms = do_bench(lambda: x @ w, warmup=25, rep=200, return_mode="median")
-    rate = 2 * mm ** 3 / (ms * 1e-3)
-    del x, w
+    return 2 * mm ** 3 / (ms * 1e-3)
+
+
+def device_ceilings(copy_bytes: int = 2 ** 31, mm: int = 8192) -> dict:
+    """Measured device-to-device copy bandwidth (bytes/s, read + write) and bf16 matmul FLOP/s."""
+    bw = _copy_bandwidth(copy_bytes)
+    rate = _matmul_rate(mm)
     torch.cuda.empty_cache()
     return {"copy_Bps": bw, "mm_flops": rate}
 

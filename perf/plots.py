@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from perf.report import GiB, HEADLINE_N, MODE_TITLES, _f, _order, _title
+from perf.report import HEADLINE_N, MODE_TITLES, GiB, _f, _order, _title
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 STYLES = ["-", "--", "-.", ":"]
@@ -32,7 +32,8 @@ def _shrink(path: str) -> None:
 def _specs(cuda: bool, modes: list[str]):
     if cuda:
         return [("time", "ms", "time (ms, median)", modes, False),
-                ("memory", "peak_bytes", "peak extra memory (GiB)", [m for m in modes if m == "fwdbwd"] or modes[:1], False)]
+                ("memory", "peak_bytes", "peak extra memory (GiB)",
+                 [m for m in modes if m == "fwdbwd"] or modes[:1], False)]
     return [("memory", "mem_x_logits", "peak extra memory ÷ logits bytes", modes, True),
             ("traffic", "measured_x_logits", "bytes moved ÷ logits bytes", modes, True)]
 
@@ -57,8 +58,9 @@ def plots(rows: list[dict], out_dir: str, cuda: bool) -> list[str]:
         N = HEADLINE_N if HEADLINE_N in Ns else Ns[-1]
         Cs = sorted({int(r["C"]) for r in kr})
         for what, col, ylabel, pmodes, sharey in _specs(cuda, modes):
-            fig, axes = plt.subplots(len(dts), len(pmodes), figsize=(max(4.0 * len(pmodes) + 1.2, 10), 3.5 * len(dts) + 1.2),
-                                     squeeze=False, sharex=True, sharey=sharey)
+            size = (max(4.0 * len(pmodes) + 1.2, 10), 3.5 * len(dts) + 1.2)
+            fig, axes = plt.subplots(len(dts), len(pmodes), figsize=size, squeeze=False, sharex=True,
+                                     sharey=sharey)
             for i, dt in enumerate(dts):
                 for j, mode in enumerate(pmodes):
                     ax = axes[i][j]
@@ -69,15 +71,18 @@ def plots(rows: list[dict], out_dir: str, cuda: bool) -> list[str]:
                         if not pts:
                             continue
                         # later providers drawn smaller, so that coinciding lines stay visible
-                        line, = ax.plot(*zip(*pts), marker=MARKERS[k % len(MARKERS)], ms=max(3.5, 9 - 1.5 * k),
-                                        ls=STYLES[k % len(STYLES)], lw=max(1.0, 2.2 - 0.3 * k), label=_title(p), alpha=0.85)
+                        line, = ax.plot(*zip(*pts), marker=MARKERS[k % len(MARKERS)],
+                                        ms=max(3.5, 9 - 1.5 * k), ls=STYLES[k % len(STYLES)],
+                                        lw=max(1.0, 2.2 - 0.3 * k), label=_title(p), alpha=0.85)
                         if not cuda and what == "traffic":
                             mp = sorted((int(r["C"]), _f(r["model_bytes"]) / _f(r["logits_bytes"]))
                                         for r in sel if r["provider"] == p and _f(r.get("model_bytes")))
                             if mp:
                                 ax.plot(*zip(*mp), ls="-", lw=7, color=line.get_color(), alpha=0.18)
                     if cuda and what == "time":
-                        fl = sorted({(int(r["C"]), _f(r.get("floor_ms_measured")) or _f(r.get("floor_ms_spec"))) for r in sel})
+                        fl = sorted({(int(r["C"]),
+                                      _f(r.get("floor_ms_measured")) or _f(r.get("floor_ms_spec")))
+                                     for r in sel})
                         fl = [(c, v) for c, v in fl if v]
                         if fl:
                             ax.plot(*zip(*fl), ls="--", lw=1.5, color="black", label="roofline floor")
@@ -98,20 +103,25 @@ def plots(rows: list[dict], out_dir: str, cuda: bool) -> list[str]:
                     if j == 0:
                         ax.set_ylabel(ylabel + (" (log)" if cuda else ""), fontsize=9)
             if not cuda:  # after all lines (shared y): from 0 to the largest multiple
-                top = max((max(ln.get_ydata()) for a in axes.flat for ln in a.get_lines() if len(ln.get_ydata())), default=1)
+                ys = [ln.get_ydata() for a in axes.flat for ln in a.get_lines()]
+                top = max((max(y) for y in ys if len(y)), default=1)
                 axes[0][0].set_ylim(0, top * 1.08)
             h, lab = axes[0][0].get_legend_handles_labels()
             if not cuda and what == "traffic":
                 h.append(plt.Line2D([], [], lw=7, color="gray", alpha=0.3))
                 lab.append("roofline model (xent_triton.roofline)")
-            fig.legend(h, lab, loc="lower center", ncol=min(len(lab), 3 if len(pmodes) < 3 else 6), frameon=False, fontsize=9)
+            fig.legend(h, lab, loc="lower center", ncol=min(len(lab), 3 if len(pmodes) < 3 else 6),
+                       frameon=False, fontsize=9)
             where = (f"GPU {kr[0]['device']}" if cuda else
-                     f"measured on CPU at N={N} rows (multiples of N·C·B do not depend on N)" + ("; ≈0: per-token only" if what == "memory" else ""))
-            fig.suptitle(f"{'cross-entropy' if kind == 'ce' else 'linear head + cross-entropy'}: {ylabel} — {where}\n"
-                         f"torch {kr[0]['torch']}, triton {kr[0]['triton']}, {kr[0]['date']}, commit {kr[0]['commit']}",
-                         fontsize=10)
+                     f"measured on CPU at N={N} rows (multiples of N·C·B do not depend on N)"
+                     + ("; ≈0: per-token only" if what == "memory" else ""))
+            head = "cross-entropy" if kind == "ce" else "linear head + cross-entropy"
+            fig.suptitle(f"{head}: {ylabel} — {where}\n"
+                         f"torch {kr[0]['torch']}, triton {kr[0]['triton']}, {kr[0]['date']}, "
+                         f"commit {kr[0]['commit']}", fontsize=10)
             fig.tight_layout(rect=(0, 0.1 if len(pmodes) < 3 else 0.06, 1, 0.97))
-            path = os.path.join(out_dir, f"{'gpu' if cuda else 'cpu'}_{what}{'' if kind == 'ce' else '_linear'}.png")
+            name = f"{'gpu' if cuda else 'cpu'}_{what}{'' if kind == 'ce' else '_linear'}.png"
+            path = os.path.join(out_dir, name)
             fig.savefig(path, dpi=80)
             plt.close(fig)
             _shrink(path)

@@ -1,18 +1,18 @@
-"""Markdown tables of a sweep (``perf/sweep.py``; plots in ``perf/plots.py``); also on a saved CSV:
+"""Markdown tables of a sweep (``perf.sweep``; plots in ``perf.plots``); also on a saved CSV:
 
-    python perf/report.py perf/out/sweep.csv        # rewrites sweep.md and the PNGs beside it
+    python -m perf.report perf/out/sweep.csv        # rewrites sweep.md and the PNGs beside it
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
-import sys
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from perf.providers import BY_NAME, ours  # noqa: E402
+from perf.providers import BY_NAME, ours
 
-MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward", "nograd": "no-grad forward"}
+MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward",
+               "nograd": "no-grad forward"}
 HEADLINE_N = 8192
 GiB = 2 ** 30
 
@@ -66,8 +66,9 @@ def _header(meta: dict, cuda: bool) -> list[str]:
     if meta.get("missing"):
         out.append(f"- not available here (not installed, or GPU only): {', '.join(meta['missing'])}")
     if not cuda:
-        out.append(f"- measured at N = {meta['cpu_rows']} rows on CPU (Triton kernels under the interpreter); "
-                   "every figure is a multiple of the logits' bytes N·C·B, which does not depend on N")
+        out.append(f"- measured at N = {meta['cpu_rows']} rows on CPU (Triton kernels under the "
+                   "interpreter); every figure is a multiple of the logits' bytes N·C·B, which does not "
+                   "depend on N")
     return out
 
 
@@ -84,10 +85,11 @@ def _cpu_tables(rows, kind) -> list[str]:
         Ds = sorted({str(r["D"]) for r in rows if r["kind"] == kind})
         note = [f"\n(linear head, D = {', '.join(Ds)}: the peak includes the classifier's gradient (C·D) and "
                 "fp32 accumulators, so these multiples of N·C·B depend on D/N.)"]
-    out = note + [f"\n### Peak extra memory ÷ logits bytes ({kind}; range over C = {', '.join(map(str, Cs))})\n",
-           "| mode | dtype | " + " | ".join(_title(p) for p in names)
-           + (f" | {me} ÷ torch eager | {me} ÷ best peer |" if me in names else " |"),
-           "|---|---|" + "---:|" * (len(names) + (2 if me in names else 0))]
+    out = note + [
+        f"\n### Peak extra memory ÷ logits bytes ({kind}; range over C = {', '.join(map(str, Cs))})\n",
+        "| mode | dtype | " + " | ".join(_title(p) for p in names)
+        + (f" | {me} ÷ torch eager | {me} ÷ best peer |" if me in names else " |"),
+        "|---|---|" + "---:|" * (len(names) + (2 if me in names else 0))]
     for mode, dt in keys:
         cells = [_span([_f(get.get((p, mode, dt, C), {}).get("mem_x_logits")) for C in Cs]) for p in names]
         if me in names:
@@ -100,7 +102,8 @@ def _cpu_tables(rows, kind) -> list[str]:
                 vs_torch.append(_ratio(m, t))
                 vs_best.append(_ratio(m, min(pv) if pv else None))
             tiny = f"both < {TINY}"
-            cells += [_span(vs_torch, "{:.3f}").replace("n/a", tiny), _span(vs_best, "{:.3f}").replace("n/a", tiny)]
+            cells += [_span(vs_torch, "{:.3f}").replace("n/a", tiny),
+                      _span(vs_best, "{:.3f}").replace("n/a", tiny)]
         out.append(f"| {MODE_TITLES[mode]} | {dt} | " + " | ".join(cells) + " |")
     out += [f"\n### Bytes moved ÷ logits bytes ({kind}): measured by traffic.py (roofline model)\n",
             "| mode | dtype | " + " | ".join(_title(p) for p in names) + " |",
@@ -120,7 +123,8 @@ def _cpu_tables(rows, kind) -> list[str]:
 def _gpu_tables(rows, kind) -> list[str]:
     names, me = _order(rows, kind), ours(kind)
     peers = [p for p in names if p != me]
-    get = {(r["provider"], r["mode"], r["dtype"], int(r["N"]), int(r["C"])): r for r in rows if r["kind"] == kind}
+    get = {(r["provider"], r["mode"], r["dtype"], int(r["N"]), int(r["C"])): r
+           for r in rows if r["kind"] == kind}
     out = []
     groups = sorted({(r["mode"], r["dtype"]) for r in rows if r["kind"] == kind},
                     key=lambda k: (list(MODE_TITLES).index(k[0]), k[1]))
@@ -129,7 +133,8 @@ def _gpu_tables(rows, kind) -> list[str]:
                         and r["mode"] == mode and r["dtype"] == dt})
         out += [f"\n### {kind}: {MODE_TITLES[mode]}, {dt} — time in ms (median), peak extra memory in GiB\n",
                 "| N | C | floor ms | " + " | ".join(_title(p) for p in names)
-                + f" | speedup vs torch | vs best peer | {me} % of floor | {me} GiB | mem ÷ torch | mem ÷ best peer |",
+                + f" | speedup vs torch | vs best peer | {me} % of floor | {me} GiB | mem ÷ torch"
+                " | mem ÷ best peer |",
                 "|---:|---:|---:|" + "---:|" * (len(names) + 6)]
         for N, C in cases:
             rs = {p: get.get((p, mode, dt, N, C), {}) for p in names}
@@ -154,7 +159,8 @@ def _gpu_tables(rows, kind) -> list[str]:
             out[-1] += " | ".join(cell(p) for p in names) + " | " + " | ".join([
                 div(tt, t0), div(min(pm) if pm else None, t0),
                 f"{100 * floor / t0:.0f}%" if floor and t0 else "–",
-                f"{m0 / GiB:.2f}" if m0 is not None else "–", div(m0, mt), div(m0, min(pk) if pk else None)]) + " |"
+                f"{m0 / GiB:.2f}" if m0 is not None else "–", div(m0, mt),
+                div(m0, min(pk) if pk else None)]) + " |"
     return out
 
 
@@ -163,24 +169,31 @@ def markdown(rows: list[dict], meta: dict, cuda: bool) -> str:
     out = [f"## {'GPU' if cuda else 'CPU'} sweep", ""] + _header(meta, cuda)
     if cuda and rows:
         r = rows[0]
-        out.append(f"- measured ceilings: device-to-device copy {float(r['copy_GBps']):.0f} GB/s, bf16 matmul "
-                   f"{float(r['mm_TFLOPs']):.0f} TFLOP/s; floor = roofline (xent_triton.roofline) at these "
+        out.append(f"- measured ceilings: device-to-device copy {float(r['copy_GBps']):.0f} GB/s, "
+                   f"bf16 matmul {float(r['mm_TFLOPs']):.0f} TFLOP/s; floor = roofline "
+                   "(xent_triton.roofline) at these "
                    "ceilings; speedup = other ms ÷ ours, memory ratio = ours ÷ other (< 1: ours smaller)")
     for k in kinds:
         out += _gpu_tables(rows, k) if cuda else _cpu_tables(rows, k)
     return "\n".join(out) + "\n"
 
 
-if __name__ == "__main__":
-    src = sys.argv[1]
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("csv", help="a sweep.csv written by python -m perf.sweep")
+    src = ap.parse_args(argv).csv
     with open(src) as fh:
         rows = list(csv.DictReader(fh))
     gpu = bool(rows) and bool(rows[0].get("copy_GBps"))
     meta = {k: rows[0][k] for k in ("device", "torch", "triton", "python", "date", "commit")} if rows else {}
-    meta.update(command=f"python perf/report.py {src}", seconds=0.0, cpu_rows=rows[0]["N"] if rows else 0,
+    meta.update(command=f"python -m perf.report {src}", seconds=0.0, cpu_rows=rows[0]["N"] if rows else 0,
                 providers=sorted({r["provider"] for r in rows}, key=list(BY_NAME).index), missing=[])
     with open(os.path.join(os.path.dirname(src), "sweep.md"), "w") as fh:
         fh.write(markdown(rows, meta, gpu))
     from perf.plots import plots
 
     print(plots(rows, os.path.dirname(src), gpu))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Static GPU resource report: compile every kernel variant for sm_80 / sm_90 with no GPU.
 
-For each variant of ``xent_triton.kernel_specs`` (kernel x logits dtype x flags x launch config x
+For each variant of ``perf.kernel_specs`` (kernel x logits dtype x flags x launch config x
 layout) and each target, ``triton.compile`` builds the cubin with triton's own ptxas (triton 3.9:
 CUDA 12.9 for sm_80, 13.x for sm_90; register counts can differ by a few with other versions);
 ``cuobjdump --dump-resource-usage`` gives registers, stack, shared and local bytes; when stack or
@@ -36,10 +36,6 @@ import sys
 import tempfile
 import time
 from typing import Optional
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 ARCHS = (80, 90)
 COLUMNS = ("kernel", "dtype", "layout", "flags", "config", "sm", "regs", "stack", "local",
@@ -183,7 +179,8 @@ def compile_one(key, arch: int) -> Row:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from xent_triton import kernel_specs as ks
+
+    from perf import kernel_specs as ks
 
     row = Row(key.kernel, key.dtype, key.layout, "+".join(k for k, v in key.flags if v) or "-",
               ",".join(f"{k}={v}" for k, v in key.config), arch)
@@ -247,7 +244,7 @@ def run(keys: list, archs=ARCHS, workers: int = 2, cache_dir: Optional[str] = No
 
 def select(full: bool, kernels: Optional[list[str]] = None, layouts: Optional[list[str]] = None) -> list:
     """Variant keys: the CI set, or the full cross-product, optionally filtered."""
-    from xent_triton import kernel_specs as ks
+    from perf import kernel_specs as ks
     keys = []
     for name, spec in ks.SPECS.items():
         if kernels and name not in kernels:

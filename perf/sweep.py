@@ -1,14 +1,14 @@
 """Performance sweep of xent_triton against its peers, on a GPU or (machine-independent figures) on CPU.
 
-    python perf/sweep.py --out perf/out                 # full sweep (GPU) / memory+traffic sweep (CPU)
-    python perf/sweep.py --out perf/out --quick         # a few cases
-    python perf/sweep.py --out perf/out --providers xent_triton torch --modes fwdbwd nograd
+    python -m perf.sweep --out perf/out                 # full sweep (GPU) / memory+traffic sweep (CPU)
+    python -m perf.sweep --out perf/out --quick         # a few cases
+    python -m perf.sweep --out perf/out --providers xent_triton torch --modes fwdbwd nograd
 
 GPU: time (do_bench median, 20/80 % quantiles) and peak extra memory of each provider, the device's
 measured copy bandwidth and bf16 matmul rate, and the roofline floor of each case
 (``xent_triton.roofline``) at the datasheet peaks and at the measured ceilings.
-CPU: per provider the peak extra memory (profiler) and the bytes moved (``traffic.py``, when
-importable from ../shared/tools), measured at a small N (``--cpu-rows``) with the Triton kernels under
+CPU: per provider the peak extra memory (profiler) and the bytes moved (the test harness's counter,
+``tests/harness/traffic.py``), measured at a small N (``--cpu-rows``) with the Triton kernels under
 the interpreter, reported as multiples of the logits' bytes (scale-free), beside the model's bytes.
 
 Writes ``sweep.csv`` (one row per provider x case x mode, stamped), ``sweep.md`` (tables with the
@@ -28,21 +28,12 @@ import time
 
 import torch
 
+from perf._env import interpret_without_cuda
+
+# xent_triton and the perf modules that import it (measure, plots, providers, report) are imported
+# inside the functions, after main() has set TRITON_INTERPRET on a machine without CUDA.
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels on CPU
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-SHARED_TOOLS = os.path.join(os.path.dirname(ROOT), "shared", "tools")
-
-import triton  # noqa: E402
-
-from perf import measure as M  # noqa: E402
-from perf import plots as plotting  # noqa: E402
-from perf import providers as P  # noqa: E402
-from perf import report  # noqa: E402
-from xent_triton import roofline  # noqa: E402
-
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENS = [1024, 2048, 4096, 8192, 16384, 32768]
 VOCABS = [32000, 50257, 128256, 151936, 262144]
@@ -56,6 +47,8 @@ FIELDS = ["device", "torch", "triton", "python", "date", "commit", "kind", "prov
 
 def stamp(argv: list[str]) -> dict:
     """Where and with what the figures were measured."""
+    import triton
+
     def git(*a):
         try:
             return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
@@ -65,8 +58,9 @@ def stamp(argv: list[str]) -> dict:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()}, " \
-        f"{os.cpu_count()} cores, Triton interpreter)"
+    cpu = platform.processor() or platform.machine()
+    device = (torch.cuda.get_device_name() if CUDA
+              else f"CPU ({cpu}, {os.cpu_count()} cores, Triton interpreter)")
     return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -74,20 +68,22 @@ def stamp(argv: list[str]) -> dict:
 
 
 def load_traffic():
-    """The traffic counter from ../shared/tools, or None (optional)."""
-    if CUDA or not os.path.isdir(SHARED_TOOLS):
+    """The test harness's traffic counter (tests/harness/traffic.py), or None on CUDA / if unusable."""
+    if CUDA:
         return None
-    sys.path.insert(0, SHARED_TOOLS)
     try:
-        import traffic
+        from tests.harness import traffic
         return traffic
-    except Exception as e:  # noqa: BLE001
-        print(f"traffic.py not usable ({e}); no measured bytes", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - e.g. a triton whose interpreter it cannot hook
+        print(f"traffic counter not usable ({e}); no measured bytes", file=sys.stderr)
         return None
 
 
 def model_fields(p, kind, N, C, D, B, mode, dev, ceil) -> dict:
     """Roofline figures of one row: the provider's own model, and the ideal (our kernels') floor."""
+    from perf import providers as P
+    from xent_triton import roofline
+
     if kind == "ce":
         ign = P.ignored_fraction(N)
         ideal = roofline.cross_entropy_cost(N, C, B, mode, ignored=ign)
@@ -108,12 +104,17 @@ def model_fields(p, kind, N, C, D, B, mode, dev, ceil) -> dict:
 
 def gpu_need_bytes(p, kind, N, C, D, B) -> float:
     """Conservative memory estimate of a GPU case (inputs, gradients, provider's extra)."""
+    from perf import providers as P
+
     inputs = N * C * B if kind == "ce" else (N + C) * D * B
     acc = 0 if kind == "ce" else (N + C) * D * 4
     return 2 * inputs + acc + P.extra_bytes_per_logit(p.name, B) * N * C + 2 ** 30
 
 
 def run_gpu(args, provs, base, write) -> None:
+    from perf import measure as M
+    from xent_triton import roofline
+
     dev = roofline.device_for(base["device"])
     ceil = M.device_ceilings()
     print(f"measured ceilings: copy {ceil['copy_Bps'] / 1e9:.0f} GB/s, bf16 matmul "
@@ -154,6 +155,8 @@ def run_gpu(args, provs, base, write) -> None:
 
 
 def run_cpu(args, provs, base, write) -> None:
+    from perf import measure as M
+
     tr = load_traffic()
     N = args.cpu_rows
     cases = [(k, C, dt) for k in args.kinds for dt in args.dtypes for C in args.vocabs]
@@ -188,12 +191,16 @@ def run_cpu(args, provs, base, write) -> None:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
+    from perf import providers as P
+    from xent_triton import roofline
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (CSV, markdown, PNG)")
     ap.add_argument("--quick", action="store_true", help="a few cases: N in %s, C in %s, bf16"
                     % (QUICK_TOKENS, QUICK_VOCABS))
     ap.add_argument("--providers", nargs="+", choices=list(P.BY_NAME), help="default: all installed")
-    ap.add_argument("--modes", nargs="+", choices=list(roofline.MODES), default=["fwdbwd", "nograd", "fwd", "bwd"])
+    ap.add_argument("--modes", nargs="+", choices=list(roofline.MODES),
+                    default=["fwdbwd", "nograd", "fwd", "bwd"])
     ap.add_argument("--kinds", nargs="+", choices=["ce", "linear"],
                     help="default: ce, plus (GPU) linear when xent_triton.linear_cross_entropy exists")
     ap.add_argument("--tokens", nargs="+", type=int, help=f"GPU N values (default {TOKENS})")
@@ -217,14 +224,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
+    interpret_without_cuda()  # first: before xent_triton is imported
+    from perf import plots as plotting
+    from perf import providers as P
+    from perf import report
+
     args = parse(argv)
     os.makedirs(args.out, exist_ok=True)
     provs = [p for p in P.select(args.providers, CUDA) if p.kind in args.kinds]
-    meta = stamp(["perf/sweep.py", *argv])
+    meta = stamp(["-m", "perf.sweep", *argv])
     wanted = [n for n in (args.providers or P.BY_NAME) if P.BY_NAME[n].kind in args.kinds]
     missing = [n for n in wanted if n not in {p.name for p in provs}]
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | providers: "
-          f"{', '.join(p.name for p in provs)}" + (f" | unavailable here: {', '.join(missing)}" if missing else ""),
+          f"{', '.join(p.name for p in provs)}"
+          + (f" | unavailable here: {', '.join(missing)}" if missing else ""),
           file=sys.stderr)
     base = {k: v for k, v in meta.items() if k != "command"}
     rows: list[dict] = []

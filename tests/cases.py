@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 import xent_triton
-from tolerances import assert_close_rule, rel_err
 from reference import cross_entropy_composed
+from tolerances import assert_close_rule, rel_err
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 SHORT = {BF16: "bf16", F16: "fp16", F32: "fp32", F64: "fp64"}

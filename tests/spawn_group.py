@@ -40,7 +40,8 @@ def run_group(worker: pathlib.Path, world: int, specs: list, tmp: pathlib.Path, 
     for r, p in enumerate(procs):
         p.wait()
         logs[r].close()
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{(tmp / f'rank{r}.log').read_text()[-6000:]}"
+        log = (tmp / f"rank{r}.log").read_text()[-6000:]
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log}"
     per_rank = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
     return {cid: [pr[cid] for pr in per_rank] for cid in per_rank[0]}
 

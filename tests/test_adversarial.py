@@ -145,7 +145,8 @@ def test_compile_dynamic_fullgraph(path):
         return xt.cross_entropy(x, t, label_smoothing=ls) + xt.linear_cross_entropy(h, w, t)
 
     got = both(x, h, w, t, 0.1)
-    ref = F.cross_entropy(x.double(), t, label_smoothing=0.1) + F.cross_entropy(h.double() @ w.double().t(), t)
+    ref = (F.cross_entropy(x.double(), t, label_smoothing=0.1)
+           + F.cross_entropy(h.double() @ w.double().t(), t))
     assert abs(got.item() - ref.item()) < 1e-4
     got.backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
@@ -159,7 +160,8 @@ def test_compile_keeps_cpu_target_check(path, head):
         fn = torch.compile(lambda x, t: xt.cross_entropy(x, t), fullgraph=True, backend="aot_eager")
         args = (torch.randn(N, C),)
     else:
-        fn = torch.compile(lambda h, w, t: xt.linear_cross_entropy(h, w, t), fullgraph=True, backend="aot_eager")
+        fn = torch.compile(lambda h, w, t: xt.linear_cross_entropy(h, w, t), fullgraph=True,
+                           backend="aot_eager")
         args = (torch.randn(N, 16), torch.randn(C, 16))
     with pytest.raises(IndexError, match="out of bounds"):
         fn(*args, t)

@@ -72,12 +72,15 @@ def _objective(lin, h, y, g, options):
 
 
 CASES = [
-    pytest.param(1000, torch.float32, False, {"label_smoothing": 0.1, "softcap": 30.0, "lse_square_scale": 1e-3},
+    pytest.param(1000, torch.float32, False,
+                 {"label_smoothing": 0.1, "softcap": 30.0, "lse_square_scale": 1e-3},
                  id="C1000-fp32-smooth-softcap-zloss"),
-    pytest.param(1000, torch.float32, False, {"weight": True, "reduction": "sum"}, id="C1000-fp32-weight-sum"),
+    pytest.param(1000, torch.float32, False, {"weight": True, "reduction": "sum"},
+                 id="C1000-fp32-weight-sum"),
     pytest.param(1000, torch.float32, False, {"return_lse": True}, id="C1000-fp32-return_lse"),
     pytest.param(1000, torch.float32, False, {"reduction": "none"}, id="C1000-fp32-none"),
-    pytest.param(1000, torch.float32, False, {"reduction": "none", "return_lse": True}, id="C1000-fp32-none-lse"),
+    pytest.param(1000, torch.float32, False, {"reduction": "none", "return_lse": True},
+                 id="C1000-fp32-none-lse"),
     pytest.param(1000, torch.float32, False, {"inplace_backward": True, "label_smoothing": 0.2},
                  id="C1000-fp32-inplace_backward"),
     pytest.param(777, torch.bfloat16, False, {"softcap": 15.0}, id="C777-bf16-softcap"),
@@ -119,7 +122,8 @@ def test_compiled_step_one_graph_matches_eager(C, dtype, soft, options, device):
     bwd = "xent_triton.cross_entropy_bwd_inplace.default" if options.get("inplace_backward") \
         else "xent_triton.cross_entropy_bwd.default"
     assert bwd in bw_ops, bw_ops
-    decomposed = {"aten._log_softmax.default", "aten.logsumexp.default", "aten.exp.default"} & (fw_ops | bw_ops)
+    decomposed = ({"aten._log_softmax.default", "aten.logsumexp.default", "aten.exp.default"}
+                  & (fw_ops | bw_ops))
     assert not decomposed, f"the loss should stay inside the opaque custom op, found {decomposed}"
 
     tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
@@ -151,7 +155,8 @@ def test_inductor_step_matches_eager(device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name}: inductor != eager")
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1", reason="CPU peak memory of interpreted kernels")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
+                    reason="CPU peak memory of interpreted kernels")
 @pytest.mark.parametrize("backend", [
     pytest.param("inductor", id="inductor"),
     pytest.param("aot_eager", id="aot_eager", marks=pytest.mark.xfail(strict=True, reason=(
@@ -163,7 +168,8 @@ def test_compiled_inplace_backward_saves_the_gradient_buffer(backend):
     """inplace_backward under torch.compile keeps its memory promise: the compiled step's peak extra
     memory is no more than eager's with inplace_backward (+ 1 KiB per row), i.e. no N x C clone.
     (Eager: ~1.06x the fp32 logits' bytes, the logits plus the small weight gradient.)"""
-    traffic = pytest.importorskip("traffic")
+    from harness import traffic
+
     n, C, h_dim = 64, 8192, 4  # a thin layer: its weight gradient (C*h_dim*4 B) is small next to the logits
     lin = torch.nn.Linear(h_dim, C)
     h = torch.randn(n, h_dim)

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 import xent_triton
 from cases import BF16, F16, F32, check, class_ids, class_weight, logits, pid, probabilities
 from tolerances import assert_close_rule
-from xent_triton import config
-from xent_triton import runtime
+from xent_triton import config, runtime
 
 
 def case(shape: tuple, dtype: torch.dtype, spec: dict, id: str):

@@ -2,8 +2,8 @@
 import torch
 
 import xent_triton
-from tolerances import assert_close_rule
 from reference import cross_entropy_composed
+from tolerances import assert_close_rule
 
 
 def test_functional_and_module_match_reference(device):

@@ -7,14 +7,14 @@ for each kernel in ``kernel_specs.SPECS``, each for sm_80 and sm_90 (342 compile
 cross-entropy kernels, ~100-160 s of CPU: about 1-1.5 min on 2 idle cores):
 
 1. layout c16 ((N, C) logits, C % 16 == 0), every logits dtype (fp32/bf16/fp16) x every launch
-   config (``launch.all_configs()``: BLOCK_C 128..4096 with its warps), flags all OFF, all ON, and
+   config (``config.all_configs()``: BLOCK_C 128..4096 with its warps), flags all OFF, all ON, and
    all ON but SOFT_TARGET (soft and hard targets are alternative paths, each with its own worst case);
 2. layout c16, every dtype, the largest config, each flag alone;
 3. layouts odd (C % 16 != 0) and nd ((N, C, D), class stride D), every dtype, the largest config,
    the same OFF / ON / ON-but-soft flag sets.
 
 Why that set stands for what the launcher can choose: its choices are dtype x flags x config
-(``launch.config(C)`` only ever returns one of ``all_configs()``), and the JIT's specializations
+(``config.config(C)`` only ever returns one of ``all_configs()``), and the JIT's specializations
 (unit strides as constants, 16-divisible pointers / strides) differ only between the layouts.
 Every dtype x config pair is compiled at both register extremes: flags OFF (the least code) and
 every flag ON. Each flag only *adds* live values to the same loop (a weight vector, a target
@@ -26,7 +26,8 @@ element). Registers are not strictly monotone in the flags (ptxas allocates in s
 registers for occupancy): the full c16 cross-product (triton 3.9) peaks at 64 (fwd) / 80 (bwd)
 registers against 64 / 79 in this set, though for single configs up to 16 above it (bwd
 BLOCK_C=4096 on sm_80: 64 for weight+smoothing+softcap vs 48), all far below 255 (yet ptxas
-can spill a few bytes long before 255: see the known gap below). The full cross-product (2^flags x configs x dtypes x layouts x 2 archs = 5184
+can spill a few bytes long before 255: see the known gap below). The full cross-product
+(2^flags x configs x dtypes x layouts x 2 archs = 5184
 compiles for the two kernels, ~20-40 min of CPU) is ``python -m perf.static_report --full``: run it
 after changing a kernel or the launch policy.
 
@@ -53,7 +54,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from perf import static_report as sr  # noqa: E402
-from xent_triton import kernel_specs as ks  # noqa: E402
+from perf import kernel_specs as ks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (sr.nvidia_tool("ptxas") and sr.nvidia_tool("cuobjdump")),
                                 reason="ptxas / cuobjdump not available")
@@ -136,7 +137,7 @@ def test_stream_load_widths_parse_llvm_ir(tmp_path):
 !12 = !DILocation(line: 2, column: 9, scope: !6)
 !13 = !DILocation(line: 2, column: 9, scope: !8, inlinedAt: !11)
 !14 = !DILocation(line: 3, column: 9, scope: !6)
-"""
+"""  # noqa: E501 (verbatim LLVM IR lines)
     assert sr.stream_load_widths(llir, "tl.load(x_row + cols") == [16, 2]
     assert sr.stream_load_widths(llir, "tl.load(w_ptr") == [8]
     assert sr.stream_load_widths(llir.replace("DILocation", "DINowhere"), "tl.load(x_row") is None

@@ -29,7 +29,8 @@ def _z64(x, cdim, softcap, scale):
 
 STATS_CASES = [
     pytest.param((16, 1000), torch.float32, {}, id="N16-C1000-fp32"),
-    pytest.param((16, 1000), torch.bfloat16, dict(softcap=20.0, logit_scale=1.5), id="N16-C1000-bf16-softcap-scale"),
+    pytest.param((16, 1000), torch.bfloat16, dict(softcap=20.0, logit_scale=1.5),
+                 id="N16-C1000-bf16-softcap-scale"),
     pytest.param((4, 300, 5), torch.float32, dict(label_smoothing=0.1), id="N4-C300-D5-fp32-smooth"),
     pytest.param((8, 50257), torch.bfloat16, {}, id="N8-C50257-bf16"),
 ]

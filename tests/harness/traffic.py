@@ -22,10 +22,11 @@ times the element size, and a ``tl.dot`` counts 2*M*N*K (times the batch) FLOPs.
 an aten op counts the bytes of its tensor inputs plus outputs, as an eager framework's kernels move
 them; views, metadata queries and uninitialised allocations count nothing, fills and constant
 factories count their output once. A non-aten op (a ``xent_triton::`` custom op) counts nothing
-itself: its implementation runs with the counter active, so its aten ops and kernels are counted. Every active lane of every load and store (inside ``count()`` or
-not) is checked against the storages of the launch's tensor arguments: a lane outside all of them
-is recorded in the out-of-bounds record (the interpreter itself reads and writes such lanes
-silently). Not counted nor checked: atomics (``tl.atomic_*``) and tensor-descriptor accesses.
+itself: its implementation runs with the counter active, so its aten ops and kernels are counted.
+Every active lane of every load and store (inside ``count()`` or not) is checked against the
+storages of the launch's tensor arguments: a lane outside all of them is recorded in the
+out-of-bounds record (the interpreter itself reads and writes such lanes silently). Not counted
+nor checked: atomics (``tl.atomic_*``) and tensor-descriptor accesses.
 
 Triton versions. The module wraps interpreter internals: ``InterpreterBuilder.create_masked_load``,
 ``create_masked_store``, ``create_dot``, ``GridExecutor.__call__``, ``GridExecutor._init_args_hst``,
