@@ -9,6 +9,7 @@ collective recorder is the core TP harness's (vocab_parallel_worker.Recorder).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -17,10 +18,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
-import xent_triton.distributed
-from vocab_parallel_worker import Recorder, init_group_and_cases
-from xent_triton import launch
 import xent_triton
+from vocab_parallel_worker import Recorder, init_group_and_cases
+from xent_triton import config
 
 
 def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
@@ -34,8 +34,6 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     opts = dict(case["opts"])
     extra = {"vocab_start_index": case["starts"][r]} if case["starts"] else {}
     os.environ["TRITON_INTERPRET"] = "0" if case["torch_path"] else case["interpret"]
-    if case["tiles"]:  # small interpreter tiles: several class splits and row blocks
-        launch.INTERPRET_LINEAR = launch.LinearConfig(*case["tiles"], 1, 1)
 
     def fn(x, w, b, y):
         # through the public entry point, which dispatches to linear_parallel under a process group
@@ -55,14 +53,16 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
         w = d["W"][start:start + size].clone().requires_grad_(need_w)
         b = d["b"][start:start + size].clone().requires_grad_(need_b) if d["b"] is not None else None
         rec.active = True
-        res = fn(x, w, b, y)
-        fwd = rec.take()
-        loss, lse = res if opts.get("return_lse") else (res, None)
-        tensors, grads = [loss], [d["g"].to(loss.dtype).view(loss.shape)]
-        if lse is not None and d["h"] is not None:
-            tensors.append(lse)
-            grads.append(d["h"].to(lse.dtype).view(lse.shape))
-        torch.autograd.backward(tensors, grads)
+        tiles = config.overrides(**case["tiles"]) if case["tiles"] else contextlib.nullcontext()
+        with tiles:  # small class tiles / several class splits, forward and backward
+            res = fn(x, w, b, y)
+            fwd = rec.take()
+            loss, lse = res if opts.get("return_lse") else (res, None)
+            tensors, grads = [loss], [d["g"].to(loss.dtype).view(loss.shape)]
+            if lse is not None and d["h"] is not None:
+                tensors.append(lse)
+                grads.append(d["h"].to(lse.dtype).view(lse.shape))
+            torch.autograd.backward(tensors, grads)
         bwd = rec.take()
         rec.active = False
         out["calls"].append({"fwd": fwd, "bwd": bwd})
@@ -76,12 +76,11 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
 def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -> None:
     cases, groups = init_group_and_cases(rank, world, init_file, cases_file)
     rec = Recorder()
-    interpret, tiles = os.environ.get("TRITON_INTERPRET", "0"), launch.INTERPRET_LINEAR
+    interpret = os.environ.get("TRITON_INTERPRET", "0")
     results = {}
     for case in cases:
         case["interpret"] = interpret
         t0 = time.time()
-        xent_triton.distributed._LAYOUTS.clear()  # cases independent: each validates its layout
         try:
             results[case["id"]] = run_case(case, groups, rec)
         except Exception as e:  # recorded; the parent decides whether it was expected
@@ -90,7 +89,6 @@ def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -
             results[case["id"]] = {"error": type(e).__name__, "message": str(e),
                                    "traceback": traceback.format_exc()}
         os.environ["TRITON_INTERPRET"] = interpret
-        launch.INTERPRET_LINEAR = tiles
         print(f"rank {rank} {case['id']} {time.time() - t0:.2f}s", flush=True)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()

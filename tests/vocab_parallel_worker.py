@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 import xent_triton
-import xent_triton.distributed
 
 WRAPPED = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
            "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single", "reduce",
@@ -42,7 +41,8 @@ class Recorder:
                 t = args[1] if name == "all_gather" else (args[0] if args else None)
                 nbytes = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else -1
                 op = kwargs.get("op", args[1] if name == "all_reduce" and len(args) > 1 else None)
-                label = "max" if op == dist.ReduceOp.MAX else ("sum" if op is not None or name == "all_reduce" else "")
+                summed = op is not None or name == "all_reduce"
+                label = "max" if op == dist.ReduceOp.MAX else ("sum" if summed else "")
                 self.log.append((name, label, nbytes))
             return fn(*args, **kwargs)
         return wrapper
@@ -64,7 +64,8 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     r = members.index(dist.get_rank())
     data = case["data"][gi]
     sizes = case["sizes"]
-    starts = [s if s is not None else sum(sizes[:i]) for i, s in enumerate(case["starts"] or [None] * len(sizes))]
+    given = case["starts"] or [None] * len(sizes)
+    starts = [s if s is not None else sum(sizes[:i]) for i, s in enumerate(given)]
     x = shard_of(data["x"], starts[r], sizes[r])
     tgt = data["target"]
     if tgt.is_floating_point():
@@ -81,7 +82,8 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
             fn = xent_triton.CrossEntropyLoss(data["weight"], process_group=group, **opts, **extra)
         else:
             def fn(inp, tgt):
-                return xent_triton.cross_entropy(inp, tgt, data["weight"], process_group=group, **opts, **extra)
+                return xent_triton.cross_entropy(inp, tgt, data["weight"], process_group=group, **opts,
+                                                 **extra)
         if case["compile"]:  # a graph break around the vocab-parallel call
             fn = torch.compile(fn, backend="aot_eager")
         res = fn(inp, tgt)
@@ -125,7 +127,6 @@ def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -
     for case in cases:
         case["interpret"] = interpret
         t0 = time.time()
-        xent_triton.distributed._LAYOUTS.clear()  # cases independent: each validates its layout
         try:
             results[case["id"]] = run_case(case, groups, rec)
         except Exception as e:  # recorded; the parent decides whether it was expected

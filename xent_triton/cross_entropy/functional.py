@@ -63,7 +63,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 
     Returns:
         The float32 loss (float64 for float64 input; a scalar, or the target's shape for
-        ``reduction="none"``), then the lse if ``return_lse``, then the stats if ``return_stats``. The gradient has the input's dtype.
+        ``reduction="none"``), then the lse if ``return_lse``, then the stats if ``return_stats``.
+        The gradient has the input's dtype.
         Out-of-range class ids raise IndexError on CPU; on CUDA (no host sync) they make that
         token's loss and gradient NaN, hence a NaN mean.
 
