@@ -282,7 +282,8 @@ _CE_FLAGS = ("HAS_WEIGHT", "HAS_SMOOTHING", "SOFT_TARGET", "HAS_SOFTCAP")
 SPECS: dict[str, KernelSpec] = {
     "cross_entropy_fwd": KernelSpec(
         "cross_entropy_fwd", _lazy("cross_entropy", "cross_entropy_fwd_kernel"), _CE_FLAGS + ("STATS",),
-        _fwd_args, exclusive=("SOFT_TARGET",), stream_load="tl.load(x_row + cols"),
+        _fwd_args, exclusive=("SOFT_TARGET",), stream_load="tl.load(x_row + cols",
+        layout_options=lambda layout: launch.forward_compile_options(layout == "c16")),
     "cross_entropy_bwd": KernelSpec(
         "cross_entropy_bwd", _lazy("cross_entropy", "cross_entropy_bwd_kernel"),
         _CE_FLAGS + ("HAS_DLSE", "SOFT_GRAD"), _bwd_args, exclusive=("SOFT_TARGET",),

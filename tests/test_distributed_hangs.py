@@ -63,6 +63,9 @@ CASES = {
         # an operand error on ONE rank (weight dtype): raised on every rank after the exchange
         dict(id="w2-linear-bad-dtype-one-rank", errors={0: "invalid inputs on group rank(s) [0]"},
              calls=[lin([8, 8], 15, rank_tweak={0: "bf16"}), lin([8, 8], 16)]),
+        # an invalid option on ONE rank (validated before the exchange, it raised alone: hang)
+        dict(id="w2-invalid-option-one-rank", errors={0: "invalid inputs on group rank(s) [1]"},
+             calls=[ce([8, 8], 31, rank_opts={1: dict(label_smoothing=2.0)}), ce([8, 8], 32)]),
         # an empty shard with a plain process group (it raised alone before: hang)
         dict(id="w2-linear-empty-shard", errors={0: "at least one class", 1: "at least one class"},
              calls=[lin([16, 0], 17), ce([16, 0], 18), lin([7, 9], 19)]),

@@ -101,6 +101,25 @@ class LossOptions:
                            softcap=softcap, logit_scale=logit_scale)
 
 
+def make_options(process_group, **kwargs) -> tuple[LossOptions, Optional[BaseException]]:
+    """``LossOptions.make(**kwargs)``; with a process group a validation error is returned instead
+    of raised (defaults stand in), so that this rank still enters the layout exchange and every
+    rank raises together there: one rank's bad option must not leave the others waiting."""
+    if process_group is None:
+        return LossOptions.make(**kwargs), None
+    try:
+        return LossOptions.make(**kwargs), None
+    except (TypeError, ValueError) as e:
+        return LossOptions(), e
+
+
+def refuse_unsupported(what: str, **given) -> None:
+    """NotImplementedError naming options a path does not support (never silently ignored)."""
+    bad = [k for k, v in given.items() if v not in (None, False)]
+    if bad:
+        raise NotImplementedError(f"{what}: {', '.join(bad)} not supported on this path")
+
+
 class LossStats(NamedTuple):
     """Metrics from the loss's own pass (raw sums of device tensors, all-reducible).
 

@@ -6,7 +6,15 @@ from typing import Any, Optional, Union
 
 from torch import Tensor
 
-from ..options import LossOptions, canonical, check_token_weight, check_weight, loss_stats, reduce_rows
+from ..options import (
+    canonical,
+    check_token_weight,
+    check_weight,
+    loss_stats,
+    make_options,
+    reduce_rows,
+    refuse_unsupported,
+)
 from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 from ..parallel.dtensor import dtensor_cross_entropy, is_dtensor
 from ..runtime import compute_dtype
@@ -74,15 +82,18 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         >>> loss = cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
-    opts = LossOptions.make(ignore_index=ignore_index, reduction=reduction,
-                            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                            softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
+    opts, options_error = make_options(
+        process_group, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
+    if is_dtensor(input) or process_group is not None:
+        refuse_unsupported("cross_entropy with a process_group or DTensor logits", return_stats=return_stats,
+                           token_weight=token_weight)
     if is_dtensor(input):  # the layout comes from the placements (parallel/dtensor.py)
         return dtensor_cross_entropy(input, target, weight, opts, return_lse=return_lse)
     if process_group is not None:
         return vocab_parallel_cross_entropy(input, target, weight, opts, inplace_backward=inplace_backward,
                                             return_lse=return_lse, process_group=process_group,
-                                            vocab_start_index=vocab_start_index)
+                                            vocab_start_index=vocab_start_index, options_error=options_error)
     can = canonical(input, target)
     w = check_weight(weight, can.C, input.device, input.dtype)
     if inplace_backward and input.requires_grad:

@@ -87,13 +87,16 @@ def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: Loss
     if R == 0:
         return loss, lse, stats, ent, pred
     cfg = config.config(C)
+    soft = target.is_floating_point()
+    options = {} if interpreting() else config.forward_compile_options(
+        config.vector_friendly(x, *((target,) if soft else ())))
     cross_entropy_fwd_kernel[(R,)](
         x_ptr=x, **_strides("stride_x", x), **side_operands(x, target, weight),
         loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, ent_ptr=ent if with_stats else loss,
         pred_ptr=pred if with_stats else target, C=C, D=D, n_classes=C, **opts.kernel_scalars(),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing,
         SOFT_TARGET=target.is_floating_point(), HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c,
-        STATS=with_stats, num_warps=cfg.num_warps,
+        STATS=with_stats, num_warps=cfg.num_warps, **options,
     )
     return loss, lse, stats, ent, pred
 

@@ -158,7 +158,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
                                  opts: LossOptions, *, inplace_backward: bool, return_lse: bool,
-                                 process_group: Any, vocab_start_index: Optional[int] = None):
+                                 process_group: Any, vocab_start_index: Optional[int] = None,
+                                 options_error: Optional[BaseException] = None):
     """``cross_entropy`` over a vocabulary shard (called by it when ``process_group`` is given).
 
     ``input``: this rank's (N, C_local, ...) slice of the logits; ``target``: GLOBAL ids (or this
@@ -172,21 +173,23 @@ def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, weight: Optional
     """
     can, loss_rows, lse, stats = vocab_parallel_rows(
         input, target, weight, opts, inplace_backward=inplace_backward, return_lse=return_lse,
-        process_group=process_group, vocab_start_index=vocab_start_index)
+        process_group=process_group, vocab_start_index=vocab_start_index, options_error=options_error)
     loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output)
     return (loss, can.rows_to_output(lse)) if return_lse else loss
 
 
 def vocab_parallel_rows(input: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions, *,
                         inplace_backward: bool, return_lse: bool, process_group: Any,
-                        vocab_start_index: Optional[int] = None, allow_empty: bool = False):
+                        vocab_start_index: Optional[int] = None, allow_empty: bool = False,
+                        options_error: Optional[BaseException] = None):
     """(Canonical, loss_rows (R,), lse (R,), stats (R, 3)) of the full vocabulary before the
-    reduction (the DTensor path reduces them itself). ``allow_empty``: a rank may hold 0 classes."""
+    reduction (the DTensor path reduces them itself). ``allow_empty``: a rank may hold 0 classes.
+    ``options_error``: this rank's options failed validation; raised after the exchange."""
+    args = (input, target, weight, opts, inplace_backward, return_lse, process_group, vocab_start_index,
+            allow_empty, options_error)
     if is_compiling():
-        return torch.compiler.disable(_rows)(input, target, weight, opts, inplace_backward, return_lse,
-                                             process_group, vocab_start_index, allow_empty)
-    return _rows(input, target, weight, opts, inplace_backward, return_lse, process_group,
-                 vocab_start_index, allow_empty)
+        return torch.compiler.disable(_rows)(*args)
+    return _rows(*args)
 
 
 def canonical_shard(input: Tensor, target: Tensor) -> Canonical:
@@ -209,12 +212,12 @@ def canonical_shard(input: Tensor, target: Tensor) -> Canonical:
 
 
 def _rows(input, target, weight, opts: LossOptions, inplace_backward, return_lse, process_group,
-          vocab_start_index, allow_empty):
-    can, local_error = None, None
+          vocab_start_index, allow_empty, options_error):
+    can, local_error = None, options_error
     try:
         can = canonical_shard(input, target)
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
-        local_error = e
+        local_error = local_error or e
     agree = agreement(weight, opts, return_lse=float(return_lse),
                       soft_target=float(isinstance(target, Tensor) and target.is_floating_point()))
     shard = vocab_shard(process_group, can.C if can is not None else 0, exchange_device(process_group, input),

@@ -107,8 +107,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
 def vocab_parallel_linear_cross_entropy(
         input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
         weight: Optional[Tensor], opts: LossOptions, *, return_lse: bool, process_group: Any,
-        vocab_start_index: Optional[int] = None,
-        reduce_input_grad: bool = True) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        vocab_start_index: Optional[int] = None, reduce_input_grad: bool = True,
+        options_error: Optional[BaseException] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``linear_cross_entropy`` with the classifier split over the vocabulary across ``process_group``
     (called by it). ``linear_weight`` (C_local, D) holds this rank's rows, ``target`` GLOBAL ids
     and ``weight`` the GLOBAL class weights, both the same on every rank; every rank returns the
@@ -122,7 +122,7 @@ def vocab_parallel_linear_cross_entropy(
     tgt, loss_rows, lse, stats = vocab_parallel_linear_rows(
         input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
         process_group=process_group, vocab_start_index=vocab_start_index,
-        reduce_input_grad=reduce_input_grad)
+        reduce_input_grad=reduce_input_grad, options_error=options_error)
     loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape))
     return (loss, lse.view(target.shape)) if return_lse else loss
 
@@ -130,11 +130,12 @@ def vocab_parallel_linear_cross_entropy(
 def vocab_parallel_linear_rows(input: Tensor, linear_weight: Tensor, target: Tensor,
                                linear_bias: Optional[Tensor], weight: Optional[Tensor], opts: LossOptions, *,
                                return_lse: bool, process_group: Any, vocab_start_index: Optional[int] = None,
-                               reduce_input_grad: bool = True, allow_empty: bool = False):
+                               reduce_input_grad: bool = True, allow_empty: bool = False,
+                               options_error: Optional[BaseException] = None):
     """(flat target (N,), loss_rows, lse, stats) of the full vocabulary before the reduction
     (the DTensor path reduces them itself). ``allow_empty``: a rank may hold 0 classes."""
     args = (input, linear_weight, target, linear_bias, weight, opts, return_lse, process_group,
-            vocab_start_index, reduce_input_grad, allow_empty)
+            vocab_start_index, reduce_input_grad, allow_empty, options_error)
     if is_compiling():  # collectives inside an eager autograd.Function: a graph break
         return torch.compiler.disable(_rows)(*args)
     return _rows(*args)
@@ -151,15 +152,15 @@ def check_shard_operands(input: Tensor, linear_weight: Tensor, linear_bias: Opti
 
 
 def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, return_lse, process_group,
-          vocab_start_index, reduce_input_grad, allow_empty):
-    local_error = None
+          vocab_start_index, reduce_input_grad, allow_empty, options_error):
+    local_error = options_error
     try:
         if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
             input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
         check_shard_operands(input, linear_weight, linear_bias, target)
         tgt = class_ids(target, input.shape[:-1], "input's leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
-        local_error = e
+        local_error = local_error or e
     ok = local_error is None
     C_local, D = linear_weight.shape if ok else (0, 0)
     needs_dx = ok and input.requires_grad and torch.is_grad_enabled()
