@@ -2,7 +2,7 @@
 own error in the test dtype as the yardstick (tests/tolerances.py), for the loss, the lse and the
 gradients of input, linear_weight and linear_bias.
 
-Interpreter tiles (launch.INTERPRET_LINEAR): 64 rows x min(4096, 2**ceil(log2 C)) classes x 64 hidden,
+Interpreter tiles (config.INTERPRET_LINEAR): 64 rows x min(4096, 2**ceil(log2 C)) classes x 64 hidden,
 2 class splits in forward; so D = 123 / 256 loop over 2 / 4 hidden chunks, N = 130 / 1000 over 3 / 16
 row blocks, C = 4097 / 50257 over 2 / 13 class tiles (the last one 1 / 1105 classes wide).
 """
@@ -15,9 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import xent_triton
+from reference import cross_entropy_composed
 from tolerances import assert_close_rule, rel_err
-from xent_triton import linear_ops
-from xent_triton.reference import cross_entropy_composed
+from xent_triton.linear import chunked as linear_chunked
+from xent_triton.linear import ops as linear_ops
+from xent_triton.options import LossOptions
+from xent_triton.partials import combine
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 ALL = dict(weight=True, label_smoothing=0.1, lse_square_scale=1e-3, softcap=4.0, logit_scale=1.3,
@@ -69,7 +72,8 @@ def ours(x, w, b, y, **kw):
     return xent_triton.linear_cross_entropy(x, w, y, linear_bias=b, **kw)
 
 
-def composed(x, w, b, y, weight=None, reduction="mean", return_lse=False, **kw):
+def composed(x, w, b, y, weight=None, reduction="mean", return_lse=False, chunk_size=None,
+             grad_accum_dtype=None, **kw):
     """The truth: F.linear, then cross_entropy_composed on (tokens, C) logits."""
     cw = weight.to(x.dtype) if weight is not None else None
     z = F.linear(x, w, b).reshape(-1, w.shape[0])
@@ -117,8 +121,10 @@ CASES = [  # (id, lead, D, C, dtype, kwargs)
     pytest.param((37,), 64, 50257, BF16, dict(ALL), id="N37-D64-C50257-bf16-all-options"),
     pytest.param((37,), 123, 50257, F32, dict(reduction="sum"), id="N37-D123-C50257-fp32-sum"),
     pytest.param((1000,), 64, 1000, BF16, dict(reduction="none"), id="N1000-D64-C1000-bf16-none"),
-    pytest.param((130,), 123, 4097, F16, dict(reduction="none", ignore="block"), id="N130-D123-C4097-fp16-block-ignored"),
-    pytest.param((2, 13), 64, 1000, BF16, dict(reduction="none", return_lse=True), id="3d-2x13-D64-bf16-none-lse"),
+    pytest.param((130,), 123, 4097, F16, dict(reduction="none", ignore="block"),
+                 id="N130-D123-C4097-fp16-block-ignored"),
+    pytest.param((2, 13), 64, 1000, BF16, dict(reduction="none", return_lse=True),
+                 id="3d-2x13-D64-bf16-none-lse"),
     pytest.param((3, 5), 123, 4097, F32, dict(ALL, reduction="sum"), id="3d-3x5-D123-C4097-fp32-all-sum"),
 ]
 
@@ -184,8 +190,9 @@ def test_module_matches_functional():
     crit = xent_triton.LinearCrossEntropyLoss(ignore_index=-100, reduction="sum", label_smoothing=0.1,
                                               lse_square_scale=1e-3, softcap=5.0, return_lse=True)
     loss, lse = crit(x, w, y, b)
-    loss2, lse2 = xent_triton.linear_cross_entropy(x, w, y, linear_bias=b, reduction="sum", label_smoothing=0.1,
-                                                   lse_square_scale=1e-3, softcap=5.0, return_lse=True)
+    loss2, lse2 = xent_triton.linear_cross_entropy(x, w, y, linear_bias=b, reduction="sum",
+                                                   label_smoothing=0.1, lse_square_scale=1e-3, softcap=5.0,
+                                                   return_lse=True)
     assert torch.equal(loss, loss2) and torch.equal(lse, lse2) and lse.shape == (4, 6)
     assert "label_smoothing=0.1" in repr(crit)
 
@@ -198,34 +205,43 @@ def test_pure_torch_path(monkeypatch, dtype):
     monkeypatch.setattr(linear_ops, "COL_CHUNK", 128)
     if dtype == F32:
         monkeypatch.setattr(linear_ops, "uses_triton", lambda x: False)
-    check((40,), 32, 300, dtype, **dict(ALL, reduction="none"))
+        monkeypatch.setattr(linear_chunked, "uses_triton", lambda x: False)
+    check((40,), 32, 300, dtype, chunk_size=7, **dict(ALL, reduction="none"))
+    check((40,), 32, 300, dtype, chunk_size=7, **dict(ALL, return_lse=False))
 
 
-def test_custom_op_door(monkeypatch):
-    """The torch.compile door (custom ops + registered autograd) gives the eager door's results."""
-    x, w, b, y = make_inputs((30,), 64, 700, BF16)
-    kw = dict(linear_bias=b, label_smoothing=0.1, return_lse=True)
-    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-    loss, lse = xent_triton.linear_cross_entropy(leaves[0], leaves[1], y, **dict(kw, linear_bias=leaves[2]))
-    (loss + lse.sum() * 0.1).backward()
-    monkeypatch.setattr(linear_ops, "_is_compiling", lambda: True)
-    leaves2 = [t.clone().requires_grad_() for t in (x, w, b)]
-    loss2, lse2 = xent_triton.linear_cross_entropy(leaves2[0], leaves2[1], y, **dict(kw, linear_bias=leaves2[2]))
-    (loss2 + lse2.sum() * 0.1).backward()
-    assert torch.equal(loss, loss2) and torch.equal(lse, lse2)
-    for a, c in zip(leaves, leaves2):  # fp32 atomics: same values up to summation order
-        assert_close_rule("grad", c.grad, None, a.grad.double(), BF16)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_and_recompute_paths_agree(reduction):
+    """The token-chunked path (scalar upstream gradient) and the recompute path (forced by asking
+    for the lse without using it) give the same loss and gradients, for any chunk size."""
+    x, w, b, y = make_inputs((45,), 64, 700, F32)
+    kw = dict(linear_bias=None, label_smoothing=0.1, lse_square_scale=1e-3, softcap=6.0,
+              reduction=reduction, weight=torch.rand(700) + 0.5)
+    runs = []
+    for chunk, lse in ((None, False), (7, False), (45, False), (8, True)):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out = xent_triton.linear_cross_entropy(leaves[0], leaves[1], y, chunk_size=chunk, return_lse=lse,
+                                               **dict(kw, linear_bias=leaves[2]))
+        loss = out[0] if lse else out
+        loss.backward(torch.tensor(0.7))
+        runs.append((loss.detach(), [t.grad for t in leaves]))
+    for loss, grads in runs[1:]:
+        torch.testing.assert_close(loss, runs[0][0], rtol=2e-6, atol=1e-6)
+        for a, c in zip(grads, runs[0][1]):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("lse", [pytest.param(True, id="per-token-recompute"),
+                                 pytest.param(False, id="token-chunked")])
+def test_torch_compile_fullgraph(lse):
     """torch.compile (aot_eager: traces the fake impls and the registered autograd) with no graph
-    break gives the eager results."""
+    break gives the eager results, on both algorithms."""
     x, w, b, y = make_inputs((40,), 64, 500, BF16)
 
     def step(x, w, b, y):
-        loss, lse = xent_triton.linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=0.1,
-                                                     return_lse=True)
-        return loss + 0.1 * lse.sum()
+        out = xent_triton.linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=0.1,
+                                               lse_square_scale=1e-3, return_lse=lse, chunk_size=16)
+        return out[0] + 0.1 * out[1].sum() if lse else out * 1.5
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
@@ -245,14 +261,18 @@ def test_custom_ops_opcheck():
     x, w, b, y = make_inputs((8,), 32, 100, F32)
     x.requires_grad_()
     w.requires_grad_()
-    args = (x, w, b, y, None, -100, 0.1, 1e-3, 0.0, 1.0, True)
+    args = (x, w, b, y, None, -100, 0.1, 0.0, 1.0, True)
     torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    _, _, stats = linear_ops.forward_impl(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
-    bargs = (x.detach(), w.detach(), b, y, None, stats, torch.rand(8), None, -100, 0.1, 1e-3, 0.0, 1.0,
+    _, _, stats = linear_ops.forward_rows(x.detach(), w.detach(), b, y, None,
+                                          LossOptions(label_smoothing=0.1), True)
+    bargs = (x.detach(), w.detach(), b, y, None, stats, torch.rand(8), None, -100, 0.1, 0.0, 1.0,
              True, True, False)
     torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_bwd.default, bargs,
                           test_utils=("test_schema", "test_faketensor"))
+    cargs = (x, w, b, y, None, -100, 0.1, 3.0, 1.0, 1e-3, 0, False, 3, True, True, True, False)
+    torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_chunked.default, cargs,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_vocabulary_shards_combine_to_the_full_result():
@@ -260,28 +280,27 @@ def test_vocabulary_shards_combine_to_the_full_result():
     full forward, and per-shard backward with the global stats gives the full gradients."""
     x, w, b, y = make_inputs((70,), 64, 3000, F32)
     cw = torch.rand(3000) + 0.5
-    hp = dict(ignore_index=-100, label_smoothing=0.1, lse_square_scale=1e-3)
-    loss, lse, stats = linear_ops.forward_impl(x, w, b, y, cw, -100, 0.1, 1e-3, 3.0, 1.0, False)
+    opts = LossOptions(label_smoothing=0.1, softcap=3.0)
+    loss, lse, stats = linear_ops.forward_rows(x, w, b, y, cw, opts, False)
     cuts = [0, 1300, 3000]  # shard 0 ends mid-tile
-    parts = [linear_ops.forward_partials(x, w[c0:c1], b[c0:c1], y, cw[c0:c1], -100, 0.1, 3.0, 1.0, False,
-                                         class_offset=c0) for c0, c1 in zip(cuts, cuts[1:])]
-    loss2, lse2, stats2 = linear_ops.combine(torch.cat(parts, 1), y, cw, hp["ignore_index"], 3000,
-                                             hp["label_smoothing"], hp["lse_square_scale"])
+    parts = [linear_ops.forward_partials(x, w[c0:c1], b[c0:c1], y, cw[c0:c1], opts, False, class_offset=c0)
+             for c0, c1 in zip(cuts, cuts[1:])]
+    loss2, lse2, stats2 = combine(torch.cat(parts, 0), y, cw, 3000, opts)
     assert_close_rule("loss", loss2, None, loss.double(), F32)
     assert_close_rule("lse", lse2, None, lse.double(), F32)
     g = torch.rand(70)
-    full = linear_ops.backward_accumulate(x, w, b, y, cw, stats, g, None, -100, 0.1, 1e-3, 3.0, 1.0,
-                                          True, True, True)
-    shards = [linear_ops.backward_accumulate(x, w[c0:c1], b[c0:c1], y, cw[c0:c1], stats2, g, None, -100,
-                                             0.1, 1e-3, 3.0, 1.0, True, True, True, class_offset=c0,
-                                             n_classes=3000, weight_total=cw.sum())
+    need = (True, True, True)
+    full = linear_ops.backward_accumulate(x, w, b, y, cw, stats, g, None, opts, need)
+    shards = [linear_ops.backward_accumulate(x, w[c0:c1], b[c0:c1], y, cw[c0:c1], stats2, g, None, opts, need,
+                                             class_offset=c0, n_classes=3000, weight_total=cw.sum())
               for c0, c1 in zip(cuts, cuts[1:])]
     assert_close_rule("dX", sum(s[0] for s in shards), None, full[0].double(), F32)
     assert_close_rule("dW", torch.cat([s[1] for s in shards]), None, full[1].double(), F32)
     assert_close_rule("db", torch.cat([s[2] for s in shards]), None, full[2].double(), F32)
 
 
-@pytest.mark.parametrize("layout", ["transposed-hidden-and-weight", "sliced-hidden", "1d-input", "empty-batch"])
+@pytest.mark.parametrize("layout", ["transposed-hidden-and-weight", "sliced-hidden", "1d-input",
+                                    "empty-batch"])
 def test_layouts_and_edge_shapes(layout):
     """Any strides (no copy: in-tile offsets fit int32), a single token, and an empty batch."""
     D, C = 64, 300

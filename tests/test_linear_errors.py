@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import xent_triton
-from xent_triton import linear_ops
+from xent_triton.linear import ops as linear_ops
+from xent_triton.options import LossOptions
 
 N, D, C = 6, 32, 40
 
@@ -48,12 +49,13 @@ ERROR_CASES = [  # (thunk -> (kwargs for linear_cross_entropy), exception, messa
     pytest.param(lambda: _args(target=_with(torch.randint(0, C, (N,), dtype=torch.int32), 5, 10 * C)),
                  IndexError, "out of bounds", id="target-int32-gt-C"),
     pytest.param(lambda: _args(target=torch.randint(0, C, (N + 1,))), ValueError,
-                 "must have input's leading shape", id="target-wrong-shape"),
+                 "for input's leading shape", id="target-wrong-shape"),
     pytest.param(lambda: _args(target=torch.rand(N, C)), TypeError, "probability targets are not supported",
                  id="soft-target"),
     pytest.param(lambda: _args(target=torch.randint(0, C, (N,), dtype=torch.int16)), TypeError,
                  "int64/int32", id="int16-target"),
-    pytest.param(lambda: _args(weight=torch.rand(C + 2)), ValueError, "one per class", id="class-weight-length"),
+    pytest.param(lambda: _args(weight=torch.rand(C + 2)), ValueError, "one per class",
+                 id="class-weight-length"),
     pytest.param(lambda: _args(weight=torch.rand(C, requires_grad=True)), NotImplementedError,
                  "gradient with respect to weight", id="class-weight-requires-grad"),
     pytest.param(lambda: _args(reduction="avg"), ValueError, "reduction must be one of", id="reduction"),
@@ -62,7 +64,8 @@ ERROR_CASES = [  # (thunk -> (kwargs for linear_cross_entropy), exception, messa
     pytest.param(lambda: _args(softcap=0.0), ValueError, "softcap must be a positive", id="softcap-0"),
     pytest.param(lambda: _args(logit_scale=math.inf), ValueError, "logit_scale must be a finite",
                  id="logit-scale-inf"),
-    pytest.param(lambda: _args(linear_weight="W"), TypeError, "linear_weight must be a tensor", id="weight-not-tensor"),
+    pytest.param(lambda: _args(linear_weight="W"), TypeError, "linear_weight must be a tensor",
+                 id="weight-not-tensor"),
 ]
 
 
@@ -87,9 +90,10 @@ def test_out_of_range_target_on_the_kernel_path_is_nan_only_where_it_must(bad):
     no lane touches memory outside the tensors (checked by conftest's traffic fixture)."""
     x, w, b = torch.randn(N, D), torch.randn(C, D), torch.randn(C)
     y = _with(torch.randint(0, C, (N,)), 3, bad)
-    loss, lse, stats = linear_ops.forward_impl(x, w, b, y, None, -100, 0.1, 0.0, 0.0, 1.0, True)
+    opts = LossOptions(label_smoothing=0.1)
+    loss, lse, stats = linear_ops.forward_rows(x, w, b, y, None, opts, True)
     assert torch.isnan(loss[3]) and torch.isfinite(torch.cat([loss[:3], loss[4:]])).all()
     assert torch.isfinite(lse).all()
-    dx, dw, db = linear_ops.backward_impl(x, w, b, y, None, stats, torch.full((N,), 0.5), None, -100, 0.1,
-                                          0.0, 0.0, 1.0, True, True, True)
+    dx, dw, db = linear_ops.backward_rows(x, w, b, y, None, stats, torch.full((N,), 0.5), None, opts,
+                                          (True, True, True))
     assert torch.isnan(dx[3]).all() and torch.isnan(dw).all() and torch.isnan(db).all()

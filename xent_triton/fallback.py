@@ -2,9 +2,11 @@
 helpers of ``kernels/common.py`` (same names, same formulas).
 
 ``forward_rows`` / ``backward_rows`` run when Triton cannot (CPU tensors without
-``TRITON_INTERPRET=1``, float64 logits): the kernels' algorithm (online log-sum-exp over chunks of
-``CHUNK_C`` classes). Memory stays bounded: a few (rows x CHUNK_C) temporaries besides the
-gradient itself. They compute in float64 for float64 logits, else in float32.
+``TRITON_INTERPRET=1``, float64 logits). They walk bounded blocks of rows (about ``BLOCK_ELEMS``
+logits each, so temporaries never grow with N): hard targets take whole rows with torch's
+vectorised ops (max, exp, sum, scatter; the gradient formed in ``out`` itself when it can be),
+soft targets the kernels' online log-sum-exp over chunks of ``CHUNK_C`` classes. They compute in
+float64 for float64 logits, else in float32.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from .options import LossOptions
 from .runtime import compute_dtype
 
 CHUNK_C = 8192
+BLOCK_ELEMS = 1 << 21  # logits per row block (8 MiB of fp32 temporaries; few, large ops)
 
 
 def transform_logits(x: Tensor, logit_scale: float, softcap: float) -> Tensor:
@@ -82,14 +85,9 @@ def target_gather(x3: Tensor, y_safe: Tensor, cdt) -> Tensor:
     return x3.gather(1, y_safe.view(N, 1, D)).reshape(-1).to(cdt)
 
 
-def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor],
-                 opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row loss, lse and stats (ref, log s, row weight) of an (N, C, D) logits view: the
-    contract of ``cross_entropy_fwd_kernel``.
-
-    ``target`` is int64 (N*D,) class ids, or a float (N, C, D) view of probabilities (soft).
-    Returns float32 tensors (float64 for float64 logits) of shapes (R,), (R,), (R, 3).
-    """
+def forward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor],
+                    opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """``forward_rows`` by the online log-sum-exp over CHUNK_C-class chunks (any target)."""
     N, C, D = x3.shape
     R, cdt, dev = N * D, compute_dtype(x3), x3.device
     soft = target if target.is_floating_point() else None
@@ -126,15 +124,10 @@ def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor],
     return loss, lse, torch.stack([ref, log_s, row_w], dim=1)
 
 
-def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
-                  dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
-                  n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None) -> Tensor:
-    """dL/dx written into ``out`` (an (N, C, D) tensor; may be ``x3`` itself), chunk by chunk:
-    the contract of ``cross_entropy_bwd_kernel``.
-
-    ``n_classes`` / ``weight_sum`` override C and sum(weight) in the smoothing terms (a vocabulary
-    shard passes the global values; ``weight`` is then the shard's slice).
-    """
+def backward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                     dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
+                     n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None) -> Tensor:
+    """``backward_rows`` chunk by chunk of CHUNK_C classes (any target)."""
     N, C, D = x3.shape
     n = n_classes if n_classes is not None else C
     cdt, dev = compute_dtype(x3), x3.device
@@ -171,3 +164,145 @@ def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: T
         dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
         out[:, c0:c1, :].copy_(dz.view(N, D, c1 - c0).permute(0, 2, 1))
     return out
+
+
+# ------------------------------------------------------------------------ row-block drivers
+def block_samples(C: int, D: int) -> int:
+    """Samples (of D rows each) per block: about BLOCK_ELEMS logits, at least one."""
+    return max(1, BLOCK_ELEMS // max(1, C * D))
+
+
+def block_rows(xb: Tensor, cdt: torch.dtype) -> Tensor:
+    """An (n, C, D) block as (n*D, C) rows: a view for D = 1, else a copy; in the compute dtype."""
+    n, C, D = xb.shape
+    r = xb[:, :, 0] if D == 1 else xb.permute(0, 2, 1).reshape(-1, C)
+    return r.to(cdt)
+
+
+def transformed(z: Tensor, opts: LossOptions) -> Tensor:
+    if opts.logit_scale == 1.0 and not opts.has_softcap:
+        return z
+    return transform_logits(z, opts.logit_scale, opts.softcap)
+
+
+def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor],
+                 opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, lse and stats (ref, log s, row weight) of an (N, C, D) logits view: the
+    contract of ``cross_entropy_fwd_kernel``, in bounded row blocks (module docstring).
+
+    ``target`` is int64 (N*D,) class ids, or a float (N, C, D) view of probabilities (soft).
+    Returns float32 tensors (float64 for float64 logits) of shapes (R,), (R,), (R, 3).
+
+    Example:
+        >>> loss, lse, stats = forward_rows(torch.randn(8, 100, 1), torch.randint(0, 100, (8,)), None,
+        ...                                 LossOptions())
+    """
+    N, C, D = x3.shape
+    cdt, dev = compute_dtype(x3), x3.device
+    loss = torch.empty(N * D, dtype=cdt, device=dev)
+    lse = torch.empty(N * D, dtype=cdt, device=dev)
+    stats = torch.empty((N * D, 3), dtype=cdt, device=dev)
+    soft = target.is_floating_point()
+    step = block_samples(C, D)
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        rs = slice(n0 * D, n1 * D)
+        if soft:
+            out = forward_chunked(x3[n0:n1], target[n0:n1], weight, opts)
+        else:
+            out = forward_hard_block(block_rows(x3[n0:n1], cdt), target[rs], weight, opts, C)
+        for dst, src in zip((loss[rs], lse[rs], stats[rs]), out):
+            dst.copy_(src)
+    return loss, lse, stats
+
+
+def forward_hard_block(z: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions,
+                       C: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, lse, stats) of (rows, C) logits ``z`` (any float dtype; never written) and hard ids,
+    from torch's fused log_softmax in the compute dtype: log s = -max_j logp_j exactly as the
+    kernels keep it (relative to the row maximum), loss = -(1-eps) w_y logp_y - eps/C sum_j w_j logp_j."""
+    eps = opts.label_smoothing
+    cdt = compute_dtype(z)
+    t = transformed(z.to(cdt), opts) if opts.logit_scale != 1.0 or opts.has_softcap else z
+    logp = torch.log_softmax(t, 1, dtype=cdt)
+    ref = safe_ref(t.amax(1).to(cdt))
+    log_s = -logp.amax(1)
+    ok = (target >= 0) & (target < C)
+    y_safe = torch.where(ok, target, torch.zeros_like(target))
+    w_y = weight.to(cdt)[y_safe] if weight is not None else torch.ones_like(ref)
+    loss = -(1 - eps) * w_y * logp.gather(1, y_safe[:, None]).squeeze(1)
+    if eps > 0:
+        loss = loss - eps / C * (logp @ weight.to(cdt) if weight is not None else logp.sum(1))
+    loss, row_w = finish_hard_rows(loss, w_y, target, opts.ignore_index, C)
+    return loss, ref + log_s, torch.stack([ref, log_s, row_w], dim=1)
+
+
+def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                  dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
+                  n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None) -> Tensor:
+    """dL/dx written into ``out`` (an (N, C, D) tensor; may be ``x3`` itself), in bounded row
+    blocks: the contract of ``cross_entropy_bwd_kernel``.
+
+    ``n_classes`` / ``weight_sum`` override C and sum(weight) in the smoothing terms (a vocabulary
+    shard passes the global values; ``weight`` is then the shard's slice).
+
+    Example:
+        >>> x = torch.randn(8, 100, 1); y = torch.randint(0, 100, (8,))
+        >>> _, _, st = forward_rows(x, y, None, LossOptions())
+        >>> g = backward_rows(x, y, None, st, torch.full((8,), 0.125), None, LossOptions(),
+        ...                   torch.empty_like(x))
+    """
+    N, C, D = x3.shape
+    step = block_samples(C, D)
+    soft = target.is_floating_point()
+    for n0 in range(0, N, step):
+        n1 = min(N, n0 + step)
+        rs = slice(n0 * D, n1 * D)
+        h = dlse[rs] if dlse is not None else None
+        if soft:
+            backward_chunked(x3[n0:n1], target[n0:n1], weight, stats[rs], dloss[rs], h, opts, out[n0:n1],
+                             n_classes, weight_sum)
+        else:
+            backward_hard_block(x3[n0:n1], target[rs], weight, stats[rs], dloss[rs], h, opts, out[n0:n1],
+                                n_classes, weight_sum)
+    return out
+
+
+def backward_hard_block(xb: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+                        dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
+                        n_classes: Optional[int], weight_sum: Optional[Tensor]) -> None:
+    """One (n, C, D) block of ``backward_rows`` for hard targets, formed in ``out`` when it can.
+    Inactive rows have all coefficients 0, so their gradient is 0 x p = 0 with no extra pass."""
+    n, C, D = xb.shape
+    nc = n_classes if n_classes is not None else C
+    cdt = compute_dtype(xb)
+    z = xb[:, :, 0] if D == 1 else xb.permute(0, 2, 1).reshape(-1, C)
+    transform = opts.logit_scale != 1.0 or opts.has_softcap
+    t = transformed(z.to(cdt), opts) if transform else z
+    ref, log_s, row_w = (stats[:, i].to(cdt) for i in range(3))
+    g = dloss.to(cdt)
+    h = dlse.to(cdt) if dlse is not None else torch.zeros_like(g)
+    valid = target != opts.ignore_index
+    if weight_sum is not None:
+        wsum = weight_sum.to(cdt).reshape(())
+    else:
+        wsum = weight.to(cdt).sum() if weight is not None else nc
+    coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, opts.label_smoothing, nc, wsum)
+    direct = D == 1 and out.dtype == cdt
+    dz = out[:, :, 0] if direct else torch.empty(t.shape, dtype=cdt, device=t.device)
+    torch.sub(t, (ref + log_s)[:, None], out=dz)  # 16-bit t: promoted to the compute dtype
+    dz.exp_().mul_(coef_p[:, None])
+    here = (target >= 0) & (target < C)
+    y_idx = torch.where(here, target, torch.zeros_like(target))
+    dz.scatter_add_(1, y_idx[:, None], -torch.where(here, coef_y, torch.zeros_like(coef_y))[:, None])
+    if opts.has_smoothing:
+        if weight is not None:
+            dz.addr_(coef_u, weight.to(cdt), alpha=-1)
+        else:
+            dz.sub_(coef_u[:, None])
+    if opts.has_softcap:
+        dz.mul_(t.div_(opts.softcap).square_().neg_().add_(1.0))
+    if opts.logit_scale != 1.0:
+        dz.mul_(opts.logit_scale)
+    if not direct:
+        out.copy_(dz.view(n, D, C).permute(0, 2, 1))

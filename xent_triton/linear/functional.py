@@ -34,7 +34,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          vocab_start_index: Optional[int] = None,
                          reduce_input_grad: bool = True,
                          empty_batch: str = "nan", chunk_size: Optional[int] = None,
-                         grad_accum_dtype: Optional[torch.dtype] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                         grad_accum_dtype: Optional[torch.dtype] = None
+                         ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, fused.
 
     Equals ``cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight, ...)`` of
@@ -76,7 +77,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     Returns:
         The float32 loss (float64 for float64 input; scalar, or target's shape for
-        ``reduction="none"``) and, with ``return_lse``, the lse (same dtype). Gradients reach ``input``, ``linear_weight`` and ``linear_bias``
+        ``reduction="none"``) and, with ``return_lse``, the lse (same dtype). Gradients reach
+        ``input``, ``linear_weight`` and ``linear_bias``
         (those that require grad) in their own dtypes. A class id outside [0, C) that is not
         ``ignore_index`` raises IndexError on CPU; on CUDA (no host sync) it makes the loss NaN
         (and every gradient, since all classes' weight gradients include that token).
@@ -108,7 +110,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     C, D = linear_weight.shape
     w = check_weight(weight, C, input.device, input.dtype)
     tgt = class_ids(target, input.shape[:-1], "input's leading shape")
-    x2 = input.reshape(-1, D)
+    x2 = input.reshape(tgt.numel(), D)  # (-1 is ambiguous for D = 0)
     bias = linear_bias.contiguous() if linear_bias is not None else None
     need = (input.requires_grad, linear_weight.requires_grad,
             linear_bias is not None and linear_bias.requires_grad)
@@ -116,8 +118,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     if opts.reduction != "none" and not return_lse and any(need):
         return linear_cross_entropy_scalar(x2, linear_weight, bias, tgt, w, opts, chunk_size, accum_fp32,
                                            need)
-    loss_rows, lse, stats = linear_cross_entropy_rows(x2, linear_weight, bias, tgt, w, opts,
-                                                      skip_ignored=not return_lse and opts.lse_square_scale == 0)
+    skip = not return_lse and opts.lse_square_scale == 0
+    loss_rows, lse, stats = linear_cross_entropy_rows(x2, linear_weight, bias, tgt, w, opts, skip)
     loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape))
     if return_lse:
         return loss, lse.to(compute_dtype(input)).view(target.shape)

@@ -123,7 +123,8 @@ def partials_torch(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
             cols = torch.arange(c0, c1, device=x.device)
             z_y[rs] += torch.where(cols[None, :] == y_local[rs, None], z, 0.0).sum(1)
             if eps > 0:
-                a = weight[c0:c1].to(cdt) if weight is not None else torch.ones(c1 - c0, dtype=cdt, device=x.device)
+                a = (weight[c0:c1].to(cdt) if weight is not None
+                     else torch.ones(c1 - c0, dtype=cdt, device=x.device))
                 acc[rs] = acc[rs] + (ref_old - ref_new) * a_sum[rs] + (a * (z - ref_new[:, None])).sum(1)
                 a_sum[rs] = a_sum[rs] + a.sum()
             m[rs] = m_new
@@ -215,6 +216,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w, b, target, weight, output[2])
     ctx.flat = (ignore_index, eps, softcap, logit_scale)
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # an unused lse must not read as a zero gradient
 
 
 def _backward(ctx, dloss, dlse, _dstats):

@@ -1,0 +1,101 @@
+"""CPU paths vs torch eager, forward + backward, in ONE process: ``python -m perf.cpu_speed``.
+
+Plain CPU tensors WITHOUT ``TRITON_INTERPRET`` (what a laptop user runs): both heads take their
+torch paths (``fallback.forward_rows`` / ``backward_rows`` for the core cross-entropy, the
+token-chunked GEMM algorithm of ``linear/chunked.py`` for the linear head). For each case and
+dtype it prints the time ratio (min of ``--repeats`` runs, each provider warmed up once) and the
+peak-extra-memory ratio (CPU profiler memory events) against torch eager::
+
+    core   : F.cross_entropy(logits, y).backward()                 N=4096, C=32000
+    linear : F.cross_entropy(F.linear(h, W), y).backward()         N=2048, D=512, C=32000
+
+Acceptance (issue 9): time ratio <= 1.15 and memory ratio <= 0.6 for all four.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Callable
+
+
+def _cases(dtype, args):
+    import torch
+    import torch.nn.functional as F
+
+    import xent_triton
+
+    g = torch.Generator().manual_seed(0)
+    N, C = args.core_n, args.core_c
+    logits = torch.randn(N, C, generator=g).to(dtype).requires_grad_()
+    y = torch.randint(0, C, (N,), generator=g)
+
+    def core_torch():
+        F.cross_entropy(logits, y).backward()
+        logits.grad = None
+
+    def core_ours():
+        xent_triton.cross_entropy(logits, y).backward()
+        logits.grad = None
+
+    n, d, c = args.linear_n, args.linear_d, args.linear_c
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(c, d, generator=g) / d ** 0.5).to(dtype).requires_grad_()
+    yl = torch.randint(0, c, (n,), generator=g)
+
+    def lin_torch():
+        F.cross_entropy(F.linear(h, w), yl).backward()
+        h.grad = w.grad = None
+
+    def lin_ours():
+        xent_triton.linear_cross_entropy(h, w, yl).backward()
+        h.grad = w.grad = None
+
+    return [("core", core_torch, core_ours), ("linear", lin_torch, lin_ours)]
+
+
+def best_time(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--core-n", type=int, default=4096)
+    p.add_argument("--core-c", type=int, default=32000)
+    p.add_argument("--linear-n", type=int, default=2048)
+    p.add_argument("--linear-d", type=int, default=512)
+    p.add_argument("--linear-c", type=int, default=32000)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("run without TRITON_INTERPRET: this measures the plain-CPU torch paths")
+    import torch
+
+    from perf.memory import peak_extra_bytes
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, min of {args.repeats}")
+    print(f"{'case':8} {'dtype':9} {'torch s':>9} {'ours s':>9} {'time x':>7} "
+          f"{'torch MB':>9} {'ours MB':>9} {'mem x':>6}")
+    ok = True
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        for case, ref, ours in _cases(dtype, args):
+            t_ref, t_ours = best_time(ref, args.repeats), best_time(ours, args.repeats)
+            m_ref, m_ours = peak_extra_bytes(ref, "cpu"), peak_extra_bytes(ours, "cpu")
+            rt, rm = t_ours / t_ref, m_ours / max(1, m_ref)
+            ok &= rt <= 1.15 and rm <= 0.6
+            print(f"{case:8} {name:9} {t_ref:9.3f} {t_ours:9.3f} {rt:7.2f} "
+                  f"{m_ref / 2**20:9.1f} {m_ours / 2**20:9.1f} {rm:6.2f}", flush=True)
+    print("acceptance (time <= 1.15x, memory <= 0.6x):", "met" if ok else "NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,369 @@
+"""The linear head on vendor GEMMs: token chunks (scalar upstream gradient) and vocabulary splits
+(recompute backward for a per-token upstream gradient). No atomics; deterministic.
+
+Token chunks (``chunked_loss_and_grads``; reduction mean/sum without the lse's gradient), per
+chunk of ``rows`` tokens, in ONE reused (rows, C) workspace: fp32 logits (the loss sees
+fp32-accurate logits, as the fused kernels did) + for 16-bit operands a (rows, C) 16-bit dZ::
+
+    Z_c   = X_c Wᵀ (+ b)            GEMM  2 rows D C FLOPs, fp32 output
+    Z_c  -> dZ_c                    kernels/chunk_grad.chunk_loss_grad_kernel (2 reads + 1 write)
+    dX_c  = dZ_c W                  GEMM  straight into dX's rows
+    dW   += dZ_cᵀ X_c ; db += sum   GEMM  (the first chunk writes, later ones add)
+
+6 N D C FLOPs = 3.0 x 2NDC in all, every one in a vendor GEMM. dZ is formed for the upstream
+gradient 1 and WITHOUT the mean's 1/denominator (fp16 would underflow); backward multiplies the
+saved dX / dW / db by g/denominator, a device scalar (no host sync). z-loss: its gradient
+2 zl lse p_j (x den / n_valid for a mean) is folded into dZ as an lse gradient.
+
+dW precision (``accum_fp32``): fp32 accumulator (C D 4 bytes, + C D 2 for a 16-bit dW in backward)
+or the parameter dtype (C D 2 bytes; each chunk's contribution is rounded into a 16-bit sum).
+fp32 accumulation of 16-bit products: ``torch.mm/addmm(..., out_dtype=float32)`` on CUDA (torch
+>= 2.8); elsewhere (CPU, older torch) each chunk's product goes through a (C, D) scratch in the
+operands' dtype (+ C D 2 bytes) and is added to the fp32 accumulator.
+
+Vocabulary splits (``recompute_backward``): forward = the fused partials kernel (2NDC, no
+workspace); backward per split of ``cols`` classes, in one (N, cols) workspace::
+
+    Z_s = X W_sᵀ (+ b_s) ; Z_s -> dZ_s (chunk_grad_kernel, stats + per-row g, h)
+    dX += dZ_s W_s (fp32 accumulator) ; dW_s = dZ_sᵀ X, db_s = sum dZ_s  (written once)
+
+8 N D C FLOPs = 4.0 x 2NDC. The torch twins below run where Triton cannot (CPU tensors without
+the interpreter, float64), with torch's vectorised ops on the same buffers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import config
+from ..fallback import finish_hard_rows, hard_target_coefficients, safe_ref, transform_logits
+from ..kernels.chunk_grad import chunk_grad_kernel, chunk_loss_grad_kernel
+from ..options import LossOptions
+from ..runtime import alloc, compute_dtype, uses_triton
+
+GPU_WORKSPACE_BYTES = 3 << 29  # rows x C x (4 + 2) bytes: 2048 rows at C = 128256 in bf16
+GPU_MIN_ROWS = 1024  # below ~1024 rows (the dW GEMM's K) the GEMMs turn memory-bound
+CPU_WORKSPACE_BYTES = 48 << 20  # CPU / interpreter: cache-sized chunks, memory well under torch's
+CPU_MIN_ROWS = 16
+HAS_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out") and hasattr(torch.ops.aten.mm, "dtype")
+
+
+def chunk_rows(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> int:
+    """Rows per token chunk: ``chunk_size`` if given, else the workspace budget / (C x bytes),
+    at least GPU_MIN_ROWS on CUDA (CPU_MIN_ROWS elsewhere), at most N (>= 1)."""
+    if chunk_size is not None:
+        return max(1, min(N, int(chunk_size)))
+    cuda = x.is_cuda
+    budget, least = (GPU_WORKSPACE_BYTES, GPU_MIN_ROWS) if cuda else (CPU_WORKSPACE_BYTES, CPU_MIN_ROWS)
+    cdt = compute_dtype(x)
+    per = torch.finfo(cdt).bits // 8 + (x.element_size() if x.dtype != cdt else 0)  # fp32 z + 16-bit dz
+    rows = max(least, budget // max(1, C * per))
+    align = 128 if cuda else 16
+    rows = max(align, rows // align * align)
+    return max(1, min(N, rows))
+
+
+def split_cols(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> int:
+    """Classes per vocabulary split of the recompute backward: the same workspace as a token
+    chunk (chunk_rows x C elements) spread over N rows, a multiple of 128 (or C)."""
+    elems = chunk_rows(N, C, x, chunk_size) * C
+    cols = max(128, elems // max(1, N) // 128 * 128)
+    return max(1, min(C, cols))
+
+
+def logits_into(out: Tensor, xr: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """out = xr wᵀ (+ b) by the vendor GEMM (K = D = 0 gives the bias / zeros, as torch); an fp32
+    ``out`` of 16-bit operands by ``out_dtype`` (CUDA, torch >= 2.8)."""
+    if out.dtype != xr.dtype:
+        torch.mm(xr, w.t(), out_dtype=out.dtype, out=out)
+        return out.add_(b) if b is not None else out
+    if b is not None:
+        return torch.addmm(b, xr, w.t(), out=out)
+    return torch.mm(xr, w.t(), out=out)
+
+
+def gemm_operands(x: Tensor, w: Tensor, b: Optional[Tensor]):
+    """(x, w, b) for fp32 logits: 16-bit operands as they are where the GEMM can output fp32 (CUDA,
+    torch >= 2.8), else fp32 copies (CPU: x N D 4 + w C D 4 bytes, once per call)."""
+    cdt = compute_dtype(x)
+    if x.dtype == cdt or (x.is_cuda and HAS_OUT_DTYPE):
+        return x, w, b
+    return x.to(cdt), w.to(cdt), b.to(cdt) if b is not None else None
+
+
+def accumulate_mm(acc: Tensor, a: Tensor, bmat: Tensor, first: bool,
+                  scratch: Optional[Tensor]) -> None:
+    """acc (=|+=) a @ bmat in acc's dtype (see the module docstring for the 16-bit -> fp32 case)."""
+    if acc.dtype == a.dtype:
+        if first:
+            torch.mm(a, bmat, out=acc)
+        else:
+            acc.addmm_(a, bmat)
+    elif acc.is_cuda and HAS_OUT_DTYPE:
+        if first:
+            torch.mm(a, bmat, out_dtype=acc.dtype, out=acc)
+        else:
+            torch.addmm(acc, a, bmat, out_dtype=acc.dtype, out=acc)
+    else:
+        torch.mm(a, bmat, out=scratch)
+        if first:
+            acc.copy_(scratch)
+        else:
+            acc.add_(scratch)
+
+
+def needs_scratch(acc: Optional[Tensor], operand_dtype: torch.dtype) -> bool:
+    return acc is not None and acc.dtype != operand_dtype and not (acc.is_cuda and HAS_OUT_DTYPE)
+
+
+def dz_dtype(x: Tensor) -> torch.dtype:
+    """dtype of dZ for the dX / dW GEMMs: the operands' on Triton devices (16-bit tensor-core
+    GEMMs); the compute dtype on the plain-CPU path, where the fp32 copies of X and W already
+    exist and fp32 GEMMs accumulate dW in place (no (C, D) scratch, no conversion pass)."""
+    return x.dtype if uses_triton(x) else compute_dtype(x)
+
+
+# ------------------------------------------------------------------------- chunk gradient
+def loss_grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
+                    zcoef: Optional[Tensor], opts: LossOptions, loss: Tensor, lse: Tensor,
+                    stats: Tensor) -> None:
+    """dL/dx (g = 1) of the (rows, C) fp32 raw logits ``z`` into ``dz`` (may be ``z``); write loss,
+    lse, stats."""
+    rows, C = z.shape
+    if rows == 0:
+        return
+    if not uses_triton(dz):
+        return loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts, loss, lse, stats)
+    cfg = config.config(C)
+    chunk_loss_grad_kernel[(rows,)](
+        z_ptr=z, stride_zr=z.stride(0), dz_ptr=dz, stride_dzr=dz.stride(0), tgt_ptr=target,
+        w_ptr=weight if weight is not None else z,
+        wsum_ptr=wsum if wsum is not None else z, zcoef_ptr=zcoef if zcoef is not None else z,
+        loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, C=C, n_classes=C, **opts.kernel_scalars(),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing, HAS_SOFTCAP=opts.has_softcap,
+        HAS_ZLOSS=zcoef is not None, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+
+
+def grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
+               stats: Tensor, dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions,
+               class_offset: int, n_classes: int) -> None:
+    """dL/dx of the (N, C_s) fp32 raw logits of a vocabulary split into ``dz`` from saved stats."""
+    rows, C = z.shape
+    if rows == 0:
+        return
+    if not uses_triton(dz):
+        return grad_torch(z, dz, target, weight, wsum, stats, dloss, dlse, opts, class_offset, n_classes)
+    cfg = config.config(C)
+    h = dlse if dlse is not None else dloss
+    chunk_grad_kernel[(rows,)](
+        z_ptr=z, stride_zr=z.stride(0), dz_ptr=dz, stride_dzr=dz.stride(0), tgt_ptr=target,
+        w_ptr=weight if weight is not None else z,
+        wsum_ptr=wsum if wsum is not None else z, stats_ptr=stats, dloss_ptr=dloss,
+        stride_dloss=dloss.stride(0), dlse_ptr=h, stride_dlse=h.stride(0), C=C, n_classes=n_classes,
+        class_offset=class_offset, **opts.kernel_scalars(), HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=opts.has_smoothing, HAS_SOFTCAP=opts.has_softcap, HAS_DLSE=dlse is not None,
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+
+
+def _transformed(z: Tensor, opts: LossOptions) -> tuple[Tensor, Tensor]:
+    """(work, t): ``work`` the chunk in the compute dtype (z itself when it already is), ``t`` the
+    transformed logits (``work`` itself without a transform)."""
+    cdt = compute_dtype(z)
+    work = z if z.dtype == cdt else z.to(cdt)
+    if opts.logit_scale == 1.0 and not opts.has_softcap:
+        return work, work
+    return work, transform_logits(work, opts.logit_scale, opts.softcap)
+
+
+def _finish_grad(dz: Tensor, t: Tensor, out: Tensor, y_idx: Tensor, coef_y: Tensor, coef_u: Tensor,
+                 weight: Optional[Tensor], active: Tensor, opts: LossOptions) -> None:
+    """dz (= coef_p p) -> dL/dx in place, then into ``out`` (when they differ)."""
+    dz.scatter_add_(1, y_idx[:, None], -coef_y[:, None].to(dz.dtype))
+    if opts.has_smoothing:
+        if weight is not None:
+            dz.addr_(coef_u.to(dz.dtype), weight.to(dz.dtype), alpha=-1)
+        else:
+            dz.sub_(coef_u[:, None].to(dz.dtype))
+    if opts.has_softcap:
+        dz.mul_(t.div_(opts.softcap).square_().neg_().add_(1.0))
+    if opts.logit_scale != 1.0:
+        dz.mul_(opts.logit_scale)
+    dz.masked_fill_(~active[:, None], 0.0)
+    if dz is not out:
+        out.copy_(dz)
+
+
+def loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts: LossOptions, loss, lse, stats) -> None:
+    """Torch twin of ``chunk_loss_grad_kernel`` (same outputs), vectorised over the chunk."""
+    C = z.shape[1]
+    eps = opts.label_smoothing
+    work, t = _transformed(z, opts)
+    valid = target != opts.ignore_index
+    ok = valid & (target >= 0) & (target < C)
+    y_safe = torch.where(ok, target, torch.zeros_like(target))
+    ref = safe_ref(t.amax(1))
+    z_y = t.gather(1, y_safe[:, None]).squeeze(1)
+    w_y = weight.to(t.dtype)[y_safe] if weight is not None else torch.ones_like(z_y)
+    d = torch.sub(t, ref[:, None], out=work) if t is not work else work.sub_(ref[:, None])
+    w_total = wsum.to(t.dtype).reshape(()) if wsum is not None else C
+    if eps > 0:
+        acc = d @ weight.to(d.dtype) if weight is not None else d.sum(1)
+    e = d.exp_()
+    s = e.sum(1)
+    log_s = torch.log(s)
+    row_loss = (1 - eps) * w_y * ((ref - z_y) + log_s)
+    if eps > 0:
+        row_loss = row_loss + eps / C * (w_total * log_s - acc)
+    row_loss, row_w = finish_hard_rows(row_loss, w_y, target, opts.ignore_index, C)
+    row_lse = torch.where(valid, ref + log_s, torch.zeros_like(ref))
+    loss.copy_(row_loss)
+    lse.copy_(row_lse)
+    stats.copy_(torch.stack([ref, log_s, row_w], dim=1))
+    h = torch.where(valid, zcoef * row_lse, torch.zeros_like(row_lse)) if zcoef is not None else \
+        torch.zeros_like(row_lse)
+    coef_p, coef_y, coef_u = hard_target_coefficients(torch.ones_like(h), h, row_w, valid, eps, C, w_total)
+    e.mul_((coef_p / s)[:, None])
+    _finish_grad(e, t, dz, y_safe, coef_y, coef_u, weight, valid, opts)
+
+
+def grad_torch(z, dz, target, weight, wsum, stats, dloss, dlse, opts: LossOptions, class_offset: int,
+               n_classes: int) -> None:
+    """Torch twin of ``chunk_grad_kernel``."""
+    C = z.shape[1]
+    work, t = _transformed(z, opts)
+    ref, log_s, row_w = (stats[:, i].to(t.dtype) for i in range(3))
+    log_s = torch.where(log_s == float("-inf"), torch.zeros_like(log_s), log_s)  # skipped ignored rows
+    g = dloss.to(t.dtype)
+    h = dlse.to(t.dtype) if dlse is not None else torch.zeros_like(g)
+    valid = target != opts.ignore_index
+    w_total = wsum.to(t.dtype).reshape(()) if wsum is not None else n_classes
+    coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, opts.label_smoothing, n_classes,
+                                                      w_total)
+    active = valid | (dlse is not None)
+    y_local = target - class_offset
+    here = (y_local >= 0) & (y_local < C)
+    y_idx = torch.where(here, y_local, torch.zeros_like(y_local))
+    coef_y = torch.where(here, coef_y, torch.zeros_like(coef_y))
+    d = torch.sub(t, (ref + log_s)[:, None], out=work) if t is not work else work.sub_((ref + log_s)[:, None])
+    e = d.exp_().mul_(coef_p[:, None])
+    _finish_grad(e, t, dz, y_idx, coef_y, coef_u, weight, active, opts)
+
+
+# ------------------------------------------------------------------------------ algorithms
+def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                           weight: Optional[Tensor], opts: LossOptions, rows: int, accum_fp32: bool,
+                           need: tuple[bool, bool, bool]):
+    """Token-chunked forward that also forms the gradients for an upstream gradient of 1.
+
+    Returns (loss rows, lse, stats, inv_den, dX, dW, db): per-row fp32 loss / lse / stats (N,),
+    (N,), (N, 3); ``inv_den`` the 0-d scale of a mean (1 for a sum); dX (N, D) in x's dtype,
+    dW (C, D) in fp32 (or w's dtype without ``accum_fp32``), db (C,) fp32; None if not needed.
+    """
+    N, D = x.shape
+    C = w.shape[0]
+    cdt, dev = compute_dtype(x), x.device
+    need_dx, need_dw, need_db = need
+    valid = target != opts.ignore_index
+    ok = valid & (target >= 0) & (target < C)
+    y_safe = torch.where(ok, target, torch.zeros_like(target))
+    w_y = weight[y_safe] if weight is not None else torch.ones(N, dtype=cdt, device=dev)
+    den = torch.where(ok, w_y, torch.zeros_like(w_y)).sum()
+    n_valid = valid.sum().to(cdt)
+    if opts.empty_batch == "zero":
+        den = torch.where(den == 0, torch.ones_like(den), den)
+        n_valid = torch.where(n_valid == 0, torch.ones_like(n_valid), n_valid)
+    mean = opts.reduction == "mean"
+    zcoef = None
+    if opts.lse_square_scale != 0:
+        zcoef = (2 * opts.lse_square_scale) * (den / n_valid if mean else torch.ones_like(den))
+        zcoef = zcoef.reshape(1)
+    wsum = weight.sum().reshape(1) if weight is not None else None
+    loss, lse = alloc((N,), cdt, dev), alloc((N,), cdt, dev)
+    stats = alloc((N, 3), cdt, dev)
+    dx = alloc((N, D), x.dtype, dev) if need_dx else None
+    acc_dt = cdt if accum_fp32 else w.dtype
+    dw = alloc((C, D), acc_dt, dev) if need_dw else None
+    db = alloc((C,), cdt, dev) if need_db else None
+    gdt = dz_dtype(x)
+    scratch = torch.empty((C, D), dtype=gdt, device=dev) if needs_scratch(dw, gdt) else None
+    xg, wg, bg = gemm_operands(x, w, b)
+    xd, wd = (xg, wg) if gdt == cdt else (x, w)  # the dX / dW GEMMs' operands
+    buf = torch.empty(rows * C, dtype=cdt, device=dev)
+    dbuf = buf if gdt == cdt else torch.empty(rows * C, dtype=gdt, device=dev)
+    for i, r0 in enumerate(range(0, N, rows)):
+        r1 = min(N, r0 + rows)
+        xc = x[r0:r1]
+        z32 = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
+        zc = dbuf[:(r1 - r0) * C].view(r1 - r0, C)
+        loss_grad_chunk(z32, zc, target[r0:r1], weight, wsum, zcoef, opts, loss[r0:r1], lse[r0:r1],
+                        stats[r0:r1])
+        if dx is not None:
+            if dx.dtype == zc.dtype:
+                torch.mm(zc, wd, out=dx[r0:r1])
+            else:
+                dx[r0:r1].copy_(torch.mm(zc, wd))
+        if dw is not None:
+            accumulate_mm(dw, zc.t(), xd[r0:r1], i == 0, scratch)
+        if db is not None:
+            part = zc.sum(0, dtype=cdt)
+            db.copy_(part) if i == 0 else db.add_(part)
+    if N == 0:
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+    # a mean over no weight (every token ignored): NaN loss as torch, zero gradients as torch
+    inv_den = torch.where(den == 0, torch.zeros_like(den), 1.0 / den) if mean else \
+        torch.ones((), dtype=cdt, device=dev)
+    return loss, lse, stats, inv_den, dx, dw, db
+
+
+def recompute_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                       weight: Optional[Tensor], stats: Tensor, dloss: Tensor, dlse: Optional[Tensor],
+                       opts: LossOptions, need: tuple[bool, bool, bool], class_offset: int = 0,
+                       n_classes: Optional[int] = None, wsum: Optional[Tensor] = None,
+                       chunk_size: Optional[int] = None):
+    """(dX fp32 (N, D), dW (C, D) in w's dtype, db (C,) in b's dtype), None where not needed, by
+    vocabulary splits (module docstring). ``weight`` = this weight's classes' class weights,
+    ``wsum`` the (global) sum of class weights, ``n_classes`` the global C."""
+    N, D = x.shape
+    C = w.shape[0]
+    n_classes = C if n_classes is None else n_classes
+    cdt, dev = compute_dtype(x), x.device
+    need_dx, need_dw, need_db = need
+    dx = torch.zeros((N, D), dtype=cdt, device=dev) if need_dx else None
+    dw = alloc((C, D), w.dtype, dev) if need_dw else None
+    db = alloc((C,), b.dtype, dev) if need_db else None
+    if N == 0 or not any(need):
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+        return dx, dw, db
+    gdt = dz_dtype(x)
+    scratch = torch.empty((N, D), dtype=gdt, device=dev) if needs_scratch(dx, gdt) else None
+    cols = split_cols(N, C, x, chunk_size)
+    xg, wg, bg = gemm_operands(x, w, b)
+    xd, wd = (xg, wg) if gdt == cdt else (x, w)
+    buf = torch.empty(N * cols, dtype=cdt, device=dev)
+    dbuf = buf if gdt == cdt else torch.empty(N * cols, dtype=gdt, device=dev)
+    for c0 in range(0, C, cols):
+        c1 = min(C, c0 + cols)
+        ws = wd[c0:c1]
+        z32 = logits_into(buf[:N * (c1 - c0)].view(N, c1 - c0), xg, wg[c0:c1],
+                          bg[c0:c1] if bg is not None else None)
+        zc = dbuf[:N * (c1 - c0)].view(N, c1 - c0)
+        grad_chunk(z32, zc, target, weight[c0:c1] if weight is not None else None, wsum, stats, dloss, dlse,
+                   opts,
+                   class_offset + c0, n_classes)
+        if dx is not None:
+            accumulate_mm(dx, zc, ws, c0 == 0, scratch)
+        if dw is not None:
+            if dw.dtype == zc.dtype:
+                torch.mm(zc.t(), xd, out=dw[c0:c1])
+            else:
+                dw[c0:c1].copy_(torch.mm(zc.t(), xd))
+        if db is not None:
+            db[c0:c1].copy_(zc.sum(0, dtype=cdt))
+    return dx, dw, db
+
