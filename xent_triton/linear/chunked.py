@@ -294,7 +294,6 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
     dbuf = buf if gdt == cdt else torch.empty(rows * C, dtype=gdt, device=dev)
     for i, r0 in enumerate(range(0, N, rows)):
         r1 = min(N, r0 + rows)
-        xc = x[r0:r1]
         z32 = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
         zc = dbuf[:(r1 - r0) * C].view(r1 - r0, C)
         loss_grad_chunk(z32, zc, target[r0:r1], weight, wsum, zcoef, opts, loss[r0:r1], lse[r0:r1],
