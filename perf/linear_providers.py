@@ -1,0 +1,115 @@
+"""Linear cross-entropy providers side by side, in one run (CPU): FLOPs counted (aten GEMMs +
+tl.dot), bytes moved and peak extra memory (the test harness's counter, Triton kernels under the
+interpreter), and plain-CPU wall time (torch ops, no interpreter) as ratios to torch eager.
+
+Providers: torch eager (``F.linear`` + ``F.cross_entropy``), torch's ``F.linear_cross_entropy``
+(torch >= 2.13; default options), Liger's fused linear cross-entropy (Triton; runs under the
+interpreter here, not on plain CPU tensors), xent_triton default, xent_triton with a small
+``chunk_size``. Cut Cross-Entropy needs CUDA and is reported as missing.
+
+Run: ``python -m perf.linear_providers [--rows 256 --hidden 64 --classes 4096]``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+
+
+def providers(chunk: int):
+    import torch.nn.functional as F
+
+    import xent_triton
+
+    out = {"torch eager": lambda h, w, y: F.cross_entropy(F.linear(h, w), y)}
+    if hasattr(F, "linear_cross_entropy"):
+        out["torch F.linear_cross_entropy"] = lambda h, w, y: F.linear_cross_entropy(h, w, y)
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        out["liger FLCE"] = lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y)
+    except ImportError:
+        pass
+    out["xent default"] = lambda h, w, y: xent_triton.linear_cross_entropy(h, w, y)
+    out[f"xent chunk_size={chunk}"] = lambda h, w, y: xent_triton.linear_cross_entropy(
+        h, w, y, chunk_size=chunk)
+    return out
+
+
+def counted(fn, h, w, y) -> dict:
+    """FLOPs, bytes and peak extra memory of forward + backward under the interpreter."""
+    from tests.harness import traffic
+
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with traffic.count() as r:
+        fn(hh, ww, y).backward()
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    gc.collect()
+    peak = traffic.peak_extra_bytes(lambda: fn(hh, ww, y).backward())
+    return dict(flops=r["flops"], bytes=r["kernel_read"] + r["kernel_write"] + r["aten_bytes"], peak=peak)
+
+
+def wall(fn, h, w, y, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        t0 = time.perf_counter()
+        fn(hh, ww, y).backward()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--classes", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--wall-rows", type=int, default=2048)
+    p.add_argument("--wall-hidden", type=int, default=512)
+    p.add_argument("--wall-classes", type=int, default=32000)
+    a = p.parse_args()
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (main() runs first)
+    import torch
+
+    torch.manual_seed(0)
+    N, D, C = a.rows, a.hidden, a.classes
+    h = torch.randn(N, D, dtype=torch.bfloat16)
+    w = (torch.randn(C, D) / D ** 0.5).to(torch.bfloat16)
+    y = torch.randint(0, C, (N,))
+    base = 2 * N * D * C
+    print(f"interpreter, bf16, N={N} D={D} C={C}: FLOPs / 2NDC, bytes / logits bytes, peak / logits bytes")
+    logits_bytes = N * C * 2
+    rows = {}
+    for name, fn in providers(a.chunk).items():
+        try:
+            c = counted(fn, h, w, y)
+        except Exception as e:  # a provider that cannot run here is reported, not hidden
+            print(f"  {name:32s} failed: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        rows[name] = c
+        print(f"  {name:32s} FLOPs {c['flops'] / base:5.2f}x  bytes {c['bytes'] / logits_bytes:6.2f}x  "
+              f"peak {c['peak'] / logits_bytes:5.2f}x")
+    print("  cut-cross-entropy                missing: needs CUDA")
+
+    os.environ["TRITON_INTERPRET"] = "0"  # plain CPU: torch ops (xent's CPU path), no interpreter
+    N, D, C = a.wall_rows, a.wall_hidden, a.wall_classes
+    for dt in (torch.float32, torch.bfloat16):
+        h = torch.randn(N, D).to(dt)
+        w = (torch.randn(C, D) / D ** 0.5).to(dt)
+        y = torch.randint(0, C, (N,))
+        times = {}
+        for name, fn in providers(a.chunk).items():
+            if name.startswith("liger"):
+                continue  # Triton on CPU tensors needs the interpreter
+            times[name] = wall(fn, h, w, y)
+        ref = times["torch eager"]
+        print(f"plain CPU, {dt}, N={N} D={D} C={C}: forward+backward seconds (min of 3), "
+              "ratio to torch eager")
+        for name, t in times.items():
+            print(f"  {name:32s} {t:8.3f} s  {t / ref:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
