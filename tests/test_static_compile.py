@@ -53,8 +53,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from perf import static_report as sr  # noqa: E402
 from perf import kernel_specs as ks  # noqa: E402
+from perf import static_report as sr  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (sr.nvidia_tool("ptxas") and sr.nvidia_tool("cuobjdump")),
                                 reason="ptxas / cuobjdump not available")
