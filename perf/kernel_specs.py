@@ -325,26 +325,18 @@ def _linear_shape(layout: Layout) -> tuple[int, int, int, bool]:
     return N, layout.C, D, D % 16 == 0
 
 
-def _linear_tiles(dtype: str, layout: Layout, kernel: str) -> dict:
-    _, _, _, aligned = _linear_shape(layout)
-    fwd, bwd = launch.linear_configs(32 if dtype == "fp32" else 16, aligned)
-    cfg = fwd if kernel == "fwd" else bwd
+def _linear_tiles(dtype: str, layout: Layout) -> dict:
+    cfg, _ = launch.linear_configs(32 if dtype == "fp32" else 16, _linear_shape(layout)[3])
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_UPCAST=False)
 
 
-def _linear_configs(kernel: str) -> Callable[[str], list[dict]]:
+def _linear_configs(dtype: str) -> list[dict]:
     """Per dtype: the launch's warps / stages and every dot precision it can pick (fp32 follows
     torch.get_float32_matmul_precision: tf32, tf32x3, ieee; the FMA "ieee" dot is the largest)."""
-    def configs(dtype: str) -> list[dict]:
-        bits = 32 if dtype == "fp32" else 16
-        cfg = (launch.LINEAR_FWD if kernel == "fwd" else launch.LINEAR_BWD)[bits]
-        precisions = ("tf32", "tf32x3", "ieee") if bits == 32 else ("tf32",)
-        return [{"DOT_PRECISION": p, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-                for p in precisions]
-    return configs
-
-
-_LIN_HP = dict(ignore_index=-100, label_smoothing=0.1, softcap=30.0, logit_scale=1.0)
+    bits = 32 if dtype == "fp32" else 16
+    cfg, precisions = launch.LINEAR_FWD[bits], ("tf32", "tf32x3", "ieee") if bits == 32 else ("tf32",)
+    return [{"DOT_PRECISION": p, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            for p in precisions]
 
 
 def _linear_common(dtype: str, layout: Layout) -> dict:
@@ -357,28 +349,52 @@ def _linear_common(dtype: str, layout: Layout) -> dict:
 def _linear_fwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
     """linear_ops.forward_partials' launch of linear_xent_fwd_kernel."""
     return dict(_linear_common(dtype, layout), part_ptr=Ptr("fp32"), n_splits=16, tiles_per_split=7,
-                **_linear_tiles(dtype, layout, "fwd"))
-
-
-def _linear_bwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
-    """linear_ops.backward_accumulate's launch of linear_xent_bwd_kernel (dloss of a mean: an
-    expanded scalar, stride 0; dlse contiguous)."""
-    return dict(_linear_common(dtype, layout), wsum_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"),
-                dloss_ptr=Ptr("fp32"), stride_dloss=0, dlse_ptr=Ptr("fp32"),
-                stride_dlse=1 if flags["HAS_DLSE"] else 0, dx_ptr=Ptr("fp32"), dw_ptr=Ptr("fp32"),
-                db_ptr=Ptr("fp32"), n_classes=_linear_shape(layout)[1],
-                label_smoothing=_LIN_HP["label_smoothing"],
-                GROUP_N=launch.LINEAR_GROUP_N, **_linear_tiles(dtype, layout, "bwd"))
+                **_linear_tiles(dtype, layout))
 
 
 _LIN_FLAGS = ("HAS_BIAS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
 
 SPECS["linear_xent_fwd"] = KernelSpec(
     "linear_xent_fwd", _lazy("linear_cross_entropy", "linear_xent_fwd_kernel"),
-    _LIN_FLAGS + ("SKIP_IGNORED",), _linear_fwd_args, configs=_linear_configs("fwd"))
-SPECS["linear_xent_bwd"] = KernelSpec(
-    "linear_xent_bwd", _lazy("linear_cross_entropy", "linear_xent_bwd_kernel"),
-    _LIN_FLAGS + ("HAS_DLSE", "NEED_DX", "NEED_DW", "NEED_DB"), _linear_bwd_args,
-    configs=_linear_configs("bwd"),
-    # launched only when some gradient is needed; db only with a bias
-    valid=lambda f: (f["NEED_DX"] or f["NEED_DW"] or f["NEED_DB"]) and (f["HAS_BIAS"] or not f["NEED_DB"]))
+    _LIN_FLAGS + ("SKIP_IGNORED",), _linear_fwd_args, configs=_linear_configs)
+
+
+# ------------------------------------------------ chunked linear head: dZ over a GEMM's logits chunk
+# linear/chunked.py: fp32 logits of a (rows, C) token chunk or (N, C_s) split in a fresh workspace
+# (row stride C), dZ in the operands' dtype (same buffer for fp32); no nd layout (always 2-D).
+def _chunk_common(dtype: str, flags: dict, layout: Layout) -> dict:
+    z = Ptr("fp32")
+    return dict(z_ptr=z, stride_zr=layout.C, dz_ptr=Ptr(dtype), stride_dzr=layout.C, tgt_ptr=Ptr("i64"),
+                w_ptr=Ptr("fp32") if flags["HAS_WEIGHT"] else z,
+                wsum_ptr=Ptr("fp32") if flags["HAS_WEIGHT"] else z,
+                C=layout.C, n_classes=layout.C, **_HPARAMS)
+
+
+def _chunk_loss_grad_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
+    """chunked.loss_grad_chunk's launch of chunk_loss_grad_kernel (placeholders as it passes them)."""
+    z = Ptr("fp32")
+    return dict(_chunk_common(dtype, flags, layout),
+                zcoef_ptr=Ptr("fp32") if flags["HAS_ZLOSS"] else z,
+                tw_ptr=Ptr("fp32") if flags["HAS_TOKEN_WEIGHT"] else z,
+                loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"), ent_ptr=Ptr("fp32"),
+                pred_ptr=Ptr("i64"))
+
+
+def _chunk_grad_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
+    """chunked.grad_chunk's launch of chunk_grad_kernel (the recompute backward's split at class
+    offset 0; dloss an expanded scalar (stride 0), dlse contiguous, or dloss again without it)."""
+    return dict(_chunk_common(dtype, flags, layout), stats_ptr=Ptr("fp32"), dloss_ptr=Ptr("fp32"),
+                stride_dloss=0, dlse_ptr=Ptr("fp32"), stride_dlse=1 if flags["HAS_DLSE"] else 0,
+                class_offset=0)
+
+
+_CHUNK_FLAGS = ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
+
+SPECS["chunk_loss_grad"] = KernelSpec(
+    "chunk_loss_grad", _lazy("chunk_grad", "chunk_loss_grad_kernel"),
+    _CHUNK_FLAGS + ("HAS_ZLOSS", "HAS_TOKEN_WEIGHT", "STATS"), _chunk_loss_grad_args,
+    layouts=("c16", "odd"), stream_load="tl.load(z_row + cols",
+    layout_options=lambda layout: launch.forward_compile_options(layout == "c16"))
+SPECS["chunk_grad"] = KernelSpec(
+    "chunk_grad", _lazy("chunk_grad", "chunk_grad_kernel"), _CHUNK_FLAGS + ("HAS_DLSE",), _chunk_grad_args,
+    layouts=("c16", "odd"), stream_load="tl.load(z_row + cols")

@@ -115,7 +115,7 @@ def make_options(process_group, **kwargs) -> tuple[LossOptions, Optional[BaseExc
 
 def refuse_unsupported(what: str, **given) -> None:
     """NotImplementedError naming options a path does not support (never silently ignored)."""
-    bad = [k for k, v in given.items() if v not in (None, False)]
+    bad = [k for k, v in given.items() if v is not None and v is not False]  # a tensor: no bool()
     if bad:
         raise NotImplementedError(f"{what}: {', '.join(bad)} not supported on this path")
 

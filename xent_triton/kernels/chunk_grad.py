@@ -15,11 +15,14 @@ Math (the core kernels' formulas, ``kernels/cross_entropy.py``; z = T(x) the tra
 * ``chunk_loss_grad_kernel`` (grid (rows,)): one row per program over all C classes. Pass 1
   streams the row for (m, s, A) (online log-sum-exp) and z_y from the SAME buffer (so loss >= 0
   whatever rounding the GEMM applied), writes loss, lse, stats = (ref, log s, row weight). Pass 2
-  re-reads the row and writes dL/dx for the upstream gradient g = 1 (the reduction's
+  re-reads the row and writes dL/dx for the upstream gradient g = 1 or the row's token weight
+  (``HAS_TOKEN_WEIGHT``; the reduction's
   1/denominator is applied later, on the much smaller dX / dW), plus the z-loss term folded in as
-  an lse gradient h = zcoef * lse (``HAS_ZLOSS``; zcoef a device scalar). Ignored rows read
-  nothing and write zeros. Bytes: 2 reads + 1 write of the row (fp32 logits and 16-bit dZ: 10 B
-  per logit; fp32: 12) + ~24 B per row.
+  an lse gradient h = zcoef * g * lse (``HAS_ZLOSS``; zcoef a device scalar). ``STATS`` adds
+  the entropy log s - E / s (E = sum_j e^{z_j - ref} (z_j - ref), kept by the same online update)
+  and the argmax per row, from pass 1: no extra read (ignored rows are then read once too).
+  Ignored rows otherwise read nothing; they write zeros. Bytes: 2 reads + 1 write of the row
+  (fp32 logits and 16-bit dZ: 10 B per logit; fp32: 12) + ~24 B per row (+12 with STATS).
 * ``chunk_grad_kernel`` (grid (rows,)): the recompute backward of one vocabulary split
   [class_offset, class_offset + C_s): reads the saved stats and per-row upstream gradients
   (g, h), overwrites the split's row with dL/dx. Bytes: 1 read + 1 write of the split.
@@ -29,6 +32,7 @@ import triton.language as tl
 
 from .common import (
     LN2,
+    entropy_argmax_update,
     hard_target_coefficients,
     online_lse_update,
     softmax_from_stats,
@@ -68,17 +72,21 @@ def grad_pass(z_row, dz_row, C, y_local, active, valid, coef_p, coef_y, coef_u, 
 
 @triton.jit
 def chunk_loss_grad_kernel(
-    z_ptr, stride_zr, dz_ptr, stride_dzr, tgt_ptr, w_ptr, wsum_ptr, zcoef_ptr,
-    loss_ptr, lse_ptr, stats_ptr,
+    z_ptr, stride_zr, dz_ptr, stride_dzr, tgt_ptr, w_ptr, wsum_ptr, zcoef_ptr, tw_ptr,
+    loss_ptr, lse_ptr, stats_ptr, ent_ptr, pred_ptr,
     C, n_classes, ignore_index,
     label_smoothing, softcap, logit_scale,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ZLOSS: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr, HAS_TOKEN_WEIGHT: tl.constexpr, STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Forward + gradient of one row of a (rows, C) logits chunk, in place (module docstring).
 
     Writes loss_r, lse_r (0 for ignored rows) and stats_r = (ref, log s, row weight) with the
-    row weight w_y (0 ignored, NaN for an out-of-range id: its loss and gradients become NaN)."""
+    row weight w_y (0 ignored, NaN for an out-of-range id: its loss and gradients become NaN).
+    ``HAS_TOKEN_WEIGHT``: the row's upstream gradient is its token weight tw_r (loss and z-loss
+    gradient both scaled by it; the loss written stays unweighted). ``STATS``: also the entropy
+    of softmax(z) and the argmax (int64) of every row, ignored ones included, from pass 1."""
     r = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + r * stride_zr
     offs = tl.arange(0, BLOCK_C)
@@ -87,8 +95,14 @@ def chunk_loss_grad_kernel(
     in_range = (y >= 0) & (y < C)
     ok = valid & in_range
     y_safe = tl.where(ok, y, 0)
-    c_valid = tl.where(valid, C, 0)
+    if STATS:
+        c_valid = C  # the stats cover ignored rows too (the core's ``predicted``)
+    else:
+        c_valid = tl.where(valid, C, 0)
     m = tl.full((), float("-inf"), tl.float32)
+    e = tl.zeros((), tl.float32)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = tl.zeros((), tl.int32)
     s = tl.zeros((), tl.float32)
     acc = tl.zeros((), tl.float32)
     a_sum = tl.zeros((), tl.float32)
@@ -97,7 +111,10 @@ def chunk_loss_grad_kernel(
         lmask = cols < c_valid
         x = tl.load(z_row + cols, mask=lmask, other=0.0)
         z = tl.where(lmask, transform_logits(x, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        s_old = s
         m, s, ref_old, ref_new = online_lse_update(m, s, z)
+        if STATS:
+            e, best, best_idx = entropy_argmax_update(e, best, best_idx, s_old, z, cols, ref_old, ref_new)
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
                 a = tl.load(w_ptr + cols, mask=lmask, other=0.0)
@@ -105,8 +122,11 @@ def chunk_loss_grad_kernel(
                 a = tl.where(lmask, 1.0, 0.0)
             acc = acc + (ref_old - ref_new) * a_sum + tl.sum(a * tl.where(lmask, z - ref_new, 0.0), 0)
             a_sum = a_sum + tl.sum(a, 0)
-    ref = tl.where(m == float("-inf"), 0.0, m)
-    log_s = tl.log2(tl.where(valid, s, 1.0)) * LN2  # ignored rows read nothing: log s = 0
+    if STATS:
+        tl.store(ent_ptr + r, tl.log2(s) * LN2 - e / s)
+        tl.store(pred_ptr + r, best_idx.to(tl.int64))
+    ref = tl.where(valid & (m != float("-inf")), m, 0.0)
+    log_s = tl.log2(tl.where(valid, s, 1.0)) * LN2  # ignored rows (read nothing without STATS): 0
     lse = ref + log_s
     z_y = transform_logits(tl.load(z_row + y_safe), logit_scale, softcap, HAS_SOFTCAP)
     if HAS_WEIGHT:
@@ -126,11 +146,15 @@ def chunk_loss_grad_kernel(
     tl.store(stats_ptr + 3 * r, ref)
     tl.store(stats_ptr + 3 * r + 1, log_s)
     tl.store(stats_ptr + 3 * r + 2, row_w)
+    if HAS_TOKEN_WEIGHT:
+        g = tl.load(tw_ptr + r).to(tl.float32)
+    else:
+        g = 1.0
     if HAS_ZLOSS:
-        h = tl.where(valid, tl.load(zcoef_ptr) * lse, 0.0)
+        h = tl.where(valid, tl.load(zcoef_ptr) * g * lse, 0.0)
     else:
         h = 0.0
-    coef_p, coef_y, coef_u = hard_target_coefficients(1.0, h, row_w, valid, label_smoothing, n_classes,
+    coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, label_smoothing, n_classes,
                                                       w_total, HAS_SMOOTHING)
     grad_pass(z_row, dz_ptr + r * stride_dzr, C, y_safe, valid, valid, coef_p, coef_y, coef_u, ref, log_s,
               w_ptr, softcap,

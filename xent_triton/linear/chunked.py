@@ -13,7 +13,10 @@ fp32-accurate logits, as the fused kernels did) + for 16-bit operands a (rows, C
 6 N D C FLOPs = 3.0 x 2NDC in all, every one in a vendor GEMM. dZ is formed for the upstream
 gradient 1 and WITHOUT the mean's 1/denominator (fp16 would underflow); backward multiplies the
 saved dX / dW / db by g/denominator, a device scalar (no host sync). z-loss: its gradient
-2 zl lse p_j (x den / n_valid for a mean) is folded into dZ as an lse gradient.
+2 zl lse p_j (x den / n_valid for a mean) is folded into dZ as an lse gradient. Token weights
+tw_r are each row's upstream gradient in the kernel (loss and z-loss terms; den = sum tw_r w_y,
+n_valid = sum of tw_r over valid rows); ``return_stats`` takes the entropy and argmax from the
+kernel's pass 1 (no extra read of the chunk).
 
 dW precision (``accum_fp32``): fp32 accumulator (C D 4 bytes, + C D 2 for a 16-bit dW in backward)
 or the parameter dtype (C D 2 bytes; each chunk's contribution is rounded into a 16-bit sum).
@@ -126,24 +129,35 @@ def dz_dtype(x: Tensor) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------- chunk gradient
+def rows_aligned(*ts: Tensor) -> bool:
+    """Rows start 16-byte aligned; else the loss kernel takes config.FWD_UNALIGNED_MAXNREG (it
+    spilled 8 bytes with every flag on, static report)."""
+    return all((t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in ts)
+
+
 def loss_grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
                     zcoef: Optional[Tensor], opts: LossOptions, loss: Tensor, lse: Tensor,
-                    stats: Tensor) -> None:
-    """dL/dx (g = 1) of the (rows, C) fp32 raw logits ``z`` into ``dz`` (may be ``z``); write loss,
-    lse, stats."""
+                    stats: Tensor, tw: Optional[Tensor] = None, ent: Optional[Tensor] = None,
+                    pred: Optional[Tensor] = None) -> None:
+    """dL/dx (g = 1, or the token weight ``tw`` per row) of the (rows, C) fp32 raw logits ``z``
+    into ``dz`` (may be ``z``); write loss, lse, stats and (``ent`` / ``pred`` given) the entropy
+    and argmax per row from the same pass."""
     rows, C = z.shape
     if rows == 0:
         return
     if not uses_triton(dz):
-        return loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts, loss, lse, stats)
+        return loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts, loss, lse, stats, tw, ent, pred)
     cfg = config.config(C)
     chunk_loss_grad_kernel[(rows,)](
         z_ptr=z, stride_zr=z.stride(0), dz_ptr=dz, stride_dzr=dz.stride(0), tgt_ptr=target,
         w_ptr=weight if weight is not None else z,
         wsum_ptr=wsum if wsum is not None else z, zcoef_ptr=zcoef if zcoef is not None else z,
-        loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, C=C, n_classes=C, **opts.kernel_scalars(),
+        tw_ptr=tw if tw is not None else z,
+        loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, ent_ptr=ent if ent is not None else loss,
+        pred_ptr=pred if pred is not None else target, C=C, n_classes=C, **opts.kernel_scalars(),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing, HAS_SOFTCAP=opts.has_softcap,
-        HAS_ZLOSS=zcoef is not None, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
+        HAS_ZLOSS=zcoef is not None, HAS_TOKEN_WEIGHT=tw is not None, STATS=ent is not None,
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps, **config.forward_compile_options(rows_aligned(z, dz)))
 
 
 def grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
@@ -195,7 +209,8 @@ def _finish_grad(dz: Tensor, t: Tensor, out: Tensor, y_idx: Tensor, coef_y: Tens
         out.copy_(dz)
 
 
-def loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts: LossOptions, loss, lse, stats) -> None:
+def loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts: LossOptions, loss, lse, stats, tw=None,
+                    ent=None, pred=None) -> None:
     """Torch twin of ``chunk_loss_grad_kernel`` (same outputs), vectorised over the chunk."""
     C = z.shape[1]
     eps = opts.label_smoothing
@@ -210,9 +225,13 @@ def loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts: LossOptions, loss,
     w_total = wsum.to(t.dtype).reshape(()) if wsum is not None else C
     if eps > 0:
         acc = d @ weight.to(d.dtype) if weight is not None else d.sum(1)
+    if pred is not None:
+        pred.copy_(d.argmax(1))
     e = d.exp_()
     s = e.sum(1)
     log_s = torch.log(s)
+    if ent is not None:  # E = sum_j e^{d_j} d_j (xlogy: 0 where e underflows)
+        ent.copy_(log_s - torch.xlogy(e, e).sum(1) / s)
     row_loss = (1 - eps) * w_y * ((ref - z_y) + log_s)
     if eps > 0:
         row_loss = row_loss + eps / C * (w_total * log_s - acc)
@@ -221,9 +240,10 @@ def loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts: LossOptions, loss,
     loss.copy_(row_loss)
     lse.copy_(row_lse)
     stats.copy_(torch.stack([ref, log_s, row_w], dim=1))
-    h = torch.where(valid, zcoef * row_lse, torch.zeros_like(row_lse)) if zcoef is not None else \
+    g = tw.to(row_lse.dtype) if tw is not None else torch.ones_like(row_lse)
+    h = torch.where(valid, zcoef * g * row_lse, torch.zeros_like(row_lse)) if zcoef is not None else \
         torch.zeros_like(row_lse)
-    coef_p, coef_y, coef_u = hard_target_coefficients(torch.ones_like(h), h, row_w, valid, eps, C, w_total)
+    coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, eps, C, w_total)
     e.mul_((coef_p / s)[:, None])
     _finish_grad(e, t, dz, y_safe, coef_y, coef_u, weight, valid, opts)
 
@@ -254,12 +274,16 @@ def grad_torch(z, dz, target, weight, wsum, stats, dloss, dlse, opts: LossOption
 # ------------------------------------------------------------------------------ algorithms
 def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                            weight: Optional[Tensor], opts: LossOptions, rows: int, accum_fp32: bool,
-                           need: tuple[bool, bool, bool]):
+                           need: tuple[bool, bool, bool], tw: Optional[Tensor] = None,
+                           with_stats: bool = False):
     """Token-chunked forward that also forms the gradients for an upstream gradient of 1.
 
-    Returns (loss rows, lse, stats, inv_den, dX, dW, db): per-row fp32 loss / lse / stats (N,),
-    (N,), (N, 3); ``inv_den`` the 0-d scale of a mean (1 for a sum); dX (N, D) in x's dtype,
-    dW (C, D) in fp32 (or w's dtype without ``accum_fp32``), db (C,) fp32; None if not needed.
+    Returns (loss rows, lse, stats, inv_den, dX, dW, db, ent, pred): per-row fp32 loss / lse /
+    stats (N,), (N,), (N, 3); ``inv_den`` the 0-d scale of a mean (1 for a sum); dX (N, D) in x's
+    dtype, dW (C, D) in fp32 (or w's dtype without ``accum_fp32``), db (C,) fp32; None if not
+    needed. ``tw`` (N,) token weights: each row's gradient is scaled by tw_r and a mean divides by
+    sum tw_r w_y (z-loss: by sum of tw_r over valid rows). ``with_stats``: entropy (N,) and argmax
+    (N,) int64 per row from the same pass over each chunk (else None).
     """
     N, D = x.shape
     C = w.shape[0]
@@ -269,8 +293,13 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
     ok = valid & (target >= 0) & (target < C)
     y_safe = torch.where(ok, target, torch.zeros_like(target))
     w_y = weight[y_safe] if weight is not None else torch.ones(N, dtype=cdt, device=dev)
+    if tw is not None:
+        tw = tw.to(cdt).contiguous()
+        w_y = w_y * tw
+        n_valid = torch.where(valid, tw, torch.zeros_like(tw)).sum()
+    else:
+        n_valid = valid.sum().to(cdt)
     den = torch.where(ok, w_y, torch.zeros_like(w_y)).sum()
-    n_valid = valid.sum().to(cdt)
     if opts.empty_batch == "zero":
         den = torch.where(den == 0, torch.ones_like(den), den)
         n_valid = torch.where(n_valid == 0, torch.ones_like(n_valid), n_valid)
@@ -282,6 +311,8 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
     wsum = weight.sum().reshape(1) if weight is not None else None
     loss, lse = alloc((N,), cdt, dev), alloc((N,), cdt, dev)
     stats = alloc((N, 3), cdt, dev)
+    ent = alloc((N,), cdt, dev) if with_stats else None
+    pred = torch.empty((N,), dtype=torch.int64, device=dev) if with_stats else None
     dx = alloc((N, D), x.dtype, dev) if need_dx else None
     acc_dt = cdt if accum_fp32 else w.dtype
     dw = alloc((C, D), acc_dt, dev) if need_dw else None
@@ -297,7 +328,7 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
         z32 = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
         zc = dbuf[:(r1 - r0) * C].view(r1 - r0, C)
         loss_grad_chunk(z32, zc, target[r0:r1], weight, wsum, zcoef, opts, loss[r0:r1], lse[r0:r1],
-                        stats[r0:r1])
+                        stats[r0:r1], *(t[r0:r1] if t is not None else None for t in (tw, ent, pred)))
         if dx is not None:
             if dx.dtype == zc.dtype:
                 torch.mm(zc, wd, out=dx[r0:r1])
@@ -315,7 +346,7 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
     # a mean over no weight (every token ignored): NaN loss as torch, zero gradients as torch
     inv_den = torch.where(den == 0, torch.zeros_like(den), 1.0 / den) if mean else \
         torch.ones((), dtype=cdt, device=dev)
-    return loss, lse, stats, inv_den, dx, dw, db
+    return loss, lse, stats, inv_den, dx, dw, db, ent, pred
 
 
 def recompute_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
@@ -365,4 +396,5 @@ def recompute_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor
         if db is not None:
             db[c0:c1].copy_(zc.sum(0, dtype=cdt))
     return dx, dw, db
+
 

@@ -12,17 +12,21 @@ import torch
 from torch import Tensor
 
 from ..options import (
-    LossOptions,
+    Canonical,
     autocast_operands,
     check_linear_operands,
+    check_token_weight,
     check_weight,
     class_ids,
+    loss_stats,
+    make_options,
     reduce_rows,
+    refuse_unsupported,
 )
 from ..parallel.dtensor import dtensor_linear_cross_entropy, is_dtensor
 from ..parallel.linear import vocab_parallel_linear_cross_entropy
 from ..runtime import compute_dtype
-from .ops import linear_cross_entropy_rows, linear_cross_entropy_scalar
+from .ops import linear_cross_entropy_rows, linear_cross_entropy_scalar, stats_rows
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
@@ -34,8 +38,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          vocab_start_index: Optional[int] = None,
                          reduce_input_grad: bool = True,
                          empty_batch: str = "nan", chunk_size: Optional[int] = None,
-                         grad_accum_dtype: Optional[torch.dtype] = None
-                         ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                         grad_accum_dtype: Optional[torch.dtype] = None, return_stats: bool = False,
+                         return_predicted: bool = False, token_weight: Optional[Tensor] = None,
+                         ) -> Union[Tensor, tuple[Tensor, ...]]:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, fused.
 
     Equals ``cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight, ...)`` of
@@ -74,10 +79,22 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         grad_accum_dtype: dtype of the dW / db accumulation across token chunks: None or
             ``torch.float32`` (default; C x D x 4 bytes, + C x D x 2 for a 16-bit dW in backward)
             or ``linear_weight.dtype`` (C x D x 2 bytes only; every chunk rounds into a 16-bit sum).
+        return_stats: also return ``LossStats(n_valid, n_correct, entropy_sum, predicted)`` as
+            ``cross_entropy`` does (raw sums, device tensors; ``predicted``, the argmax per token in
+            the target's shape, only with ``return_predicted=True``). The token-chunked path takes
+            them from the loss's own pass over each chunk (no extra read); the per-token path
+            (``reduction="none"``, ``return_lse``, or no gradient) recomputes the logits once more
+            for them: one extra 2 N D C GEMM, by token chunks.
+        token_weight: per-token weights (the target's shape) multiplying each token's loss (and
+            z-loss) and so its gradients; ``mean`` divides the cross-entropy by sum_r t_r w_y over
+            the non-ignored tokens and the z-loss by sum of t_r over them (docs/math.md). A
+            ``token_weight`` that requires grad takes the per-token path (its gradient is formed
+            by autograd from the per-row losses).
 
     Returns:
         The float32 loss (float64 for float64 input; scalar, or target's shape for
-        ``reduction="none"``) and, with ``return_lse``, the lse (same dtype). Gradients reach
+        ``reduction="none"``), then the lse if ``return_lse`` (same dtype), then the stats if
+        ``return_stats``. Gradients reach
         ``input``, ``linear_weight`` and ``linear_bias``
         (those that require grad) in their own dtypes. A class id outside [0, C) that is not
         ``ignore_index`` raises IndexError on CPU; on CUDA (no host sync) it makes the loss NaN
@@ -89,17 +106,21 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         >>> y = torch.randint(0, 32000, (4, 128))
         >>> linear_cross_entropy(h, W, y, label_smoothing=0.1).backward()
     """
-    opts = LossOptions.make(ignore_index=ignore_index, reduction=reduction,
-                            label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                            softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
-    if is_dtensor(input) or is_dtensor(linear_weight):  # layout from the placements (parallel/dtensor.py)
+    opts, options_error = make_options(
+        process_group, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
+    dtensor = is_dtensor(input) or is_dtensor(linear_weight)
+    if dtensor or process_group is not None:
+        refuse_unsupported("linear_cross_entropy with a process_group or DTensor operands",
+                           return_stats=return_stats, token_weight=token_weight)
+    if dtensor:  # layout from the placements (parallel/dtensor.py)
         return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts,
                                             return_lse=return_lse, reduce_input_grad=reduce_input_grad)
     if process_group is not None:  # validates the operands after its exchange: no rank raises alone
         return vocab_parallel_linear_cross_entropy(
             input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
             process_group=process_group, vocab_start_index=vocab_start_index,
-            reduce_input_grad=reduce_input_grad)
+            reduce_input_grad=reduce_input_grad, options_error=options_error)
     if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
         input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     check_linear_operands(input, linear_weight, linear_bias, target)
@@ -115,15 +136,25 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     need = (input.requires_grad, linear_weight.requires_grad,
             linear_bias is not None and linear_bias.requires_grad)
     need = tuple(n and torch.is_grad_enabled() for n in need)
-    if opts.reduction != "none" and not return_lse and any(need):
-        return linear_cross_entropy_scalar(x2, linear_weight, bias, tgt, w, opts, chunk_size, accum_fp32,
-                                           need)
+    tw = check_token_weight(token_weight, Canonical(input, tgt, tuple(target.shape), C, None))
+    tw_grad = tw is not None and tw.requires_grad and torch.is_grad_enabled()
+    to_output = lambda r: r.view(target.shape)  # noqa: E731
+    if opts.reduction != "none" and not return_lse and any(need) and not tw_grad:
+        loss, ent, pred = linear_cross_entropy_scalar(x2, linear_weight, bias, tgt, w, opts, chunk_size,
+                                                      accum_fp32, need, tw, return_stats)
+        if not return_stats:
+            return loss
+        return loss, loss_stats(tgt, ent, pred, opts.ignore_index, return_predicted, to_output)
     skip = not return_lse and opts.lse_square_scale == 0
     loss_rows, lse, stats = linear_cross_entropy_rows(x2, linear_weight, bias, tgt, w, opts, skip)
-    loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape))
+    loss = reduce_rows(loss_rows, lse, stats, tgt, opts, to_output, tw)
+    out = (loss,)
     if return_lse:
-        return loss, lse.to(compute_dtype(input)).view(target.shape)
-    return loss
+        out += (lse.to(compute_dtype(input)).view(target.shape),)
+    if return_stats:
+        ent, pred = stats_rows(x2, linear_weight, bias, opts, chunk_size)
+        out += (loss_stats(tgt, ent, pred, opts.ignore_index, return_predicted, to_output),)
+    return out[0] if len(out) == 1 else out
 
 
 def check_accum_dtype(grad_accum_dtype: Optional[torch.dtype], linear_weight: Tensor) -> bool:

@@ -12,7 +12,8 @@ from .functional import linear_cross_entropy
 
 class LinearCrossEntropyLoss(torch.nn.Module):
     """Module form of :func:`linear_cross_entropy`; ``forward(input, linear_weight, target,
-    linear_bias=None)``. ``weight`` (class weights) is a registered buffer.
+    linear_bias=None, token_weight=None)``. ``weight`` (class weights) is a registered buffer;
+    ``return_stats`` / ``return_predicted`` add the ``LossStats`` output as in the functional form.
 
     Example:
         >>> crit = LinearCrossEntropyLoss(ignore_index=-100, lse_square_scale=1e-4)
@@ -24,7 +25,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
                  logit_scale: float = 1.0, return_lse: bool = False, process_group: Any = None,
                  vocab_start_index: Optional[int] = None, reduce_input_grad: bool = True,
-                 empty_batch: str = "nan") -> None:
+                 empty_batch: str = "nan", return_stats: bool = False,
+                 return_predicted: bool = False) -> None:
         super().__init__()
         LossOptions.make(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                          lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
@@ -41,9 +43,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.vocab_start_index = vocab_start_index
         self.reduce_input_grad = reduce_input_grad
         self.empty_batch = empty_batch
+        self.return_stats = return_stats
+        self.return_predicted = return_predicted
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
-                linear_bias: Optional[Tensor] = None):
+                linear_bias: Optional[Tensor] = None, token_weight: Optional[Tensor] = None):
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     weight=self.weight, ignore_index=self.ignore_index,
                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
@@ -52,7 +56,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                     process_group=self.process_group,
                                     vocab_start_index=self.vocab_start_index,
                                     reduce_input_grad=self.reduce_input_grad,
-                                    empty_batch=self.empty_batch)
+                                    empty_batch=self.empty_batch, return_stats=self.return_stats,
+                                    return_predicted=self.return_predicted, token_weight=token_weight)
 
     def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "

@@ -33,7 +33,7 @@ from ..kernels.linear_cross_entropy import linear_xent_fwd_kernel
 from ..options import LossOptions, reduce_rows, target_range_check
 from ..partials import N_PARTIALS, combine
 from ..runtime import alloc, compute_dtype, interpreting, no_second_derivative, upstream_or_zeros, uses_triton
-from .chunked import chunk_rows, chunked_loss_and_grads, recompute_backward
+from .chunked import chunk_rows, chunked_loss_and_grads, gemm_operands, logits_into, recompute_backward
 
 ROW_CHUNK = 1024  # the torch path's tiles: ROW_CHUNK x COL_CHUNK logits at a time
 COL_CHUNK = 4096
@@ -251,38 +251,48 @@ def linear_cross_entropy_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], targ
                                  softcap: float, logit_scale: float, lse_square_scale: float,
                                  reduction: int, empty_batch_zero: bool, chunk_size: int,
                                  accum_fp32: bool, need_dx: bool, need_dw: bool,
-                                 need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss 0-d, scale 0-d, dX, dW, db) of the token-chunked head: the reduced loss (fp32), the
-    scale 1/denominator of a mean (1 for a sum) and the gradients for an upstream gradient of
-    1 before that scale (an empty (0,) tensor where not needed). ``chunk_size`` 0 = automatic."""
+                                 need_db: bool, token_weight: Optional[Tensor] = None,
+                                 with_stats: bool = False
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss 0-d, scale 0-d, dX, dW, db, entropy, predicted) of the token-chunked head: the
+    reduced loss (fp32), the scale 1/denominator of a mean (1 for a sum), the gradients for an
+    upstream gradient of 1 before that scale (an empty (0,) tensor where not needed), and with
+    ``with_stats`` the per-row entropy (N,) and argmax (N,) int64 (else empty). ``token_weight``
+    (N,) scales each row's loss and gradients. ``chunk_size`` 0 = automatic."""
     target_range_check(target, w.shape[0], ignore_index)
     opts = LossOptions(ignore_index=ignore_index, reduction="mean" if reduction == 0 else "sum",
                        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
                        softcap=softcap, logit_scale=logit_scale,
                        empty_batch="zero" if empty_batch_zero else "nan")
     rows = chunk_rows(x.shape[0], w.shape[0], x, chunk_size if chunk_size > 0 else None)
-    loss_rows, lse, stats, scale, dx, dw, db = chunked_loss_and_grads(
-        x, w, b, target, weight, opts, rows, accum_fp32, (need_dx, need_dw, need_db))
-    loss = reduce_rows(loss_rows, lse, stats, target, opts, lambda r: r)
-    return (loss, scale, *(g if g is not None else x.new_empty((0,)) for g in (dx, dw, db)))
+    loss_rows, lse, stats, scale, dx, dw, db, ent, pred = chunked_loss_and_grads(
+        x, w, b, target, weight, opts, rows, accum_fp32, (need_dx, need_dw, need_db), token_weight,
+        with_stats)
+    loss = reduce_rows(loss_rows, lse, stats, target, opts, lambda r: r, token_weight)
+    if not with_stats:
+        ent, pred = x.new_empty((0,), dtype=loss.dtype), x.new_empty((0,), dtype=torch.int64)
+    return (loss, scale, *(g if g is not None else x.new_empty((0,)) for g in (dx, dw, db)), ent, pred)
 
 
 @linear_cross_entropy_chunked.register_fake
 def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale,
-      reduction, empty_batch_zero, chunk_size, accum_fp32, need_dx, need_dw, need_db):
+      reduction, empty_batch_zero, chunk_size, accum_fp32, need_dx, need_dw, need_db, token_weight=None,
+      with_stats=False):
     cdt = compute_dtype(x)
+    n = x.shape[0] if with_stats else 0
     return (x.new_empty((), dtype=cdt), x.new_empty((), dtype=cdt),
             x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
             x.new_empty(w.shape, dtype=cdt if accum_fp32 else w.dtype) if need_dw else x.new_empty((0,)),
-            x.new_empty((w.shape[0],), dtype=cdt) if need_db else x.new_empty((0,)))
+            x.new_empty((w.shape[0],), dtype=cdt) if need_db else x.new_empty((0,)),
+            x.new_empty((n,), dtype=cdt), x.new_empty((n,), dtype=torch.int64))
 
 
 def _chunked_setup(ctx, inputs, output):
-    _, scale, dx, dw, db = output
+    _, scale, dx, dw, db = output[:5]
     x, w, b = inputs[:3]
     ctx.save_for_backward(scale, dx, dw, db)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
-    ctx.need = inputs[-3:]
+    ctx.need = inputs[14:17]
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -297,7 +307,7 @@ def _chunked_backward(ctx, g, *_):
             continue
         out = torch.empty(t.shape, dtype=dt, device=t.device)
         grads.append(no_second_derivative(torch.mul(t, s, out=out), "linear_cross_entropy"))
-    return (*grads,) + (None,) * 14
+    return (*grads,) + (None,) * 16  # token_weight: no gradient on this path (functional routes it)
 
 
 linear_cross_entropy_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
@@ -305,10 +315,38 @@ linear_cross_entropy_chunked.register_autograd(_chunked_backward, setup_context=
 
 def linear_cross_entropy_scalar(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                                 weight: Optional[Tensor], opts: LossOptions, chunk_size: Optional[int],
-                                accum_fp32: bool, need: tuple[bool, bool, bool]) -> Tensor:
-    """The reduced (mean / sum) loss with autograd through ``xent_triton::linear_cross_entropy_chunked``."""
-    loss, *_ = torch.ops.xent_triton.linear_cross_entropy_chunked(
+                                accum_fp32: bool, need: tuple[bool, bool, bool],
+                                token_weight: Optional[Tensor] = None,
+                                with_stats: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(reduced mean / sum loss with autograd, entropy (N,), argmax (N,)) through
+    ``xent_triton::linear_cross_entropy_chunked``; entropy / argmax empty unless ``with_stats``."""
+    out = torch.ops.xent_triton.linear_cross_entropy_chunked(
         x, w, b, target, weight, opts.ignore_index, opts.label_smoothing, opts.softcap, opts.logit_scale,
         opts.lse_square_scale, REDUCTION_CODES[opts.reduction], opts.empty_batch == "zero",
-        int(chunk_size or 0), accum_fp32, *need)
-    return loss
+        int(chunk_size or 0), accum_fp32, *need, token_weight, with_stats)
+    return out[0], out[5], out[6]
+
+
+def stats_rows(x: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions,
+               chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """(entropy (N,) in the compute dtype, argmax (N,) int64) of softmax(T(x wᵀ + b)) per row, by
+    token chunks: one logits GEMM per chunk (2 N D C FLOPs more) into a (rows, C) fp32 workspace.
+    The per-token path's ``return_stats`` (its fused partials kernel keeps no entropy / argmax)."""
+    N = x.shape[0]
+    C = w.shape[0]
+    cdt, dev = compute_dtype(x), x.device
+    ent = torch.empty((N,), dtype=cdt, device=dev)
+    pred = torch.empty((N,), dtype=torch.int64, device=dev)
+    rows = chunk_rows(N, C, x, chunk_size)
+    xg, wg, bg = gemm_operands(x.detach(), w.detach(), b.detach() if b is not None else None)
+    buf = torch.empty(rows * C, dtype=cdt, device=dev)
+    with torch.no_grad():
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            z = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
+            t = transform_logits(z, opts.logit_scale, opts.softcap) if opts.logit_scale != 1.0 or \
+                opts.has_softcap else z
+            pred[r0:r1] = t.argmax(1)
+            logp = torch.log_softmax(t, 1)
+            ent[r0:r1] = -(logp.exp() * torch.where(logp.isfinite(), logp, 0.0)).sum(1)
+    return ent, pred
