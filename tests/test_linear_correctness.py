@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import xent_triton
 from reference import cross_entropy_composed
 from tolerances import assert_close_rule, rel_err
+from xent_triton.linear import chunk_torch
 from xent_triton.linear import chunked as linear_chunked
 from xent_triton.linear import ops as linear_ops
 from xent_triton.options import LossOptions
@@ -208,6 +209,23 @@ def test_pure_torch_path(monkeypatch, dtype):
         monkeypatch.setattr(linear_chunked, "uses_triton", lambda x: False)
     check((40,), 32, 300, dtype, chunk_size=7, **dict(ALL, reduction="none"))
     check((40,), 32, 300, dtype, chunk_size=7, **dict(ALL, return_lse=False))
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(BF16, id="bf16"), pytest.param(F16, id="fp16")])
+@pytest.mark.parametrize("kw", [pytest.param(dict(ALL, return_lse=False), id="chunked-all-options"),
+                                pytest.param(dict(reduction="sum", weight=True), id="chunked-sum"),
+                                pytest.param(dict(ALL, reduction="none"), id="recompute-all-options")])
+def test_plain_cpu_path_16bit(monkeypatch, dtype, kw):
+    """CPU tensors without Triton, 16-bit operands: 16-bit GEMMs, logits upcast by row blocks,
+    dW accumulated in fp32 through a block-sized scratch; every block loop iterates (3 rows per
+    row block, 16 classes per scratch block, 7-token chunks), against the float64 truth."""
+    monkeypatch.setattr(linear_ops, "uses_triton", lambda x: False)
+    monkeypatch.setattr(linear_chunked, "uses_triton", lambda x: False)
+    monkeypatch.setattr(chunk_torch, "BLOCK_ELEMS", 3 * 300)
+    monkeypatch.setattr(linear_chunked, "CPU_SCRATCH_ELEMS", 1)
+    monkeypatch.setattr(linear_ops, "CPU_SCRATCH_ELEMS", 16 * 32)
+    assert linear_chunked.logits_dtype(torch.empty(1, dtype=dtype)) == dtype
+    check((40,), 32, 300, dtype, chunk_size=7, **kw)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -148,6 +148,8 @@ def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, ch
     if chunk is not None:
         monkeypatch.setattr(fallback, "CHUNK_C", chunk)
     assert shape[1] > fallback.CHUNK_C  # several chunks, the last one ragged
+    samples = shape[1] * (shape[2] if len(shape) == 3 else 1)
+    monkeypatch.setattr(fallback, "BLOCK_ELEMS", 3 * samples)  # blocks of 3 samples, the last ragged
     opts = dict(opts)
     use_dlse = opts.pop("dlse", False)
     kw = dict(kw)

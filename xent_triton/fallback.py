@@ -172,11 +172,23 @@ def block_samples(C: int, D: int) -> int:
     return max(1, BLOCK_ELEMS // max(1, C * D))
 
 
-def block_rows(xb: Tensor, cdt: torch.dtype) -> Tensor:
-    """An (n, C, D) block as (n*D, C) rows: a view for D = 1, else a copy; in the compute dtype."""
+def block_rows(xb: Tensor, cdt: torch.dtype, buf: Optional[Tensor] = None) -> Tensor:
+    """An (n, C, D) block as (n*D, C) rows in the compute dtype: a view for D = 1 in that dtype,
+    else a copy (into ``buf``, a flat compute-dtype buffer reused across blocks, when given)."""
     n, C, D = xb.shape
-    r = xb[:, :, 0] if D == 1 else xb.permute(0, 2, 1).reshape(-1, C)
-    return r.to(cdt)
+    r = xb[:, :, 0] if D == 1 else xb.permute(0, 2, 1)
+    if r.dtype == cdt and D == 1:
+        return r
+    if buf is None:
+        return r.reshape(-1, C).to(cdt)
+    out = buf[:n * D * C].view(n, D, C) if D != 1 else buf[:n * C].view(n, C)
+    return out.copy_(r).view(-1, C)
+
+
+def row_buffer(x3: Tensor, step: int, cdt: torch.dtype) -> Tensor:
+    """One flat compute-dtype buffer for ``step`` samples of x3, allocated once per call: a fresh
+    multi-MiB allocation per block would go through mmap and fault its pages in every time."""
+    return torch.empty(min(step, x3.shape[0]) * x3.shape[1] * x3.shape[2], dtype=cdt, device=x3.device)
 
 
 def transformed(z: Tensor, opts: LossOptions) -> Tensor:
@@ -204,27 +216,31 @@ def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor],
     stats = torch.empty((N * D, 3), dtype=cdt, device=dev)
     soft = target.is_floating_point()
     step = block_samples(C, D)
+    zbuf = None if soft or (x3.dtype == cdt and D == 1) else row_buffer(x3, step, cdt)
+    lbuf = None if soft else row_buffer(x3, step, cdt)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
         rs = slice(n0 * D, n1 * D)
         if soft:
             out = forward_chunked(x3[n0:n1], target[n0:n1], weight, opts)
         else:
-            out = forward_hard_block(block_rows(x3[n0:n1], cdt), target[rs], weight, opts, C)
+            out = forward_hard_block(block_rows(x3[n0:n1], cdt, zbuf), target[rs], weight, opts, C, lbuf)
         for dst, src in zip((loss[rs], lse[rs], stats[rs]), out):
             dst.copy_(src)
     return loss, lse, stats
 
 
 def forward_hard_block(z: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions,
-                       C: int) -> tuple[Tensor, Tensor, Tensor]:
+                       C: int, buf: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, lse, stats) of (rows, C) logits ``z`` (any float dtype; never written) and hard ids,
-    from torch's fused log_softmax in the compute dtype: log s = -max_j logp_j exactly as the
-    kernels keep it (relative to the row maximum), loss = -(1-eps) w_y logp_y - eps/C sum_j w_j logp_j."""
+    from torch's fused log_softmax in the compute dtype (into ``buf`` when given): log s =
+    -max_j logp_j exactly as the kernels keep it (relative to the row maximum), loss = -(1-eps)
+    w_y logp_y - eps/C sum_j w_j logp_j."""
     eps = opts.label_smoothing
     cdt = compute_dtype(z)
-    t = transformed(z.to(cdt), opts) if opts.logit_scale != 1.0 or opts.has_softcap else z
-    logp = torch.log_softmax(t, 1, dtype=cdt)
+    t = transformed(z.to(cdt), opts) if opts.logit_scale != 1.0 or opts.has_softcap else z.to(cdt)
+    logp = torch.log_softmax(t, 1) if buf is None else \
+        torch.log_softmax(t, 1, out=buf[:t.numel()].view(t.shape))
     ref = safe_ref(t.amax(1).to(cdt))
     log_s = -logp.amax(1)
     ok = (target >= 0) & (target < C)
@@ -255,6 +271,8 @@ def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: T
     N, C, D = x3.shape
     step = block_samples(C, D)
     soft = target.is_floating_point()
+    cdt = compute_dtype(x3)
+    buf = None if soft or (D == 1 and out.dtype == cdt) else row_buffer(x3, step, cdt)
     for n0 in range(0, N, step):
         n1 = min(N, n0 + step)
         rs = slice(n0 * D, n1 * D)
@@ -264,15 +282,17 @@ def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: T
                              n_classes, weight_sum)
         else:
             backward_hard_block(x3[n0:n1], target[rs], weight, stats[rs], dloss[rs], h, opts, out[n0:n1],
-                                n_classes, weight_sum)
+                                n_classes, weight_sum, buf)
     return out
 
 
 def backward_hard_block(xb: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                         dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
-                        n_classes: Optional[int], weight_sum: Optional[Tensor]) -> None:
-    """One (n, C, D) block of ``backward_rows`` for hard targets, formed in ``out`` when it can.
-    Inactive rows have all coefficients 0, so their gradient is 0 x p = 0 with no extra pass."""
+                        n_classes: Optional[int], weight_sum: Optional[Tensor],
+                        buf: Optional[Tensor] = None) -> None:
+    """One (n, C, D) block of ``backward_rows`` for hard targets, formed in ``out`` when it can,
+    else in ``buf`` (a flat compute-dtype buffer) and copied out. Inactive rows have all
+    coefficients 0, so their gradient is 0 x p = 0 with no extra pass."""
     n, C, D = xb.shape
     nc = n_classes if n_classes is not None else C
     cdt = compute_dtype(xb)
@@ -289,8 +309,15 @@ def backward_hard_block(xb: Tensor, target: Tensor, weight: Optional[Tensor], st
         wsum = weight.to(cdt).sum() if weight is not None else nc
     coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, opts.label_smoothing, nc, wsum)
     direct = D == 1 and out.dtype == cdt
-    dz = out[:, :, 0] if direct else torch.empty(t.shape, dtype=cdt, device=t.device)
-    torch.sub(t, (ref + log_s)[:, None], out=dz)  # 16-bit t: promoted to the compute dtype
+    if direct:
+        dz = out[:, :, 0]
+    else:
+        dz = buf[:t.numel()].view(t.shape) if buf is not None else torch.empty(t.shape, dtype=cdt,
+                                                                                device=t.device)
+    if t.dtype == cdt:
+        torch.sub(t, (ref + log_s)[:, None], out=dz)
+    else:  # upcast in place: a mixed-dtype sub would upcast t into a temporary first
+        dz.copy_(t).sub_((ref + log_s)[:, None])
     dz.exp_().mul_(coef_p[:, None])
     here = (target >= 0) & (target < C)
     y_idx = torch.where(here, target, torch.zeros_like(target))

@@ -2,10 +2,11 @@
 (recompute backward for a per-token upstream gradient). No atomics; deterministic.
 
 Token chunks (``chunked_loss_and_grads``; reduction mean/sum without the lse's gradient), per
-chunk of ``rows`` tokens, in ONE reused (rows, C) workspace: fp32 logits (the loss sees
-fp32-accurate logits, as the fused kernels did) + for 16-bit operands a (rows, C) 16-bit dZ::
+chunk of ``rows`` tokens, in ONE reused (rows, C) workspace: fp32 logits where Triton runs (the
+loss sees fp32-accurate logits, as the fused kernels did) + for 16-bit operands a (rows, C) 16-bit
+dZ; on the plain-CPU path ``logits_dtype`` keeps 16-bit logits and forms dZ in place::
 
-    Z_c   = X_c Wᵀ (+ b)            GEMM  2 rows D C FLOPs, fp32 output
+    Z_c   = X_c Wᵀ (+ b)            GEMM  2 rows D C FLOPs, logits_dtype output
     Z_c  -> dZ_c                    kernels/chunk_grad.chunk_loss_grad_kernel (2 reads + 1 write)
     dX_c  = dZ_c W                  GEMM  straight into dX's rows
     dW   += dZ_cᵀ X_c ; db += sum   GEMM  (the first chunk writes, later ones add)
@@ -21,8 +22,9 @@ kernel's pass 1 (no extra read of the chunk).
 dW precision (``accum_fp32``): fp32 accumulator (C D 4 bytes, + C D 2 for a 16-bit dW in backward)
 or the parameter dtype (C D 2 bytes; each chunk's contribution is rounded into a 16-bit sum).
 fp32 accumulation of 16-bit products: ``torch.mm/addmm(..., out_dtype=float32)`` on CUDA (torch
->= 2.8); elsewhere (CPU, older torch) each chunk's product goes through a (C, D) scratch in the
-operands' dtype (+ C D 2 bytes) and is added to the fp32 accumulator.
+>= 2.8); on older CUDA torch each chunk's product goes through a (C, D) scratch in the operands'
+dtype (+ C D 2 bytes) and is added to the fp32 accumulator; on CPU through a 2 MiB scratch, one
+GEMM per block of classes (the add reads it from cache; no (C, D) temporary).
 
 Vocabulary splits (``recompute_backward``): forward = the fused partials kernel (2NDC, no
 workspace); backward per split of ``cols`` classes, in one (N, cols) workspace::
@@ -30,8 +32,8 @@ workspace); backward per split of ``cols`` classes, in one (N, cols) workspace::
     Z_s = X W_sᵀ (+ b_s) ; Z_s -> dZ_s (chunk_grad_kernel, stats + per-row g, h)
     dX += dZ_s W_s (fp32 accumulator) ; dW_s = dZ_sᵀ X, db_s = sum dZ_s  (written once)
 
-8 N D C FLOPs = 4.0 x 2NDC. The torch twins below run where Triton cannot (CPU tensors without
-the interpreter, float64), with torch's vectorised ops on the same buffers.
+8 N D C FLOPs = 4.0 x 2NDC. The torch twins (``chunk_torch.py``) run where Triton cannot (CPU
+tensors without the interpreter, float64), with torch's vectorised ops on the same buffers.
 """
 from __future__ import annotations
 
@@ -41,15 +43,16 @@ import torch
 from torch import Tensor
 
 from .. import config
-from ..fallback import finish_hard_rows, hard_target_coefficients, safe_ref, transform_logits
 from ..kernels.chunk_grad import chunk_grad_kernel, chunk_loss_grad_kernel
 from ..options import LossOptions
 from ..runtime import alloc, compute_dtype, uses_triton
+from .chunk_torch import grad_torch, loss_grad_torch
 
 GPU_WORKSPACE_BYTES = 3 << 29  # rows x C x (4 + 2) bytes: 2048 rows at C = 128256 in bf16
 GPU_MIN_ROWS = 1024  # below ~1024 rows (the dW GEMM's K) the GEMMs turn memory-bound
 CPU_WORKSPACE_BYTES = 48 << 20  # CPU / interpreter: cache-sized chunks, memory well under torch's
 CPU_MIN_ROWS = 16
+CPU_SCRATCH_ELEMS = 1 << 20  # a 16-bit product block of accumulate_mm on CPU (2 MiB; its fp32 upcast 4)
 HAS_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out") and hasattr(torch.ops.aten.mm, "dtype")
 
 
@@ -60,8 +63,8 @@ def chunk_rows(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> i
         return max(1, min(N, int(chunk_size)))
     cuda = x.is_cuda
     budget, least = (GPU_WORKSPACE_BYTES, GPU_MIN_ROWS) if cuda else (CPU_WORKSPACE_BYTES, CPU_MIN_ROWS)
-    cdt = compute_dtype(x)
-    per = torch.finfo(cdt).bits // 8 + (x.element_size() if x.dtype != cdt else 0)  # fp32 z + 16-bit dz
+    ldt = logits_dtype(x)
+    per = ldt.itemsize + (x.element_size() if x.dtype != ldt else 0)  # logits (+ a 16-bit dz beside fp32 z)
     rows = max(least, budget // max(1, C * per))
     align = 128 if cuda else 16
     rows = max(align, rows // align * align)
@@ -87,18 +90,28 @@ def logits_into(out: Tensor, xr: Tensor, w: Tensor, b: Optional[Tensor]) -> Tens
     return torch.mm(xr, w.t(), out=out)
 
 
+def logits_dtype(x: Tensor) -> torch.dtype:
+    """dtype of the logits workspace: the compute dtype where the Triton kernels read it (fp32
+    logits of 16-bit operands), x's own dtype on the plain-CPU path (16-bit GEMMs run on AMX /
+    AVX512-BF16 at 2-3x the speed of fp32 ones; the torch twins upcast cache-sized row blocks,
+    and the loss sees the 16-bit logits torch eager's F.linear gives it)."""
+    return compute_dtype(x) if uses_triton(x) else x.dtype
+
+
 def gemm_operands(x: Tensor, w: Tensor, b: Optional[Tensor]):
-    """(x, w, b) for fp32 logits: 16-bit operands as they are where the GEMM can output fp32 (CUDA,
-    torch >= 2.8), else fp32 copies (CPU: x N D 4 + w C D 4 bytes, once per call)."""
+    """(x, w, b) for ``logits_dtype(x)`` logits: 16-bit operands as they are where the GEMM
+    outputs that dtype (plain CPU) or can output fp32 (CUDA, torch >= 2.8), else fp32 copies (the
+    interpreter, older torch: x N D 4 + w C D 4 bytes, once per call)."""
     cdt = compute_dtype(x)
-    if x.dtype == cdt or (x.is_cuda and HAS_OUT_DTYPE):
+    if x.dtype == cdt or logits_dtype(x) == x.dtype or (x.is_cuda and HAS_OUT_DTYPE):
         return x, w, b
     return x.to(cdt), w.to(cdt), b.to(cdt) if b is not None else None
 
 
 def accumulate_mm(acc: Tensor, a: Tensor, bmat: Tensor, first: bool,
                   scratch: Optional[Tensor]) -> None:
-    """acc (=|+=) a @ bmat in acc's dtype (see the module docstring for the 16-bit -> fp32 case)."""
+    """acc (=|+=) a @ bmat in acc's dtype (see the module docstring for the 16-bit -> fp32 case;
+    there, blocks of ``scratch.shape[0]`` rows of acc, one GEMM each)."""
     if acc.dtype == a.dtype:
         if first:
             torch.mm(a, bmat, out=acc)
@@ -110,22 +123,23 @@ def accumulate_mm(acc: Tensor, a: Tensor, bmat: Tensor, first: bool,
         else:
             torch.addmm(acc, a, bmat, out_dtype=acc.dtype, out=acc)
     else:
-        torch.mm(a, bmat, out=scratch)
-        if first:
-            acc.copy_(scratch)
-        else:
-            acc.add_(scratch)
+        step = scratch.shape[0]
+        for r0 in range(0, acc.shape[0], step):
+            r1 = min(acc.shape[0], r0 + step)
+            part = torch.mm(a[r0:r1], bmat, out=scratch[:r1 - r0])
+            acc[r0:r1].copy_(part) if first else acc[r0:r1].add_(part)
 
 
-def needs_scratch(acc: Optional[Tensor], operand_dtype: torch.dtype) -> bool:
-    return acc is not None and acc.dtype != operand_dtype and not (acc.is_cuda and HAS_OUT_DTYPE)
-
-
-def dz_dtype(x: Tensor) -> torch.dtype:
-    """dtype of dZ for the dX / dW GEMMs: the operands' on Triton devices (16-bit tensor-core
-    GEMMs); the compute dtype on the plain-CPU path, where the fp32 copies of X and W already
-    exist and fp32 GEMMs accumulate dW in place (no (C, D) scratch, no conversion pass)."""
-    return x.dtype if uses_triton(x) else compute_dtype(x)
+def make_scratch(acc: Optional[Tensor], operand_dtype: torch.dtype) -> Optional[Tensor]:
+    """The operands'-dtype product buffer of ``accumulate_mm`` where the GEMM cannot output fp32:
+    all of acc's shape on CUDA, cache-sized row blocks on CPU (a mixed-dtype add there upcasts
+    its operand into a temporary of the same size: with the whole (C, D) that is C D 4 bytes)."""
+    if acc is None or acc.dtype == operand_dtype or (acc.is_cuda and HAS_OUT_DTYPE):
+        return None
+    rows, cols = acc.shape
+    if not acc.is_cuda:
+        rows = min(rows, max(16, CPU_SCRATCH_ELEMS // max(1, cols)))
+    return torch.empty((rows, cols), dtype=operand_dtype, device=acc.device)
 
 
 # ------------------------------------------------------------------------- chunk gradient
@@ -139,7 +153,7 @@ def loss_grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tens
                     zcoef: Optional[Tensor], opts: LossOptions, loss: Tensor, lse: Tensor,
                     stats: Tensor, tw: Optional[Tensor] = None, ent: Optional[Tensor] = None,
                     pred: Optional[Tensor] = None) -> None:
-    """dL/dx (g = 1, or the token weight ``tw`` per row) of the (rows, C) fp32 raw logits ``z``
+    """dL/dx (g = 1, or the token weight ``tw`` per row) of the (rows, C) raw logits ``z``
     into ``dz`` (may be ``z``); write loss, lse, stats and (``ent`` / ``pred`` given) the entropy
     and argmax per row from the same pass."""
     rows, C = z.shape
@@ -163,7 +177,7 @@ def loss_grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tens
 def grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
                stats: Tensor, dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions,
                class_offset: int, n_classes: int) -> None:
-    """dL/dx of the (N, C_s) fp32 raw logits of a vocabulary split into ``dz`` from saved stats."""
+    """dL/dx of the (N, C_s) raw logits of a vocabulary split into ``dz`` from saved stats."""
     rows, C = z.shape
     if rows == 0:
         return
@@ -179,96 +193,6 @@ def grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], 
         class_offset=class_offset, **opts.kernel_scalars(), HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=opts.has_smoothing, HAS_SOFTCAP=opts.has_softcap, HAS_DLSE=dlse is not None,
         BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
-
-
-def _transformed(z: Tensor, opts: LossOptions) -> tuple[Tensor, Tensor]:
-    """(work, t): ``work`` the chunk in the compute dtype (z itself when it already is), ``t`` the
-    transformed logits (``work`` itself without a transform)."""
-    cdt = compute_dtype(z)
-    work = z if z.dtype == cdt else z.to(cdt)
-    if opts.logit_scale == 1.0 and not opts.has_softcap:
-        return work, work
-    return work, transform_logits(work, opts.logit_scale, opts.softcap)
-
-
-def _finish_grad(dz: Tensor, t: Tensor, out: Tensor, y_idx: Tensor, coef_y: Tensor, coef_u: Tensor,
-                 weight: Optional[Tensor], active: Tensor, opts: LossOptions) -> None:
-    """dz (= coef_p p) -> dL/dx in place, then into ``out`` (when they differ)."""
-    dz.scatter_add_(1, y_idx[:, None], -coef_y[:, None].to(dz.dtype))
-    if opts.has_smoothing:
-        if weight is not None:
-            dz.addr_(coef_u.to(dz.dtype), weight.to(dz.dtype), alpha=-1)
-        else:
-            dz.sub_(coef_u[:, None].to(dz.dtype))
-    if opts.has_softcap:
-        dz.mul_(t.div_(opts.softcap).square_().neg_().add_(1.0))
-    if opts.logit_scale != 1.0:
-        dz.mul_(opts.logit_scale)
-    dz.masked_fill_(~active[:, None], 0.0)
-    if dz is not out:
-        out.copy_(dz)
-
-
-def loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts: LossOptions, loss, lse, stats, tw=None,
-                    ent=None, pred=None) -> None:
-    """Torch twin of ``chunk_loss_grad_kernel`` (same outputs), vectorised over the chunk."""
-    C = z.shape[1]
-    eps = opts.label_smoothing
-    work, t = _transformed(z, opts)
-    valid = target != opts.ignore_index
-    ok = valid & (target >= 0) & (target < C)
-    y_safe = torch.where(ok, target, torch.zeros_like(target))
-    ref = safe_ref(t.amax(1))
-    z_y = t.gather(1, y_safe[:, None]).squeeze(1)
-    w_y = weight.to(t.dtype)[y_safe] if weight is not None else torch.ones_like(z_y)
-    d = torch.sub(t, ref[:, None], out=work) if t is not work else work.sub_(ref[:, None])
-    w_total = wsum.to(t.dtype).reshape(()) if wsum is not None else C
-    if eps > 0:
-        acc = d @ weight.to(d.dtype) if weight is not None else d.sum(1)
-    if pred is not None:
-        pred.copy_(d.argmax(1))
-    e = d.exp_()
-    s = e.sum(1)
-    log_s = torch.log(s)
-    if ent is not None:  # E = sum_j e^{d_j} d_j (xlogy: 0 where e underflows)
-        ent.copy_(log_s - torch.xlogy(e, e).sum(1) / s)
-    row_loss = (1 - eps) * w_y * ((ref - z_y) + log_s)
-    if eps > 0:
-        row_loss = row_loss + eps / C * (w_total * log_s - acc)
-    row_loss, row_w = finish_hard_rows(row_loss, w_y, target, opts.ignore_index, C)
-    row_lse = torch.where(valid, ref + log_s, torch.zeros_like(ref))
-    loss.copy_(row_loss)
-    lse.copy_(row_lse)
-    stats.copy_(torch.stack([ref, log_s, row_w], dim=1))
-    g = tw.to(row_lse.dtype) if tw is not None else torch.ones_like(row_lse)
-    h = torch.where(valid, zcoef * g * row_lse, torch.zeros_like(row_lse)) if zcoef is not None else \
-        torch.zeros_like(row_lse)
-    coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, eps, C, w_total)
-    e.mul_((coef_p / s)[:, None])
-    _finish_grad(e, t, dz, y_safe, coef_y, coef_u, weight, valid, opts)
-
-
-def grad_torch(z, dz, target, weight, wsum, stats, dloss, dlse, opts: LossOptions, class_offset: int,
-               n_classes: int) -> None:
-    """Torch twin of ``chunk_grad_kernel``."""
-    C = z.shape[1]
-    work, t = _transformed(z, opts)
-    ref, log_s, row_w = (stats[:, i].to(t.dtype) for i in range(3))
-    log_s = torch.where(log_s == float("-inf"), torch.zeros_like(log_s), log_s)  # skipped ignored rows
-    g = dloss.to(t.dtype)
-    h = dlse.to(t.dtype) if dlse is not None else torch.zeros_like(g)
-    valid = target != opts.ignore_index
-    w_total = wsum.to(t.dtype).reshape(()) if wsum is not None else n_classes
-    coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, opts.label_smoothing, n_classes,
-                                                      w_total)
-    active = valid | (dlse is not None)
-    y_local = target - class_offset
-    here = (y_local >= 0) & (y_local < C)
-    y_idx = torch.where(here, y_local, torch.zeros_like(y_local))
-    coef_y = torch.where(here, coef_y, torch.zeros_like(coef_y))
-    d = torch.sub(t, (ref + log_s)[:, None], out=work) if t is not work else work.sub_((ref + log_s)[:, None])
-    e = d.exp_().mul_(coef_p[:, None])
-    _finish_grad(e, t, dz, y_idx, coef_y, coef_u, weight, active, opts)
 
 
 # ------------------------------------------------------------------------------ algorithms
@@ -317,25 +241,24 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
     acc_dt = cdt if accum_fp32 else w.dtype
     dw = alloc((C, D), acc_dt, dev) if need_dw else None
     db = alloc((C,), cdt, dev) if need_db else None
-    gdt = dz_dtype(x)
-    scratch = torch.empty((C, D), dtype=gdt, device=dev) if needs_scratch(dw, gdt) else None
+    ldt = logits_dtype(x)
+    scratch = make_scratch(dw, x.dtype)
     xg, wg, bg = gemm_operands(x, w, b)
-    xd, wd = (xg, wg) if gdt == cdt else (x, w)  # the dX / dW GEMMs' operands
-    buf = torch.empty(rows * C, dtype=cdt, device=dev)
-    dbuf = buf if gdt == cdt else torch.empty(rows * C, dtype=gdt, device=dev)
+    buf = torch.empty(rows * C, dtype=ldt, device=dev)
+    dbuf = buf if x.dtype == ldt else torch.empty(rows * C, dtype=x.dtype, device=dev)  # dZ: x's dtype
     for i, r0 in enumerate(range(0, N, rows)):
         r1 = min(N, r0 + rows)
-        z32 = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
+        z = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
         zc = dbuf[:(r1 - r0) * C].view(r1 - r0, C)
-        loss_grad_chunk(z32, zc, target[r0:r1], weight, wsum, zcoef, opts, loss[r0:r1], lse[r0:r1],
+        loss_grad_chunk(z, zc, target[r0:r1], weight, wsum, zcoef, opts, loss[r0:r1], lse[r0:r1],
                         stats[r0:r1], *(t[r0:r1] if t is not None else None for t in (tw, ent, pred)))
         if dx is not None:
             if dx.dtype == zc.dtype:
-                torch.mm(zc, wd, out=dx[r0:r1])
+                torch.mm(zc, w, out=dx[r0:r1])
             else:
-                dx[r0:r1].copy_(torch.mm(zc, wd))
+                dx[r0:r1].copy_(torch.mm(zc, w))
         if dw is not None:
-            accumulate_mm(dw, zc.t(), xd[r0:r1], i == 0, scratch)
+            accumulate_mm(dw, zc.t(), x[r0:r1], i == 0, scratch)
         if db is not None:
             part = zc.sum(0, dtype=cdt)
             db.copy_(part) if i == 0 else db.add_(part)
@@ -370,29 +293,28 @@ def recompute_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor
             if t is not None:
                 t.zero_()
         return dx, dw, db
-    gdt = dz_dtype(x)
-    scratch = torch.empty((N, D), dtype=gdt, device=dev) if needs_scratch(dx, gdt) else None
+    ldt = logits_dtype(x)
+    scratch = make_scratch(dx, x.dtype)
     cols = split_cols(N, C, x, chunk_size)
     xg, wg, bg = gemm_operands(x, w, b)
-    xd, wd = (xg, wg) if gdt == cdt else (x, w)
-    buf = torch.empty(N * cols, dtype=cdt, device=dev)
-    dbuf = buf if gdt == cdt else torch.empty(N * cols, dtype=gdt, device=dev)
+    buf = torch.empty(N * cols, dtype=ldt, device=dev)
+    dbuf = buf if x.dtype == ldt else torch.empty(N * cols, dtype=x.dtype, device=dev)
     for c0 in range(0, C, cols):
         c1 = min(C, c0 + cols)
-        ws = wd[c0:c1]
-        z32 = logits_into(buf[:N * (c1 - c0)].view(N, c1 - c0), xg, wg[c0:c1],
+        ws = w[c0:c1]
+        z = logits_into(buf[:N * (c1 - c0)].view(N, c1 - c0), xg, wg[c0:c1],
                           bg[c0:c1] if bg is not None else None)
         zc = dbuf[:N * (c1 - c0)].view(N, c1 - c0)
-        grad_chunk(z32, zc, target, weight[c0:c1] if weight is not None else None, wsum, stats, dloss, dlse,
+        grad_chunk(z, zc, target, weight[c0:c1] if weight is not None else None, wsum, stats, dloss, dlse,
                    opts,
                    class_offset + c0, n_classes)
         if dx is not None:
             accumulate_mm(dx, zc, ws, c0 == 0, scratch)
         if dw is not None:
             if dw.dtype == zc.dtype:
-                torch.mm(zc.t(), xd, out=dw[c0:c1])
+                torch.mm(zc.t(), x, out=dw[c0:c1])
             else:
-                dw[c0:c1].copy_(torch.mm(zc.t(), xd))
+                dw[c0:c1].copy_(torch.mm(zc.t(), x))
         if db is not None:
             db[c0:c1].copy_(zc.sum(0, dtype=cdt))
     return dx, dw, db

@@ -33,7 +33,15 @@ from ..kernels.linear_cross_entropy import linear_xent_fwd_kernel
 from ..options import LossOptions, reduce_rows, target_range_check
 from ..partials import N_PARTIALS, combine
 from ..runtime import alloc, compute_dtype, interpreting, no_second_derivative, upstream_or_zeros, uses_triton
-from .chunked import chunk_rows, chunked_loss_and_grads, gemm_operands, logits_into, recompute_backward
+from .chunked import (
+    CPU_SCRATCH_ELEMS,
+    chunk_rows,
+    chunked_loss_and_grads,
+    gemm_operands,
+    logits_dtype,
+    logits_into,
+    recompute_backward,
+)
 
 ROW_CHUNK = 1024  # the torch path's tiles: ROW_CHUNK x COL_CHUNK logits at a time
 COL_CHUNK = 4096
@@ -296,6 +304,18 @@ def _chunked_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
+def scaled(t: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    """t x s (0-d) in ``dtype``, one pass; on CPU by row blocks (a mixed-dtype op there upcasts into
+    a temporary as large as its output: 4 C D bytes for the fp32 dW accumulator)."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    if t.is_cuda or t.dtype == dtype or t.dim() != 2:
+        return torch.mul(t, s, out=out)
+    step = max(1, CPU_SCRATCH_ELEMS // max(1, t.shape[1]))
+    for r0 in range(0, t.shape[0], step):
+        torch.mul(t[r0:r0 + step], s, out=out[r0:r0 + step])
+    return out
+
+
 def _chunked_backward(ctx, g, *_):
     """dX, dW, db = saved x g / denominator (device scalar: no host sync), in the leaves' dtypes."""
     scale, dx, dw, db = ctx.saved_tensors
@@ -305,8 +325,7 @@ def _chunked_backward(ctx, g, *_):
         if not n:
             grads.append(None)
             continue
-        out = torch.empty(t.shape, dtype=dt, device=t.device)
-        grads.append(no_second_derivative(torch.mul(t, s, out=out), "linear_cross_entropy"))
+        grads.append(no_second_derivative(scaled(t, s, dt), "linear_cross_entropy"))
     return (*grads,) + (None,) * 16  # token_weight: no gradient on this path (functional routes it)
 
 
@@ -339,11 +358,11 @@ def stats_rows(x: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions,
     pred = torch.empty((N,), dtype=torch.int64, device=dev)
     rows = chunk_rows(N, C, x, chunk_size)
     xg, wg, bg = gemm_operands(x.detach(), w.detach(), b.detach() if b is not None else None)
-    buf = torch.empty(rows * C, dtype=cdt, device=dev)
+    buf = torch.empty(rows * C, dtype=logits_dtype(x), device=dev)
     with torch.no_grad():
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
-            z = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
+            z = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg).to(cdt)
             t = transform_logits(z, opts.logit_scale, opts.softcap) if opts.logit_scale != 1.0 or \
                 opts.has_softcap else z
             pred[r0:r1] = t.argmax(1)
