@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Callable
 
@@ -77,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--linear-d", type=int, default=512)
     p.add_argument("--linear-c", type=int, default=32000)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--csv", help="also write the rows, stamped, to this CSV file")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("run without TRITON_INTERPRET: this measures the plain-CPU torch paths")
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
     print(f"{'case':8} {'dtype':9} {'torch s':>9} {'ours s':>9} {'time x':>7} "
           f"{'torch MB':>9} {'ours MB':>9} {'mem x':>6}")
     ok = True
+    rows = []
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
         for case, ref, ours in _cases(dtype, args):
@@ -97,7 +100,14 @@ def main(argv=None) -> int:
             ok &= rt <= 1.15 and rm <= 0.6
             print(f"{case:8} {name:9} {t_ref:9.3f} {t_ours:9.3f} {rt:7.2f} "
                   f"{m_ref / 2**20:9.1f} {m_ours / 2**20:9.1f} {rm:6.2f}", flush=True)
+            rows.append(dict(case=case, dtype=name, torch_s=f"{t_ref:.4f}", ours_s=f"{t_ours:.4f}",
+                             time_x=f"{rt:.3f}", torch_MiB=f"{m_ref / 2**20:.1f}",
+                             ours_MiB=f"{m_ours / 2**20:.1f}", mem_x=f"{rm:.3f}"))
     print("acceptance (time <= 1.15x, memory <= 0.6x):", "met" if ok else "NOT met")
+    if args.csv:
+        from perf._env import cpu_name, run_stamp, write_csv
+
+        write_csv(args.csv, rows, run_stamp(["-m", "perf.cpu_speed", *(argv or sys.argv[1:])], cpu_name()))
     return 0
 
 

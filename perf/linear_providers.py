@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import time
 
 
@@ -77,6 +78,7 @@ def main() -> None:
     p.add_argument("--wall-rows", type=int, default=2048)
     p.add_argument("--wall-hidden", type=int, default=512)
     p.add_argument("--wall-classes", type=int, default=32000)
+    p.add_argument("--csv", help="also write the rows, stamped, to this CSV file")
     a = p.parse_args()
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (main() runs first)
     import torch
@@ -89,7 +91,7 @@ def main() -> None:
     base = 2 * N * D * C
     print(f"interpreter, bf16, N={N} D={D} C={C}: FLOPs / 2NDC, bytes / logits bytes, peak / logits bytes")
     logits_bytes = N * C * 2
-    rows = {}
+    rows, table = {}, []
     for name, fn in providers(a.chunk).items():
         if name == "CCE torch_compile":  # dynamo skips frames under the counter's dispatch mode, for good
             print(f"  {name:32s} not counted: torch.compile under the counter (timed below)")
@@ -100,6 +102,10 @@ def main() -> None:
             print(f"  {name:32s} failed: {type(e).__name__}: {str(e)[:80]}")
             continue
         rows[name] = c
+        table.append(dict(kind="interpreter", provider=name, dtype="bfloat16", N=N, D=D, C=C,
+                          flops_x_2NDC=f"{c['flops'] / base:.4f}",
+                          bytes_x_logits=f"{c['bytes'] / logits_bytes:.3f}",
+                          peak_x_logits=f"{c['peak'] / logits_bytes:.3f}", seconds="", time_x=""))
         print(f"  {name:32s} FLOPs {c['flops'] / base:5.2f}x  bytes {c['bytes'] / logits_bytes:6.2f}x  "
               f"peak {c['peak'] / logits_bytes:5.2f}x")
 
@@ -122,6 +128,13 @@ def main() -> None:
               "ratio to torch eager")
         for name, t in times.items():
             print(f"  {name:32s} {t:8.3f} s  {t / ref:5.2f}x")
+            table.append(dict(kind="plain CPU", provider=name, dtype=str(dt).split(".")[-1], N=N, D=D, C=C,
+                              flops_x_2NDC="", bytes_x_logits="", peak_x_logits="", seconds=f"{t:.4f}",
+                              time_x=f"{t / ref:.3f}"))
+    if a.csv:
+        from perf._env import cpu_name, run_stamp, write_csv
+
+        write_csv(a.csv, table, run_stamp(["-m", "perf.linear_providers", *sys.argv[1:]], cpu_name()))
 
 
 if __name__ == "__main__":

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import os
-import platform
-import subprocess
 import sys
 import time
 
 import torch
 
-from perf._env import interpret_without_cuda
+from perf._env import interpret_without_cuda, run_stamp
 
 # xent_triton and the perf modules that import it (measure, plots, providers, report) are imported
 # inside the functions, after main() has set TRITON_INTERPRET on a machine without CUDA.
@@ -47,24 +44,12 @@ FIELDS = ["device", "torch", "triton", "python", "date", "commit", "kind", "prov
 
 def stamp(argv: list[str]) -> dict:
     """Where and with what the figures were measured."""
-    import triton
+    import platform as _platform
 
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=20).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return ""
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+dirty"
-    cpu = platform.processor() or platform.machine()
+    cpu = _platform.processor() or _platform.machine()
     device = (torch.cuda.get_device_name() if CUDA
               else f"CPU ({cpu}, {os.cpu_count()} cores, Triton interpreter)")
-    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit, "command": "python " + " ".join(argv)}
+    return run_stamp(argv, device)
 
 
 def load_traffic():
