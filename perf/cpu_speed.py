@@ -8,8 +8,10 @@ back) and the peak-extra-memory ratio (CPU profiler memory events) against torch
 
     core   : F.cross_entropy(logits, y).backward()                 N=4096, C=32000
     linear : F.cross_entropy(F.linear(h, W), y).backward()         N=2048, D=512, C=32000
+    lin-none: the same with reduction="none" and a random upstream gradient (the per-token path:
+              4 GEMMs to torch's 3; reported, not part of the acceptance)
 
-Acceptance (issue 9): time ratio <= 1.15 and memory ratio <= 0.6 for all four.
+Acceptance (issue 9): time ratio <= 1.15 and memory ratio <= 0.6 for the four core / linear rows.
 """
 from __future__ import annotations
 
@@ -52,7 +54,18 @@ def _cases(dtype, args):
         xent_triton.linear_cross_entropy(h, w, yl).backward()
         h.grad = w.grad = None
 
-    return [("core", core_torch, core_ours), ("linear", lin_torch, lin_ours)]
+    up = torch.randn(n, generator=g)
+
+    def tok_torch():
+        F.cross_entropy(F.linear(h, w), yl, reduction="none").backward(up.to(dtype))
+        h.grad = w.grad = None
+
+    def tok_ours():
+        xent_triton.linear_cross_entropy(h, w, yl, reduction="none").backward(up)
+        h.grad = w.grad = None
+
+    return [("core", core_torch, core_ours), ("linear", lin_torch, lin_ours),
+            ("lin-none", tok_torch, tok_ours)]
 
 
 def paired_times(ref: Callable[[], None], ours: Callable[[], None], repeats: int) -> tuple[float, float]:
@@ -97,7 +110,8 @@ def main(argv=None) -> int:
             t_ref, t_ours = paired_times(ref, ours, args.repeats)
             m_ref, m_ours = peak_extra_bytes(ref, "cpu"), peak_extra_bytes(ours, "cpu")
             rt, rm = t_ours / t_ref, m_ours / max(1, m_ref)
-            ok &= rt <= 1.15 and rm <= 0.6
+            if case != "lin-none":  # the per-token path (8NDC, recompute): reported, not a target
+                ok &= rt <= 1.15 and rm <= 0.6
             print(f"{case:8} {name:9} {t_ref:9.3f} {t_ours:9.3f} {rt:7.2f} "
                   f"{m_ref / 2**20:9.1f} {m_ours / 2**20:9.1f} {rm:6.2f}", flush=True)
             rows.append(dict(case=case, dtype=name, torch_s=f"{t_ref:.4f}", ours_s=f"{t_ours:.4f}",

@@ -200,10 +200,10 @@ def test_module_matches_functional():
 
 @pytest.mark.parametrize("dtype", [pytest.param(F64, id="fp64"), pytest.param(F32, id="fp32-torch-path")])
 def test_pure_torch_path(monkeypatch, dtype):
-    """float64 (and any input where Triton cannot run) takes the chunked torch path; chunks smaller
-    than the shape so the row and class loops both iterate."""
-    monkeypatch.setattr(linear_ops, "ROW_CHUNK", 16)
-    monkeypatch.setattr(linear_ops, "COL_CHUNK", 128)
+    """float64 (and any input where Triton cannot run) takes the chunked torch path; chunks and row
+    blocks smaller than the shape so every loop iterates (the per-token forward's chunks too)."""
+    monkeypatch.setattr(linear_chunked, "CPU_WORKSPACE_BYTES", 1)  # 16-row chunks (CPU_MIN_ROWS)
+    monkeypatch.setattr(chunk_torch, "BLOCK_ELEMS", 3 * 300)  # 3-row blocks
     if dtype == F32:
         monkeypatch.setattr(linear_ops, "uses_triton", lambda x: False)
         monkeypatch.setattr(linear_chunked, "uses_triton", lambda x: False)
@@ -224,6 +224,7 @@ def test_plain_cpu_path_16bit(monkeypatch, dtype, kw):
     monkeypatch.setattr(chunk_torch, "BLOCK_ELEMS", 3 * 300)
     monkeypatch.setattr(linear_chunked, "CPU_SCRATCH_ELEMS", 1)
     monkeypatch.setattr(linear_ops, "CPU_SCRATCH_ELEMS", 16 * 32)
+    monkeypatch.setattr(linear_chunked, "CPU_WORKSPACE_BYTES", 1)  # the per-token forward: 16-row chunks
     assert linear_chunked.logits_dtype(torch.empty(1, dtype=dtype)) == dtype
     check((40,), 32, 300, dtype, chunk_size=7, **kw)
 

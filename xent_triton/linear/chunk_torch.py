@@ -138,3 +138,30 @@ def grad_block(work, dz, target, weight, wsum, stats, dloss, dlse, opts: LossOpt
     d = torch.sub(t, shift[:, None], out=work) if t is not work else work.sub_(shift[:, None])
     e = d.exp_().mul_(coef_p[:, None])
     finish_grad(e, t, dz, y_idx, coef_y, coef_u, weight, opts)
+
+
+def partials_torch(z: Tensor, y_local: Tensor, weight: Optional[Tensor], opts: LossOptions,
+                   part: Tensor) -> None:
+    """Twin of ``linear_xent_fwd_kernel``'s partials for one split holding all of ``z``'s classes:
+    ``part`` (rows, 5) <- (m, s, A, a_sum, z_y) of the transformed (rows, C) logits ``z``, with
+    s = sum_j exp(t_j - m), A = sum_j a_j (t_j - m) (m = 0 where the row is all -inf), a_j = w_j or 1,
+    z_y = t at ``y_local`` (0 where that is outside [0, C))."""
+    C = z.shape[1]
+    for s, work in row_blocks(z):
+        t = transformed(work, opts)
+        m = t.amax(1)
+        ref = safe_ref(m)
+        y = y_local[s]
+        here = (y >= 0) & (y < C)
+        z_y = t.gather(1, torch.where(here, y, torch.zeros_like(y))[:, None]).squeeze(1)
+        d = torch.sub(t, ref[:, None], out=work) if t is not work else work.sub_(ref[:, None])
+        out = part[s]
+        if opts.has_smoothing:
+            a = weight.to(d.dtype) if weight is not None else None
+            out[:, 2] = d @ a if a is not None else d.sum(1)
+            out[:, 3] = a.sum() if a is not None else C
+        else:
+            out[:, 2:4] = 0
+        out[:, 0] = m
+        out[:, 1] = d.exp_().sum(1)
+        out[:, 4] = torch.where(here, z_y, torch.zeros_like(z_y))

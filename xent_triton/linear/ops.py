@@ -28,11 +28,12 @@ import triton
 from torch import Tensor
 
 from .. import config
-from ..fallback import safe_ref, transform_logits
+from ..fallback import transform_logits
 from ..kernels.linear_cross_entropy import linear_xent_fwd_kernel
 from ..options import LossOptions, reduce_rows, target_range_check
 from ..partials import N_PARTIALS, combine
 from ..runtime import alloc, compute_dtype, interpreting, no_second_derivative, upstream_or_zeros, uses_triton
+from .chunk_torch import partials_torch
 from .chunked import (
     CPU_SCRATCH_ELEMS,
     chunk_rows,
@@ -42,9 +43,6 @@ from .chunked import (
     logits_into,
     recompute_backward,
 )
-
-ROW_CHUNK = 1024  # the torch path's tiles: ROW_CHUNK x COL_CHUNK logits at a time
-COL_CHUNK = 4096
 
 
 def element_bits(x: Tensor) -> int:
@@ -78,7 +76,7 @@ def forward_partials(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     N, D = x.shape
     C = w.shape[0]
     if not uses_triton(x):
-        return partials_torch(x, w, b, target, weight, opts, class_offset)
+        return partials_rows(x, w, b, target, weight, opts, class_offset)
     cfg, _ = config.linear_configs(element_bits(x), kernel_operands(x, w, 128, 128)[2], C)
     x, w, _ = kernel_operands(x, w, cfg.block_n, cfg.block_v)
     splits, per = config.linear_forward_splits(N, C, cfg)
@@ -100,43 +98,22 @@ def forward_partials(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     return part
 
 
-def logits_torch(xr: Tensor, w: Tensor, b: Optional[Tensor], c0: int, c1: int,
-                 opts: LossOptions) -> Tensor:
-    """Transformed logits of rows ``xr`` (compute dtype) for classes [c0, c1)."""
-    z = xr @ w[c0:c1].to(xr.dtype).t()
-    if b is not None:
-        z = z + b[c0:c1].to(xr.dtype)
-    return transform_logits(z, opts.logit_scale, opts.softcap)
-
-
-def partials_torch(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
-                   weight: Optional[Tensor], opts: LossOptions, class_offset: int = 0) -> Tensor:
-    """The kernel's partials in chunked torch (one split), computed in fp32 (fp64 for fp64)."""
+def partials_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
+                  weight: Optional[Tensor], opts: LossOptions, class_offset: int = 0) -> Tensor:
+    """The kernel's partials (1, N, 5) in torch (one split): token chunks of logits by the vendor
+    GEMM into one ``logits_dtype`` workspace (16-bit on the plain-CPU path, as the token-chunked
+    head), then ``chunk_torch.partials_torch`` by row blocks in the compute dtype."""
     N, C = x.shape[0], w.shape[0]
-    cdt = compute_dtype(x)
-    eps = opts.label_smoothing
-    m = torch.full((N,), float("-inf"), dtype=cdt, device=x.device)
-    s, acc, a_sum, z_y = (torch.zeros(N, dtype=cdt, device=x.device) for _ in range(4))
+    part = torch.empty((1, N, N_PARTIALS), dtype=compute_dtype(x), device=x.device)
     y_local = torch.where(target != opts.ignore_index, target - class_offset, -1)
-    for r0 in range(0, N, ROW_CHUNK):
-        r1 = min(N, r0 + ROW_CHUNK)
-        xr = x[r0:r1].to(cdt)
-        rs = slice(r0, r1)
-        for c0 in range(0, C, COL_CHUNK):
-            c1 = min(C, c0 + COL_CHUNK)
-            z = logits_torch(xr, w, b, c0, c1, opts)
-            m_new = torch.maximum(m[rs], z.amax(1))
-            ref_old, ref_new = safe_ref(m[rs]), safe_ref(m_new)
-            s[rs] = s[rs] * torch.exp(ref_old - ref_new) + torch.exp(z - ref_new[:, None]).sum(1)
-            cols = torch.arange(c0, c1, device=x.device)
-            z_y[rs] += torch.where(cols[None, :] == y_local[rs, None], z, 0.0).sum(1)
-            if eps > 0:
-                a = (weight[c0:c1].to(cdt) if weight is not None
-                     else torch.ones(c1 - c0, dtype=cdt, device=x.device))
-                acc[rs] = acc[rs] + (ref_old - ref_new) * a_sum[rs] + (a * (z - ref_new[:, None])).sum(1)
-                a_sum[rs] = a_sum[rs] + a.sum()
-            m[rs] = m_new
-    return torch.stack([m, s, acc, a_sum, z_y], dim=1).unsqueeze(0)
+    rows = chunk_rows(N, C, x)
+    xg, wg, bg = gemm_operands(x, w, b)
+    buf = torch.empty(min(rows, N) * C, dtype=logits_dtype(x), device=x.device)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        z = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
+        partials_torch(z, y_local[r0:r1], weight, opts, part[0, r0:r1])
+    return part
 
 
 def forward_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
