@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from ..options import LossOptions
+from ..loss_module import LossModule
 from .functional import cross_entropy
 
 
-class CrossEntropyLoss(torch.nn.Module):
+class CrossEntropyLoss(LossModule):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` backed by the fused kernels.
 
     Same arguments as :func:`xent_triton.cross_entropy` (the extras keyword-only). ``weight`` is a
@@ -27,33 +26,12 @@ class CrossEntropyLoss(torch.nn.Module):
                  logit_scale: float = 1.0, inplace_backward: bool = False,
                  return_lse: bool = False, empty_batch: str = "nan", process_group=None,
                  vocab_start_index: Optional[int] = None) -> None:
-        super().__init__()
-        LossOptions.make(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                         lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
-                         empty_batch=empty_batch)  # validate early
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.lse_square_scale = lse_square_scale
-        self.softcap = softcap
-        self.logit_scale = logit_scale
-        self.inplace_backward = inplace_backward
-        self.return_lse = return_lse
-        self.empty_batch = empty_batch
-        self.process_group = process_group  # vocabulary parallelism (docs/distributed.md)
-        self.vocab_start_index = vocab_start_index
+        super().__init__(weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                         softcap=softcap, logit_scale=logit_scale, inplace_backward=inplace_backward,
+                         return_lse=return_lse, empty_batch=empty_batch,
+                         process_group=process_group,  # vocabulary parallelism (docs/distributed.md)
+                         vocab_start_index=vocab_start_index)
 
     def forward(self, input: Tensor, target: Tensor):
-        return cross_entropy(input, target, self.weight, self.ignore_index, self.reduction,
-                             self.label_smoothing, lse_square_scale=self.lse_square_scale,
-                             softcap=self.softcap, logit_scale=self.logit_scale,
-                             inplace_backward=self.inplace_backward, return_lse=self.return_lse,
-                             empty_batch=self.empty_batch,
-                             process_group=self.process_group,
-                             vocab_start_index=self.vocab_start_index)
-
-    def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, lse_square_scale={self.lse_square_scale}, "
-                f"softcap={self.softcap}, logit_scale={self.logit_scale}")
+        return cross_entropy(input, target, **self.options())

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
-from ..options import LossOptions
+from ..loss_module import LossModule
 from .functional import linear_cross_entropy
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(LossModule):
     """Module form of :func:`linear_cross_entropy`; ``forward(input, linear_weight, target,
     linear_bias=None, token_weight=None)``. ``weight`` (class weights) is a registered buffer;
     ``return_stats`` / ``return_predicted`` add the ``LossStats`` output as in the functional form.
@@ -27,39 +26,15 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  vocab_start_index: Optional[int] = None, reduce_input_grad: bool = True,
                  empty_batch: str = "nan", return_stats: bool = False,
                  return_predicted: bool = False) -> None:
-        super().__init__()
-        LossOptions.make(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                         lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
-                         empty_batch=empty_batch)  # validate early
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.lse_square_scale = lse_square_scale
-        self.softcap = softcap
-        self.logit_scale = logit_scale
-        self.return_lse = return_lse
-        self.process_group = process_group  # vocabulary parallelism (docs/distributed.md)
-        self.vocab_start_index = vocab_start_index
-        self.reduce_input_grad = reduce_input_grad
-        self.empty_batch = empty_batch
-        self.return_stats = return_stats
-        self.return_predicted = return_predicted
+        super().__init__(weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
+                         softcap=softcap, logit_scale=logit_scale, return_lse=return_lse,
+                         process_group=process_group,  # vocabulary parallelism (docs/distributed.md)
+                         vocab_start_index=vocab_start_index, reduce_input_grad=reduce_input_grad,
+                         empty_batch=empty_batch, return_stats=return_stats,
+                         return_predicted=return_predicted)
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
                 linear_bias: Optional[Tensor] = None, token_weight: Optional[Tensor] = None):
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
-                                    weight=self.weight, ignore_index=self.ignore_index,
-                                    reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                    lse_square_scale=self.lse_square_scale, softcap=self.softcap,
-                                    logit_scale=self.logit_scale, return_lse=self.return_lse,
-                                    process_group=self.process_group,
-                                    vocab_start_index=self.vocab_start_index,
-                                    reduce_input_grad=self.reduce_input_grad,
-                                    empty_batch=self.empty_batch, return_stats=self.return_stats,
-                                    return_predicted=self.return_predicted, token_weight=token_weight)
-
-    def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, lse_square_scale={self.lse_square_scale}, "
-                f"softcap={self.softcap}, logit_scale={self.logit_scale}")
+                                    token_weight=token_weight, **self.options())
