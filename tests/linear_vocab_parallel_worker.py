@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
-import traceback
 
 import torch
 import torch.distributed as dist
 
 import xent_triton
-from vocab_parallel_worker import Recorder, init_group_and_cases
+from vocab_parallel_worker import Recorder
+from vocab_parallel_worker import main as serve
 from xent_triton import config
 
 
@@ -73,27 +72,5 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     return out
 
 
-def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -> None:
-    cases, groups = init_group_and_cases(rank, world, init_file, cases_file)
-    rec = Recorder()
-    interpret = os.environ.get("TRITON_INTERPRET", "0")
-    results = {}
-    for case in cases:
-        case["interpret"] = interpret
-        t0 = time.time()
-        try:
-            results[case["id"]] = run_case(case, groups, rec)
-        except Exception as e:  # recorded; the parent decides whether it was expected
-            rec.active = False
-            rec.take()
-            results[case["id"]] = {"error": type(e).__name__, "message": str(e),
-                                   "traceback": traceback.format_exc()}
-        os.environ["TRITON_INTERPRET"] = interpret
-        print(f"rank {rank} {case['id']} {time.time() - t0:.2f}s", flush=True)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5])
+    serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], run_case)

@@ -119,7 +119,9 @@ def init_group_and_cases(rank: int, world: int, init_file: str, cases_file: str)
     return cases, groups
 
 
-def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -> None:
+def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str, runner=None) -> None:
+    """Run every case (``runner``: this module's ``run_case`` unless given) and save the results."""
+    runner = run_case if runner is None else runner
     cases, groups = init_group_and_cases(rank, world, init_file, cases_file)
     rec = Recorder()
     interpret = os.environ.get("TRITON_INTERPRET", "0")
@@ -128,7 +130,7 @@ def main(rank: int, world: int, init_file: str, cases_file: str, out_dir: str) -
         case["interpret"] = interpret
         t0 = time.time()
         try:
-            results[case["id"]] = run_case(case, groups, rec)
+            results[case["id"]] = runner(case, groups, rec)
         except Exception as e:  # recorded; the parent decides whether it was expected
             rec.active = False
             rec.take()
