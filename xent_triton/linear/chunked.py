@@ -102,9 +102,9 @@ def gemm_operands(x: Tensor, w: Tensor, b: Optional[Tensor]):
     """(x, w, b) for ``logits_dtype(x)`` logits: 16-bit operands as they are where the GEMM
     outputs that dtype (plain CPU) or can output fp32 (CUDA, torch >= 2.8), else fp32 copies (the
     interpreter, older torch: x N D 4 + w C D 4 bytes, once per call)."""
-    cdt = compute_dtype(x)
-    if x.dtype == cdt or logits_dtype(x) == x.dtype or (x.is_cuda and HAS_OUT_DTYPE):
+    if logits_dtype(x) == x.dtype or (x.is_cuda and HAS_OUT_DTYPE):
         return x, w, b
+    cdt = compute_dtype(x)
     return x.to(cdt), w.to(cdt), b.to(cdt) if b is not None else None
 
 
