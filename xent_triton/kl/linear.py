@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from ..linear.chunked import accumulate_mm, logits_into, make_scratch
 from ..options import class_ids, target_range_check
 from ..runtime import compute_dtype, no_second_derivative, upstream_or_zeros
 from .functional import check_real, distill_options, reduce_tokens
@@ -39,24 +40,16 @@ def chunk_rows(chunk_size: Optional[int], N: int, C: int) -> int:
     return chunk_size
 
 
-def logits_into(out: Tensor, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """out = x @ w.T (+ b), in the operands' dtype, without a new (rows, C) allocation."""
-    if b is None:
-        return torch.mm(x, w.t(), out=out)
-    return torch.addmm(b, x, w.t(), out=out)
-
-
-def grads_from_chunk(dz: Tensor, x: Tensor, w: Tensor, dx: Tensor, dw: Tensor, db: Tensor) -> None:
-    """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (fp32 / fp64 accumulators)."""
+def grads_from_chunk(dz: Tensor, x: Tensor, w: Tensor, dx: Tensor, dw: Tensor, db: Tensor,
+                     scratch: Optional[Tensor]) -> None:
+    """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (fp32 / fp64 accumulators; 16-bit
+    products reach dW as in the linear head: ``out_dtype`` GEMMs on CUDA, a block scratch on CPU,
+    ``scratch`` from ``make_scratch``)."""
     torch.mm(dz, w, out=dx)
-    if dz.dtype == dw.dtype:
-        dw.addmm_(dz.t(), x)
-    else:
-        dw.add_(torch.mm(dz.t(), x))
+    accumulate_mm(dw, dz.t(), x, False, scratch)
     db.add_(dz.sum(0, dtype=db.dtype))
 
 
-# ------------------------------------------------------------------------------- distillation
 @torch.library.custom_op("xent_triton::linear_distillation_fwd", mutates_args=())
 def linear_distillation_fwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
                             bt: Optional[Tensor], labels: Optional[Tensor], divergence: int, beta: float,
@@ -101,6 +94,7 @@ def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Te
     db = torch.zeros((C,), dtype=acc, device=xs.device)
     zs = xs.new_empty((min(chunk, N), C))
     zt = xt.new_empty((min(chunk, N), C))
+    scratch = make_scratch(dw, xs.dtype)
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         n = r1 - r0
@@ -109,7 +103,7 @@ def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Te
         distill_backward_into(zs[:n], zs[:n], zt[:n], None if labels is None else labels[r0:r1],
                               stats[r0:r1], dloss[r0:r1], divergence, beta, temperature, ignore_index,
                               ce_weight)
-        grads_from_chunk(zs[:n], xs[r0:r1], ws, dx[r0:r1], dw, db)
+        grads_from_chunk(zs[:n], xs[r0:r1], ws, dx[r0:r1], dw, db, scratch)
     return dx, dw.to(ws.dtype), db.to(ws.dtype) if bs is not None else db[:0].to(ws.dtype)
 
 
@@ -239,13 +233,14 @@ def linear_token_logprobs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens:
     dw = torch.zeros(w.shape, dtype=acc, device=x.device)
     db = torch.zeros((C,), dtype=acc, device=x.device)
     z = x.new_empty((min(chunk, N), C))
+    scratch = make_scratch(dw, x.dtype)
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         zc = z[:r1 - r0]
         logits_into(zc, x[r0:r1], w, b)
         logprobs_backward_into(zc, zc, tokens[r0:r1], ent[r0:r1] if dent is not None else ent,
                                stats[r0:r1], dlp[r0:r1], None if dent is None else dent[r0:r1], temperature)
-        grads_from_chunk(zc, x[r0:r1], w, dx[r0:r1], dw, db)
+        grads_from_chunk(zc, x[r0:r1], w, dx[r0:r1], dw, db, scratch)
     return dx, dw.to(w.dtype), db.to(w.dtype) if b is not None else db[:0].to(w.dtype)
 
 
