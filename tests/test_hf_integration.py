@@ -191,16 +191,42 @@ def test_lm_head_bias_and_tied_embeddings(variant):
     assert_grads_close(grads(model), grads(ref))
 
 
-def test_tuple_output():
-    ref = tiny_model("mixtral")
+@pytest.mark.parametrize("arch", [pytest.param(a, id=a) for a in ("llama", "mixtral")])
+def test_tuple_output_keeps_the_stock_layout(arch):
+    """Issue 18 item 14: return_dict=False in training gives the stock tuple, None in the logits slot."""
+    ref = tiny_model(arch)
     model = xhf.apply(twin(ref))
     ids, mask, labels = batch()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
-    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
-    assert isinstance(out, tuple)
-    assert len(out) == len(out_ref) - 1  # no logits
-    torch.testing.assert_close(out[0], out_ref[0], rtol=1e-5, atol=1e-6)  # loss
-    torch.testing.assert_close(out[1], out_ref[1])  # aux_loss
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False, use_cache=True)
+    out, out_ref = model(**kw), ref(**kw)
+    names = list(ref(**{**kw, "return_dict": True}).keys())  # loss, (aux_loss,) logits, cache
+    assert isinstance(out, tuple) and len(out) == len(out_ref) == len(names)
+    for name, got, want in zip(names, out, out_ref):
+        if name == "logits":
+            assert got is None and want.shape[-1] == VOCAB
+        elif name in ("past_key_values", "cache"):
+            assert type(got) is type(want)
+        else:  # loss, aux_loss
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pickle_round_trip_of_an_applied_model():
+    """Issue 18 item 13: torch.save / pickle of an applied model (no lambda or closure left on it)."""
+    import io
+    import pickle
+
+    model = xhf.apply(tiny_model("granite"))
+    ids, mask, labels = batch()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    for copy in (pickle.loads(pickle.dumps(model)), saved):
+        assert xhf.is_applied(copy) and copy.lm_head._xent_fused is copy._xent_fused
+        out = copy(input_ids=ids, attention_mask=mask, labels=labels)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        xhf.revert(copy)
+        assert copy(input_ids=ids, labels=labels).logits is not None
 
 
 @pytest.mark.parametrize("arch,train", [pytest.param("gemma2", True, id="gemma2-fused"),

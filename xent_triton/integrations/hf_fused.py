@@ -91,17 +91,14 @@ class _Call:
 
 
 class _State:
-    """What ``apply`` changed on a model (to revert it) and the fused calls in flight."""
+    """What ``apply`` changed on a model (to revert it) and the fused calls in flight. Holds nothing
+    that cannot be pickled (no lambda, closure or bound method): ``torch.save(model)`` and
+    multiprocessing hand-offs of an applied model work."""
 
     def __init__(self, model, head, skip_default: Optional[bool]):
         self.head = head
         self.skip_default = skip_default
-        self.signature = inspect.signature(type(model).forward)
-        # can_return_tuple (every transformers 5 causal LM) takes return_dict: ask for a ModelOutput, whose
-        # logits field can be dropped by name, and convert it to a tuple afterwards when the caller wants one
-        self.takes_return_dict = "return_dict" in self.signature.parameters or _decorated_with(
-            type(model).forward, "can_return_tuple")
-        self.transform = head_transform(type(model))
+        head_transform(type(model))  # raises NotImplementedError now for an unsupported forward
         self.saved_forward = model.__dict__.get("forward")
         self.saved_head_forward = head.__dict__.get("forward")
         self.saved_loss_function = model.__dict__.get("_loss_function")
@@ -109,6 +106,38 @@ class _State:
 
     def current(self) -> Optional[_Call]:
         return self.calls[-1] if self.calls else None
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_return_dict(cls: type) -> bool:
+    # can_return_tuple (every transformers 5 causal LM) takes return_dict: ask for a ModelOutput, whose
+    # logits field can be set to None by name, and convert it to a tuple afterwards when the caller wants one
+    return "return_dict" in _signature(cls).parameters or _decorated_with(cls.forward, "can_return_tuple")
+
+
+class _Bound:
+    """``fn(owner, *args, **kwargs)`` for a module-level ``fn``: an instance attribute that pickles and
+    deep-copies with its owner (a ``types.MethodType`` of a module function fails to unpickle, a closure
+    to pickle)."""
+
+    def __init__(self, fn_name: str, owner: Any, stock: Optional[str] = None):
+        self.fn_name, self.owner, self.stock = fn_name, owner, stock
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return globals()[self.fn_name](self.owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # what inspect.signature(model.forward) reports (the Trainer's unused-column removal and generate()
+        # read it): the stock bound method's
+        if self.stock is not None:
+            return inspect.signature(types.MethodType(getattr(type(self.owner), self.stock), self.owner))
+        return inspect.signature(functools.partial(globals()[self.fn_name], self.owner))
 
 
 def fused_causal_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
@@ -174,14 +203,11 @@ def apply(model, *, skip_logits: Optional[bool] = None):
         raise NotImplementedError(f"{type(model).__name__} has no output embedding with a weight (lm_head)")
     state = _State(model, head, skip_logits)
     # Everything is bound to the modules and finds its state through them (no closure over this model):
-    # a deepcopy of the patched model gets its own state, head and hooks.
+    # a deepcopy or an unpickled copy of the patched model gets its own state, head and hooks.
     head._xent_fused = state
-    head.forward = types.MethodType(_head_forward, head)
-    model.loss_function = types.MethodType(_loss_function, model)
-    def forward(self, *args: Any, **kwargs: Any):  # a new function per class: wraps() sets its signature
-        return _forward(self, *args, **kwargs)
-
-    model.forward = types.MethodType(functools.wraps(type(model).forward)(forward), model)
+    head.forward = _Bound("_head_forward", head, "forward")
+    model.loss_function = _Bound("_loss_function", model)
+    model.forward = _Bound("_forward", model, "forward")
     model._xent_fused = state
     return model
 
@@ -203,7 +229,7 @@ def _loss_function(self, logits: Tensor, labels: Tensor, vocab_size: int, num_it
     call = state.current()
     want = call is not None and call.want_stats
     if call is not None and call.hidden is not None:
-        softcap, scale = state.transform(self)
+        softcap, scale = head_transform(type(self))(self)
         out = fused_causal_lm_loss(
             call.hidden, call.head.weight, getattr(call.head, "bias", None), labels,
             num_items_in_batch=num_items_in_batch, ignore_index=ignore_index, shift_labels=shift_labels,
@@ -219,7 +245,7 @@ def _loss_function(self, logits: Tensor, labels: Tensor, vocab_size: int, num_it
 def _forward(self, *args: Any, skip_logits: Optional[bool] = None, return_token_accuracy: bool = False,
              **kwargs: Any):
     state = self._xent_fused
-    labels = state.signature.bind_partial(self, *args, **kwargs).arguments.get("labels")
+    labels = _signature(type(self)).bind_partial(self, *args, **kwargs).arguments.get("labels")
     skip = state.skip_default if skip_logits is None else skip_logits
     skip = (self.training and labels is not None) if skip is None else bool(skip)
     if (skip or return_token_accuracy) and labels is None:
@@ -227,7 +253,7 @@ def _forward(self, *args: Any, skip_logits: Optional[bool] = None, return_token_
     call = _Call(skip=skip, want_stats=return_token_accuracy)
     passed = kwargs.pop("return_dict", None)
     return_dict = passed if passed is not None else getattr(self.config, "return_dict", True)
-    if state.takes_return_dict:
+    if _takes_return_dict(type(self)):
         kwargs["return_dict"] = True
     elif passed is not None:
         kwargs["return_dict"] = passed
@@ -240,7 +266,7 @@ def _forward(self, *args: Any, skip_logits: Optional[bool] = None, return_token_
     finally:
         state.calls.pop()
     out = _finish(out, call)
-    return out.to_tuple() if not return_dict and not isinstance(out, tuple) else out
+    return _to_tuple(out, call) if not return_dict and not isinstance(out, tuple) else out
 
 
 def _decorated_with(fn, name: str) -> bool:
@@ -255,7 +281,8 @@ def _finish(out, call: _Call):
     """Drop the placeholder logits of a fused call, attach the token accuracy when asked."""
     if isinstance(out, tuple):  # a forward without return_dict: the placeholder is the (..., 0) tensor
         if call.hidden is not None:
-            out = tuple(t for t in out if not (isinstance(t, Tensor) and t.dim() > 1 and t.shape[-1] == 0))
+            out = tuple(None if isinstance(t, Tensor) and t.dim() > 1 and t.shape[-1] == 0 else t
+                        for t in out)
         if call.stats is not None:
             out = out + (_accuracy(call.stats),)
         return out
@@ -267,6 +294,16 @@ def _finish(out, call: _Call):
         out["token_accuracy"] = _accuracy(call.stats)
         out["loss_stats"] = call.stats
     return out
+
+
+def _to_tuple(out, call: _Call) -> tuple:
+    """``out.to_tuple()`` (the fields that are not None, in order), but with ``None`` kept in the logits
+    slot of a fused call: the stock tuple layout (loss, logits, past_key_values, ...) stays, so
+    ``out[1]`` is never the cache."""
+    names = [f.name for f in dataclasses.fields(out)]
+    keep = [v for k, v in ((k, getattr(out, k)) for k in names)
+            if v is not None or (k == "logits" and call.hidden is not None)]
+    return tuple(keep) + tuple(v for k, v in out.items() if k not in names)
 
 
 def _accuracy(stats) -> Tensor:
