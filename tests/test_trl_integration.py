@@ -32,7 +32,9 @@ def trl_spies(monkeypatch):
     """(calls of xent's ops, calls of TRL's own chunked head)."""
     from trl.kernels import chunked_logprob
 
-    xent = _count(monkeypatch, xent_triton, "linear_token_logprobs")
+    from xent_triton.integrations import hf_trl
+
+    xent = _count(monkeypatch, hf_trl, "one_pass")  # no softcap: one pass for every SFT / GRPO field
     xent_ce = _count(monkeypatch, xent_triton, "linear_cross_entropy")  # -CE per token under a softcap
     return (_Both(xent, xent_ce), _count(monkeypatch, chunked_logprob.ChunkedLogProbFunction, "apply"))
 

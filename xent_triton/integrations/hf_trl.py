@@ -81,44 +81,72 @@ def _mean_logits(h, w, b, softcap, scale) -> Tensor:
                       for i in range(0, h.shape[0], rows)] + [h.new_zeros(0, dtype=torch.float32)])
 
 
+def one_pass(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, temperature: float, entropy: bool):
+    """``(log_probs, entropy or None, lse, is_top1)`` (N,) of the logits ``(h @ w.T + b) / temperature`` at
+    the targets ``y`` from ONE pass over the vocabulary (backward: one more, the recompute).
+
+    The op behind ``xent_triton.linear_token_logprobs`` also returns each row's (max, log-sum) of the
+    scaled logits, which that function drops: they give the lse (``max + log_sum``) and ``is_top1``
+    without a second pass. The op forms ``log_prob = (z_y - max) - log_sum``, so ``z_y == max`` (the
+    target is a maximum) gives exactly ``-log_sum``; a target below the maximum by less than half a unit
+    in the last place of ``log_sum`` (|gap| < 6e-8 * log_sum, inside the logits' own rounding) and a
+    target tied exactly with an earlier class also count as top-1 (``argmax`` / TRL: not for the tie).
+    log_probs and entropy are differentiable; lse and is_top1 are not.
+    """
+    from xent_triton.kl.linear import chunk_rows
+
+    x, tok = h.reshape(-1, h.shape[-1]), y.reshape(-1).to(torch.int64).contiguous()
+    lp, ent, stats = torch.ops.xent_triton.linear_token_logprobs_fwd(
+        x, w, b, tok, float(temperature), bool(entropy), chunk_rows(None, x.shape[0], w.shape[0]))
+    log_sum = stats[:, 1]
+    return lp, (ent if entropy else None), stats[:, 0] + log_sum, lp.detach() == -log_sum
+
+
 def per_token(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, temperature: float,
               softcap: Optional[float], logit_scale: float, outputs: tuple[str, ...]):
     """``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` (N,) of the logits
     ``z = softcap * tanh(logit_scale * (h @ w.T + b) / softcap) / temperature`` at the targets ``y`` (N,),
     all valid; a field not in ``outputs`` is None (log_probs always). log_probs and entropy are
-    differentiable (xent_triton.linear_token_logprobs), the others are not.
+    differentiable, the others are not.
+
+    Passes over the vocabulary in the forward (what SFT / GRPO / RLOO ask for: log_probs, entropy,
+    is_top1): one without a softcap (:func:`one_pass`); ``log_sum_sq_probs`` adds one (lse(2 z)),
+    ``mean_logits`` with a softcap one; a softcap takes -CE per token, the entropy in checkpointed tiles
+    and the argmax from ``LossStats.predicted`` (three).
     """
     t = float(temperature)
     scale, cap = float(logit_scale) / t, (None if softcap is None else float(softcap) / t)
     want_entropy = "entropy" in outputs
-    entropy = None
-    if cap is None and scale > 0:
-        res = xent_triton.linear_token_logprobs(h, w, y, bias=b, temperature=1.0 / scale,
-                                                return_entropy=want_entropy)
-    elif _token_logprobs_takes("softcap") and _token_logprobs_takes("logit_scale"):
-        res = xent_triton.linear_token_logprobs(h, w, y, bias=b, softcap=cap, logit_scale=scale,
-                                                return_entropy=want_entropy)
-    else:  # the core's token log-probs have no softcap yet: -CE per token, entropy in checkpointed tiles
-        res = -xent_triton.linear_cross_entropy(h, w, y, linear_bias=b, reduction="none", softcap=cap,
-                                                logit_scale=scale)
-        if want_entropy:
-            res = (res, _chunked_entropy(h, w, b, cap, scale))
-    log_probs, entropy = res if want_entropy else (res, None)
-    log_sum_sq = mean_logits = is_top1 = None
     top1, sq = "is_top1" in outputs, "log_sum_sq_probs" in outputs
-    if top1 or sq:
+    entropy = log_sum_sq = mean_logits = is_top1 = lse = None
+    if cap is None and scale > 0:
+        log_probs, entropy, lse, is_top1 = one_pass(h, w, b, y, 1.0 / scale, want_entropy)
+        is_top1 = is_top1 if top1 else None
+    else:
+        if _token_logprobs_takes("softcap") and _token_logprobs_takes("logit_scale"):
+            res = xent_triton.linear_token_logprobs(h, w, y, bias=b, softcap=cap, logit_scale=scale,
+                                                    return_entropy=want_entropy)
+        else:  # the core's token log-probs have no softcap yet: -CE per token, entropy in checkpointed tiles
+            res = -xent_triton.linear_cross_entropy(h, w, y, linear_bias=b, reduction="none", softcap=cap,
+                                                    logit_scale=scale)
+            if want_entropy:
+                res = (res, _chunked_entropy(h, w, b, cap, scale))
+        log_probs, entropy = res if want_entropy else (res, None)
+        if top1 or sq:
+            with torch.no_grad():
+                stats_kw = {"return_stats": True, "return_predicted": True} if top1 else {}
+                out = xent_triton.linear_cross_entropy(
+                    h, w, y, linear_bias=b, reduction="none", softcap=cap, logit_scale=scale, return_lse=sq,
+                    **stats_kw)
+                if top1:
+                    is_top1 = out[-1].predicted.reshape(-1) == y
+                lse = out[1] if sq else None
+    if sq:  # log sum_v p_v^2 = lse(2 z) - 2 lse(z); 2 z has twice the scale and the softcap
         with torch.no_grad():
-            stats_kw = {"return_stats": True, "return_predicted": True} if top1 else {}
-            out = xent_triton.linear_cross_entropy(
-                h, w, y, linear_bias=b, reduction="none", softcap=cap, logit_scale=scale, return_lse=sq,
-                **stats_kw)
-            if top1:
-                is_top1 = out[-1].predicted.reshape(-1) == y
-            if sq:  # log sum_v p_v^2 = lse(2 z) - 2 lse(z); 2 z has twice the scale and the softcap
-                lse2 = xent_triton.linear_cross_entropy(
-                    h, w, y, linear_bias=b, reduction="none", softcap=None if cap is None else 2 * cap,
-                    logit_scale=2 * scale, return_lse=True)[1]
-                log_sum_sq = lse2.float() - 2 * out[1].float()
+            lse2 = xent_triton.linear_cross_entropy(
+                h, w, y, linear_bias=b, reduction="none", softcap=None if cap is None else 2 * cap,
+                logit_scale=2 * scale, return_lse=True)[1]
+            log_sum_sq = lse2.float() - 2 * lse.float()
     if "mean_logits" in outputs:
         mean_logits = _mean_logits(h, w, b, cap, scale)
     return (log_probs.float(), None if entropy is None else entropy.float(), log_sum_sq, mean_logits, is_top1)
@@ -286,5 +314,5 @@ def unpatch_trl() -> None:
                 setattr(mod, "add_fused_lm_head", original)
 
 
-__all__ = ["FusedCausalLMOutput", "add_fused_lm_head", "patch_trl", "unpatch_trl", "per_token",
+__all__ = ["FusedCausalLMOutput", "add_fused_lm_head", "patch_trl", "unpatch_trl", "per_token", "one_pass",
            "TRL_VERSIONS"]
