@@ -1,23 +1,45 @@
 """TRL 1.16's fused LM head vs xent's (``xhf.add_fused_lm_head``): peak memory and time side by side.
 
-    python -m perf.trl_head                         # CPU (both heads' pure-torch paths)
+    python -m perf.trl_head                         # GRPO's fields, CPU (both heads' pure-torch paths)
+    python -m perf.trl_head --sft                   # SFTTrainer's fields (log_probs, entropy, is_top1)
     python -m perf.trl_head --tokens 8192 --vocab 151936 --hidden 2048 --dtype bfloat16   # GPU
 
-Forward and backward of the per-token log-probs and entropy (what GRPO asks for: the loss is
-``-(log_probs).sum() - 0.01 * entropy.sum()``) of ``tokens`` hidden states through a (V, D) head, for
-TRL's ``ChunkedLogProbFunction`` and for xent's ``per_token`` (``xent_triton.linear_token_logprobs``).
-Prints the peak memory above the inputs (CUDA allocator, or CPU profiler memory events), the time of
-one step (the median of ``--repeat``), and the largest difference of the outputs and gradients.
+Forward and backward of the per-token fields a trainer asks for, of ``tokens`` hidden states through a
+(V, D) head, for TRL's ``ChunkedLogProbFunction`` (with TRL's own chunk size) and for xent's
+``per_token``. GRPO (default): log-probs and entropy, loss ``-(log_probs).sum() - 0.01 * entropy.sum()``.
+``--sft``: log-probs, entropy and is_top1 (token accuracy), loss ``-log_probs.sum() / N`` (SFTTrainer's
+nll; the entropy and is_top1 only logged). Prints the peak memory above the inputs (CUDA allocator, or
+CPU profiler memory events), the median time of one step over ``--repeat`` steps run interleaved
+(TRL, xent, TRL, ...), the logits GEMM passes of each forward, and the largest differences.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 
 MiB = 2 ** 20
+
+
+def forward_passes(fn, N: int, C: int) -> float:
+    """(rows of the ``torch.mm`` / ``torch.addmm`` outputs with C columns that ``fn()`` forms) / N."""
+    rows = [0]
+
+    def wrap(f):
+        def counted(*a, **k):
+            out = f(*a, **k)
+            if out.dim() == 2 and out.shape[-1] == C:
+                rows[0] += out.shape[0]
+            return out
+        return counted
+
+    mm, addmm = wrap(torch.mm), wrap(torch.addmm)
+    with mock.patch.object(torch, "mm", mm), mock.patch.object(torch, "addmm", addmm), torch.no_grad():
+        fn()
+    return rows[0] / N
 
 
 def main() -> None:
@@ -28,65 +50,82 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=151936 if cuda else 32000)
     p.add_argument("--dtype", default="bfloat16" if cuda else "float32")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--sft", action="store_true", help="SFTTrainer's fields (log_probs, entropy, is_top1)")
     args = p.parse_args()
     device, dtype = ("cuda" if cuda else "cpu"), getattr(torch, args.dtype)
 
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     from perf.memory import peak_extra_bytes
     from xent_triton.integrations.hf_trl import per_token
 
     torch.manual_seed(0)
-    h0 = torch.randn(args.tokens, args.hidden, device=device).to(dtype)
+    N = args.tokens
+    h0 = torch.randn(N, args.hidden, device=device).to(dtype)
     w0 = (torch.randn(args.vocab, args.hidden, device=device) / args.hidden ** 0.5).to(dtype)
-    y = torch.randint(0, args.vocab, (args.tokens,), device=device)
-    outputs = ("log_probs", "entropy")
+    y = torch.randint(0, args.vocab, (N,), device=device)
+    outputs = ("log_probs", "entropy", "is_top1") if args.sft else ("log_probs", "entropy")
 
     def trl_head(h, w):
-        lp, ent, *_ = ChunkedLogProbFunction.apply(h, w, None, y, args.temperature, 32768, None, 1.0, outputs)
-        return lp, ent
+        lp, ent, _, _, top1 = ChunkedLogProbFunction.apply(h, w, None, y, args.temperature,
+                                                           _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+        return lp, ent, top1
 
     def xent_head(h, w):
-        lp, ent, *_ = per_token(h, w, None, y, args.temperature, None, 1.0, outputs)
-        return lp, ent
+        lp, ent, _, _, top1 = per_token(h, w, None, y, args.temperature, None, 1.0, outputs)
+        return lp, ent, top1
 
-    results = {}
-    for name, head in (("TRL 1.16 ChunkedLogProbFunction", trl_head), ("xent per_token", xent_head)):
-        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    def loss(lp, ent):
+        return -lp.sum() / N if args.sft else -(lp.sum()) - 0.01 * ent.sum()
 
-        def step():
-            lp, ent = head(h, w)
-            (-(lp.sum()) - 0.01 * ent.sum()).backward()
-            return lp.detach(), ent.detach()
+    heads = {"TRL 1.16 ChunkedLogProbFunction": trl_head, "xent per_token": xent_head}
+    leaves = {name: (h0.clone().requires_grad_(), w0.clone().requires_grad_()) for name in heads}
 
-        times = []
-        for _ in range(args.repeat):
-            h.grad = w.grad = None
+    def step(name):
+        h, w = leaves[name]
+        lp, ent, top1 = heads[name](h, w)
+        loss(lp, ent).backward()
+        return lp.detach(), ent.detach(), top1
+
+    times: dict[str, list[float]] = {name: [] for name in heads}
+    for _ in range(args.repeat):  # interleaved: both heads see the same machine state
+        for name in heads:
+            leaves[name][0].grad = leaves[name][1].grad = None
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            lp, ent = step()
+            step(name)
             if cuda:
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            times[name].append(time.perf_counter() - t0)
+    results = {}
+    for name, head in heads.items():
+        h, w = leaves[name]
+        h.grad = w.grad = None
+        lp, ent, top1 = step(name)
         grads = (h.grad.float(), w.grad.float())
         h.grad = w.grad = None
-        peak = peak_extra_bytes(step, device)
-        results[name] = (peak, statistics.median(times), lp.float(), ent.float(), grads)
+        peak = peak_extra_bytes(lambda: step(name), device)
+        passes = forward_passes(lambda: head(h, w), N, args.vocab)
+        results[name] = (peak, statistics.median(times[name]), passes, lp.float(), ent.float(), top1, grads)
 
-    logits = args.tokens * args.vocab * 4
-    print(f"{args.tokens} tokens x hidden {args.hidden} x vocabulary {args.vocab}, {args.dtype}, "
-          f"on {device}; "
-          f"float32 logits would be {logits / MiB:.1f} MiB")
-    print(f"{'head':34}{'peak extra memory':>20}{'fwd+bwd time':>15}")
-    for name, (peak, seconds, *_) in results.items():
-        print(f"{name:34}{peak / MiB:16.1f} MiB{seconds * 1e3:12.1f} ms")
-    (_, _, lp_a, ent_a, g_a), (_, _, lp_b, ent_b, g_b) = results.values()
+    logits = N * args.vocab * 4
+    print(f"{'SFT' if args.sft else 'GRPO'} fields {outputs}: {N} tokens x hidden {args.hidden} x vocabulary "
+          f"{args.vocab}, {args.dtype}, on {device}; float32 logits would be {logits / MiB:.1f} MiB")
+    print(f"{'head':34}{'peak extra memory':>20}{'fwd+bwd median':>17}{'fwd GEMM passes':>17}"
+          f"   (median of {args.repeat} interleaved)")
+    for name, (peak, seconds, passes, *_) in results.items():
+        print(f"{name:34}{peak / MiB:16.1f} MiB{seconds * 1e3:14.1f} ms{passes:17.2f}")
+    (_, _, _, lp_a, ent_a, top_a, g_a), (_, _, _, lp_b, ent_b, top_b, g_b) = results.values()
     err = [(lp_a - lp_b).abs().max(), (ent_a - ent_b).abs().max(),
            *((a - b).abs().max() for a, b in zip(g_a, g_b))]
     print("max |difference| log_probs {:.2e}  entropy {:.2e}  grad hidden {:.2e}  grad weight {:.2e}".format(
         *(float(e) for e in err)))
+    if args.sft:
+        print(f"is_top1 disagreements: {int((top_a != top_b).sum())} of {N} "
+              f"(TRL {int(top_a.sum())} top-1, xent {int(top_b.sum())})")
 
 
 if __name__ == "__main__":
