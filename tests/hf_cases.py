@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from unittest import mock
 
 import torch
 
@@ -94,3 +95,29 @@ def tiny_tokenizer(vocab: int = VOCAB):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
                                    eos_token="<eos>", unk_token="<pad>")
+
+
+class LogitRows:
+    """Counts the rows of every ``torch.mm`` / ``torch.addmm`` output with C columns while entered (the
+    vendor GEMMs that form logits: a pass over the vocabulary covers N rows)."""
+
+    def __init__(self, C: int):
+        self.C, self.rows = C, 0
+
+    def _wrap(self, fn):
+        def counted(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if out.dim() == 2 and out.shape[-1] == self.C:
+                self.rows += out.shape[0]
+            return out
+        return counted
+
+    def __enter__(self):
+        self._patches = [mock.patch.object(torch, n, self._wrap(getattr(torch, n))) for n in ("mm", "addmm")]
+        for p in self._patches:
+            p.start()
+        return self
+
+    def __exit__(self, *exc):
+        for p in self._patches:
+            p.stop()

@@ -6,12 +6,11 @@ one tolerance rule, and the passes counted as the rows of (rows, C) logits GEMMs
 """
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_cases import LogitRows
 from tolerances import assert_close_rule
 from xent_triton.integrations.hf_trl import per_token
 
@@ -24,32 +23,6 @@ def path(request, monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", request.param)
     return request.param
-
-
-class LogitRows:
-    """Counts the rows of every ``torch.mm`` / ``torch.addmm`` output with C columns while entered (the
-    vendor GEMMs that form logits: a pass over the vocabulary covers N rows)."""
-
-    def __init__(self, C: int):
-        self.C, self.rows = C, 0
-
-    def _wrap(self, fn):
-        def counted(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            if out.dim() == 2 and out.shape[-1] == self.C:
-                self.rows += out.shape[0]
-            return out
-        return counted
-
-    def __enter__(self):
-        self._patches = [mock.patch.object(torch, n, self._wrap(getattr(torch, n))) for n in ("mm", "addmm")]
-        for p in self._patches:
-            p.start()
-        return self
-
-    def __exit__(self, *exc):
-        for p in self._patches:
-            p.stop()
 
 
 def _inputs(N, D, C, bias, seed=0):

@@ -103,6 +103,7 @@ class _State:
         self.saved_head_forward = head.__dict__.get("forward")
         self.saved_loss_function = model.__dict__.get("_loss_function")
         self.calls: list[_Call] = []
+        self.metrics: Any = None  # hf_trainer.IntervalStats while fused_trainer logs the stats
 
     def current(self) -> Optional[_Call]:
         return self.calls[-1] if self.calls else None
@@ -227,7 +228,7 @@ def _loss_function(self, logits: Tensor, labels: Tensor, vocab_size: int, num_it
                    ignore_index: int = -100, shift_labels: Optional[Tensor] = None, **kwargs: Any):
     state = self._xent_fused
     call = state.current()
-    want = call is not None and call.want_stats
+    want = call is not None and (call.want_stats or state.metrics is not None)
     if call is not None and call.hidden is not None:
         softcap, scale = head_transform(type(self))(self)
         out = fused_causal_lm_loss(
@@ -238,7 +239,11 @@ def _loss_function(self, logits: Tensor, labels: Tensor, vocab_size: int, num_it
         out = causal_lm_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels,
                              return_stats=want)
     if want:
-        out, call.stats = out
+        out, stats = out
+        if state.metrics is not None:
+            state.metrics.add(stats, self.training)
+        if call.want_stats:
+            call.stats = stats
     return out
 
 
