@@ -1,11 +1,25 @@
-"""A torchtune-style fused SFT loss: ``set_model_output(model)`` then ``loss(hidden, targets)``.
+"""A torchtune fused SFT loss: ``set_model_output(model)`` then ``loss(hidden, targets)``.
 
-No import of torchtune. Like torchtune's ``LinearCrossEntropyLoss`` (an ``SFTLoss``): the recipe
-calls ``loss_fn.set_model_output(model)``, which sets ``model.skip_output_layer = True`` (the model
-then returns its final hidden states) and keeps the output projection; ``loss_fn(outputs, targets)``
-computes the cross-entropy of ``outputs @ W.T`` with the fused head, never forming the logits.
-``targets`` are already shifted by the recipe; ``ignore_index`` tokens do not count; the result is
-the mean over valid tokens (``empty_batch="zero"``: a fully masked batch gives 0, not NaN).
+No import of torchtune here. Two contracts:
+
+* torchtune's development branch (``SFTLoss`` in ``torchtune/modules/loss/loss_types.py``, not in a
+  release): recipes call ``loss_fn.set_model_output(model)`` only when ``isinstance(loss_fn, SFTLoss)``
+  and compile it with ``loss_fn.apply_compile_strategy(...)``. When that ``SFTLoss`` is importable (and
+  torchtune already imported), constructing this loss registers it as a virtual subclass of it
+  (``SFTLoss`` is an ABC); ``apply_compile_strategy`` compiles ``forward`` and returns the loss.
+  ``set_model_output`` sets ``model.skip_output_layer = True`` (the model then returns its final
+  hidden states) and keeps the output projection.
+* torchtune 0.6.1 (the current release): the model has no ``skip_output_layer`` and its recipes never
+  call ``set_model_output``: call it once yourself after building the model and the loss (the one
+  step beyond the YAML's ``loss._component_``; docs/integrations.md). On such a model it makes the
+  output layer return its input (an instance-level ``forward`` on an ``nn.Linear``, a pass-through in
+  place of a ``TiedLinear``; the state dict is unchanged), so the recipe's ``logits`` are the hidden
+  states (upcast to fp32 by the model; cast back to the weight's dtype here, exactly).
+
+``loss_fn(outputs, targets)`` computes the cross-entropy of ``outputs @ W.T`` with the fused head,
+never forming the logits. ``targets`` are already shifted by the recipe; ``ignore_index`` tokens do
+not count; the result is the mean over valid tokens (``empty_batch="zero"``: a fully masked batch
+gives 0, not NaN), as ``CEWithChunkedOutputLoss``.
 
 The projection: a module with ``.weight`` (``nn.Linear``, ``FusedLMHead``) or torchtune's
 ``TiedLinear`` (``.tied_module.weight``). Under FSDP2 the projection's weight is a sharded DTensor
@@ -16,6 +30,7 @@ vocabulary-parallel head runs.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import Tensor, nn
@@ -29,6 +44,31 @@ def _projection_weight(proj: Any) -> tuple[Tensor, Any]:
     if hasattr(proj, "weight"):
         return proj.weight, getattr(proj, "bias", None)
     raise TypeError(f"the model's output projection {type(proj).__name__} has no weight")
+
+
+class _PassThrough:
+    """An output layer's stand-in that returns its input (picklable; keeps ``tied_module`` for the loss)."""
+
+    def __init__(self, tied_module: Any = None):
+        self.tied_module = tied_module
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x
+
+
+def register_with_sft_loss(cls: type, sft_loss: Any = None) -> bool:
+    """Make ``cls`` a virtual subclass of ``sft_loss`` (default: torchtune's development-branch
+    ``SFTLoss``, looked up only when torchtune is already imported); False when there is none."""
+    if sft_loss is None:
+        if "torchtune" not in sys.modules:
+            return False
+        try:
+            from torchtune.modules.loss.loss_types import SFTLoss as sft_loss
+        except ImportError:  # torchtune 0.6.1 has no SFTLoss
+            return False
+    if not issubclass(cls, sft_loss):
+        sft_loss.register(cls)
+    return True
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -46,19 +86,41 @@ class LinearCrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.options = {"empty_batch": "zero", **options}
         self.linear_projection = None
+        register_with_sft_loss(type(self))
 
     def set_model_output(self, model: nn.Module) -> None:
-        """Skip the model's output layer and keep it for the loss (torchtune's contract)."""
-        model.skip_output_layer = True
-        self.linear_projection = model.output
+        """Skip the model's output layer and keep it for the loss (torchtune's contract; on a model without
+        ``skip_output_layer``, torchtune 0.6.1's, the output layer passes its input through)."""
+        proj = model.output
+        if hasattr(model, "skip_output_layer"):
+            model.skip_output_layer = True
+        elif isinstance(proj, nn.Module):
+            proj.forward = _PassThrough()
+        else:  # TiedLinear (not a module): a pass-through that keeps the tied module
+            model.output = _PassThrough(proj.tied_module)
+        self.linear_projection = proj
+
+    def apply_compile_strategy(self, *args: Any, **kwargs: Any) -> "LinearCrossEntropyLoss":
+        """torchtune's development-branch ``SFTLoss`` hook: ``torch.compile`` the forward; returns self."""
+        import torch
+
+        self.forward = torch.compile(self.forward, *args, **kwargs)
+        return self
 
     def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """``outputs`` (B, S, D) final hidden states, ``targets`` (B, S) -> scalar mean loss."""
+        """``outputs`` (..., D) final hidden states, ``targets`` (...) -> scalar mean loss."""
         if self.linear_projection is None:
             raise RuntimeError("call set_model_output(model) first")
+        if isinstance(outputs, (list, tuple)):
+            raise TypeError("the fused loss takes the hidden states, not chunked logits: do not combine it "
+                            "with set_num_output_chunks / CEWithChunkedOutputLoss")
         weight, bias = _projection_weight(self.linear_projection)
+        if outputs.dtype != weight.dtype:  # torchtune 0.6.1's model upcasts its output to fp32
+            outputs = outputs.to(weight.dtype)
         return linear_cross_entropy(outputs, weight, targets, linear_bias=bias,
                                     ignore_index=self.ignore_index, **self.options)
 
 
-__all__ = ["LinearCrossEntropyLoss"]
+TESTED_TORCHTUNE = "0.6.1"
+
+__all__ = ["LinearCrossEntropyLoss", "TESTED_TORCHTUNE", "register_with_sft_loss"]
