@@ -3,6 +3,7 @@
     python -m perf.trl_head                         # GRPO's fields, CPU (both heads' pure-torch paths)
     python -m perf.trl_head --sft                   # SFTTrainer's fields (log_probs, entropy, is_top1)
     python -m perf.trl_head --tokens 8192 --vocab 151936 --hidden 2048 --dtype bfloat16   # GPU
+    python -m perf.trl_head --autocast-error        # both heads vs float64 under bf16 autocast
 
 Forward and backward of the per-token fields a trainer asks for, of ``tokens`` hidden states through a
 (V, D) head, for TRL's ``ChunkedLogProbFunction`` (with TRL's own chunk size) and for xent's
@@ -42,6 +43,39 @@ def forward_passes(fn, N: int, C: int) -> float:
     return rows[0] / N
 
 
+def autocast_error(tokens: int = 56, hidden: int = 64, vocab: int = 2000) -> None:
+    """SFT's loss under bf16 autocast (SFTConfig's default), fp32 leaves as in a trainer: each head's
+    gradient-norm and dW error against float64 on the bf16-rounded operands both heads multiply."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    from xent_triton.integrations.hf_common import head_operands
+    from xent_triton.integrations.hf_trl import per_token
+
+    torch.manual_seed(0)
+    h0, w0 = torch.randn(tokens, hidden), torch.randn(vocab, hidden) * 0.16
+    y = torch.randint(0, vocab, (tokens,))
+    outputs = ("log_probs", "entropy", "is_top1")
+    hr, wr = h0.bfloat16().double().requires_grad_(), w0.bfloat16().double().requires_grad_()
+    (-torch.log_softmax(hr @ wr.T, -1).gather(1, y[:, None]).sum() / tokens).backward()
+    ref_norm = torch.cat([hr.grad.flatten(), wr.grad.flatten()]).norm()
+    for name in ("TRL 1.16 ChunkedLogProbFunction", "xent per_token"):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if name.startswith("TRL"):
+                lp = ChunkedLogProbFunction.apply(h, w, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
+                                                  outputs)[0]
+            else:
+                hh, ww, _, ctx = head_operands(h, w, None, like_hidden=True)
+                with ctx:
+                    lp = per_token(hh, ww, None, y, 1.0, None, 1.0, outputs)[0]
+        (-lp.sum() / tokens).backward()
+        norm = torch.cat([h.grad.double().flatten(), w.grad.double().flatten()]).norm()
+        dw = (w.grad.double() - wr.grad).abs().max() / wr.grad.abs().max()
+        print(f"{name:34} grad-norm relative error {float(abs(norm - ref_norm) / ref_norm):.2e}   "
+              f"dW max relative error {float(dw):.2e}")
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +86,10 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--sft", action="store_true", help="SFTTrainer's fields (log_probs, entropy, is_top1)")
+    p.add_argument("--autocast-error", action="store_true", help="both heads vs float64 under bf16 autocast")
     args = p.parse_args()
+    if args.autocast_error:
+        return autocast_error()
     device, dtype = ("cuda" if cuda else "cpu"), getattr(torch, args.dtype)
 
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
