@@ -97,3 +97,37 @@ def test_torchtune_061_model_and_recipe_calls_match_chunked_ce(tied):
     assert named[0].keys() == named[2].keys()  # state dict unchanged
     for name in named[2]:
         assert_close_rule(name, named[0][name].grad, named[1][name].grad, named[2][name].grad, torch.float32)
+
+
+def test_torchtune_061_yaml_only_through_its_own_instantiate():
+    """The YAML-only use: torchtune's own ``config.instantiate`` of the recipe's ``model`` and ``loss``
+    nodes (model built first, as the recipe does), then the recipe's loss step; state dict unchanged."""
+    pytest.importorskip("torchtune")
+    import gc
+
+    from omegaconf import OmegaConf
+    from torchtune import config
+    from torchtune.models.llama3_2 import llama3_2
+    from torchtune.modules.loss import CEWithChunkedOutputLoss
+
+    kw = dict(vocab_size=301, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=32, max_seq_len=32)
+    cfg = OmegaConf.create({
+        "model": {"_component_": "xent_triton.integrations.torchtune.output_skipped",
+                  "builder": "torchtune.models.llama3_2.llama3_2", **kw},
+        "loss": {"_component_": "xent_triton.integrations.torchtune.LinearCrossEntropyLoss"}})
+    torch.manual_seed(0)
+    ref = llama3_2(**kw).double()
+    model = config.instantiate(cfg.model)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    model.load_state_dict(ref.state_dict())  # what the recipe does with the checkpoint
+    loss_fn = config.instantiate(cfg.loss)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 301, (2, 12), generator=g)
+    labels = tokens.masked_fill(torch.rand(2, 12, generator=g) < 0.3, -100)
+    loss = _recipe_loss_step(model, loss_fn, tokens, labels)
+    ce = CEWithChunkedOutputLoss(num_output_chunks=4)
+    ref.set_num_output_chunks(4)
+    want = _recipe_loss_step(ref, ce, tokens, labels)
+    assert_close_rule("loss", loss, None, want, torch.float32)
+    del model, loss_fn, loss
+    gc.collect()

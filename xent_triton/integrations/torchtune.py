@@ -10,11 +10,12 @@ No import of torchtune here. Two contracts:
   ``set_model_output`` sets ``model.skip_output_layer = True`` (the model then returns its final
   hidden states) and keeps the output projection.
 * torchtune 0.6.1 (the current release): the model has no ``skip_output_layer`` and its recipes never
-  call ``set_model_output``: call it once yourself after building the model and the loss (the one
-  step beyond the YAML's ``loss._component_``; docs/integrations.md). On such a model it makes the
-  output layer return its input (an instance-level ``forward`` on an ``nn.Linear``, a pass-through in
-  place of a ``TiedLinear``; the state dict is unchanged), so the recipe's ``logits`` are the hidden
-  states (upcast to fp32 by the model; cast back to the weight's dtype here, exactly).
+  call ``set_model_output``: build the model with :func:`output_skipped` in the YAML (the loss then
+  finds its projection; docs/distributed.md), or call ``set_model_output(model)`` yourself. On such a
+  model either makes the output layer return its input (an instance-level ``forward`` on an
+  ``nn.Linear``, a pass-through in place of a ``TiedLinear``; the state dict is unchanged), so the
+  recipe's ``logits`` are the hidden states (upcast to fp32 by the model; cast back to the weight's
+  dtype here, exactly).
 
 ``loss_fn(outputs, targets)`` computes the cross-entropy of ``outputs @ W.T`` with the fused head,
 never forming the logits. ``targets`` are already shifted by the recipe; ``ignore_index`` tokens do
@@ -30,7 +31,9 @@ vocabulary-parallel head runs.
 """
 from __future__ import annotations
 
+import importlib
 import sys
+import weakref
 from typing import Any
 
 from torch import Tensor, nn
@@ -71,6 +74,42 @@ def register_with_sft_loss(cls: type, sft_loss: Any = None) -> bool:
     return True
 
 
+_BUILT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models built by output_skipped, still alive
+
+
+def _skip_output(model: nn.Module) -> Any:
+    """Make ``model`` return its final hidden states; returns its output projection."""
+    proj = model.output
+    if hasattr(model, "skip_output_layer"):
+        model.skip_output_layer = True
+    elif isinstance(proj, nn.Module):
+        proj.forward = _PassThrough()
+    else:  # TiedLinear (not a module): a pass-through that keeps the tied module
+        model.output = _PassThrough(proj.tied_module)
+    return proj
+
+
+def output_skipped(builder: str, **kwargs: Any) -> nn.Module:
+    """A torchtune model built by ``builder`` (a dotted path) whose output layer is skipped: the YAML-only
+    use in torchtune 0.6.1's recipes, with :class:`LinearCrossEntropyLoss` as the loss::
+
+        model:
+          _component_: xent_triton.integrations.torchtune.output_skipped
+          builder: torchtune.models.llama3_2.llama3_2_1b
+        loss:
+          _component_: xent_triton.integrations.torchtune.LinearCrossEntropyLoss
+
+    The loss finds the projection of the model built this way (one such model alive per process; with
+    several, call ``loss_fn.set_model_output(model)``). The state dict is unchanged (checkpoints load).
+    """
+    module, _, name = builder.rpartition(".")
+    model = getattr(importlib.import_module(module), name)(**kwargs)
+    # not a registered submodule (nn.Module.__setattr__ would add "_xent_projection.*" to the state dict)
+    object.__setattr__(model, "_xent_projection", _skip_output(model))
+    _BUILT.add(model)
+    return model
+
+
 class LinearCrossEntropyLoss(nn.Module):
     """torchtune-style ``SFTLoss`` with the fused linear head.
 
@@ -91,14 +130,8 @@ class LinearCrossEntropyLoss(nn.Module):
     def set_model_output(self, model: nn.Module) -> None:
         """Skip the model's output layer and keep it for the loss (torchtune's contract; on a model without
         ``skip_output_layer``, torchtune 0.6.1's, the output layer passes its input through)."""
-        proj = model.output
-        if hasattr(model, "skip_output_layer"):
-            model.skip_output_layer = True
-        elif isinstance(proj, nn.Module):
-            proj.forward = _PassThrough()
-        else:  # TiedLinear (not a module): a pass-through that keeps the tied module
-            model.output = _PassThrough(proj.tied_module)
-        self.linear_projection = proj
+        proj = getattr(model, "_xent_projection", None)  # already skipped by output_skipped
+        self.linear_projection = proj if proj is not None else _skip_output(model)
 
     def apply_compile_strategy(self, *args: Any, **kwargs: Any) -> "LinearCrossEntropyLoss":
         """torchtune's development-branch ``SFTLoss`` hook: ``torch.compile`` the forward; returns self."""
@@ -110,7 +143,11 @@ class LinearCrossEntropyLoss(nn.Module):
     def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``outputs`` (..., D) final hidden states, ``targets`` (...) -> scalar mean loss."""
         if self.linear_projection is None:
-            raise RuntimeError("call set_model_output(model) first")
+            built = list(_BUILT)
+            if len(built) != 1:
+                raise RuntimeError("call set_model_output(model) first (or build the model with "
+                                   f"output_skipped: {len(built)} such models are alive)")
+            self.linear_projection = built[0]._xent_projection
         if isinstance(outputs, (list, tuple)):
             raise TypeError("the fused loss takes the hidden states, not chunked logits: do not combine it "
                             "with set_num_output_chunks / CEWithChunkedOutputLoss")
@@ -123,4 +160,4 @@ class LinearCrossEntropyLoss(nn.Module):
 
 TESTED_TORCHTUNE = "0.6.1"
 
-__all__ = ["LinearCrossEntropyLoss", "TESTED_TORCHTUNE", "register_with_sft_loss"]
+__all__ = ["LinearCrossEntropyLoss", "TESTED_TORCHTUNE", "register_with_sft_loss", "output_skipped"]
