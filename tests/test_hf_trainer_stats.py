@@ -1,10 +1,10 @@
 """``xhf.fused_trainer(trainer)``: the one line for a transformers Trainer user (issue 19 item 3).
 
 A tiny Llama trains 4 optimizer steps (gradient accumulation 2, logging every 2 steps, one evaluation)
-with the learning rate 0, so that every micro-batch sees the initial weights: the logged
-``mean_token_accuracy`` and ``entropy`` of each logging interval (and ``eval_...`` of the evaluation)
-must equal a float64 computation over the same micro-batches, and the training forward must form the
-logits once (one pass over the vocabulary per micro-batch, gradients included).
+with the learning rate 0, so that every micro-batch sees the initial weights (CPU: the torch path):
+the logged ``mean_token_accuracy`` and ``entropy`` of each logging interval (and ``eval_...`` of the
+evaluation) must equal a float64 computation over the same micro-batches, and the training forward
+must form the logits once (one pass over the vocabulary per micro-batch, gradients included).
 """
 from __future__ import annotations
 
@@ -34,9 +34,11 @@ def _reference(model64, batches) -> tuple[float, float]:
     return correct / valid, entropy / valid
 
 
-def test_fused_trainer_logs_interval_accuracy_and_entropy(tmp_path):
+def test_fused_trainer_logs_interval_accuracy_and_entropy(tmp_path, monkeypatch):
     from transformers import Trainer, TrainingArguments
 
+    if not torch.cuda.is_available():  # the torch path (fast on CPU): the kernels are tested elsewhere
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = tiny_model("llama")
     model64 = copy.deepcopy(model).double().eval()
     seen = {"train": [], "eval": []}
