@@ -347,8 +347,9 @@ def test_for_causal_lm_loss_matches_transformers(dtype, num_items, monkeypatch):
 
 
 def test_importing_xent_triton_does_not_import_transformers():
-    code = ("import sys, xent_triton, xent_triton.integrations; "
-            "assert 'transformers' not in sys.modules and 'trl' not in sys.modules")
+    code = ("import sys, xent_triton, xent_triton.integrations, xent_triton.integrations.torchtitan, "
+            "xent_triton.integrations.torchtune; "
+            "assert not {'transformers', 'trl', 'torchtitan', 'torchtune'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
