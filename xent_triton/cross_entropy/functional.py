@@ -41,7 +41,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   return_lse: bool = False, empty_batch: str = "nan", return_stats: bool = False,
                   return_predicted: bool = False, token_weight: Optional[Tensor] = None,
                   process_group: Any = None, vocab_start_index: Optional[int] = None,
-                  ) -> Union[Tensor, tuple[Tensor, ...]]:
+                  ) -> Union[Tensor, tuple[Any, ...]]:
     """Fused cross-entropy with ``torch.nn.functional.cross_entropy`` semantics.
 
     Args:
@@ -105,7 +105,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     loss_rows, lse, stats, ent, pred = cross_entropy_rows(can.x3, can.target, w, opts, inplace_backward,
                                                           return_stats)
     loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output, tw)
-    out = (loss,)
+    out: tuple[Any, ...] = (loss,)
     if return_lse:
         out += (can.rows_to_output(lse.to(compute_dtype(input))),)
     if return_stats:
