@@ -1,10 +1,12 @@
 """Release metadata users depend on (issue 23). The package ships ``py.typed``, so the annotations of
 the public callables are what users' type checkers read: each one must be complete. The version string
 must have its CHANGELOG entry. The built wheel itself (contents, install, import, one loss) is checked
-by ``.ci/package_check.sh``; the type check of the public modules by ``mypy`` (pyproject.toml)."""
+by ``.ci/package_check.sh``; the type check of the public modules by ``mypy`` (pyproject.toml), with
+the calls of ``typing_usage.py``."""
 import inspect
 import pathlib
 import re
+import typing
 
 import pytest
 
@@ -47,6 +49,22 @@ def test_public_callables_table_covers_all():
 @pytest.mark.parametrize("name,fn", PUBLIC_CALLABLES, ids=[n for n, _ in PUBLIC_CALLABLES])
 def test_public_callable_fully_annotated(name, fn):
     assert missing_annotations(fn) == [], f"{name}: unannotated {missing_annotations(fn)}"
+
+
+# Functions whose return depends on a flag: typed by two @overloads (the loss alone / the tuple), which
+# must list the implementation's parameters (an added parameter missing there is a user's type error).
+OVERLOADED = [xent_triton.cross_entropy, xent_triton.linear_cross_entropy, xent_triton.token_logprobs,
+              xent_triton.linear_token_logprobs]
+
+
+@pytest.mark.skipif(not hasattr(typing, "get_overloads"), reason="typing.get_overloads: Python >= 3.11")
+@pytest.mark.parametrize("fn", OVERLOADED, ids=[f.__name__ for f in OVERLOADED])
+def test_overloads_list_the_implementations_parameters(fn):
+    overloads = typing.get_overloads(fn)
+    assert len(overloads) == 2
+    want = [(p.name, p.kind) for p in inspect.signature(fn).parameters.values()]
+    for o in overloads:
+        assert [(p.name, p.kind) for p in inspect.signature(o).parameters.values()] == want
 
 
 def test_version_has_changelog_entry():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, overload
 
 from torch import Tensor
 
@@ -34,6 +34,23 @@ def inplace_refusal(x: Tensor) -> Optional[str]:
     return None
 
 
+# Typing only: the loss alone without return_lse / return_stats, else the tuple (docs: Returns).
+@overload
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = ..., ignore_index: int = ...,
+                  reduction: str = ..., label_smoothing: float = ..., *, lse_square_scale: float = ...,
+                  softcap: Optional[float] = ..., logit_scale: float = ..., inplace_backward: bool = ...,
+                  return_lse: Literal[False] = ..., empty_batch: str = ...,
+                  return_stats: Literal[False] = ..., return_predicted: bool = ...,
+                  token_weight: Optional[Tensor] = ..., process_group: Any = ...,
+                  vocab_start_index: Optional[int] = ...) -> Tensor: ...
+@overload
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = ..., ignore_index: int = ...,
+                  reduction: str = ..., label_smoothing: float = ..., *, lse_square_scale: float = ...,
+                  softcap: Optional[float] = ..., logit_scale: float = ..., inplace_backward: bool = ...,
+                  return_lse: bool = ..., empty_batch: str = ..., return_stats: bool = ...,
+                  return_predicted: bool = ..., token_weight: Optional[Tensor] = ...,
+                  process_group: Any = ..., vocab_start_index: Optional[int] = ...,
+                  ) -> Union[Tensor, tuple[Any, ...]]: ...
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                   lse_square_scale: float = 0.0, softcap: Optional[float] = None,

@@ -6,7 +6,7 @@ the core's extras) without ever materialising the N×C logits; see
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union, cast
+from typing import Any, Literal, Optional, Union, cast, overload
 
 import torch
 from torch import Tensor
@@ -29,6 +29,28 @@ from ..runtime import compute_dtype
 from .ops import linear_cross_entropy_rows, linear_cross_entropy_scalar, stats_rows
 
 
+# Typing only: the loss alone without return_lse / return_stats, else the tuple (docs: Returns).
+@overload
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = ..., weight: Optional[Tensor] = ...,
+                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
+                         lse_square_scale: float = ..., softcap: Optional[float] = ...,
+                         logit_scale: float = ..., return_lse: Literal[False] = ..., process_group: Any = ...,
+                         vocab_start_index: Optional[int] = ..., reduce_input_grad: bool = ...,
+                         empty_batch: str = ..., chunk_size: Optional[int] = ...,
+                         grad_accum_dtype: Optional[torch.dtype] = ..., return_stats: Literal[False] = ...,
+                         return_predicted: bool = ..., token_weight: Optional[Tensor] = ...) -> Tensor: ...
+@overload
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = ..., weight: Optional[Tensor] = ...,
+                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
+                         lse_square_scale: float = ..., softcap: Optional[float] = ...,
+                         logit_scale: float = ..., return_lse: bool = ..., process_group: Any = ...,
+                         vocab_start_index: Optional[int] = ..., reduce_input_grad: bool = ...,
+                         empty_batch: str = ..., chunk_size: Optional[int] = ...,
+                         grad_accum_dtype: Optional[torch.dtype] = ..., return_stats: bool = ...,
+                         return_predicted: bool = ..., token_weight: Optional[Tensor] = ...,
+                         ) -> Union[Tensor, tuple[Any, ...]]: ...
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                          linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean",
