@@ -34,7 +34,7 @@ def inplace_refusal(x: Tensor) -> Optional[str]:
     return None
 
 
-# Typing only: the loss alone without return_lse / return_stats, else the tuple (docs: Returns).
+# Typing only: the loss alone without return_lse / return_stats, else the loss or the tuple (Returns).
 @overload
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = ..., ignore_index: int = ...,
                   reduction: str = ..., label_smoothing: float = ..., *, lse_square_scale: float = ...,

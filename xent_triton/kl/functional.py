@@ -115,7 +115,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     return reduce_tokens(loss_rows, lbl, ignore_index, reduction, student_logits.shape[:-1])
 
 
-# Typing only: the log-probabilities alone without return_entropy, else (logp, entropy).
+# Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
 @overload
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
                    return_entropy: Literal[False] = ...) -> Tensor: ...

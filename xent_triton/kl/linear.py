@@ -269,7 +269,7 @@ def _lt_backward(ctx, dlp, dent, _dstats):
 linear_token_logprobs_fwd.register_autograd(_lt_backward, setup_context=_lt_setup)
 
 
-# Typing only: the log-probabilities alone without return_entropy, else (logp, entropy).
+# Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
 @overload
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = ...,
                           temperature: float = ..., return_entropy: Literal[False] = ...,

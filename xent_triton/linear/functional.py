@@ -29,7 +29,7 @@ from ..runtime import compute_dtype
 from .ops import linear_cross_entropy_rows, linear_cross_entropy_scalar, stats_rows
 
 
-# Typing only: the loss alone without return_lse / return_stats, else the tuple (docs: Returns).
+# Typing only: the loss alone without return_lse / return_stats, else the loss or the tuple (Returns).
 @overload
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                          linear_bias: Optional[Tensor] = ..., weight: Optional[Tensor] = ...,
