@@ -14,4 +14,4 @@ from .options import LossStats
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss",
            "LossStats", "distillation_loss", "token_logprobs",
            "linear_distillation_loss", "linear_token_logprobs"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

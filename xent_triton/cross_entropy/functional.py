@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, overload
 
 from torch import Tensor
 
@@ -34,6 +34,23 @@ def inplace_refusal(x: Tensor) -> Optional[str]:
     return None
 
 
+# Typing only: the loss alone without return_lse / return_stats, else the loss or the tuple (Returns).
+@overload
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = ..., ignore_index: int = ...,
+                  reduction: str = ..., label_smoothing: float = ..., *, lse_square_scale: float = ...,
+                  softcap: Optional[float] = ..., logit_scale: float = ..., inplace_backward: bool = ...,
+                  return_lse: Literal[False] = ..., empty_batch: str = ...,
+                  return_stats: Literal[False] = ..., return_predicted: bool = ...,
+                  token_weight: Optional[Tensor] = ..., process_group: Any = ...,
+                  vocab_start_index: Optional[int] = ...) -> Tensor: ...
+@overload
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = ..., ignore_index: int = ...,
+                  reduction: str = ..., label_smoothing: float = ..., *, lse_square_scale: float = ...,
+                  softcap: Optional[float] = ..., logit_scale: float = ..., inplace_backward: bool = ...,
+                  return_lse: bool = ..., empty_batch: str = ..., return_stats: bool = ...,
+                  return_predicted: bool = ..., token_weight: Optional[Tensor] = ...,
+                  process_group: Any = ..., vocab_start_index: Optional[int] = ...,
+                  ) -> Union[Tensor, tuple[Any, ...]]: ...
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
                   lse_square_scale: float = 0.0, softcap: Optional[float] = None,
@@ -41,7 +58,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                   return_lse: bool = False, empty_batch: str = "nan", return_stats: bool = False,
                   return_predicted: bool = False, token_weight: Optional[Tensor] = None,
                   process_group: Any = None, vocab_start_index: Optional[int] = None,
-                  ) -> Union[Tensor, tuple[Tensor, ...]]:
+                  ) -> Union[Tensor, tuple[Any, ...]]:
     """Fused cross-entropy with ``torch.nn.functional.cross_entropy`` semantics.
 
     Args:
@@ -105,7 +122,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     loss_rows, lse, stats, ent, pred = cross_entropy_rows(can.x3, can.target, w, opts, inplace_backward,
                                                           return_stats)
     loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output, tw)
-    out = (loss,)
+    out: tuple[Any, ...] = (loss,)
     if return_lse:
         out += (can.rows_to_output(lse.to(compute_dtype(input))),)
     if return_stats:

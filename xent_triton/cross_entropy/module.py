@@ -1,7 +1,7 @@
 """``torch.nn`` modules over the functional API."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, Union
 
 from torch import Tensor
 
@@ -24,7 +24,7 @@ class CrossEntropyLoss(LossModule):
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
                  logit_scale: float = 1.0, inplace_backward: bool = False,
-                 return_lse: bool = False, empty_batch: str = "nan", process_group=None,
+                 return_lse: bool = False, empty_batch: str = "nan", process_group: Any = None,
                  vocab_start_index: Optional[int] = None) -> None:
         super().__init__(weight, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
@@ -33,5 +33,5 @@ class CrossEntropyLoss(LossModule):
                          process_group=process_group,  # vocabulary parallelism (docs/distributed.md)
                          vocab_start_index=vocab_start_index)
 
-    def forward(self, input: Tensor, target: Tensor):
+    def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, tuple[Any, ...]]:
         return cross_entropy(input, target, **self.options())

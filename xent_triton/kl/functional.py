@@ -7,7 +7,7 @@ one streaming forward and one recomputing backward kernel (``kernels/distillatio
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Literal, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -115,6 +115,13 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     return reduce_tokens(loss_rows, lbl, ignore_index, reduction, student_logits.shape[:-1])
 
 
+# Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
+@overload
+def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
+                   return_entropy: Literal[False] = ...) -> Tensor: ...
+@overload
+def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
+                   return_entropy: bool = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-position log softmax(logits / T)[token] (and the entropy of softmax(logits / T)).

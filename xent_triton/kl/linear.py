@@ -12,7 +12,7 @@ backward 6 N D C. The teacher gets no gradient.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -269,6 +269,15 @@ def _lt_backward(ctx, dlp, dent, _dstats):
 linear_token_logprobs_fwd.register_autograd(_lt_backward, setup_context=_lt_setup)
 
 
+# Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
+@overload
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = ...,
+                          temperature: float = ..., return_entropy: Literal[False] = ...,
+                          chunk_size: Optional[int] = ...) -> Tensor: ...
+@overload
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = ...,
+                          temperature: float = ..., return_entropy: bool = ...,
+                          chunk_size: Optional[int] = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
                           temperature: float = 1.0, return_entropy: bool = False,
                           chunk_size: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:

@@ -6,7 +6,7 @@ the core's extras) without ever materialising the N×C logits; see
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union, cast, overload
 
 import torch
 from torch import Tensor
@@ -29,6 +29,28 @@ from ..runtime import compute_dtype
 from .ops import linear_cross_entropy_rows, linear_cross_entropy_scalar, stats_rows
 
 
+# Typing only: the loss alone without return_lse / return_stats, else the loss or the tuple (Returns).
+@overload
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = ..., weight: Optional[Tensor] = ...,
+                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
+                         lse_square_scale: float = ..., softcap: Optional[float] = ...,
+                         logit_scale: float = ..., return_lse: Literal[False] = ..., process_group: Any = ...,
+                         vocab_start_index: Optional[int] = ..., reduce_input_grad: bool = ...,
+                         empty_batch: str = ..., chunk_size: Optional[int] = ...,
+                         grad_accum_dtype: Optional[torch.dtype] = ..., return_stats: Literal[False] = ...,
+                         return_predicted: bool = ..., token_weight: Optional[Tensor] = ...) -> Tensor: ...
+@overload
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Optional[Tensor] = ..., weight: Optional[Tensor] = ...,
+                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
+                         lse_square_scale: float = ..., softcap: Optional[float] = ...,
+                         logit_scale: float = ..., return_lse: bool = ..., process_group: Any = ...,
+                         vocab_start_index: Optional[int] = ..., reduce_input_grad: bool = ...,
+                         empty_batch: str = ..., chunk_size: Optional[int] = ...,
+                         grad_accum_dtype: Optional[torch.dtype] = ..., return_stats: bool = ...,
+                         return_predicted: bool = ..., token_weight: Optional[Tensor] = ...,
+                         ) -> Union[Tensor, tuple[Any, ...]]: ...
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                          linear_bias: Optional[Tensor] = None, weight: Optional[Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean",
@@ -40,7 +62,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          empty_batch: str = "nan", chunk_size: Optional[int] = None,
                          grad_accum_dtype: Optional[torch.dtype] = None, return_stats: bool = False,
                          return_predicted: bool = False, token_weight: Optional[Tensor] = None,
-                         ) -> Union[Tensor, tuple[Tensor, ...]]:
+                         ) -> Union[Tensor, tuple[Any, ...]]:
     """Cross-entropy of the logits ``input @ linear_weight.T + linear_bias``, fused.
 
     Equals ``cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight, ...)`` of
@@ -135,7 +157,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     bias = linear_bias.contiguous() if linear_bias is not None else None
     need = (input.requires_grad, linear_weight.requires_grad,
             linear_bias is not None and linear_bias.requires_grad)
-    need = tuple(n and torch.is_grad_enabled() for n in need)
+    need = cast("tuple[bool, bool, bool]", tuple(n and torch.is_grad_enabled() for n in need))
     tw = check_token_weight(token_weight, Canonical(input, tgt, tuple(target.shape), C, None))
     tw_grad = tw is not None and tw.requires_grad and torch.is_grad_enabled()
     to_output = lambda r: r.view(target.shape)  # noqa: E731
@@ -148,7 +170,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     skip = not return_lse and opts.lse_square_scale == 0
     loss_rows, lse, stats = linear_cross_entropy_rows(x2, linear_weight, bias, tgt, w, opts, skip)
     loss = reduce_rows(loss_rows, lse, stats, tgt, opts, to_output, tw)
-    out = (loss,)
+    out: tuple[Any, ...] = (loss,)
     if return_lse:
         out += (lse.to(compute_dtype(input)).view(target.shape),)
     if return_stats:

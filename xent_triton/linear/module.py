@@ -1,7 +1,7 @@
 """``LinearCrossEntropyLoss``: the module form of ``linear_cross_entropy``."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from torch import Tensor
 
@@ -35,6 +35,7 @@ class LinearCrossEntropyLoss(LossModule):
                          return_predicted=return_predicted)
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
-                linear_bias: Optional[Tensor] = None, token_weight: Optional[Tensor] = None):
+                linear_bias: Optional[Tensor] = None, token_weight: Optional[Tensor] = None,
+                ) -> Union[Tensor, tuple[Any, ...]]:
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
                                     token_weight=token_weight, **self.options())

@@ -25,7 +25,7 @@ Rules (docs/distributed.md, "DTensor"):
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -46,13 +46,16 @@ from ..runtime import compute_dtype
 from .cross_entropy import vocab_parallel_rows
 from .linear import vocab_parallel_linear_rows
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
+
 try:  # torch built without distributed: nothing is ever a DTensor
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 except ImportError:  # pragma: no cover
     DTensor = None
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> "TypeGuard[DTensor]":
     """True for a ``torch.distributed.tensor.DTensor``."""
     return DTensor is not None and isinstance(t, DTensor)
 

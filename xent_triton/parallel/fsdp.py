@@ -14,7 +14,7 @@ mistake, and raises (``parallel.dtensor``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +55,8 @@ class FusedLMHead(nn.Module):
             bound = 1 / self.weight.shape[1] ** 0.5
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, hidden: Tensor, labels: Optional[Tensor] = None, **options: Any) -> Tensor:
+    def forward(self, hidden: Tensor, labels: Optional[Tensor] = None,
+                **options: Any) -> Union[Tensor, tuple[Any, ...]]:
         if labels is None:
             return nn.functional.linear(hidden, self.weight, self.bias)
         return linear_cross_entropy(hidden, self.weight, labels, linear_bias=self.bias,
