@@ -85,15 +85,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     opts, options_error = make_options(
         process_group, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
-    if is_dtensor(input) or process_group is not None:
-        refuse_unsupported("cross_entropy with a process_group or DTensor logits", return_stats=return_stats,
+    if is_dtensor(input):  # a process group agrees on them first (parallel/layout.py): no rank raises alone
+        refuse_unsupported("cross_entropy with DTensor logits", return_stats=return_stats,
                            token_weight=token_weight)
     if is_dtensor(input):  # the layout comes from the placements (parallel/dtensor.py)
         return dtensor_cross_entropy(input, target, weight, opts, return_lse=return_lse)
     if process_group is not None:
+        refused = dict(return_stats=return_stats, token_weight=token_weight)
         return vocab_parallel_cross_entropy(input, target, weight, opts, inplace_backward=inplace_backward,
                                             return_lse=return_lse, process_group=process_group,
-                                            vocab_start_index=vocab_start_index, options_error=options_error)
+                                            vocab_start_index=vocab_start_index, options_error=options_error,
+                                            unsupported=refused)
     can = canonical(input, target)
     w = check_weight(weight, can.C, input.device, input.dtype)
     if inplace_backward and input.requires_grad:
