@@ -66,6 +66,29 @@ def test_linear_head_second_derivative_raises(cid, kw, wrt, path):
         torch.autograd.grad((grad * v).sum(), ops[wrt])
 
 
+KL_LINEAR = [
+    ("linear_distillation_loss", lambda h, W, t, y: xent_triton.linear_distillation_loss(h, W, t, W, y)),
+    ("linear_distillation_loss-none",
+     lambda h, W, t, y: xent_triton.linear_distillation_loss(h, W, t, W, y, reduction="none")),
+    ("linear_token_logprobs", lambda h, W, t, y: xent_triton.linear_token_logprobs(h, W, y)),
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32-triton", "fp64-torch"])
+@pytest.mark.parametrize("cid,fn", [pytest.param(*c, id=c[0]) for c in KL_LINEAR])
+def test_kl_linear_forms_second_derivative_still_raises(cid, fn, dtype):
+    """The KL family's linear forms raise today; they must keep raising (float64 takes their torch
+    path, float32 the kernels under the interpreter)."""
+    g = _gen(2)
+    h = torch.randn(6, 5, generator=g, dtype=dtype, requires_grad=True)
+    W = torch.randn(13, 5, generator=g, dtype=dtype)
+    t = torch.randn(6, 5, generator=g, dtype=dtype)
+    y = torch.randint(0, 13, (6,), generator=g)
+    (grad,) = torch.autograd.grad(fn(h, W, t, y).sum() * 0.7, h, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
+        torch.autograd.grad((grad * 1.3).sum(), h)
+
+
 # ----------------------------------------------------- item 15: argmax ties across blocks
 BLOCK = 16
 
