@@ -100,7 +100,10 @@ CASES = {
                     lin([8, 8], 34, rank_opts={0: dict(return_stats=True)}),
                     ce([8, 8], 35, rank_opts={0: dict(token_weight=TW)}),
                     lin([8, 8], 36, rank_opts={1: dict(token_weight=TW)}),
-                    lin([8, 8], 37, opts=dict(return_stats=True)), ce([8, 8], 38)]),
+                    lin([8, 8], 37, opts=dict(return_stats=True)), ce([8, 8], 38),
+                    # given on every rank, token_weight is supported (the per-row losses are global)
+                    ce([7, 9], 51, opts=dict(token_weight=TW)),
+                    lin([9, 7], 52, opts=dict(token_weight=TW, reduction="sum"))]),
         # issue 18 item 1: a second derivative through the vocab-parallel linear head raises the
         # documented error on every rank (before: create_graph itself failed in an out= GEMM)
         dict(id="w2-linear-second-derivative-raises",
@@ -130,7 +133,7 @@ CASES = {
                     ce([7, 7, 7, 8], 47, rank_opts={3: dict(token_weight=TW)}),
                     hvp([4, 5, 6, 7], 48, "pg"),
                     soft([5, 6, 7, 8], 49, "pg", label_smoothing=0.2, reduction="sum"),
-                    soft([8, 8, 8, 8], 50, "dtensor")]),
+                    soft([8, 8, 8, 8], 50, "dtensor"), lin([4, 5, 6, 7], 53, opts=dict(token_weight=TW))]),
     ],
 }
 ALL = [pytest.param(w, c, id=c["id"]) for w, cs in CASES.items() for c in cs]
@@ -149,14 +152,24 @@ def results(tmp_path_factory):
 def _reference(call: dict, gi: int) -> dict:
     """float64 loss and gradients of the full vocabulary."""
     d = call["data"][gi]
-    opts = call.get("opts", {})
+    opts = dict(call.get("opts", {}))
+    tw = opts.pop("token_weight", None)
+
+    def loss_of(z):
+        if tw is None:
+            return F.cross_entropy(z, d["y"], **opts)
+        red = opts.pop("reduction", "mean")
+        rows = F.cross_entropy(z, d["y"], reduction="none", **opts) * tw.double()
+        den = (tw.double() * (d["y"] != -100)).sum()
+        return rows if red == "none" else rows.sum() / den if red == "mean" else rows.sum()
+
     if call["head"] == "ce":
         x = d["x"].double().requires_grad_()
-        loss = F.cross_entropy(x, d["y"], **opts)
+        loss = loss_of(x)
         loss.backward()
         return dict(loss=loss.detach(), grad=x.grad)
     h, W = d["h"].double().requires_grad_(), d["W"].double().requires_grad_()
-    loss = F.cross_entropy(F.linear(h, W), d["y"], **opts)
+    loss = loss_of(F.linear(h, W))
     loss.backward()
     return dict(loss=loss.detach(), dW=W.grad, dh=h.grad)
 

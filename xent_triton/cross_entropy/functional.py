@@ -91,11 +91,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if is_dtensor(input):  # the layout comes from the placements (parallel/dtensor.py)
         return dtensor_cross_entropy(input, target, weight, opts, return_lse=return_lse)
     if process_group is not None:
-        refused = dict(return_stats=return_stats, token_weight=token_weight)
         return vocab_parallel_cross_entropy(input, target, weight, opts, inplace_backward=inplace_backward,
                                             return_lse=return_lse, process_group=process_group,
                                             vocab_start_index=vocab_start_index, options_error=options_error,
-                                            unsupported=refused)
+                                            unsupported=dict(return_stats=return_stats),
+                                            token_weight=token_weight)
     can = canonical(input, target)
     w = check_weight(weight, can.C, input.device, input.dtype)
     if inplace_backward and input.requires_grad:

@@ -121,7 +121,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
             process_group=process_group, vocab_start_index=vocab_start_index,
             reduce_input_grad=reduce_input_grad, options_error=options_error,
-            unsupported=dict(return_stats=return_stats, token_weight=token_weight))
+            unsupported=dict(return_stats=return_stats), token_weight=token_weight)
     if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
         input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     check_linear_operands(input, linear_weight, linear_bias, target)

@@ -44,9 +44,11 @@ from torch import Tensor
 
 from ..linear.ops import backward_accumulate, forward_partials
 from ..options import (
+    Canonical,
     LossOptions,
     autocast_operands,
     check_linear_operands,
+    check_token_weight,
     check_weight,
     class_ids,
     reduce_rows,
@@ -112,23 +114,33 @@ def vocab_parallel_linear_cross_entropy(
         input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
         weight: Optional[Tensor], opts: LossOptions, *, return_lse: bool, process_group: Any,
         vocab_start_index: Optional[int] = None, reduce_input_grad: bool = True,
-        options_error: Optional[BaseException] = None,
-        unsupported: Optional[dict] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        options_error: Optional[BaseException] = None, unsupported: Optional[dict] = None,
+        token_weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``linear_cross_entropy`` with the classifier split over the vocabulary across ``process_group``
     (called by it). ``linear_weight`` (C_local, D) holds this rank's rows, ``target`` GLOBAL ids
     and ``weight`` the GLOBAL class weights, both the same on every rank; every rank returns the
-    full-vocabulary loss (compute dtype). Errors (bad operands on one rank, bad layout, an empty
+    full-vocabulary loss (compute dtype); ``token_weight`` (the target's shape, the same on every
+    rank) weights each token's loss as on one device. Errors (bad operands on one rank, bad layout, an empty
     shard, options that differ across ranks) are raised on every rank alike, after the exchange.
 
     Example:
         >>> loss = vocab_parallel_linear_cross_entropy(h, W_shard, y, None, None, LossOptions(),
         ...                                            return_lse=False, process_group=tp)
     """
+    tw = None
+    if token_weight is not None:
+        try:  # a bad token weight on one rank is raised after the exchange, on every rank
+            if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
+                raise TypeError("input and target must be tensors")
+            tw = check_token_weight(token_weight, Canonical(input, target, tuple(target.shape), 0, None))
+        except (TypeError, ValueError) as e:
+            options_error = options_error or e
     tgt, loss_rows, lse, stats = vocab_parallel_linear_rows(
         input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
         process_group=process_group, vocab_start_index=vocab_start_index,
-        reduce_input_grad=reduce_input_grad, options_error=options_error, unsupported=unsupported)
-    loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape))
+        reduce_input_grad=reduce_input_grad, options_error=options_error, unsupported=unsupported,
+        token_weight=token_weight)
+    loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape), tw)
     return (loss, lse.view(target.shape)) if return_lse else loss
 
 
@@ -137,12 +149,14 @@ def vocab_parallel_linear_rows(input: Tensor, linear_weight: Tensor, target: Ten
                                return_lse: bool, process_group: Any, vocab_start_index: Optional[int] = None,
                                reduce_input_grad: bool = True, allow_empty: bool = False,
                                options_error: Optional[BaseException] = None,
-                               unsupported: Optional[dict] = None):
+                               unsupported: Optional[dict] = None, token_weight: Optional[Tensor] = None):
     """(flat target (N,), loss_rows, lse, stats) of the full vocabulary before the reduction
     (the DTensor path reduces them itself). ``allow_empty``: a rank may hold 0 classes.
-    ``unsupported``: options this path refuses, agreed on first, then refused on every rank."""
+    ``unsupported``: options this path refuses, agreed on first, then refused on every rank;
+    ``token_weight``: only whether it is given enters the agreement (the caller applies it)."""
     args = (input, linear_weight, target, linear_bias, weight, opts, return_lse, process_group,
-            vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported)
+            vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported,
+            token_weight is not None)
     if is_compiling():  # collectives inside an eager autograd.Function: a graph break
         return torch.compiler.disable(_rows)(*args)
     return _rows(*args)
@@ -159,7 +173,7 @@ def check_shard_operands(input: Tensor, linear_weight: Tensor, linear_bias: Opti
 
 
 def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, return_lse, process_group,
-          vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported):
+          vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported, has_token_weight):
     local_error = options_error
     try:
         if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
@@ -173,7 +187,8 @@ def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, 
     needs_dx = ok and input.requires_grad and torch.is_grad_enabled()
     agree = agreement(weight, opts, hidden_size=D, bias=float(linear_bias is not None),
                       input_requires_grad=float(needs_dx), reduce_input_grad=float(reduce_input_grad),
-                      return_lse=float(return_lse), **flags(unsupported))
+                      return_lse=float(return_lse), token_weight=float(has_token_weight),
+                      **flags(unsupported))
     what = "vocab-parallel linear_cross_entropy"
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, input), vocab_start_index,
                         agree, what, allow_empty, local_error)
