@@ -26,7 +26,7 @@ Nothing here is a new kernel or a new formula; this module only wires two finish
 Per call, per rank, N tokens: forward 4 N (MAX) + 4 k N (SUM) bytes = 12 (16 with smoothing)
 bytes per token; backward 4 D bytes per token (fp32 dX; float64 inputs: twice everything) or 0
 with ``reduce_input_grad=False``. Never an N x C collective. Every call first runs the layout /
-agreement ``all_gather`` of ~16 float64 per rank (``parallel.layout.vocab_shard``, no cache): the
+agreement ``all_gather`` of 18 float64 per rank (``parallel.layout.vocab_shard``, no cache): the
 options, the hidden size, the bias and whether the input needs a gradient (the backward dX
 all-reduce depends on it) must agree, and operand errors of one rank are raised on every rank.
 
