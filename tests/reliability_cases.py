@@ -55,4 +55,17 @@ def soft(call: dict, groups: dict, rec) -> dict:
     return dict(loss=loss.full_tensor().detach(), grad=x.grad.full_tensor(), tgrad=p.grad.full_tensor())
 
 
-KINDS = {"hvp": hvp, "soft": soft}
+def dtensor_options(call: dict, groups: dict, rec) -> dict:
+    """A DTensor head on a vocabulary-parallel mesh with per-rank extra options (``rank_opts``):
+    cross_entropy of Shard(1) logits, or the linear head with a Shard(0) weight."""
+    mesh, me = _mesh((dist.get_world_size(),)), dist.get_rank()
+    d, opts = call["data"], call.get("rank_opts", {}).get(me, {})
+    if call["head"] == "ce":
+        loss = xent_triton.cross_entropy(_leaf(d["x"], mesh, [("S", 1)]), d["y"], **opts)
+    else:
+        W = _leaf(d["W"], mesh, [("S", 0)])
+        loss = xent_triton.linear_cross_entropy(_leaf(d["h"], mesh, ["R"]), W, d["y"], **opts)
+    return dict(loss=loss.full_tensor().detach())
+
+
+KINDS = {"hvp": hvp, "soft": soft, "dtensor_options": dtensor_options}

@@ -104,6 +104,16 @@ CASES = {
                     # given on every rank, token_weight is supported (the per-row losses are global)
                     ce([7, 9], 51, opts=dict(token_weight=TW)),
                     lin([9, 7], 52, opts=dict(token_weight=TW, reduction="sum"))]),
+        dict(id="w2-dtensor-return-stats-or-token-weight-one-rank",
+             errors={0: "'return_stats' " + DIFFERS, 1: "'token_weight' " + DIFFERS,
+                     2: "return_stats not supported"},
+             calls=[dict(ce([8, 8], 54), kind="dtensor_options", data=ce([8, 8], 54)["data"][0],
+                         rank_opts={1: dict(return_stats=True)}),
+                    dict(lin([8, 8], 55), kind="dtensor_options", data=lin([8, 8], 55)["data"][0],
+                         rank_opts={0: dict(token_weight=TW)}),
+                    dict(ce([8, 8], 56), kind="dtensor_options", data=ce([8, 8], 56)["data"][0],
+                         rank_opts={0: dict(return_stats=True), 1: dict(return_stats=True)}),
+                    ce([8, 8], 57)]),
         # issue 18 item 1: a second derivative through the vocab-parallel linear head raises the
         # documented error on every rank (before: create_graph itself failed in an out= GEMM)
         dict(id="w2-linear-second-derivative-raises",

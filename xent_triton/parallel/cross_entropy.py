@@ -257,7 +257,8 @@ def _rows(input, target, weight, opts: LossOptions, inplace_backward, return_lse
         local_error = local_error or e
     agree = agreement(weight, opts, return_lse=float(return_lse),
                       soft_target=float(isinstance(target, Tensor) and target.is_floating_point()),
-                      token_weight=float(has_token_weight), **flags(unsupported))
+                      token_weight=float(has_token_weight))
+    agree.update(flags(unsupported))  # DTensor refuses token_weight: its flag comes from there
     what = "vocab-parallel cross_entropy"
     shard = vocab_shard(process_group, can.C if can is not None else 0, exchange_device(process_group, input),
                         vocab_start_index, agree, what, allow_empty, local_error)

@@ -151,4 +151,4 @@ def refuse_agreed(what: str, unsupported: Optional[dict]) -> None:
     """After the agreement (so on every rank alike): NotImplementedError naming refused options."""
     bad = [k for k, v in flags(unsupported).items() if v]
     if bad:
-        raise NotImplementedError(f"{what}: {', '.join(bad)} not supported with a process_group")
+        raise NotImplementedError(f"{what}: {', '.join(bad)} not supported with a process_group or DTensor")

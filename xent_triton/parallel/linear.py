@@ -187,8 +187,8 @@ def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, 
     needs_dx = ok and input.requires_grad and torch.is_grad_enabled()
     agree = agreement(weight, opts, hidden_size=D, bias=float(linear_bias is not None),
                       input_requires_grad=float(needs_dx), reduce_input_grad=float(reduce_input_grad),
-                      return_lse=float(return_lse), token_weight=float(has_token_weight),
-                      **flags(unsupported))
+                      return_lse=float(return_lse), token_weight=float(has_token_weight))
+    agree.update(flags(unsupported))  # DTensor refuses token_weight: its flag comes from there
     what = "vocab-parallel linear_cross_entropy"
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, input), vocab_start_index,
                         agree, what, allow_empty, local_error)
