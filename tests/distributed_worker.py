@@ -88,7 +88,9 @@ def run_calls(case: dict, groups: dict, rec: Recorder) -> dict:
 def _kinds() -> dict:
     kinds = {"plain": plain_call}
     from dtensor_cases import KINDS as DT  # DTensor / FSDP2 / adapter calls (need the mesh)
+    from reliability_cases import KINDS as REL  # issue 18: second derivatives, soft-target gradients
     kinds.update(DT)
+    kinds.update(REL)
     return kinds
 
 

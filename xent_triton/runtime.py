@@ -62,7 +62,7 @@ class _NoSecondDerivative(torch.autograd.Function):
     """Identity whose backward raises: marks a first derivative that is not differentiable."""
 
     @staticmethod
-    def forward(ctx, t: Tensor, what: str) -> Tensor:
+    def forward(ctx, t: Tensor, what: str, anchor: Optional[Tensor] = None) -> Tensor:
         ctx.what = what
         return t.view_as(t)
 
@@ -74,11 +74,15 @@ class _NoSecondDerivative(torch.autograd.Function):
             "gradgradcheck). Use the torch composition (F.cross_entropy) for those.")
 
 
-def no_second_derivative(t: Optional[Tensor], what: str) -> Optional[Tensor]:
+def no_second_derivative(t: Optional[Tensor], what: str, anchor: Optional[Tensor] = None) -> Optional[Tensor]:
     """Inside a backward that records a graph (create_graph=True), tie ``t`` to a node that raises
-    if it is ever differentiated; otherwise return ``t`` unchanged."""
+    if it is ever differentiated; otherwise return ``t`` unchanged. ``anchor``: a tensor connected
+    to the op's inputs (e.g. a saved output of the op) when ``t`` itself was formed without them (a
+    gradient computed in forward): the raising node then lies on every path back to the inputs."""
     if t is None or not torch.is_grad_enabled():
         return t
+    if anchor is not None and anchor.requires_grad:
+        return _NoSecondDerivative.apply(t.detach(), what, anchor)
     if not t.requires_grad:
         t = t.detach().requires_grad_(True)  # so that the raising node is part of the graph
     return _NoSecondDerivative.apply(t, what)

@@ -13,7 +13,6 @@ from ..options import (
     loss_stats,
     make_options,
     reduce_rows,
-    refuse_unsupported,
 )
 from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 from ..parallel.dtensor import dtensor_cross_entropy, is_dtensor
@@ -102,15 +101,16 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     opts, options_error = make_options(
         process_group, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
-    if is_dtensor(input) or process_group is not None:
-        refuse_unsupported("cross_entropy with a process_group or DTensor logits", return_stats=return_stats,
-                           token_weight=token_weight)
-    if is_dtensor(input):  # the layout comes from the placements (parallel/dtensor.py)
-        return dtensor_cross_entropy(input, target, weight, opts, return_lse=return_lse)
+    if is_dtensor(input):  # the layout comes from the placements (parallel/dtensor.py); refused
+        # options join the options agreement first (parallel/layout.py): no rank raises alone
+        return dtensor_cross_entropy(input, target, weight, opts, return_lse=return_lse,
+                                     unsupported=dict(return_stats=return_stats, token_weight=token_weight))
     if process_group is not None:
         return vocab_parallel_cross_entropy(input, target, weight, opts, inplace_backward=inplace_backward,
                                             return_lse=return_lse, process_group=process_group,
-                                            vocab_start_index=vocab_start_index, options_error=options_error)
+                                            vocab_start_index=vocab_start_index, options_error=options_error,
+                                            unsupported=dict(return_stats=return_stats),
+                                            token_weight=token_weight)
     can = canonical(input, target)
     w = check_weight(weight, can.C, input.device, input.dtype)
     if inplace_backward and input.requires_grad:

@@ -21,7 +21,6 @@ from ..options import (
     loss_stats,
     make_options,
     reduce_rows,
-    refuse_unsupported,
 )
 from ..parallel.dtensor import dtensor_linear_cross_entropy, is_dtensor
 from ..parallel.linear import vocab_parallel_linear_cross_entropy
@@ -132,17 +131,18 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         process_group, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
         lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
     dtensor = is_dtensor(input) or is_dtensor(linear_weight)
-    if dtensor or process_group is not None:
-        refuse_unsupported("linear_cross_entropy with a process_group or DTensor operands",
-                           return_stats=return_stats, token_weight=token_weight)
-    if dtensor:  # layout from the placements (parallel/dtensor.py)
+    if dtensor:  # layout from the placements (parallel/dtensor.py); refused options join the
+        # options agreement first (parallel/layout.py): no rank raises alone
         return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts,
-                                            return_lse=return_lse, reduce_input_grad=reduce_input_grad)
+                                            return_lse=return_lse, reduce_input_grad=reduce_input_grad,
+                                            unsupported=dict(return_stats=return_stats,
+                                                             token_weight=token_weight))
     if process_group is not None:  # validates the operands after its exchange: no rank raises alone
         return vocab_parallel_linear_cross_entropy(
             input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
             process_group=process_group, vocab_start_index=vocab_start_index,
-            reduce_input_grad=reduce_input_grad, options_error=options_error)
+            reduce_input_grad=reduce_input_grad, options_error=options_error,
+            unsupported=dict(return_stats=return_stats), token_weight=token_weight)
     if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
         input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     check_linear_operands(input, linear_weight, linear_bias, target)

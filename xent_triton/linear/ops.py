@@ -278,7 +278,12 @@ def _chunked_setup(ctx, inputs, output):
     ctx.save_for_backward(scale, dx, dw, db)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
     ctx.need = inputs[14:17]
-    ctx.mark_non_differentiable(*output[1:])
+    # dX, dW, db stay differentiable outputs (never read by a user) so that, saved, they link a
+    # backward with create_graph=True to x, w, b: the raising node of a second derivative sits on
+    # that path (otherwise the gradient, formed in forward, is a constant and its derivative a
+    # silent zero). Unused, they cost nothing: no gradient is materialized for them.
+    ctx.mark_non_differentiable(scale, *output[5:])
+    ctx.set_materialize_grads(False)
 
 
 def scaled(t: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
@@ -302,7 +307,9 @@ def _chunked_backward(ctx, g, *_):
         if not n:
             grads.append(None)
             continue
-        grads.append(no_second_derivative(scaled(t, s, dt), "linear_cross_entropy"))
+        with torch.no_grad():
+            value = scaled(t, s, dt)
+        grads.append(no_second_derivative(value, "linear_cross_entropy", anchor=t))
     return (*grads,) + (None,) * 16  # token_weight: no gradient on this path (functional routes it)
 
 

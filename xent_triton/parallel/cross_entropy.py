@@ -48,10 +48,27 @@ from torch import Tensor
 from .. import config, fallback
 from ..cross_entropy.ops import backward_into, nd_c_strides
 from ..kernels.vocab_parallel import vocab_parallel_fwd_kernel
-from ..options import Canonical, LossOptions, canonical, check_weight, reduce_rows, target_range_check
+from ..options import (
+    Canonical,
+    LossOptions,
+    canonical,
+    check_token_weight,
+    check_weight,
+    reduce_rows,
+    target_range_check,
+)
 from ..partials import N_PARTIALS, combine
 from ..runtime import alloc, compute_dtype, is_compiling, no_second_derivative, upstream_or_zeros, uses_triton
-from .layout import IGNORED, VocabShard, agreement, exchange_device, localize_target, vocab_shard
+from .layout import (
+    IGNORED,
+    VocabShard,
+    agreement,
+    exchange_device,
+    flags,
+    localize_target,
+    refuse_agreed,
+    vocab_shard,
+)
 
 
 def partials_torch(x3: Tensor, tgt: Tensor, w: Optional[Tensor], n_classes: int,
@@ -145,25 +162,34 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, dloss, dlse, _dstats):
         x3, tgt, w_local, wsum, stats = ctx.saved_tensors
         dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x3.device)
-        out = x3 if ctx.inplace_backward else alloc(x3.shape, x3.dtype, x3.device)
-        if x3.shape[1] == 0:  # an empty shard has an empty gradient
-            return (no_second_derivative(out, "cross_entropy"),) + (None,) * 6
-        shard_opts = LossOptions(ignore_index=IGNORED, label_smoothing=ctx.opts.label_smoothing,
-                                 softcap=ctx.opts.softcap, logit_scale=ctx.opts.logit_scale)
-        backward_into(out, x3, tgt, w_local, stats, dloss, dlse, shard_opts, ctx.n_classes, wsum)
-        if ctx.inplace_backward:
+        # a probability target that requires grad (a trainable teacher): dL/dt_j of this shard's
+        # classes, from the same pass with the GLOBAL lse (the single device's formula)
+        soft_grad = tgt.is_floating_point() and ctx.needs_input_grad[1]
+        dtarget = alloc(tgt.shape, tgt.dtype, tgt.device) if soft_grad else None
+        inplace = ctx.inplace_backward and not soft_grad  # dL/dt reads the logits x3
+        out = x3 if inplace else alloc(x3.shape, x3.dtype, x3.device)
+        if x3.shape[1] != 0:  # an empty shard has an empty gradient
+            shard_opts = LossOptions(ignore_index=IGNORED, label_smoothing=ctx.opts.label_smoothing,
+                                     softcap=ctx.opts.softcap, logit_scale=ctx.opts.logit_scale)
+            with torch.no_grad():  # create_graph=True: values only, tied below to a raising node
+                backward_into(out, x3, tgt, w_local, stats, dloss, dlse, shard_opts, ctx.n_classes, wsum,
+                              dtarget)
+        if inplace:
             torch.autograd.graph.increment_version(x3)
-        return (no_second_derivative(out, "cross_entropy"),) + (None,) * 6
+        return (no_second_derivative(out, "cross_entropy", anchor=x3),
+                no_second_derivative(dtarget, "cross_entropy", anchor=tgt)) + (None,) * 5
 
 
 def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],
                                  opts: LossOptions, *, inplace_backward: bool, return_lse: bool,
                                  process_group: Any, vocab_start_index: Optional[int] = None,
-                                 options_error: Optional[BaseException] = None):
+                                 options_error: Optional[BaseException] = None,
+                                 unsupported: Optional[dict] = None, token_weight: Optional[Tensor] = None):
     """``cross_entropy`` over a vocabulary shard (called by it when ``process_group`` is given).
 
     ``input``: this rank's (N, C_local, ...) slice of the logits; ``target``: GLOBAL ids (or this
-    rank's slice of class probabilities); ``weight``: the GLOBAL class weights. Returns the loss
+    rank's slice of class probabilities); ``weight``: the GLOBAL class weights; ``token_weight``:
+    per-token weights of the target's shape, the same on every rank. Returns the loss
     (and the lse) of the full vocabulary, identical on every rank, in the compute dtype (float64
     for float64 logits). Runs eagerly even inside ``torch.compile`` (a graph break around it).
 
@@ -171,22 +197,33 @@ def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, weight: Optional
         >>> loss = vocab_parallel_cross_entropy(logits_shard, y, None, LossOptions(),
         ...                                     inplace_backward=False, return_lse=False, process_group=tp)
     """
+    tw = None
+    if token_weight is not None:
+        try:  # a bad token weight on one rank is raised after the exchange, on every rank
+            tw = check_token_weight(token_weight, canonical_shard(input, target))
+        except (TypeError, ValueError, IndexError) as e:
+            options_error = options_error or e
     can, loss_rows, lse, stats = vocab_parallel_rows(
         input, target, weight, opts, inplace_backward=inplace_backward, return_lse=return_lse,
-        process_group=process_group, vocab_start_index=vocab_start_index, options_error=options_error)
-    loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output)
+        process_group=process_group, vocab_start_index=vocab_start_index, options_error=options_error,
+        unsupported=unsupported, token_weight=token_weight)
+    loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output, tw)
     return (loss, can.rows_to_output(lse)) if return_lse else loss
 
 
 def vocab_parallel_rows(input: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions, *,
                         inplace_backward: bool, return_lse: bool, process_group: Any,
                         vocab_start_index: Optional[int] = None, allow_empty: bool = False,
-                        options_error: Optional[BaseException] = None):
+                        options_error: Optional[BaseException] = None, unsupported: Optional[dict] = None,
+                        token_weight: Optional[Tensor] = None):
     """(Canonical, loss_rows (R,), lse (R,), stats (R, 3)) of the full vocabulary before the
     reduction (the DTensor path reduces them itself). ``allow_empty``: a rank may hold 0 classes.
-    ``options_error``: this rank's options failed validation; raised after the exchange."""
+    ``options_error``: this rank's options failed validation; raised after the exchange.
+    ``unsupported``: name -> value of options this path refuses (``return_stats``, ...): part of
+    the agreement, then refused on every rank alike (``layout.refuse_agreed``). ``token_weight``:
+    only whether it is given enters the agreement (the caller applies it to the rows)."""
     args = (input, target, weight, opts, inplace_backward, return_lse, process_group, vocab_start_index,
-            allow_empty, options_error)
+            allow_empty, options_error, unsupported, token_weight is not None)
     if is_compiling():
         return torch.compiler.disable(_rows)(*args)
     return _rows(*args)
@@ -212,16 +249,20 @@ def canonical_shard(input: Tensor, target: Tensor) -> Canonical:
 
 
 def _rows(input, target, weight, opts: LossOptions, inplace_backward, return_lse, process_group,
-          vocab_start_index, allow_empty, options_error):
+          vocab_start_index, allow_empty, options_error, unsupported, has_token_weight):
     can, local_error = None, options_error
     try:
         can = canonical_shard(input, target)
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e
     agree = agreement(weight, opts, return_lse=float(return_lse),
-                      soft_target=float(isinstance(target, Tensor) and target.is_floating_point()))
+                      soft_target=float(isinstance(target, Tensor) and target.is_floating_point()),
+                      token_weight=float(has_token_weight))
+    agree.update(flags(unsupported))  # DTensor refuses token_weight: its flag comes from there
+    what = "vocab-parallel cross_entropy"
     shard = vocab_shard(process_group, can.C if can is not None else 0, exchange_device(process_group, input),
-                        vocab_start_index, agree, "vocab-parallel cross_entropy", allow_empty, local_error)
+                        vocab_start_index, agree, what, allow_empty, local_error)
+    refuse_agreed(what, unsupported)
     w = check_weight(weight, shard.n_classes, input.device, input.dtype)
     if not can.soft:
         target_range_check(can.target, shard.n_classes, opts.ignore_index)

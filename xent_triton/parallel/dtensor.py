@@ -44,6 +44,7 @@ from ..options import (
 )
 from ..runtime import compute_dtype
 from .cross_entropy import vocab_parallel_rows
+from .layout import flags, refuse_agreed
 from .linear import vocab_parallel_linear_rows
 
 if TYPE_CHECKING:
@@ -152,14 +153,24 @@ def finish(loss_rows: Tensor, lse: Tensor, stats: Tensor, target: Tensor, opts: 
     return (loss, rows_dt(to_output(lse))) if return_lse else loss
 
 
+def refuse_local(what: str, unsupported: Optional[dict]) -> None:
+    """Refuse options without a vocabulary-parallel dim (no agreement collective to join)."""
+    if any(flags(unsupported).values()):
+        refuse_agreed(what, unsupported)
+
+
 def dtensor_cross_entropy(input: "DTensor", target: Any, weight: Any, opts: LossOptions, *,
-                          inplace_backward: bool = False, return_lse: bool = False):
+                          inplace_backward: bool = False, return_lse: bool = False,
+                          unsupported: Optional[dict] = None):
     """``cross_entropy`` of DTensor logits (N, C, ...) / (C): see the module's rules.
 
     Example:
         >>> mesh = init_device_mesh("cuda", (4,))
         >>> logits = distribute_tensor(full_logits, mesh, [Shard(1)])   # (N, C) sharded on C
         >>> loss = xent_triton.cross_entropy(logits, y)   # a replicated DTensor; grad: Shard(1)
+
+    ``unsupported``: options refused here (``return_stats``, ``token_weight``): with a
+    vocabulary-parallel mesh dim they join its options agreement first (no rank raises alone).
     """
     what = "cross_entropy on a DTensor"
     class_dim = 0 if input.dim() == 1 else 1
@@ -171,8 +182,10 @@ def dtensor_cross_entropy(input: "DTensor", target: Any, weight: Any, opts: Loss
         start = _chunk_start(C, mesh.size(tp), mesh.get_local_rank(tp))
         can, loss_rows, lse, stats = vocab_parallel_rows(
             x, tgt, w, opts, inplace_backward=False, return_lse=return_lse,
-            process_group=mesh.get_group(tp), vocab_start_index=start, allow_empty=True)
+            process_group=mesh.get_group(tp), vocab_start_index=start, allow_empty=True,
+            unsupported=unsupported)
     else:
+        refuse_local(what, unsupported)
         can = canonical(x, tgt)
         loss_rows, lse, stats = cross_entropy_rows(can.x3, can.target, check_weight(w, C, x.device, x.dtype),
                                                    opts, False)[:3]
@@ -183,7 +196,7 @@ def dtensor_cross_entropy(input: "DTensor", target: Any, weight: Any, opts: Loss
 
 def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
                                  weight: Any, opts: LossOptions, *, return_lse: bool = False,
-                                 reduce_input_grad: bool = True):
+                                 reduce_input_grad: bool = True, unsupported: Optional[dict] = None):
     """``linear_cross_entropy`` when the hidden states and/or the head weight are DTensors.
 
     Example:
@@ -233,8 +246,10 @@ def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, li
         start = _chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
         flat, loss_rows, lse, stats = vocab_parallel_linear_rows(
             x, W, tgt, b, w, opts, return_lse=return_lse, process_group=mesh.get_group(tp),
-            vocab_start_index=start, reduce_input_grad=reduce_input_grad, allow_empty=True)
+            vocab_start_index=start, reduce_input_grad=reduce_input_grad, allow_empty=True,
+            unsupported=unsupported)
     else:
+        refuse_local(what, unsupported)
         x, W, b = autocast_operands(x, W, b)
         check_linear_operands(x, W, b, tgt)
         flat = class_ids(tgt, x.shape[:-1], "input's leading shape")

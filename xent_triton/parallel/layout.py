@@ -139,3 +139,16 @@ def agreement(weight: Any, opts: Any, **extra: float) -> dict:
                 ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
                 lse_square_scale=opts.lse_square_scale, softcap=opts.softcap, logit_scale=opts.logit_scale,
                 empty_batch=float(opts.empty_batch == "zero"), **extra)
+
+
+def flags(unsupported: Optional[dict]) -> dict:
+    """Agreement entries (0 / 1) of the options a path refuses (``return_stats``, ``token_weight``):
+    given on one rank only, they differ across ranks and every rank raises the same ValueError."""
+    return {k: float(v is not None and v is not False) for k, v in (unsupported or {}).items()}
+
+
+def refuse_agreed(what: str, unsupported: Optional[dict]) -> None:
+    """After the agreement (so on every rank alike): NotImplementedError naming refused options."""
+    bad = [k for k, v in flags(unsupported).items() if v]
+    if bad:
+        raise NotImplementedError(f"{what}: {', '.join(bad)} not supported with a process_group or DTensor")

@@ -26,7 +26,7 @@ Nothing here is a new kernel or a new formula; this module only wires two finish
 Per call, per rank, N tokens: forward 4 N (MAX) + 4 k N (SUM) bytes = 12 (16 with smoothing)
 bytes per token; backward 4 D bytes per token (fp32 dX; float64 inputs: twice everything) or 0
 with ``reduce_input_grad=False``. Never an N x C collective. Every call first runs the layout /
-agreement ``all_gather`` of ~16 float64 per rank (``parallel.layout.vocab_shard``, no cache): the
+agreement ``all_gather`` of 18 float64 per rank (``parallel.layout.vocab_shard``, no cache): the
 options, the hidden size, the bias and whether the input needs a gradient (the backward dX
 all-reduce depends on it) must agree, and operand errors of one rank are raised on every rank.
 
@@ -44,9 +44,11 @@ from torch import Tensor
 
 from ..linear.ops import backward_accumulate, forward_partials
 from ..options import (
+    Canonical,
     LossOptions,
     autocast_operands,
     check_linear_operands,
+    check_token_weight,
     check_weight,
     class_ids,
     reduce_rows,
@@ -55,7 +57,7 @@ from ..options import (
 from ..partials import combine
 from ..runtime import compute_dtype, is_compiling, no_second_derivative, upstream_or_zeros
 from .cross_entropy import empty_partials
-from .layout import VocabShard, agreement, exchange_device, vocab_shard
+from .layout import VocabShard, agreement, exchange_device, flags, refuse_agreed, vocab_shard
 
 
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
@@ -88,42 +90,57 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x.device)
         shard = ctx.shard
-        if shard.size == 0:  # no class here: zero partial input gradient, empty weight gradients
-            cdt = compute_dtype(x)
-            dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need[0] else None
-            dw = torch.zeros(w.shape, dtype=cdt, device=x.device) if need[1] else None
-            db = torch.zeros(b.shape, dtype=cdt, device=x.device) if need[2] else None
-        else:
-            dx, dw, db = backward_accumulate(x, w, b, target, w_local, stats, dloss, dlse, ctx.opts, need,
-                                             class_offset=shard.start, n_classes=shard.n_classes,
-                                             weight_total=wsum)
-        if dx is not None and ctx.reduce_input_grad:
-            dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)  # fp32, then one cast
-        grads = (dx.to(x.dtype) if dx is not None else None, dw.to(w.dtype) if dw is not None else None,
-                 db.to(b.dtype) if db is not None else None)
-        return tuple(no_second_derivative(g, "linear_cross_entropy") for g in grads) + (None,) * 7
+        with torch.no_grad():  # create_graph=True: values only, tied below to a raising node
+            if shard.size == 0:  # no class here: zero partial input gradient, empty weight gradients
+                cdt = compute_dtype(x)
+                dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need[0] else None
+                dw = torch.zeros(w.shape, dtype=cdt, device=x.device) if need[1] else None
+                db = torch.zeros(b.shape, dtype=cdt, device=x.device) if need[2] else None
+            else:
+                dx, dw, db = backward_accumulate(x, w, b, target, w_local, stats, dloss, dlse, ctx.opts, need,
+                                                 class_offset=shard.start, n_classes=shard.n_classes,
+                                                 weight_total=wsum)
+            if dx is not None and ctx.reduce_input_grad:
+                dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)  # fp32, then one cast
+            grads = (dx.to(x.dtype) if dx is not None else None, dw.to(w.dtype) if dw is not None else None,
+                     db.to(b.dtype) if db is not None else None)
+        # each gradient hangs off its own operand (saved input, in the graph under create_graph):
+        # differentiating it again reaches the raising node, never a silent zero
+        return tuple(no_second_derivative(g, "linear_cross_entropy", anchor=t)
+                     for g, t in zip(grads, (x, w, b))) + (None,) * 7
 
 
 def vocab_parallel_linear_cross_entropy(
         input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
         weight: Optional[Tensor], opts: LossOptions, *, return_lse: bool, process_group: Any,
         vocab_start_index: Optional[int] = None, reduce_input_grad: bool = True,
-        options_error: Optional[BaseException] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        options_error: Optional[BaseException] = None, unsupported: Optional[dict] = None,
+        token_weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``linear_cross_entropy`` with the classifier split over the vocabulary across ``process_group``
     (called by it). ``linear_weight`` (C_local, D) holds this rank's rows, ``target`` GLOBAL ids
     and ``weight`` the GLOBAL class weights, both the same on every rank; every rank returns the
-    full-vocabulary loss (compute dtype). Errors (bad operands on one rank, bad layout, an empty
+    full-vocabulary loss (compute dtype); ``token_weight`` (the target's shape, the same on every
+    rank) weights each token's loss as on one device. Errors (bad operands on one rank, bad layout, an empty
     shard, options that differ across ranks) are raised on every rank alike, after the exchange.
 
     Example:
         >>> loss = vocab_parallel_linear_cross_entropy(h, W_shard, y, None, None, LossOptions(),
         ...                                            return_lse=False, process_group=tp)
     """
+    tw = None
+    if token_weight is not None:
+        try:  # a bad token weight on one rank is raised after the exchange, on every rank
+            if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
+                raise TypeError("input and target must be tensors")
+            tw = check_token_weight(token_weight, Canonical(input, target, tuple(target.shape), 0, None))
+        except (TypeError, ValueError) as e:
+            options_error = options_error or e
     tgt, loss_rows, lse, stats = vocab_parallel_linear_rows(
         input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
         process_group=process_group, vocab_start_index=vocab_start_index,
-        reduce_input_grad=reduce_input_grad, options_error=options_error)
-    loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape))
+        reduce_input_grad=reduce_input_grad, options_error=options_error, unsupported=unsupported,
+        token_weight=token_weight)
+    loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape), tw)
     return (loss, lse.view(target.shape)) if return_lse else loss
 
 
@@ -131,11 +148,15 @@ def vocab_parallel_linear_rows(input: Tensor, linear_weight: Tensor, target: Ten
                                linear_bias: Optional[Tensor], weight: Optional[Tensor], opts: LossOptions, *,
                                return_lse: bool, process_group: Any, vocab_start_index: Optional[int] = None,
                                reduce_input_grad: bool = True, allow_empty: bool = False,
-                               options_error: Optional[BaseException] = None):
+                               options_error: Optional[BaseException] = None,
+                               unsupported: Optional[dict] = None, token_weight: Optional[Tensor] = None):
     """(flat target (N,), loss_rows, lse, stats) of the full vocabulary before the reduction
-    (the DTensor path reduces them itself). ``allow_empty``: a rank may hold 0 classes."""
+    (the DTensor path reduces them itself). ``allow_empty``: a rank may hold 0 classes.
+    ``unsupported``: options this path refuses, agreed on first, then refused on every rank;
+    ``token_weight``: only whether it is given enters the agreement (the caller applies it)."""
     args = (input, linear_weight, target, linear_bias, weight, opts, return_lse, process_group,
-            vocab_start_index, reduce_input_grad, allow_empty, options_error)
+            vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported,
+            token_weight is not None)
     if is_compiling():  # collectives inside an eager autograd.Function: a graph break
         return torch.compiler.disable(_rows)(*args)
     return _rows(*args)
@@ -152,7 +173,7 @@ def check_shard_operands(input: Tensor, linear_weight: Tensor, linear_bias: Opti
 
 
 def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, return_lse, process_group,
-          vocab_start_index, reduce_input_grad, allow_empty, options_error):
+          vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported, has_token_weight):
     local_error = options_error
     try:
         if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
@@ -166,9 +187,12 @@ def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, 
     needs_dx = ok and input.requires_grad and torch.is_grad_enabled()
     agree = agreement(weight, opts, hidden_size=D, bias=float(linear_bias is not None),
                       input_requires_grad=float(needs_dx), reduce_input_grad=float(reduce_input_grad),
-                      return_lse=float(return_lse))
+                      return_lse=float(return_lse), token_weight=float(has_token_weight))
+    agree.update(flags(unsupported))  # DTensor refuses token_weight: its flag comes from there
+    what = "vocab-parallel linear_cross_entropy"
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, input), vocab_start_index,
-                        agree, "vocab-parallel linear_cross_entropy", allow_empty, local_error)
+                        agree, what, allow_empty, local_error)
+    refuse_agreed(what, unsupported)
     w = check_weight(weight, shard.n_classes, input.device, input.dtype)
     target_range_check(tgt, shard.n_classes, opts.ignore_index)
     x2 = input.reshape(-1, D)
