@@ -82,7 +82,7 @@ def token_rows(n: int, C: int, D: int, x: Tensor, chunk_size: Optional[int] = No
     all n rows in ONE chunk when that workspace (n C ``logit_bytes``) is at most the chunked one
     (the budget) plus the fp32 dW accumulator a single chunk does without (C D 4 bytes): one
     chunk never raises the peak. ``chunk_size`` still caps it. At the Llama-3 head on CUDA (bf16,
-    D = 4096, C = 128256: 6 bytes per logit) that is n <= 4826 (2048 and 4096 tokens: one
+    D = 4096, C = 128256: 6 bytes per logit) that is n <= 4823 (2048 and 4096 tokens: one
     chunk; 8192: chunks of 2048 and the fp32 accumulator)."""
     rows = chunk_rows(n, C, x, chunk_size)
     if chunk_size is not None or rows >= n:
