@@ -102,12 +102,13 @@ def cross_entropy_fwd_kernel(
         t_row = row_pointer(soft_ptr, r, D, stride_tn, stride_td)
     else:
         t_row = soft_ptr
-    if SKIP_IGNORED:
-        kept = tl.load(tgt_ptr + r) != ignore_index
-        c_stream = tl.where(kept, C, 0)  # a uniform scalar loop bound: 0 iterations for an ignored row
-    else:
-        kept = r >= 0
-        c_stream = C
+    kept = r >= 0
+    c_stream = C
+    if not SOFT_TARGET:
+        y = tl.load(tgt_ptr + r)
+        if SKIP_IGNORED:
+            kept = y != ignore_index
+            c_stream = tl.where(kept, C, 0)  # a uniform scalar loop bound: 0 iterations if ignored
     m, s, acc, a_sum, e, best_idx = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, c_stream, n_classes,
                                                label_smoothing, softcap, logit_scale, HAS_WEIGHT,
                                                HAS_SMOOTHING, SOFT_TARGET, HAS_SOFTCAP, BLOCK_C, STATS)
@@ -118,7 +119,6 @@ def cross_entropy_fwd_kernel(
         row_w = a_sum
         loss = a_sum * log_s - acc
     else:
-        y = tl.load(tgt_ptr + r)
         valid = y != ignore_index
         in_range = (y >= 0) & (y < C)
         ok = valid & in_range
