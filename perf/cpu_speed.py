@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--linear-d", type=int, default=512)
     p.add_argument("--linear-c", type=int, default=32000)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--cases", default="core,linear,lin-none,lin-ign", help="rows to run (comma-separated)")
     p.add_argument("--csv", help="also write the rows, stamped, to this CSV file")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
         for case, ref, ours in _cases(dtype, args):
+            if case not in args.cases.split(","):
+                continue
             t_ref, t_ours = paired_times(ref, ours, args.repeats)
             m_ref, m_ours = peak_extra_bytes(ref, "cpu"), peak_extra_bytes(ours, "cpu")
             rt, rm = t_ours / t_ref, m_ours / max(1, m_ref)
