@@ -136,10 +136,11 @@ def _peak(step) -> int:
 
 
 def test_peak_memory_grows_with_gradients_not_logits(record_property):
-    """Peak extra bytes at (N, C), (2N, C), (N, 2C), bf16, chunk_size=32: growth is the gradient
-    buffers (dX: 2 + 2 bytes per N·D element (unscaled + final), dW: 4 + 2 + 2 per C·D (fp32
-    accumulator, final, the CPU's 16-bit product scratch), db: 4 + 2 per class), the CPU's fp32
-    operand copies for the fp32 logits GEMM (4 per N·D and C·D, 4 per class), the workspace's own
+    """Peak extra bytes at (N, C), (2N, C), (N, 2C), bf16, chunk_size=32 (several chunks): growth is
+    the gradient buffers (dX: 2 (+ 2 for the compacted rows) bytes per N·D element, dW: 4 + 2 + 2
+    per C·D (fp32 accumulator, the bf16 dW it is rounded into, the CPU's 16-bit product scratch),
+    db: 4 + 2 per class), the CPU's fp32 copy of x for the fp32 logits GEMM (4 per N·D; W is upcast
+    by cache-sized class blocks) and of b (4 per class), the workspace's own
     growth at 2C (32·C·(4 + 2) bytes, + 32·C·2 for the interpreter's host copy of the 16-bit dZ
     argument: an artifact of the CPU run) and O(N). Any N x C buffer fails the bounds."""
     N, D, C, chunk = 256, 32, 4096, 32

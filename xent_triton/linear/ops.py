@@ -310,6 +310,8 @@ def scaled(t: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _chunked_backward(ctx, g, *_):
     """dX, dW, db = saved x g / denominator (device scalar: no host sync), in the leaves' dtypes."""
+    if g is None:  # (grads are not materialised) the loss took no gradient
+        return (None,) * 19
     scale, dx, dw, db = ctx.saved_tensors
     s = g.to(scale.dtype) * scale
     grads = []
