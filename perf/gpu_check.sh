@@ -2,8 +2,10 @@
 # One-shot GPU validation of xent_triton (< 8 minutes on an H100/H200):
 #   1. the machine: nvidia-smi, python / torch / triton / optional peers' versions;
 #   2. the test suite on CUDA (python -m pytest -q -rs tests), at most 200 s;
-#   3. the linear head vs its measured-GEMM floor (python -m perf.linear_gpu: N 2048/4096/8192,
-#      D 4096, C 128256, bf16; + a run-to-run determinism check) -> linear_gpu.csv, at most 150 s;
+#   3. the linear head vs its paired-cuBLAS floor (python -m perf.linear_gpu: N 2048/4096/8192,
+#      D 4096, C 128256, bf16, 0 % and 50 % ignored, peers where importable; paired interleaved
+#      medians of 20 iterations; + a run-to-run determinism check) -> linear_gpu.csv, at most 150 s
+#      (no new case after 110 s; standalone it has a 240 s case budget);
 #   4. a reduced sweep with every installed provider (N 4096/16384, C 32000/128256/262144, bf16;
 #      forward+backward and no-grad forward first; new cases stop after 170 s) -> CSV, MD, PNG.
 # Everything lands under OUTDIR (env.txt, pytest.txt, sweep.log, sweep.csv, sweep.md, *.png).
@@ -58,7 +60,7 @@ timeout 200 "$PY" -m pytest -q -rs tests 2>&1 | tee "$OUT/pytest.txt" | tail -25
 rc_tests=${PIPESTATUS[0]}
 
 echo "== linear head vs the three cuBLAS GEMMs (limit 150 s)"
-timeout 150 "$PY" -m perf.linear_gpu --out "$OUT" 2>&1 | tee "$OUT/linear_gpu.log" | tail -5
+timeout 150 "$PY" -m perf.linear_gpu --out "$OUT" --budget-s 110 2>&1 | tee "$OUT/linear_gpu.log" | tail -5
 rc_linear=${PIPESTATUS[0]}
 
 echo "== reduced sweep (limit 250 s)"

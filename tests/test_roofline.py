@@ -86,6 +86,49 @@ def test_model_numbers():
         roofline.cross_entropy_cost(1, 1, 2, "sideways")
 
 
+LLAMA3_HEAD = [  # (N, ignored fraction, rows per chunk, chunks): the ESTIMATE's chunking (issue 20)
+    pytest.param(2048, 0.0, 2048, 1, id="N2048"),
+    pytest.param(4096, 0.0, 4096, 1, id="N4096"),
+    pytest.param(8192, 0.0, 2048, 4, id="N8192"),
+    pytest.param(8192, 0.5, 4096, 1, id="N8192-half-ignored"),
+]
+
+
+@pytest.mark.parametrize("N,f,rows,chunks", LLAMA3_HEAD)
+def test_linear_head_estimate_matches_the_chunking(N, f, rows, chunks):
+    """The estimate's constants are the head's, its chunking is ``chunked.token_rows``'s on CUDA,
+    and its ratio to the paired-cuBLAS floor scales with the kept tokens (GEMM-bound)."""
+    from xent_triton.linear import chunked
+
+    assert roofline.GPU_WORKSPACE_BYTES == chunked.GPU_WORKSPACE_BYTES
+    assert roofline.ACC_BYTES == chunked.ACC_BYTES
+    est = roofline.linear_head_estimate(N, 4096, 128256, f, roofline.DEVICES["H200"])
+    assert (est["rows_per_chunk"], est["chunks"]) == (rows, chunks)
+    lo, hi = est["ratio"]
+    assert (1 - f) <= min(lo, hi) and max(lo, hi) <= (1 - f) * 1.2 + 0.01
+
+
+class _CudaLike:
+    """Enough of a CUDA bf16 tensor for ``chunked.token_rows`` (no GPU here)."""
+    is_cuda = True
+    dtype = torch.bfloat16
+    device = torch.device("cuda")
+
+    def element_size(self):
+        return 2
+
+
+@pytest.mark.parametrize("n,rows", [(2048, 2048), (4096, 4096), (4823, 4823), (4824, 2048), (8192, 2048)])
+def test_one_chunk_threshold_on_cuda(n, rows, monkeypatch):
+    """token_rows at the Llama-3 head on CUDA: one chunk up to n = 4823 kept tokens, then 2048-row
+    chunks (docs/performance.md's statement)."""
+    from xent_triton.linear import chunked
+
+    monkeypatch.setattr(chunked, "uses_triton", lambda x: True)
+    monkeypatch.setattr(chunked, "compute_dtype", lambda x: torch.float32)
+    assert chunked.token_rows(n, 128256, 4096, _CudaLike()) == rows
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA failure path")
 def test_gpu_check_fails_fast_without_cuda(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)

@@ -142,6 +142,43 @@ def test_backward_skips_ignored_rows(C, ignored, record_property):
     assert reads["ignored"] < reads["all"] - (n_ign - 1) * C * 2, f"ignored rows were read: {reads}"
 
 
+IGNORED = [  # (fraction of rows ignored, with a gradient): issue 20's acceptance 1 for CE on logits
+    pytest.param(0.5, True, id="f0.5-grad"),
+    pytest.param(0.5, False, id="f0.5-no_grad"),
+    pytest.param(0.9, True, id="f0.9-grad"),
+    pytest.param(0.9, False, id="f0.9-no_grad"),
+]
+
+
+@pytest.mark.parametrize("f, grad", IGNORED)
+def test_ignored_rows_are_not_read_in_forward(f, grad, record_property):
+    """A fraction f of the rows ignored (random positions), no lse returned: the forward reads no
+    ignored row, so forward + backward move <= (3 - 2f) x the logits + PER_ROW * N with a gradient
+    and <= (1 - f) x + PER_ROW * N without one; the valid rows' loss, lse and gradient are bitwise
+    those of the run with the ignored rows read (return_lse=True reads every row)."""
+    C = 32000
+    x = torch.randn(N, C, dtype=torch.bfloat16, requires_grad=grad)
+    y = torch.randint(0, C, (N,))
+    y[torch.randperm(N)[:round(f * N)]] = -100
+    keep = y != -100
+    logit_bytes = N * C * 2
+    g = torch.rand(N) + 0.5
+    with traffic.count() as r:
+        loss = xent_triton.cross_entropy(x, y, reduction="none")
+        if grad:
+            loss.backward(g)
+    bound = (3 - 2 * f) if grad else (1 - f)
+    ratio = _report(record_property, f"f={f} grad={grad}", r, logit_bytes)
+    assert r["oob"] == []
+    assert r["bytes"] <= bound * logit_bytes + PER_ROW * N, f"moved {ratio:.6f}x, bound {bound}x"
+    x_ref = x.detach().clone().requires_grad_(grad)
+    ref, lse = xent_triton.cross_entropy(x_ref, y, reduction="none", return_lse=True)
+    assert torch.equal(loss[keep], ref[keep]) and (loss[~keep] == 0).all()
+    if grad:
+        ref.backward(g)
+        assert torch.equal(x.grad, x_ref.grad)
+
+
 @triton.jit
 def _overreaching_copy(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
     """Deliberately wrong: loads BLOCK lanes with no mask although src holds only n elements."""

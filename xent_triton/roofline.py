@@ -11,8 +11,9 @@ hard targets, no class weights, no smoothing, ``reduction="mean"``.
 
 Costs of ``xent_triton.cross_entropy`` (from the kernel docstrings, checked by measurement):
 
-* forward: the logits read once (N*C*B) + per row the target (8), the target's logit (B) and the
-  outputs loss, lse, 3 stats (20 fp32 bytes) + the ``mean`` reduction (8: loss and row weight);
+* forward: the logits read once (N*C*B; only the non-ignored rows' unless the lse is returned) +
+  per row the target (8), the target's logit (B) and the outputs loss, lse, 3 stats (20 fp32
+  bytes) + the ``mean`` reduction (8: loss and row weight);
 * backward: the logits read once and the gradient written once (2*N*C*B) + per row 3 stats, the
   upstream gradient and the target (24);
 * ~10 non-tensor FLOPs and one exp2 (MUFU) per logit per pass.
@@ -107,15 +108,16 @@ def cross_entropy_cost(N: int, C: int, B: int, mode: str, provider: str = "xent_
 
     ``provider``: ``xent_triton``, ``torch`` (eager F.cross_entropy) or ``torch_float`` (eager on
     ``logits.float()``). ``gather_full`` counts eager ops as traffic.py does (False: as a GPU moves).
-    ``ignored``: fraction of tokens with ``ignore_index``; our backward reads none of their logits
-    (it still writes their zero gradient); eager ops process every row alike.
+    ``ignored``: fraction of tokens with ``ignore_index``; neither our forward (no lse returned)
+    nor our backward reads their logits (backward still writes their zero gradient): (3 - 2f) x
+    the logits with a gradient, (1 - f) x without; eager ops process every row alike.
     """
     _check(mode)
     E = N * C
     pass_ = Cost(0, FLOPS_PER_LOGIT * E, 0, E)
     if provider == "xent_triton":
         live = 1.0 - ignored
-        fwd = pass_ + Cost(E * B + N * (FWD_ROW_BYTES + B))
+        fwd = Cost(0, FLOPS_PER_LOGIT * E * live, 0, E * live) + Cost(E * B * live + N * (FWD_ROW_BYTES + B))
         bwd = Cost(0, FLOPS_PER_LOGIT * E * live, 0, E * live) + Cost(E * B * (1 + live) + N * BWD_ROW_BYTES)
         return _compose(mode, fwd, bwd)
     if provider in ("torch", "torch_float"):
@@ -177,3 +179,47 @@ def bound(cost: Cost, dev: Device) -> str:
     """Which resource sets the floor."""
     t = terms(cost, dev)
     return max(t, key=t.get)
+
+
+# ------------------------------------------------------------------ linear head ESTIMATE (issue 20)
+GPU_WORKSPACE_BYTES = 3 << 29   # = linear/chunked.GPU_WORKSPACE_BYTES (checked by tests/test_roofline.py)
+ACC_BYTES = 4                   # = linear/chunked.ACC_BYTES: the fp32 dW accumulator per C·D element
+CHUNK_BYTES_PER_LOGIT = 14      # fp32 logits written by the GEMM + chunk kernel (2 reads, 16-bit dZ write)
+SYNC_S = 30e-6                  # the compaction's one host sync (count of kept rows), upper figure
+
+
+def linear_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
+                         gemm_tflops: tuple[float, float] = (670.0, 700.0)) -> dict:
+    """ESTIMATE (a model, not a measurement) of the token-chunked default head, bf16, forward +
+    backward, with a fraction ``ignored`` of the N tokens ignored, against the paired-cuBLAS floor
+    (the three GEMMs of a dense head at the full N; cuBLAS at ``gemm_tflops``, the rate measured
+    for these shapes in Liger PR #1356 on an H200).
+
+    Ours: the GEMMs at the n = (1 - ignored) N kept rows (same rate); the chunk kernel's
+    ``CHUNK_BYTES_PER_LOGIT`` per kept logit; dW: one chunk when n C 6 <= workspace + C D 4
+    (``chunked.token_rows``): written once in bf16 by the GEMM, scaled in place in backward
+    (C D 4 bytes); else chunks of the workspace's rows: the fp32 accumulator's conversion to bf16
+    (C D 6) and the in-place scale (C D 4), plus (high end only) its read-modify-write in the
+    GEMM epilogue of every chunk after the first (C D 8 each; the low end assumes it overlapped);
+    compaction: gather of the kept rows and scatter of dX (~3 N D 2 bytes) and one host sync.
+    Returns {'rows_per_chunk', 'chunks', 'floor_ms': (lo, hi), 'ours_ms': (lo, hi), 'ratio': (lo, hi)}."""
+    n = round((1.0 - ignored) * N)
+    per_logit = 6  # fp32 logits + bf16 dZ
+    budget_rows = max(1024, GPU_WORKSPACE_BYTES // (C * per_logit)) // 128 * 128
+    one = n * C * per_logit <= GPU_WORKSPACE_BYTES + C * D * ACC_BYTES
+    rows = n if one or budget_rows >= n else budget_rows
+    chunks = max(1, -(-n // rows))
+    cd = C * D
+    fixed = n * C * CHUNK_BYTES_PER_LOGIT + cd * 4 + (cd * 6 if chunks > 1 else 0)
+    fixed += 3 * N * D * 2 if n < N else 0
+    rmw = (chunks - 1) * cd * 8
+    out = {"rows_per_chunk": rows, "chunks": chunks}
+    floors, ours = [], []
+    for rate, extra in ((gemm_tflops[1], 0), (gemm_tflops[0], rmw)):
+        floors.append(6 * N * D * C / (rate * 1e12) * 1e3)
+        t = 6 * n * D * C / (rate * 1e12) + (fixed + extra) / dev.bandwidth + (SYNC_S if n < N else 0)
+        ours.append(t * 1e3)
+    out["floor_ms"] = (round(floors[0], 2), round(floors[1], 2))
+    out["ours_ms"] = (round(ours[0], 2), round(ours[1], 2))
+    out["ratio"] = (round(ours[0] / floors[0], 3), round(ours[1] / floors[1], 3))
+    return out

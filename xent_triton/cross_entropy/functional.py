@@ -119,8 +119,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             warnings.warn(f"xent_triton.cross_entropy: inplace_backward ignored: {why}", stacklevel=2)
             inplace_backward = False
     tw = check_token_weight(token_weight, can)
+    skip = not return_lse and opts.lse_square_scale == 0  # no output reads an ignored row's lse
     loss_rows, lse, stats, ent, pred = cross_entropy_rows(can.x3, can.target, w, opts, inplace_backward,
-                                                          return_stats)
+                                                          return_stats, skip)
     loss = reduce_rows(loss_rows, lse, stats, can.target, opts, can.rows_to_output, tw)
     out: tuple[Any, ...] = (loss,)
     if return_lse:

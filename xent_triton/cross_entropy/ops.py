@@ -66,9 +66,11 @@ def entropy_argmax_torch(x: Tensor, opts: LossOptions) -> tuple[Tensor, Tensor]:
 
 
 def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions,
-                 with_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 with_stats: bool = False,
+                 skip_ignored: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, stats, entropy, predicted) of the (N, C, D) logits ``x`` (see
-    kernels.cross_entropy); entropy / predicted are empty (0,) tensors unless ``with_stats``."""
+    kernels.cross_entropy); entropy / predicted are empty (0,) tensors unless ``with_stats``.
+    ``skip_ignored`` (no output needs an ignored row): the kernel reads no logit of one."""
     N, C, D = x.shape
     R = N * D
     if not uses_triton(x):
@@ -96,7 +98,8 @@ def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: Loss
         pred_ptr=pred if with_stats else target, C=C, D=D, n_classes=C, **opts.kernel_scalars(),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing,
         SOFT_TARGET=target.is_floating_point(), HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c,
-        STATS=with_stats, num_warps=cfg.num_warps, **options,
+        STATS=with_stats, SKIP_IGNORED=skip_ignored and not soft and not with_stats,
+        num_warps=cfg.num_warps, **options,
     )
     return loss, lse, stats, ent, pred
 
@@ -155,19 +158,20 @@ def soft_target_grad_torch(dtarget: Tensor, x: Tensor, weight: Optional[Tensor],
 @torch.library.custom_op("xent_triton::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                       label_smoothing: float, softcap: float, logit_scale: float,
-                      inplace_backward: bool,
-                      with_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      inplace_backward: bool, with_stats: bool,
+                      skip_ignored: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, stats, entropy, predicted) of the (N, C, D) logits;
     ``inplace_backward`` is kept for the backward. Out-of-range class ids raise IndexError here on
     CPU (eager and compiled alike)."""
     opts = LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale)
     if not target.is_floating_point():
         target_range_check(target, x.shape[1], ignore_index)
-    return forward_rows(x, target, weight, opts, with_stats)
+    return forward_rows(x, target, weight, opts, with_stats, skip_ignored)
 
 
 @cross_entropy_fwd.register_fake
-def _(x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward, with_stats):
+def _(x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward, with_stats,
+      skip_ignored=False):
     R = x.shape[0] * x.shape[2]
     dt = compute_dtype(x)
     k = R if with_stats else 0
@@ -224,7 +228,7 @@ def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, soft
 
 
 def _setup_context(ctx, inputs, output):
-    x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward, _ = inputs
+    x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward = inputs[:8]
     ctx.save_for_backward(x, target, weight, output[2])
     ctx.flat = (ignore_index, label_smoothing, softcap, logit_scale)
     ctx.inplace_backward = inplace_backward
@@ -239,22 +243,23 @@ def _backward(ctx, dloss, dlse, _dstats, _dent, _dpred):
         dx, dt = torch.ops.xent_triton.cross_entropy_bwd_soft(x, target, weight, stats, dloss, dlse,
                                                               *ctx.flat)
         return (no_second_derivative(dx, "cross_entropy"), no_second_derivative(dt, "cross_entropy")) + \
-            (None,) * 7
+            (None,) * 8
     if ctx.inplace_backward:
         torch.ops.xent_triton.cross_entropy_bwd_inplace(x, target, weight, stats, dloss, dlse, *ctx.flat)
         dx = x
     else:
         dx = torch.ops.xent_triton.cross_entropy_bwd(x, target, weight, stats, dloss, dlse, *ctx.flat)
-    return (no_second_derivative(dx, "cross_entropy"),) + (None,) * 8
+    return (no_second_derivative(dx, "cross_entropy"),) + (None,) * 9
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def cross_entropy_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: LossOptions,
-                       inplace_backward: bool = False,
-                       with_stats: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       inplace_backward: bool = False, with_stats: bool = False,
+                       skip_ignored: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss_rows, lse, stats, entropy, predicted) with autograd, through the
-    ``xent_triton::cross_entropy_fwd`` op (entropy / predicted empty unless ``with_stats``)."""
+    ``xent_triton::cross_entropy_fwd`` op (entropy / predicted empty unless ``with_stats``;
+    ``skip_ignored``: ignored rows' loss / lse / stats are 0 and their logits are not read)."""
     return torch.ops.xent_triton.cross_entropy_fwd(x, target, weight, *opts.flat(), inplace_backward,
-                                                   with_stats)
+                                                   with_stats, skip_ignored)

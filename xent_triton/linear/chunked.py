@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import config
+from ..compaction import kept_rows, scatter_rows, take_rows
 from ..kernels.chunk_grad import chunk_grad_kernel, chunk_loss_grad_kernel
 from ..options import LossOptions
 from ..runtime import alloc, compute_dtype, uses_triton
@@ -53,7 +54,14 @@ GPU_MIN_ROWS = 1024  # below ~1024 rows (the dW GEMM's K) the GEMMs turn memory-
 CPU_WORKSPACE_BYTES = 48 << 20  # CPU / interpreter: cache-sized chunks, memory well under torch's
 CPU_MIN_ROWS = 16
 CPU_SCRATCH_ELEMS = 1 << 20  # a 16-bit product block of accumulate_mm on CPU (2 MiB; its fp32 upcast 4)
+ACC_BYTES = 4  # the fp32 dW accumulator of a multi-chunk head, per C x D element
 HAS_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out") and hasattr(torch.ops.aten.mm, "dtype")
+
+
+def logit_bytes(x: Tensor) -> int:
+    """Workspace bytes per logit of a token chunk: ``logits_dtype`` (+ a 16-bit dZ beside fp32 logits)."""
+    ldt = logits_dtype(x)
+    return ldt.itemsize + (x.element_size() if x.dtype != ldt else 0)
 
 
 def chunk_rows(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> int:
@@ -63,12 +71,24 @@ def chunk_rows(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> i
         return max(1, min(N, int(chunk_size)))
     cuda = x.is_cuda
     budget, least = (GPU_WORKSPACE_BYTES, GPU_MIN_ROWS) if cuda else (CPU_WORKSPACE_BYTES, CPU_MIN_ROWS)
-    ldt = logits_dtype(x)
-    per = ldt.itemsize + (x.element_size() if x.dtype != ldt else 0)  # logits (+ a 16-bit dz beside fp32 z)
-    rows = max(least, budget // max(1, C * per))
+    rows = max(least, budget // max(1, C * logit_bytes(x)))
     align = 128 if cuda else 16
     rows = max(align, rows // align * align)
     return max(1, min(N, rows))
+
+
+def token_rows(n: int, C: int, D: int, x: Tensor, chunk_size: Optional[int] = None) -> int:
+    """Rows per token chunk of the token-chunked head over ``n`` (kept) rows: ``chunk_rows``, or
+    all n rows in ONE chunk when that workspace (n C ``logit_bytes``) is at most the chunked one
+    (the budget) plus the fp32 dW accumulator a single chunk does without (C D 4 bytes): one
+    chunk never raises the peak. ``chunk_size`` still caps it. At the Llama-3 head on CUDA (bf16,
+    D = 4096, C = 128256: 6 bytes per logit) that is n <= 4823 (2048 and 4096 tokens: one
+    chunk; 8192: chunks of 2048 and the fp32 accumulator)."""
+    rows = chunk_rows(n, C, x, chunk_size)
+    if chunk_size is not None or rows >= n:
+        return rows
+    budget = GPU_WORKSPACE_BYTES if x.is_cuda else CPU_WORKSPACE_BYTES
+    return n if n * C * logit_bytes(x) <= budget + C * D * ACC_BYTES else rows
 
 
 def split_cols(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> int:
@@ -81,10 +101,18 @@ def split_cols(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> i
 
 def logits_into(out: Tensor, xr: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     """out = xr wᵀ (+ b) by the vendor GEMM (K = D = 0 gives the bias / zeros, as torch); an fp32
-    ``out`` of 16-bit operands by ``out_dtype`` (CUDA, torch >= 2.8)."""
+    ``out`` of 16-bit operands by ``out_dtype`` (CUDA, torch >= 2.8); fp32 ``xr`` / ``out`` with a
+    16-bit ``w`` (CPU / interpreter, ``gemm_operands``) by blocks of classes, each block of w
+    upcast into a cache-sized copy (no C x D fp32 copy of w)."""
     if out.dtype != xr.dtype:
         torch.mm(xr, w.t(), out_dtype=out.dtype, out=out)
         return out.add_(b) if b is not None else out
+    if w.dtype != xr.dtype:
+        step = max(1, CPU_SCRATCH_ELEMS // max(1, w.shape[1]))
+        for c0 in range(0, w.shape[0], step):
+            c1 = min(w.shape[0], c0 + step)
+            logits_into(out[:, c0:c1], xr, w[c0:c1].to(xr.dtype), b[c0:c1] if b is not None else None)
+        return out
     if b is not None:
         return torch.addmm(b, xr, w.t(), out=out)
     return torch.mm(xr, w.t(), out=out)
@@ -100,12 +128,13 @@ def logits_dtype(x: Tensor) -> torch.dtype:
 
 def gemm_operands(x: Tensor, w: Tensor, b: Optional[Tensor]):
     """(x, w, b) for ``logits_dtype(x)`` logits: 16-bit operands as they are where the GEMM
-    outputs that dtype (plain CPU) or can output fp32 (CUDA, torch >= 2.8), else fp32 copies (the
-    interpreter, older torch: x N D 4 + w C D 4 bytes, once per call)."""
+    outputs that dtype (plain CPU) or can output fp32 (CUDA, torch >= 2.8), else fp32 copies of x
+    and b (N D 4 + C 4 bytes, once per call); w is copied (C D 4 bytes) only on CUDA without
+    ``out_dtype`` (older torch): on the CPU (interpreter) ``logits_into`` upcasts it by blocks."""
     if logits_dtype(x) == x.dtype or (x.is_cuda and HAS_OUT_DTYPE):
         return x, w, b
     cdt = compute_dtype(x)
-    return x.to(cdt), w.to(cdt), b.to(cdt) if b is not None else None
+    return x.to(cdt), w.to(cdt) if w.is_cuda else w, b.to(cdt) if b is not None else None
 
 
 def accumulate_mm(acc: Tensor, a: Tensor, bmat: Tensor, first: bool,
@@ -197,22 +226,25 @@ def grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], 
 
 # ------------------------------------------------------------------------------ algorithms
 def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
-                           weight: Optional[Tensor], opts: LossOptions, rows: int, accum_fp32: bool,
-                           need: tuple[bool, bool, bool], tw: Optional[Tensor] = None,
+                           weight: Optional[Tensor], opts: LossOptions, chunk_size: Optional[int],
+                           accum_fp32: bool, need: tuple[bool, bool, bool], tw: Optional[Tensor] = None,
                            with_stats: bool = False):
     """Token-chunked forward that also forms the gradients for an upstream gradient of 1.
 
     Returns (loss rows, lse, stats, inv_den, dX, dW, db, ent, pred): per-row fp32 loss / lse /
     stats (N,), (N,), (N, 3); ``inv_den`` the 0-d scale of a mean (1 for a sum); dX (N, D) in x's
-    dtype, dW (C, D) in fp32 (or w's dtype without ``accum_fp32``), db (C,) fp32; None if not
-    needed. ``tw`` (N,) token weights: each row's gradient is scaled by tw_r and a mean divides by
-    sum tw_r w_y (z-loss: by sum of tw_r over valid rows). ``with_stats``: entropy (N,) and argmax
-    (N,) int64 per row from the same pass over each chunk (else None).
+    dtype, dW (C, D) in w's dtype (summed in fp32 across chunks with ``accum_fp32``), db (C,) fp32;
+    None if not needed. ``tw`` (N,) token weights: each row's gradient is scaled by tw_r and a mean
+    divides by sum tw_r w_y (z-loss: by sum of tw_r over valid rows). ``with_stats``: entropy (N,)
+    and argmax (N,) int64 per row from the same pass over each chunk (else None).
+
+    Ignored rows are compacted away before the GEMMs (``compaction.kept_rows``; not with
+    ``with_stats``, whose entropy / argmax cover them): their outputs are the kernel's constants
+    for an ignored row (0; dX rows 0).
     """
     N, D = x.shape
     C = w.shape[0]
     cdt, dev = compute_dtype(x), x.device
-    need_dx, need_dw, need_db = need
     valid = target != opts.ignore_index
     ok = valid & (target >= 0) & (target < C)
     y_safe = torch.where(ok, target, torch.zeros_like(target))
@@ -232,20 +264,45 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
     if opts.lse_square_scale != 0:
         zcoef = (2 * opts.lse_square_scale) * (den / n_valid if mean else torch.ones_like(den))
         zcoef = zcoef.reshape(1)
+    idx = None if with_stats else kept_rows(valid)
+    xs, ts, tws = take_rows(x, idx), take_rows(target, idx), take_rows(tw, idx)
+    loss, lse, stats, dx, dw, db, ent, pred = token_chunks(
+        xs, w, b, ts, weight, zcoef, opts, token_rows(xs.shape[0], C, D, x, chunk_size), accum_fp32, need,
+        tws, with_stats)
+    if idx is not None:
+        loss, lse, stats = (scatter_rows(t, idx, N) for t in (loss, lse, stats))
+        dx = scatter_rows(dx, idx, N) if dx is not None else None
+    # a mean over no weight (every token ignored): NaN loss as torch, zero gradients as torch
+    inv_den = torch.where(den == 0, torch.zeros_like(den), 1.0 / den) if mean else \
+        torch.ones((), dtype=cdt, device=dev)
+    return loss, lse, stats, inv_den, dx, dw, db, ent, pred
+
+
+def token_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+                 zcoef: Optional[Tensor], opts: LossOptions, rows: int, accum_fp32: bool,
+                 need: tuple[bool, bool, bool], tw: Optional[Tensor], with_stats: bool):
+    """The chunk loop of ``chunked_loss_and_grads`` over all rows of ``x``: (loss, lse, stats,
+    dX, dW, db, ent, pred). One chunk (rows >= N): dW = dZᵀ X is ONE GEMM (fp32 accumulation
+    inside it) written in w's dtype: no accumulator. Several: an fp32 accumulator with
+    ``accum_fp32`` (C D 4 bytes), rounded once into w's dtype at the end."""
+    N, D = x.shape
+    C = w.shape[0]
+    cdt, dev = compute_dtype(x), x.device
+    need_dx, need_dw, need_db = need
     wsum = weight.sum().reshape(1) if weight is not None else None
     loss, lse = alloc((N,), cdt, dev), alloc((N,), cdt, dev)
     stats = alloc((N, 3), cdt, dev)
     ent = alloc((N,), cdt, dev) if with_stats else None
     pred = torch.empty((N,), dtype=torch.int64, device=dev) if with_stats else None
     dx = alloc((N, D), x.dtype, dev) if need_dx else None
-    acc_dt = cdt if accum_fp32 else w.dtype
+    acc_dt = cdt if accum_fp32 and rows < N else w.dtype
     dw = alloc((C, D), acc_dt, dev) if need_dw else None
     db = alloc((C,), cdt, dev) if need_db else None
     ldt = logits_dtype(x)
     scratch = make_scratch(dw, x.dtype)
     xg, wg, bg = gemm_operands(x, w, b)
-    buf = torch.empty(rows * C, dtype=ldt, device=dev)
-    dbuf = buf if x.dtype == ldt else torch.empty(rows * C, dtype=x.dtype, device=dev)  # dZ: x's dtype
+    buf = torch.empty(min(rows, N) * C, dtype=ldt, device=dev)
+    dbuf = buf if x.dtype == ldt else torch.empty(min(rows, N) * C, dtype=x.dtype, device=dev)  # dZ
     for i, r0 in enumerate(range(0, N, rows)):
         r1 = min(N, r0 + rows)
         z = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
@@ -262,14 +319,14 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
         if db is not None:
             part = zc.sum(0, dtype=cdt)
             db.copy_(part) if i == 0 else db.add_(part)
+    del buf, dbuf, scratch
     if N == 0:
         for t in (dw, db):
             if t is not None:
                 t.zero_()
-    # a mean over no weight (every token ignored): NaN loss as torch, zero gradients as torch
-    inv_den = torch.where(den == 0, torch.zeros_like(den), 1.0 / den) if mean else \
-        torch.ones((), dtype=cdt, device=dev)
-    return loss, lse, stats, inv_den, dx, dw, db, ent, pred
+    if dw is not None and dw.dtype != w.dtype:
+        dw = torch.empty((C, D), dtype=w.dtype, device=dev).copy_(dw)
+    return loss, lse, stats, dx, dw, db, ent, pred
 
 
 def recompute_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
@@ -279,7 +336,14 @@ def recompute_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor
                        chunk_size: Optional[int] = None):
     """(dX fp32 (N, D), dW (C, D) in w's dtype, db (C,) in b's dtype), None where not needed, by
     vocabulary splits (module docstring). ``weight`` = this weight's classes' class weights,
-    ``wsum`` the (global) sum of class weights, ``n_classes`` the global C."""
+    ``wsum`` the (global) sum of class weights, ``n_classes`` the global C. Without an lse
+    gradient, ignored rows (no gradient) are compacted away before the GEMMs (``compaction``)."""
+    idx = kept_rows(target != opts.ignore_index) if dlse is None and any(need) else None
+    if idx is not None:
+        dx, dw, db = recompute_backward(take_rows(x, idx), w, b, take_rows(target, idx),
+                                        weight, take_rows(stats, idx), take_rows(dloss, idx), None, opts,
+                                        need, class_offset, n_classes, wsum, chunk_size)
+        return (scatter_rows(dx, idx, x.shape[0]) if dx is not None else None), dw, db
     N, D = x.shape
     C = w.shape[0]
     n_classes = C if n_classes is None else n_classes

@@ -96,10 +96,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             (Megatron's column-parallel layout); False leaves each rank's partial.
         chunk_size: rows per token chunk (workspace chunk_size x C in the input's dtype; also sizes
             the vocabulary splits of the recompute backward). None: from the shape (on CUDA at
-            least 1024 rows, about 1 GiB of workspace; CPU 32 MiB).
-        grad_accum_dtype: dtype of the dW / db accumulation across token chunks: None or
-            ``torch.float32`` (default; C x D x 4 bytes, + C x D x 2 for a 16-bit dW in backward)
-            or ``linear_weight.dtype`` (C x D x 2 bytes only; every chunk rounds into a 16-bit sum).
+            least 1024 rows, about 1.5 GiB of workspace; CPU 48 MiB), or all kept tokens in one
+            chunk where that costs no more than the fp32 dW accumulator it saves.
+        grad_accum_dtype: dtype of the dW accumulation across token chunks (when the kept tokens
+            do not fit one chunk; one chunk writes dW once in the parameter dtype): None or
+            ``torch.float32`` (default; C x D x 4 bytes, rounded once into the parameter dtype) or
+            ``linear_weight.dtype`` (C x D x 2 bytes only; every chunk rounds into a 16-bit sum).
+            Ignored tokens are compacted away before the GEMMs (one host sync for their count;
+            ``XENT_COMPACT=0`` disables it).
         return_stats: also return ``LossStats(n_valid, n_correct, entropy_sum, predicted)`` as
             ``cross_entropy`` does (raw sums, device tensors; ``predicted``, the argmax per token in
             the target's shape, only with ``return_predicted=True``). The token-chunked path takes

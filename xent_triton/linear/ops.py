@@ -28,6 +28,7 @@ import triton
 from torch import Tensor
 
 from .. import config
+from ..compaction import kept_rows
 from ..fallback import transform_logits
 from ..kernels.linear_cross_entropy import linear_xent_fwd_kernel
 from ..options import LossOptions, reduce_rows, target_range_check
@@ -72,7 +73,16 @@ def dot_upcast(x: Tensor) -> bool:
 def forward_partials(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                      weight: Optional[Tensor], opts: LossOptions, skip_ignored: bool,
                      class_offset: int = 0) -> Tensor:
-    """(splits, N, 5) partials (m, s, A, a_sum, z_y) of the logits x wᵀ + b (see the kernel)."""
+    """(splits, N, 5) partials (m, s, A, a_sum, z_y) of the logits x wᵀ + b (see the kernel).
+    ``skip_ignored``: ignored rows are compacted away before the GEMM / kernel (``compaction``)
+    and get what the kernel writes for a skipped row block, (-inf, 0, 0, 0, 0)."""
+    idx = kept_rows(target != opts.ignore_index) if skip_ignored else None
+    if idx is not None:
+        kept = forward_partials(x.index_select(0, idx), w, b, target.index_select(0, idx), weight, opts,
+                                False, class_offset)
+        part = torch.zeros((kept.shape[0], x.shape[0], N_PARTIALS), dtype=kept.dtype, device=kept.device)
+        part[..., 0] = float("-inf")
+        return part.index_copy_(1, idx, kept)
     N, D = x.shape
     C = w.shape[0]
     if not uses_triton(x):
@@ -249,10 +259,9 @@ def linear_cross_entropy_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], targ
                        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
                        softcap=softcap, logit_scale=logit_scale,
                        empty_batch="zero" if empty_batch_zero else "nan")
-    rows = chunk_rows(x.shape[0], w.shape[0], x, chunk_size if chunk_size > 0 else None)
     loss_rows, lse, stats, scale, dx, dw, db, ent, pred = chunked_loss_and_grads(
-        x, w, b, target, weight, opts, rows, accum_fp32, (need_dx, need_dw, need_db), token_weight,
-        with_stats)
+        x, w, b, target, weight, opts, chunk_size if chunk_size > 0 else None, accum_fp32,
+        (need_dx, need_dw, need_db), token_weight, with_stats)
     loss = reduce_rows(loss_rows, lse, stats, target, opts, lambda r: r, token_weight)
     if not with_stats:
         ent, pred = x.new_empty((0,), dtype=loss.dtype), x.new_empty((0,), dtype=torch.int64)
@@ -267,7 +276,7 @@ def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_sca
     n = x.shape[0] if with_stats else 0
     return (x.new_empty((), dtype=cdt), x.new_empty((), dtype=cdt),
             x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
-            x.new_empty(w.shape, dtype=cdt if accum_fp32 else w.dtype) if need_dw else x.new_empty((0,)),
+            w.new_empty(w.shape) if need_dw else x.new_empty((0,)),
             x.new_empty((w.shape[0],), dtype=cdt) if need_db else x.new_empty((0,)),
             x.new_empty((n,), dtype=cdt), x.new_empty((n,), dtype=torch.int64))
 
@@ -281,14 +290,20 @@ def _chunked_setup(ctx, inputs, output):
     # dX, dW, db stay differentiable outputs (never read by a user) so that, saved, they link a
     # backward with create_graph=True to x, w, b: the raising node of a second derivative sits on
     # that path (otherwise the gradient, formed in forward, is a constant and its derivative a
-    # silent zero). Unused, they cost nothing: no gradient is materialized for them.
+    # silent zero). Unused, they cost nothing: grads are not materialised, so autograd allocates no
+    # zero "gradients" of dX, dW, db.
     ctx.mark_non_differentiable(scale, *output[5:])
     ctx.set_materialize_grads(False)
 
 
 def scaled(t: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
-    """t x s (0-d) in ``dtype``, one pass; on CPU by row blocks (a mixed-dtype op there upcasts into
-    a temporary as large as its output: 4 C D bytes for the fp32 dW accumulator)."""
+    """t x s (0-d) in ``dtype``, one pass: IN PLACE when ``t`` is already in ``dtype`` (the saved
+    dX / dW: no second (C, D) buffer; its version counter then makes a second backward through a
+    retained graph raise, as autograd does for any saved tensor modified in place), except while
+    torch.compile traces (functional there); else a new tensor, on CPU by row blocks (a mixed-dtype
+    op there upcasts into a temporary as large as its output)."""
+    if t.dtype == dtype and not torch.compiler.is_compiling():
+        return t.mul_(s)
     out = torch.empty(t.shape, dtype=dtype, device=t.device)
     if t.is_cuda or t.dtype == dtype or t.dim() != 2:
         return torch.mul(t, s, out=out)
@@ -300,6 +315,8 @@ def scaled(t: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _chunked_backward(ctx, g, *_):
     """dX, dW, db = saved x g / denominator (device scalar: no host sync), in the leaves' dtypes."""
+    if g is None:  # (grads are not materialised) the loss took no gradient
+        return (None,) * 19
     scale, dx, dw, db = ctx.saved_tensors
     s = g.to(scale.dtype) * scale
     grads = []
@@ -307,9 +324,10 @@ def _chunked_backward(ctx, g, *_):
         if not n:
             grads.append(None)
             continue
-        with torch.no_grad():
-            value = scaled(t, s, dt)
+        with torch.no_grad():  # detached: scaled in place (shared version counter), no graph
+            value = scaled(t.detach(), s, dt)
         grads.append(no_second_derivative(value, "linear_cross_entropy", anchor=t))
+    del dx, dw, db
     return (*grads,) + (None,) * 16  # token_weight: no gradient on this path (functional routes it)
 
 
