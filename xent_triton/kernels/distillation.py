@@ -50,6 +50,15 @@ def xlogy_ratio(p, logp, logr):
 
 
 @triton.jit
+def shift_cross(cross, s_old, ro_old, ro_new, rx_old, rx_new):
+    """Move cross = sum e^{u - ro} ((u - ro) - (v - rx)) (s_old = sum e^{u - ro_old}) from the
+    references (ro_old, rx_old) to (ro_new, rx_new): e^{d} (cross + (d + rx_new - rx_old) s_old),
+    d = ro_old - ro_new."""
+    d = ro_old - ro_new
+    return tl.exp2(d * LOG2E) * (cross + (d + (rx_new - rx_old)) * s_old)
+
+
+@triton.jit
 def distill_fwd_kernel(
     s_ptr, stride_sn, stride_sc, t_ptr, stride_tn, stride_tc, lbl_ptr,
     loss_ptr, stats_ptr, C, ignore_index,
@@ -57,8 +66,9 @@ def distill_fwd_kernel(
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Forward, one program per row (grid (R,)): online (max, sum) of a, b (and x for the CE) and
-    the cross sum of the divergence, sum e^{a-ref_p}(a - b) (kl) or sum e^{b-ref_q}(b - a) (rkl),
-    rescaled when the reference moves; jsd reads the rows a second time with the final lses.
+    the cross sum of the divergence, sum e^{a-ref_p}((a - ref_p) - (b - ref_q)) (kl) or
+    sum e^{b-ref_q}((b - ref_q) - (a - ref_p)) (rkl), moved with the references (shift_cross);
+    jsd reads the rows a second time with the final lses.
     Writes loss_r and stats_r (module docstring)."""
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
@@ -88,25 +98,31 @@ def distill_fwd_kernel(
         tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=float("-inf")).to(tl.float32)
         b = x / temperature
         a = tv / temperature
+        sp_old = s_p
+        sq_old = s_q
         m_p, s_p, rp_old, rp_new = online_lse_update(m_p, s_p, a)
         m_q, s_q, rq_old, rq_new = online_lse_update(m_q, s_q, b)
         if HAS_CE:
             m_1, s_1, _r1o, _r1n = online_lse_update(m_1, s_1, x)
+        # each side relative to its own reference: no two large terms cancel, whatever the
+        # offset between the models' logits (see the module docstring)
         if DIVERGENCE == KL:
+            cross = shift_cross(cross, sp_old, rp_old, rp_new, rq_old, rq_new)
             e = tl.exp2((a - rp_new) * LOG2E)
-            cross = cross * tl.exp2((rp_old - rp_new) * LOG2E) + tl.sum(tl.where(e > 0, e * (a - b), 0.0), 0)
+            cross += tl.sum(tl.where(e > 0, e * ((a - rp_new) - (b - rq_new)), 0.0), 0)
         elif DIVERGENCE == REVERSE_KL:
+            cross = shift_cross(cross, sq_old, rq_old, rq_new, rp_old, rp_new)
             e = tl.exp2((b - rq_new) * LOG2E)
-            cross = cross * tl.exp2((rq_old - rq_new) * LOG2E) + tl.sum(tl.where(e > 0, e * (b - a), 0.0), 0)
+            cross += tl.sum(tl.where(e > 0, e * ((b - rq_new) - (a - rp_new)), 0.0), 0)
     ref_p = safe_ref(m_p)
     ref_q = safe_ref(m_q)
     log_sp = tl.log2(s_p) * LN2
     log_sq = tl.log2(s_q) * LN2
     extra = tl.zeros((), tl.float32)
     if DIVERGENCE == KL:
-        div = cross / s_p + (ref_q - ref_p) + (log_sq - log_sp)
+        div = cross / s_p + (log_sq - log_sp)
     elif DIVERGENCE == REVERSE_KL:
-        div = cross / s_q + (ref_p - ref_q) + (log_sp - log_sq)
+        div = cross / s_q + (log_sp - log_sq)
         extra = div
     else:
         kl_pm = tl.zeros((), tl.float32)
