@@ -107,7 +107,7 @@ def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float,
     b = x.to(cdt) / temperature
     ref, log_s = row_stats(b)
     logq = log_softmax_from(b, ref, log_s)
-    lp = logq.gather(1, tokens[:, None])[:, 0]
+    lp = logq[torch.arange(x.shape[0], device=x.device), tokens]  # not a view: editable in place
     if entropy:
         ent = -xlogy_ratio(torch.exp(logq), logq, torch.zeros_like(logq)).sum(-1)
     else:

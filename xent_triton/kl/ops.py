@@ -230,9 +230,15 @@ def _(logits, tokens, ent, stats, dlp, dent, temperature):
     return logits.new_empty(logits.shape)
 
 
+def saved_entropy(ent: Tensor) -> Tensor:
+    """A private copy of the returned entropy for the backward (O(N)): the caller may edit the one
+    it got in place (``ent.mul_(2)``) without breaking, or changing, the backward."""
+    return ent.detach().clone()
+
+
 def _logprobs_setup(ctx, inputs, output):
     logits, tokens, temperature, entropy = inputs
-    ctx.save_for_backward(logits, tokens, output[1], output[2])
+    ctx.save_for_backward(logits, tokens, saved_entropy(output[1]), output[2])
     ctx.temperature, ctx.entropy = temperature, entropy
     ctx.mark_non_differentiable(output[2])
 
