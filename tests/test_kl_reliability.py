@@ -271,3 +271,26 @@ def test_compile_fullgraph_dynamic(fn):
         out.backward()
         torch.testing.assert_close(out, eager)
         torch.testing.assert_close(xc.grad, xe.grad)
+
+
+# ------------------------------------------------------------------ rows far below zero
+@pytest.mark.parametrize("shift", [-100.0, -1e4])
+def test_rows_entirely_below_minus_88(path, shift):
+    """Every logit of a row below -88 (exp underflows to 0 against a reference of 0): the online
+    log-sum-exp of kernels/common.py once scaled its empty sum by exp(0 - ref) = inf, 0 * inf = NaN
+    (the KL family and the CE heads alike)."""
+    x = torch.randn(3, 100) * 2 + shift
+    tok = torch.randint(0, 100, (3,))
+    t = torch.randn(3, 100) * 2
+    for name, ours, ref, theirs in (
+        ("token_logprobs", xent_triton.token_logprobs(x, tok),
+         F.log_softmax(x.double(), -1).gather(1, tok[:, None])[:, 0],
+         F.log_softmax(x, -1).gather(1, tok[:, None])[:, 0]),
+        ("cross_entropy", xent_triton.cross_entropy(x, tok, reduction="none"),
+         F.cross_entropy(x.double(), tok, reduction="none"), F.cross_entropy(x, tok, reduction="none")),
+        ("distillation_loss", xent_triton.distillation_loss(x, t, reduction="none", divergence="reverse_kl"),
+         F.kl_div(F.log_softmax(t.double(), -1), F.log_softmax(x.double(), -1), log_target=True,
+                  reduction="none").sum(-1),
+         F.kl_div(F.log_softmax(t, -1), F.log_softmax(x, -1), log_target=True, reduction="none").sum(-1)),
+    ):
+        assert_close_rule(name, ours, theirs, ref, F32)
