@@ -37,10 +37,9 @@ GRAD_FLOOR = {F32: 4e-6, BF16: 2.0 ** -6}
 DIVERGENCES = ["kl", "reverse_kl", "jsd"]
 FULL = [(sd, td, T, off) for sd in (F32, BF16) for td in (F32, BF16) for T in (0.5, 1.0, 2.0)
         for off in (0.0, 100.0, 1e4)]
-# CI time: every dtype pair at 2 (T, offset) pairs; KL_SHIFT_FULL=1 walks all 36 (the figures in
-# docs/kl.md)
-SPARSE = [(sd, td, T, off) for sd in (F32, BF16) for td in (F32, BF16)
-          for T, off in ((0.5, 1e4), (2.0, 100.0))]
+# CI time: each dtype pair once, every T and offset != 0 among them; KL_SHIFT_FULL=1 walks all 36
+# (the figures in docs/kl.md)
+SPARSE = [(F32, F32, 2.0, 100.0), (F32, BF16, 0.5, 1e4), (BF16, F32, 1.0, 100.0), (BF16, BF16, 2.0, 1e4)]
 
 
 def grid() -> list:
