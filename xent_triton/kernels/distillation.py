@@ -128,10 +128,8 @@ def distill_fwd_kernel(
         div = cross / s_q + (log_sp - log_sq)
         extra = div
     else:
-        # fp64 sums (fp32 terms): the backward subtracts K = KL(q||m) from per-class gaps of nearly
-        # the same value, so K's rounding is amplified there (as the torch twin's float64 sum)
-        kl_pm = tl.zeros((), tl.float64)
-        kl_qm = tl.zeros((), tl.float64)
+        kl_pm = tl.zeros((), tl.float32)
+        kl_qm = tl.zeros((), tl.float32)
         for start in range(0, C, BLOCK_C):
             cols = start + offs
             mask = cols < c_lim
@@ -142,10 +140,10 @@ def distill_fwd_kernel(
             gap_p, gap_q = mixture_gaps(logp, logq, beta)
             p = tl.exp2(logp * LOG2E)
             q = tl.exp2(logq * LOG2E)
-            kl_pm += tl.sum(tl.where(p > 0, p * gap_p, 0.0).to(tl.float64), 0)
-            kl_qm += tl.sum(tl.where(q > 0, q * gap_q, 0.0).to(tl.float64), 0)
-        div = (beta * kl_pm + (1.0 - beta) * kl_qm).to(tl.float32)
-        extra = kl_qm.to(tl.float32)
+            kl_pm += tl.sum(tl.where(p > 0, p * gap_p, 0.0), 0)
+            kl_qm += tl.sum(tl.where(q > 0, q * gap_q, 0.0), 0)
+        div = beta * kl_pm + (1.0 - beta) * kl_qm
+        extra = kl_qm
     ref_1 = safe_ref(m_1)
     log_s1 = tl.log2(s_1) * LN2
     loss = div
