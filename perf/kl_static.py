@@ -11,7 +11,7 @@ import importlib
 from perf import kernel_specs as ks
 from perf import static_report as sr
 
-HP = dict(temperature=2.0, ce_weight=0.1, log_beta=-0.69, log_1mbeta=-0.69, beta=0.5)
+HP = dict(temperature=2.0, ce_weight=0.1, beta=0.5)
 
 
 def lazy(module: str, name: str):

@@ -73,8 +73,10 @@ def online_lse_update(m, s, z):
     keep other sums relative to the reference shift them by (ref_old - ref_new).
     """
     m_new = tl.maximum(m, tl.max(z, 0))
-    ref_old = safe_ref(m)
     ref_new = safe_ref(m_new)
+    # nothing seen yet (s = 0): no shift. A reference of 0 there would scale 0 by exp(-ref_new),
+    # inf once every logit of the row is below -88 (0 * inf = NaN)
+    ref_old = tl.where(m == float("-inf"), ref_new, m)
     s_new = s * tl.exp2((ref_old - ref_new) * LOG2E) + tl.sum(tl.exp2((z - ref_new) * LOG2E), 0)
     return m_new, s_new, ref_old, ref_new
 

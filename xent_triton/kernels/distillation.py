@@ -32,15 +32,18 @@ N_STATS = 8
 
 
 @triton.jit
-def log_mixture(logp, logq, log_beta, log_1mbeta):
-    """log m = log(beta p + (1-beta) q) from log p and log q (-inf when both are -inf)."""
-    u = logp + log_beta
-    v = logq + log_1mbeta
-    hi = tl.maximum(u, v)
-    lo = tl.minimum(u, v)
-    safe_hi = safe_ref(hi)
-    return tl.where(hi == float("-inf"), float("-inf"),
-                    hi + tl.log2(1.0 + tl.exp2((lo - safe_hi) * LOG2E)) * LN2)
+def mixture_gaps(logp, logq, beta):
+    """(log p - log m, log q - log m), m = beta p + (1-beta) q, from d = log q - log p alone:
+    log m - log q = log(beta e^{-d} + 1 - beta) for d >= 0, log m - log p = log(beta + (1-beta) e^d)
+    for d < 0 (no overflow; the other gap differs by d). Where p ~ q the gaps are the log of a
+    number near 1, exact to its relative rounding: never the difference of two rounded log m,
+    log p of size |log p| (that cost ~10x torch's fp32 error). Lanes with p = q = 0 give NaN:
+    callers mask them (0 log 0 := 0)."""
+    d = logq - logp
+    pos = d >= 0
+    e = tl.exp2(-tl.abs(d) * LOG2E)
+    small = tl.log2(tl.where(pos, beta * e + (1.0 - beta), beta + (1.0 - beta) * e)) * LN2
+    return -tl.where(pos, small + d, small), -tl.where(pos, small, small - d)
 
 
 @triton.jit
@@ -50,15 +53,25 @@ def xlogy_ratio(p, logp, logr):
 
 
 @triton.jit
+def shift_cross(cross, s_old, ro_old, ro_new, rx_old, rx_new):
+    """Move cross = sum e^{u - ro} ((u - ro) - (v - rx)) (s_old = sum e^{u - ro_old}) from the
+    references (ro_old, rx_old) to (ro_new, rx_new): e^{d} (cross + (d + rx_new - rx_old) s_old),
+    d = ro_old - ro_new."""
+    d = ro_old - ro_new
+    return tl.exp2(d * LOG2E) * (cross + (d + (rx_new - rx_old)) * s_old)
+
+
+@triton.jit
 def distill_fwd_kernel(
     s_ptr, stride_sn, stride_sc, t_ptr, stride_tn, stride_tc, lbl_ptr,
     loss_ptr, stats_ptr, C, ignore_index,
-    temperature, ce_weight, log_beta, log_1mbeta, beta,
+    temperature, ce_weight, beta,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Forward, one program per row (grid (R,)): online (max, sum) of a, b (and x for the CE) and
-    the cross sum of the divergence, sum e^{a-ref_p}(a - b) (kl) or sum e^{b-ref_q}(b - a) (rkl),
-    rescaled when the reference moves; jsd reads the rows a second time with the final lses.
+    the cross sum of the divergence, sum e^{a-ref_p}((a - ref_p) - (b - ref_q)) (kl) or
+    sum e^{b-ref_q}((b - ref_q) - (a - ref_p)) (rkl), moved with the references (shift_cross);
+    jsd reads the rows a second time with the final lses.
     Writes loss_r and stats_r (module docstring)."""
     r = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
@@ -88,25 +101,31 @@ def distill_fwd_kernel(
         tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=float("-inf")).to(tl.float32)
         b = x / temperature
         a = tv / temperature
+        sp_old = s_p
+        sq_old = s_q
         m_p, s_p, rp_old, rp_new = online_lse_update(m_p, s_p, a)
         m_q, s_q, rq_old, rq_new = online_lse_update(m_q, s_q, b)
         if HAS_CE:
             m_1, s_1, _r1o, _r1n = online_lse_update(m_1, s_1, x)
+        # each side relative to its own reference: no two large terms cancel, whatever the
+        # offset between the models' logits (see the module docstring)
         if DIVERGENCE == KL:
+            cross = shift_cross(cross, sp_old, rp_old, rp_new, rq_old, rq_new)
             e = tl.exp2((a - rp_new) * LOG2E)
-            cross = cross * tl.exp2((rp_old - rp_new) * LOG2E) + tl.sum(tl.where(e > 0, e * (a - b), 0.0), 0)
+            cross += tl.sum(tl.where(e > 0, e * ((a - rp_new) - (b - rq_new)), 0.0), 0)
         elif DIVERGENCE == REVERSE_KL:
+            cross = shift_cross(cross, sq_old, rq_old, rq_new, rp_old, rp_new)
             e = tl.exp2((b - rq_new) * LOG2E)
-            cross = cross * tl.exp2((rq_old - rq_new) * LOG2E) + tl.sum(tl.where(e > 0, e * (b - a), 0.0), 0)
+            cross += tl.sum(tl.where(e > 0, e * ((b - rq_new) - (a - rp_new)), 0.0), 0)
     ref_p = safe_ref(m_p)
     ref_q = safe_ref(m_q)
     log_sp = tl.log2(s_p) * LN2
     log_sq = tl.log2(s_q) * LN2
     extra = tl.zeros((), tl.float32)
     if DIVERGENCE == KL:
-        div = cross / s_p + (ref_q - ref_p) + (log_sq - log_sp)
+        div = cross / s_p + (log_sq - log_sp)
     elif DIVERGENCE == REVERSE_KL:
-        div = cross / s_q + (ref_p - ref_q) + (log_sp - log_sq)
+        div = cross / s_q + (log_sp - log_sq)
         extra = div
     else:
         kl_pm = tl.zeros((), tl.float32)
@@ -118,9 +137,11 @@ def distill_fwd_kernel(
             tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=float("-inf")).to(tl.float32)
             logp = (tv / temperature - ref_p) - log_sp
             logq = (x / temperature - ref_q) - log_sq
-            logm = log_mixture(logp, logq, log_beta, log_1mbeta)
-            kl_pm += tl.sum(xlogy_ratio(tl.exp2(logp * LOG2E), logp, logm), 0)
-            kl_qm += tl.sum(xlogy_ratio(tl.exp2(logq * LOG2E), logq, logm), 0)
+            gap_p, gap_q = mixture_gaps(logp, logq, beta)
+            p = tl.exp2(logp * LOG2E)
+            q = tl.exp2(logq * LOG2E)
+            kl_pm += tl.sum(tl.where(p > 0, p * gap_p, 0.0), 0)
+            kl_qm += tl.sum(tl.where(q > 0, q * gap_q, 0.0), 0)
         div = beta * kl_pm + (1.0 - beta) * kl_qm
         extra = kl_qm
     ref_1 = safe_ref(m_1)
@@ -152,7 +173,7 @@ def distill_fwd_kernel(
 def distill_bwd_kernel(
     s_ptr, stride_sn, stride_sc, t_ptr, stride_tn, stride_tc, lbl_ptr,
     dx_ptr, stride_gn, stride_gc, stats_ptr, dloss_ptr, stride_dloss, C, ignore_index, span,
-    temperature, ce_weight, log_beta, log_1mbeta, beta,
+    temperature, ce_weight, beta,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Backward, grid (R, splits): program (r, k) recomputes q, p (and softmax(x)) over columns
@@ -197,8 +218,8 @@ def distill_bwd_kernel(
         elif DIVERGENCE == REVERSE_KL:
             dd = tl.where(q > 0, q * (logq - logp - extra), 0.0)
         else:
-            logm = log_mixture(logp, logq, log_beta, log_1mbeta)
-            dd = (1.0 - beta) * tl.where(q > 0, q * (logq - logm - extra), 0.0)
+            _gap_p, gap_q = mixture_gaps(logp, logq, beta)
+            dd = (1.0 - beta) * tl.where(q > 0, q * (gap_q - extra), 0.0)
         dx = g_div * dd
         if HAS_CE:
             sm1 = tl.exp2(((x - ref_1) - log_s1) * LOG2E)

@@ -5,7 +5,6 @@ float64 for float64 students) on whole (R, C) rows: N x C temporaries are fine o
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -32,9 +31,14 @@ def xlogy_ratio(p: Tensor, logp: Tensor, logr: Tensor) -> Tensor:
     return torch.where(p > 0, p * (logp - logr), torch.zeros_like(p))
 
 
-def log_mixture(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
-    """log(beta p + (1 - beta) q)."""
-    return torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+def mixture_gaps(logp: Tensor, logq: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(log p - log m, log q - log m), m = beta p + (1 - beta) q, from d = log q - log p (the
+    kernel's ``mixture_gaps``: accurate where p ~ q; NaN where p = q = 0, masked by callers)."""
+    d = logq - logp
+    pos = d >= 0
+    e = torch.exp(-d.abs())
+    small = torch.log(torch.where(pos, beta * e + (1 - beta), beta + (1 - beta) * e))
+    return -torch.where(pos, small + d, small), -torch.where(pos, small, small - d)
 
 
 def distill_forward(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: int, beta: float,
@@ -51,11 +55,13 @@ def distill_forward(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: 
     if divergence == KL:
         div = xlogy_ratio(p, logp, logq).sum(-1)
     elif divergence == REVERSE_KL:
-        div = extra = xlogy_ratio(q, logq, logp).sum(-1)
+        div = extra = xlogy_ratio(q, logq, logp).sum(-1, dtype=torch.float64).to(cdt)  # as K below
     else:
-        logm = log_mixture(logp, logq, beta)
-        extra = xlogy_ratio(q, logq, logm).sum(-1)
-        div = beta * xlogy_ratio(p, logp, logm).sum(-1) + (1 - beta) * extra
+        gap_p, gap_q = mixture_gaps(logp, logq, beta)
+        zero = torch.zeros_like(p)
+        # K is subtracted from each gap in the backward, where gap ~ K: a float64 sum (O(R) output)
+        extra = torch.where(q > 0, q * gap_q, zero).sum(-1, dtype=torch.float64).to(cdt)
+        div = beta * torch.where(p > 0, p * gap_p, zero).sum(-1) + (1 - beta) * extra
     ref_1, log_s1 = row_stats(xs)
     loss = div
     R = x.shape[0]
@@ -86,8 +92,8 @@ def distill_backward(x: Tensor, t: Tensor, labels: Optional[Tensor], stats: Tens
     elif divergence == REVERSE_KL:
         dd = torch.where(q > 0, q * (logq - logp - extra[:, None]), torch.zeros_like(q))
     else:
-        logm = log_mixture(logp, logq, beta)
-        dd = (1 - beta) * torch.where(q > 0, q * (logq - logm - extra[:, None]), torch.zeros_like(q))
+        _gap_p, gap_q = mixture_gaps(logp, logq, beta)
+        dd = (1 - beta) * torch.where(q > 0, q * (gap_q - extra[:, None]), torch.zeros_like(q))
     g = dloss.to(cdt)[:, None]
     dx = g * (1 - ce_weight) / temperature * dd
     if labels is not None:
@@ -107,7 +113,7 @@ def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float,
     b = x.to(cdt) / temperature
     ref, log_s = row_stats(b)
     logq = log_softmax_from(b, ref, log_s)
-    lp = logq.gather(1, tokens[:, None])[:, 0]
+    lp = logq[torch.arange(x.shape[0], device=x.device), tokens]  # not a view: editable in place
     if entropy:
         ent = -xlogy_ratio(torch.exp(logq), logq, torch.zeros_like(logq)).sum(-1)
     else:

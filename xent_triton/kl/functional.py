@@ -12,17 +12,29 @@ from typing import Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from ..options import REDUCTIONS, class_ids
+from ..options import LossOptions, class_ids
+from ..runtime import is_compiling
 from .ops import DIVERGENCES
 
 
+def symbolic(v) -> bool:
+    return isinstance(v, (torch.SymFloat, torch.SymInt))
+
+
 def check_real(name: str, v, ok, requirement: str) -> float:
-    """A Python float satisfying ``ok`` (TypeError / ValueError naming the option otherwise)."""
+    """A Python float satisfying ``ok`` (TypeError / ValueError naming the option otherwise).
+
+    Compile-safe as the CE heads' options: a value that ``torch.compile(dynamic=True)`` made
+    symbolic is not forced, and under dynamo ``math.isfinite`` (which it cannot trace) is skipped;
+    the comparisons in ``ok`` become guards."""
     if isinstance(v, Tensor):
         raise ValueError(f"{name} must be a finite Python float, got a tensor")
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not symbolic(v):
         raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
-    if not (math.isfinite(v) and ok(v)):
+    if symbolic(v):
+        return v
+    finite = True if is_compiling() else math.isfinite(v)
+    if not (finite and ok(v)):
         raise ValueError(f"{name} must be {requirement}, got {v!r}")
     return float(v)
 
@@ -32,15 +44,19 @@ def check_logits(name: str, x: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point tensor of shape (..., C)")
     if x.dim() < 1:
         raise ValueError(f"{name} must have a class dimension (..., C), got a scalar")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} has no classes (C = 0)")
 
 
 def distill_options(divergence: str, beta: float, temperature: float, reduction: str,
-                    ce_weight: float, has_labels: bool) -> tuple[int, float, float, float]:
-    """Validated (divergence id, beta, temperature, ce_weight)."""
+                    ce_weight: float, has_labels: bool, ignore_index=-100,
+                    empty_batch: str = "nan") -> tuple[int, float, float, float, LossOptions]:
+    """Validated (divergence id, beta, temperature, ce_weight, options); ignore_index, reduction and
+    empty_batch are validated as the CE heads' (``LossOptions.make``: TypeError for a bool / float
+    ignore_index, None = -100)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    opts = LossOptions.make(ignore_index=ignore_index, reduction=reduction, empty_batch=empty_batch)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
     if divergence == "jsd":
         beta = check_real("beta", beta, lambda v: 0 < v < 1,
@@ -48,25 +64,30 @@ def distill_options(divergence: str, beta: float, temperature: float, reduction:
     ce_weight = check_real("ce_weight", ce_weight, lambda v: 0 <= v <= 1, "in [0, 1]")
     if ce_weight != 0 and not has_labels:
         raise ValueError("ce_weight > 0 needs labels (the hard-label cross-entropy's class ids)")
-    return DIVERGENCES[divergence], float(beta), temperature, ce_weight
+    return DIVERGENCES[divergence], beta if symbolic(beta) else float(beta), temperature, ce_weight, opts
 
 
-def reduce_tokens(loss_rows: Tensor, labels: Optional[Tensor], ignore_index: int, reduction: str,
-                  shape) -> Tensor:
-    """none: the tokens' shape; sum; mean over the non-ignored tokens (all without labels)."""
-    if reduction == "none":
+def reduce_tokens(loss_rows: Tensor, labels: Optional[Tensor], opts: LossOptions, shape) -> Tensor:
+    """none: the tokens' shape; sum; mean over the non-ignored tokens (all without labels).
+    ``empty_batch="zero"``: a mean over no token is 0 (zero gradients, graph connected), else NaN."""
+    if opts.reduction == "none":
         return loss_rows.view(shape)
     total = loss_rows.sum()
-    if reduction == "sum":
+    if opts.reduction == "sum":
         return total
     if labels is None:
-        return total / loss_rows.shape[0]
-    return total / (labels != ignore_index).sum().to(total.dtype)
+        den = torch.full((), float(loss_rows.shape[0]), dtype=total.dtype, device=total.device)
+    else:
+        den = (labels != opts.ignore_index).sum().to(total.dtype)
+    if opts.empty_batch == "zero":
+        den = torch.where(den == 0, torch.ones_like(den), den)
+    return total / den
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                       divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
-                      ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0) -> Tensor:
+                      ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
+                      empty_batch: str = "nan") -> Tensor:
     """Knowledge-distillation loss between student and teacher logits, fused and streamed.
 
     With p = softmax(teacher / T) and q = softmax(student / T) over the last dimension:
@@ -83,8 +104,10 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
             ``ignore_index`` are left out of every term (loss 0, gradient 0).
         divergence: "kl", "reverse_kl" or "jsd". beta: the JSD mixture weight, in (0, 1).
         temperature: T > 0, finite. ce_weight: alpha in [0, 1] (needs labels when > 0).
+        ignore_index: an int (None: -100, as the CE heads; a bool or float raises TypeError).
         reduction: "none" (the tokens' shape), "sum", or "mean" (over non-ignored tokens; over all
             tokens when ``labels`` is None).
+        empty_batch: "nan" (a mean over no valid token, as torch) or "zero" (0, zero gradients).
 
     Returns:
         The float32 loss (float64 for a float64 student). The gradient reaches the student only.
@@ -103,16 +126,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
                          f"{tuple(student_logits.shape)}")
     if teacher_logits.device != student_logits.device:
         raise ValueError("teacher_logits and student_logits must be on the same device")
-    div, beta, temperature, ce_weight = distill_options(divergence, beta, temperature, reduction,
-                                                        ce_weight, labels is not None)
+    div, beta, temperature, ce_weight, opts = distill_options(
+        divergence, beta, temperature, reduction, ce_weight, labels is not None, ignore_index, empty_batch)
     C = student_logits.shape[-1]
     lbl = None if labels is None else class_ids(labels, student_logits.shape[:-1],
                                                 "student_logits' leading shape")
     x = student_logits.reshape(-1, C)
     t = teacher_logits.detach().reshape(-1, C)
     loss_rows, _stats = torch.ops.xent_triton.distillation_fwd(x, t, lbl, div, beta, temperature,
-                                                                ignore_index, ce_weight)
-    return reduce_tokens(loss_rows, lbl, ignore_index, reduction, student_logits.shape[:-1])
+                                                                opts.ignore_index, ce_weight)
+    return reduce_tokens(loss_rows, lbl, opts, student_logits.shape[:-1])
 
 
 # Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..linear.chunked import accumulate_mm, logits_into, make_scratch
-from ..options import class_ids, target_range_check
+from ..options import autocast_operands, class_ids, target_range_check
 from ..runtime import compute_dtype, no_second_derivative, upstream_or_zeros
 from .functional import check_real, distill_options, reduce_tokens
 from .ops import (
@@ -26,6 +26,7 @@ from .ops import (
     distill_forward_rows,
     logprobs_backward_into,
     logprobs_forward_rows,
+    saved_entropy,
     token_range_check,
 )
 
@@ -40,14 +41,49 @@ def chunk_rows(chunk_size: Optional[int], N: int, C: int) -> int:
     return chunk_size
 
 
-def grads_from_chunk(dz: Tensor, x: Tensor, w: Tensor, dx: Tensor, dw: Tensor, db: Tensor,
-                     scratch: Optional[Tensor]) -> None:
-    """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (fp32 / fp64 accumulators; 16-bit
-    products reach dW as in the linear head: ``out_dtype`` GEMMs on CUDA, a block scratch on CPU,
-    ``scratch`` from ``make_scratch``)."""
-    torch.mm(dz, w, out=dx)
-    accumulate_mm(dw, dz.t(), x, False, scratch)
-    db.add_(dz.sum(0, dtype=db.dtype))
+class Grads:
+    """The student's gradient buffers, allocated only for what autograd asks (a frozen head
+    - LoRA, RL with a fixed head - allocates no (C, D) or (C,) buffer): dX in x's dtype, dW and
+    db as fp32 / fp64 accumulators (``scratch`` from ``make_scratch``)."""
+
+    def __init__(self, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool):
+        acc = compute_dtype(x)
+        self.x_dtype, self.w_dtype = x.dtype, w.dtype
+        self.dx = x.new_empty(x.shape) if need_dx else None
+        self.dw = torch.zeros(w.shape, dtype=acc, device=x.device) if need_dw else None
+        self.db = torch.zeros((w.shape[0],), dtype=acc, device=x.device) if need_db else None
+        self.scratch = make_scratch(self.dw, x.dtype)
+
+    def add_chunk(self, dz: Tensor, x: Tensor, w: Tensor, r0: int, r1: int) -> None:
+        """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (16-bit products reach dW as in the
+        linear head: ``out_dtype`` GEMMs on CUDA, a block scratch on CPU)."""
+        if self.dx is not None:
+            torch.mm(dz, w, out=self.dx[r0:r1])
+        if self.dw is not None:
+            accumulate_mm(self.dw, dz.t(), x[r0:r1], False, self.scratch)
+        if self.db is not None:
+            self.db.add_(dz.sum(0, dtype=self.db.dtype))
+
+    def result(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(dX, dW, db) with a (0,) placeholder for each one not asked for."""
+        return (x.new_empty((0,)) if self.dx is None else self.dx,
+                x.new_empty((0,)) if self.dw is None else self.dw.to(self.w_dtype),
+                x.new_empty((0,)) if self.db is None else self.db.to(self.w_dtype))
+
+
+def needs(ctx, b: Optional[Tensor]) -> tuple[bool, bool, bool]:
+    return ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]
+
+
+def grads_or_none(grads, need, what: str) -> tuple:
+    return tuple(no_second_derivative(g, what) if n else None for g, n in zip(grads, need))
+
+
+def fake_grads(x: Tensor, w: Tensor, b: Optional[Tensor], need_dx: bool, need_dw: bool,
+               need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            w.new_empty(w.shape) if need_dw else x.new_empty((0,)),
+            w.new_empty((w.shape[0],)) if need_db else x.new_empty((0,)))
 
 
 @torch.library.custom_op("xent_triton::linear_distillation_fwd", mutates_args=())
@@ -85,16 +121,13 @@ def _(xs, ws, bs, xt, wt, bt, labels, divergence, beta, temperature, ignore_inde
 def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
                             bt: Optional[Tensor], labels: Optional[Tensor], stats: Tensor, dloss: Tensor,
                             divergence: int, beta: float, temperature: float, ignore_index: int,
-                            ce_weight: float, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dX, dW, db) of the student (db has shape (0,) without a bias)."""
+                            ce_weight: float, chunk: int, need_dx: bool, need_dw: bool,
+                            need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db) of the student; (0,) for each one not needed (and db without a bias)."""
     N, C = xs.shape[0], ws.shape[0]
-    acc = compute_dtype(xs)
-    dx = xs.new_empty(xs.shape)
-    dw = torch.zeros(ws.shape, dtype=acc, device=xs.device)
-    db = torch.zeros((C,), dtype=acc, device=xs.device)
+    grads = Grads(xs, ws, need_dx, need_dw, need_db)
     zs = xs.new_empty((min(chunk, N), C))
     zt = xt.new_empty((min(chunk, N), C))
-    scratch = make_scratch(dw, xs.dtype)
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         n = r1 - r0
@@ -103,15 +136,14 @@ def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Te
         distill_backward_into(zs[:n], zs[:n], zt[:n], None if labels is None else labels[r0:r1],
                               stats[r0:r1], dloss[r0:r1], divergence, beta, temperature, ignore_index,
                               ce_weight)
-        grads_from_chunk(zs[:n], xs[r0:r1], ws, dx[r0:r1], dw, db, scratch)
-    return dx, dw.to(ws.dtype), db.to(ws.dtype) if bs is not None else db[:0].to(ws.dtype)
+        grads.add_chunk(zs[:n], xs, ws, r0, r1)
+    return grads.result(xs)
 
 
 @linear_distillation_bwd.register_fake
 def _(xs, ws, bs, xt, wt, bt, labels, stats, dloss, divergence, beta, temperature, ignore_index,
-      ce_weight, chunk):
-    nb = ws.shape[0] if bs is not None else 0
-    return xs.new_empty(xs.shape), ws.new_empty(ws.shape), ws.new_empty((nb,))
+      ce_weight, chunk, need_dx, need_dw, need_db):
+    return fake_grads(xs, ws, bs, need_dx, need_dw, need_db)
 
 
 def _ld_setup(ctx, inputs, output):
@@ -124,27 +156,42 @@ def _ld_setup(ctx, inputs, output):
 def _ld_backward(ctx, dloss, _dstats):
     xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, xs.device)
-    dx, dw, db = torch.ops.xent_triton.linear_distillation_bwd(xs, ws, bs, xt, wt, bt, labels, stats, dloss,
-                                                                *ctx.flat)
-    what = "linear_distillation_loss"
-    return (no_second_derivative(dx, what), no_second_derivative(dw, what),
-            no_second_derivative(db, what) if bs is not None else None) + (None,) * 10
+    need = needs(ctx, bs)
+    grads = torch.ops.xent_triton.linear_distillation_bwd(xs, ws, bs, xt, wt, bt, labels, stats, dloss,
+                                                           *ctx.flat, *need)
+    return grads_or_none(grads, need, "linear_distillation_loss") + (None,) * 10
 
 
 linear_distillation_fwd.register_autograd(_ld_backward, setup_context=_ld_setup)
 
 
-def check_head(name: str, h: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
-    for what, t in ((f"{name}_hidden", h), (f"{name}_weight", w)):
+def check_head(names: tuple[str, str, str], h: Tensor, w: Tensor,
+               b: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The head's (hidden, weight, bias), named ``names`` in errors; under ``torch.autocast`` cast
+    to the autocast dtype as ``F.linear`` computes them (e.g. fp32 weights, bf16 activations)."""
+    hn, wn, bn = names
+    for what, t in ((hn, h), (wn, w)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{what} must be a floating-point tensor")
+    h, w, b = autocast_operands(h, w, b)
     if h.dim() < 1 or w.dim() != 2 or h.shape[-1] != w.shape[1]:
-        raise ValueError(f"{name}_hidden (..., D) and {name}_weight (C, D) do not match: "
-                         f"{tuple(h.shape)} vs {tuple(w.shape)}")
+        raise ValueError(f"{hn} (..., D) and {wn} (C, D) do not match: {tuple(h.shape)} vs {tuple(w.shape)}")
+    if w.shape[0] == 0:
+        raise ValueError(f"{wn} has no classes (C = 0)")
     if w.dtype != h.dtype or w.device != h.device:
-        raise ValueError(f"{name}_weight must have {name}_hidden's dtype and device")
+        raise ValueError(f"{wn} must have {hn}'s dtype and device (outside torch.autocast)")
     if b is not None and (b.shape != (w.shape[0],) or b.dtype != h.dtype):
-        raise ValueError(f"{name}_bias must be ({w.shape[0]},) of {name}_hidden's dtype")
+        raise ValueError(f"{bn} must be ({w.shape[0]},) of {hn}'s dtype")
+    return h, w, b
+
+
+STUDENT = ("student_hidden", "student_weight", "student_bias")
+TEACHER = ("teacher_hidden", "teacher_weight", "teacher_bias")
+
+
+def rows(h: Tensor) -> Tensor:
+    """(N, D) rows of (..., D) hidden states (D = 0 too, where -1 would be ambiguous)."""
+    return h.reshape(h.shape[:-1].numel(), h.shape[-1])
 
 
 def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
@@ -152,7 +199,7 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
                              student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                              divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                              ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
-                             chunk_size: Optional[int] = None) -> Tensor:
+                             empty_batch: str = "nan", chunk_size: Optional[int] = None) -> Tensor:
     """``distillation_loss(F.linear(student_hidden, student_weight, student_bias),
     F.linear(teacher_hidden, teacher_weight, teacher_bias), labels, ...)`` without the N x C logits.
 
@@ -160,8 +207,10 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         student_hidden: (..., D); student_weight: (C, D); student_bias: (C,) or None (same dtype).
         teacher_hidden: (..., Dt) with the student's leading shape; teacher_weight: (C, Dt);
             teacher_bias: (C,) or None. The teacher is a constant (detached; no gradient).
-        labels, divergence, beta, temperature, ignore_index, reduction, ce_weight: as in
-            ``distillation_loss`` (no T**2 factor).
+        labels, divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch: as
+            in ``distillation_loss`` (no T**2 factor). Under ``torch.autocast`` each head is cast
+            to the autocast dtype as ``F.linear`` does; hidden size 0 gives the bias (or zero)
+            logits, as ``F.linear``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
 
     Returns:
@@ -173,8 +222,10 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         >>> ht, wt = torch.randn(8, 96), torch.randn(1000, 96)
         >>> linear_distillation_loss(hs, ws, ht, wt, divergence="jsd", chunk_size=4).backward()
     """
-    check_head("student", student_hidden, student_weight, student_bias)
-    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    student_hidden, student_weight, student_bias = check_head(STUDENT, student_hidden, student_weight,
+                                                              student_bias)
+    teacher_hidden, teacher_weight, teacher_bias = check_head(TEACHER, teacher_hidden, teacher_weight,
+                                                              teacher_bias)
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"student and teacher heads have different class counts: {student_weight.shape[0]} "
                          f"vs {teacher_weight.shape[0]}")
@@ -182,17 +233,17 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} != "
                          f"student_hidden's {tuple(lead)}")
-    div, beta, temperature, ce_weight = distill_options(divergence, beta, temperature, reduction, ce_weight,
-                                                        labels is not None)
+    div, beta, temperature, ce_weight, opts = distill_options(
+        divergence, beta, temperature, reduction, ce_weight, labels is not None, ignore_index, empty_batch)
     lbl = None if labels is None else class_ids(labels, lead, "student_hidden's leading shape")
-    xs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    xt = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    xs = rows(student_hidden)
+    xt = rows(teacher_hidden.detach())
     chunk = chunk_rows(chunk_size, xs.shape[0], student_weight.shape[0])
     loss_rows, _stats = torch.ops.xent_triton.linear_distillation_fwd(
         xs, student_weight, student_bias, xt, teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), lbl, div, beta, temperature, ignore_index,
-        ce_weight, chunk)
-    return reduce_tokens(loss_rows, lbl, ignore_index, reduction, lead)
+        None if teacher_bias is None else teacher_bias.detach(), lbl, div, beta, temperature,
+        opts.ignore_index, ce_weight, chunk)
+    return reduce_tokens(loss_rows, lbl, opts, lead)
 
 
 # ---------------------------------------------------------------------------------- logprobs
@@ -225,33 +276,30 @@ def _(x, w, b, tokens, temperature, entropy, chunk):
 @torch.library.custom_op("xent_triton::linear_token_logprobs_bwd", mutates_args=())
 def linear_token_logprobs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, ent: Tensor,
                               stats: Tensor, dlp: Tensor, dent: Optional[Tensor], temperature: float,
-                              chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dX, dW, db) (db has shape (0,) without a bias)."""
+                              chunk: int, need_dx: bool, need_dw: bool,
+                              need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db); (0,) for each one not needed (and db without a bias)."""
     N, C = x.shape[0], w.shape[0]
-    acc = compute_dtype(x)
-    dx = x.new_empty(x.shape)
-    dw = torch.zeros(w.shape, dtype=acc, device=x.device)
-    db = torch.zeros((C,), dtype=acc, device=x.device)
+    grads = Grads(x, w, need_dx, need_dw, need_db)
     z = x.new_empty((min(chunk, N), C))
-    scratch = make_scratch(dw, x.dtype)
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         zc = z[:r1 - r0]
         logits_into(zc, x[r0:r1], w, b)
         logprobs_backward_into(zc, zc, tokens[r0:r1], ent[r0:r1] if dent is not None else ent,
                                stats[r0:r1], dlp[r0:r1], None if dent is None else dent[r0:r1], temperature)
-        grads_from_chunk(zc, x[r0:r1], w, dx[r0:r1], dw, db, scratch)
-    return dx, dw.to(w.dtype), db.to(w.dtype) if b is not None else db[:0].to(w.dtype)
+        grads.add_chunk(zc, x, w, r0, r1)
+    return grads.result(x)
 
 
 @linear_token_logprobs_bwd.register_fake
-def _(x, w, b, tokens, ent, stats, dlp, dent, temperature, chunk):
-    return x.new_empty(x.shape), w.new_empty(w.shape), w.new_empty((w.shape[0] if b is not None else 0,))
+def _(x, w, b, tokens, ent, stats, dlp, dent, temperature, chunk, need_dx, need_dw, need_db):
+    return fake_grads(x, w, b, need_dx, need_dw, need_db)
 
 
 def _lt_setup(ctx, inputs, output):
     x, w, b, tokens, temperature, entropy, chunk = inputs
-    ctx.save_for_backward(x, w, b, tokens, output[1], output[2])
+    ctx.save_for_backward(x, w, b, tokens, saved_entropy(output[1]), output[2])
     ctx.temperature, ctx.entropy, ctx.chunk = temperature, entropy, chunk
     ctx.mark_non_differentiable(output[2])
 
@@ -259,11 +307,10 @@ def _lt_setup(ctx, inputs, output):
 def _lt_backward(ctx, dlp, dent, _dstats):
     x, w, b, tokens, ent, stats = ctx.saved_tensors
     dlp = upstream_or_zeros(dlp, stats.shape[0], stats.dtype, x.device)
-    dx, dw, db = torch.ops.xent_triton.linear_token_logprobs_bwd(
-        x, w, b, tokens, ent, stats, dlp, dent if ctx.entropy else None, ctx.temperature, ctx.chunk)
-    what = "linear_token_logprobs"
-    return (no_second_derivative(dx, what), no_second_derivative(dw, what),
-            no_second_derivative(db, what) if b is not None else None, None, None, None, None)
+    need = needs(ctx, b)
+    grads = torch.ops.xent_triton.linear_token_logprobs_bwd(
+        x, w, b, tokens, ent, stats, dlp, dent if ctx.entropy else None, ctx.temperature, ctx.chunk, *need)
+    return grads_or_none(grads, need, "linear_token_logprobs") + (None,) * 4
 
 
 linear_token_logprobs_fwd.register_autograd(_lt_backward, setup_context=_lt_setup)
@@ -284,23 +331,25 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
     """``token_logprobs(F.linear(hidden, weight, bias), tokens, ...)`` without the N x C logits.
 
     Args:
-        hidden: (..., D); weight: (C, D); bias: (C,) or None (same dtype); tokens: ids of shape
+        hidden: (..., D); weight: (C, D); bias: (C,) or None (same dtype; under ``torch.autocast``
+            cast to the autocast dtype as ``F.linear`` does); tokens: ids of shape
             ``hidden.shape[:-1]`` in [0, C). temperature, return_entropy: as in ``token_logprobs``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
 
     Returns:
         float32 log-probs (tokens' shape), or (log-probs, entropy); gradients reach hidden, weight
-        and bias. FLOPs: forward 2 N D C, backward 6 N D C.
+        and bias (those that require grad: a frozen head allocates no (C, D) buffer). FLOPs:
+        forward 2 N D C, backward 6 N D C.
 
     Example:
         >>> h, W = torch.randn(2, 5, 64, requires_grad=True), torch.randn(1000, 64, requires_grad=True)
         >>> lp = linear_token_logprobs(h, W, torch.randint(0, 1000, (2, 5)), temperature=0.7)
         >>> lp.sum().backward()
     """
-    check_head("student", hidden, weight, bias)
+    hidden, weight, bias = check_head(("hidden", "weight", "bias"), hidden, weight, bias)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
     tok = class_ids(tokens, hidden.shape[:-1], "hidden's leading shape")
-    x = hidden.reshape(-1, hidden.shape[-1])
+    x = rows(hidden)
     chunk = chunk_rows(chunk_size, x.shape[0], weight.shape[0])
     lp, ent, _stats = torch.ops.xent_triton.linear_token_logprobs_fwd(x, weight, bias, tok, temperature,
                                                                       bool(return_entropy), chunk)

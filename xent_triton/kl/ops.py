@@ -13,7 +13,6 @@ The teacher gets no gradient (treated as a constant).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -45,21 +44,12 @@ def token_range_check(tokens: Tensor, C: int) -> None:
         raise IndexError(f"token {int(tokens[bad][0])} is out of bounds: expected ids in [0, {C})")
 
 
-def beta_logs(divergence: int, beta: float) -> tuple[float, float]:
-    """(log beta, log(1 - beta)) for jsd (0, 0 otherwise: unused)."""
-    if divergence != 2:
-        return 0.0, 0.0
-    return math.log(beta), math.log1p(-beta)
-
-
 def both_triton(x: Tensor, t: Tensor) -> bool:
     return uses_triton(x) and t.dtype in TRITON_DTYPES
 
 
 def distill_scalars(divergence: int, beta: float, temperature: float, ce_weight: float) -> dict:
-    log_beta, log_1mbeta = beta_logs(divergence, beta)
-    return dict(temperature=temperature, ce_weight=ce_weight, log_beta=log_beta,
-                log_1mbeta=log_1mbeta, beta=beta)
+    return dict(temperature=temperature, ce_weight=ce_weight, beta=beta)
 
 
 def distill_forward_rows(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: int, beta: float,
@@ -230,9 +220,15 @@ def _(logits, tokens, ent, stats, dlp, dent, temperature):
     return logits.new_empty(logits.shape)
 
 
+def saved_entropy(ent: Tensor) -> Tensor:
+    """A private copy of the returned entropy for the backward (O(N)): the caller may edit the one
+    it got in place (``ent.mul_(2)``) without breaking, or changing, the backward."""
+    return ent.detach().clone()
+
+
 def _logprobs_setup(ctx, inputs, output):
     logits, tokens, temperature, entropy = inputs
-    ctx.save_for_backward(logits, tokens, output[1], output[2])
+    ctx.save_for_backward(logits, tokens, saved_entropy(output[1]), output[2])
     ctx.temperature, ctx.entropy = temperature, entropy
     ctx.mark_non_differentiable(output[2])
 
