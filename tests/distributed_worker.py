@@ -88,9 +88,11 @@ def run_calls(case: dict, groups: dict, rec: Recorder) -> dict:
 def _kinds() -> dict:
     kinds = {"plain": plain_call}
     from dtensor_cases import KINDS as DT  # DTensor / FSDP2 / adapter calls (need the mesh)
+    from options_cases import KINDS as OPT  # issue 17: every option on every path, or refused alike
     from reliability_cases import KINDS as REL  # issue 18: second derivatives, soft-target gradients
     kinds.update(DT)
     kinds.update(REL)
+    kinds.update(OPT)
     return kinds
 
 

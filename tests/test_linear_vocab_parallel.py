@@ -26,7 +26,7 @@ from spawn_group import assert_ranks_ok, cached_spawner, run_group
 
 WORKER = pathlib.Path(__file__).with_name("linear_vocab_parallel_worker.py")
 SPAWN_TIMEOUT_S = 240
-LAYOUT_FLOATS = 18  # the per-call layout / agreement all_gather: at most this many float64 per rank
+LAYOUT_FLOATS = 20  # the per-call layout / agreement all_gather: at most this many float64 per rank
 
 
 @dataclasses.dataclass

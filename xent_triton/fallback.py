@@ -87,10 +87,11 @@ def target_gather(x3: Tensor, y_safe: Tensor, cdt) -> Tensor:
 
 def forward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor],
                     opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """``forward_rows`` by the online log-sum-exp over CHUNK_C-class chunks (any target)."""
+    """``forward_rows`` of class-probability targets (a float (N, C, D) ``target``) by the online
+    log-sum-exp over CHUNK_C-class chunks (hard targets take ``forward_hard_block``)."""
     N, C, D = x3.shape
     R, cdt, dev = N * D, compute_dtype(x3), x3.device
-    soft = target if target.is_floating_point() else None
+    soft = target
     eps, softcap, scale = opts.label_smoothing, opts.softcap, opts.logit_scale
     m = torch.full((R,), float("-inf"), dtype=cdt, device=dev)
     s = torch.zeros(R, dtype=cdt, device=dev)
@@ -102,66 +103,35 @@ def forward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor],
         m_new = torch.maximum(m, z.amax(1))
         ref_old, ref_new = safe_ref(m), safe_ref(m_new)
         s = s * torch.exp(ref_old - ref_new) + torch.exp(z - ref_new[:, None]).sum(1)
-        if soft is not None or eps > 0:
-            a = smooth_coef(soft, weight, c0, c1, C, eps, cdt, dev)
-            acc = acc + (ref_old - ref_new) * a_sum + (a * (z - ref_new[:, None])).sum(1)
-            a_sum = a_sum + a.sum(1)
+        a = smooth_coef(soft, weight, c0, c1, C, eps, cdt, dev)
+        acc = acc + (ref_old - ref_new) * a_sum + (a * (z - ref_new[:, None])).sum(1)
+        a_sum = a_sum + a.sum(1)
         m = m_new
     ref = safe_ref(m)
     log_s = torch.log(s)
-    lse = ref + log_s
-    if soft is not None:
-        return a_sum * log_s - acc, lse, torch.stack([ref, log_s, a_sum], dim=1)
-    ok = (target >= 0) & (target < C)
-    y_safe = torch.where(ok, target, torch.zeros_like(target))
-    z_y = transform_logits(target_gather(x3, y_safe, cdt), scale, softcap)
-    w_y = weight.to(cdt)[y_safe] if weight is not None else torch.ones_like(z_y)
-    loss = (1 - eps) * w_y * ((ref - z_y) + log_s)
-    if eps > 0:
-        wsum = weight.to(cdt).sum() if weight is not None else C
-        loss = loss + eps / C * (wsum * log_s - acc)
-    loss, row_w = finish_hard_rows(loss, w_y, target, opts.ignore_index, C)
-    return loss, lse, torch.stack([ref, log_s, row_w], dim=1)
+    return a_sum * log_s - acc, ref + log_s, torch.stack([ref, log_s, a_sum], dim=1)
 
 
 def backward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                      dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
                      n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None) -> Tensor:
-    """``backward_rows`` chunk by chunk of CHUNK_C classes (any target)."""
+    """``backward_rows`` of class-probability targets, chunk by chunk of CHUNK_C classes (hard
+    targets take ``backward_hard_block``). ``weight_sum`` is unused here (the soft target's
+    coefficients carry the class weights); kept for ``backward_rows``' one call shape."""
     N, C, D = x3.shape
     n = n_classes if n_classes is not None else C
     cdt, dev = compute_dtype(x3), x3.device
-    soft = target if target.is_floating_point() else None
     eps, softcap, scale = opts.label_smoothing, opts.softcap, opts.logit_scale
     ref, log_s, row_w = (stats[:, i].to(cdt) for i in range(3))
     g = dloss.to(cdt)
     h = dlse.to(cdt) if dlse is not None else torch.zeros_like(g)
-    if soft is not None:
-        coef_p = g * row_w + h
-        active = torch.ones_like(g, dtype=torch.bool)
-    else:
-        valid = target != opts.ignore_index
-        if weight_sum is not None:
-            wsum = weight_sum.to(cdt).reshape(())
-        else:
-            wsum = weight.to(cdt).sum() if weight is not None else n
-        coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, eps, n, wsum)
-        active = valid | (dlse is not None)
+    coef_p = g * row_w + h
     for c0 in range(0, C, CHUNK_C):
         c1 = min(C, c0 + CHUNK_C)
         z = transform_logits(rows(x3, c0, c1, cdt), scale, softcap)
         dz = coef_p[:, None] * torch.exp((z - ref[:, None]) - log_s[:, None])
-        if soft is not None:
-            dz = dz - g[:, None] * smooth_coef(soft, weight, c0, c1, n, eps, cdt, dev)
-        else:
-            cols = torch.arange(c0, c1, device=dev)
-            hit = cols[None, :] == target[:, None]
-            dz = dz - torch.where(hit, coef_y[:, None], torch.zeros_like(dz))
-            if eps > 0:
-                w = weight[c0:c1].to(cdt)[None, :] if weight is not None else 1.0
-                dz = dz - coef_u[:, None] * w
+        dz = dz - g[:, None] * smooth_coef(target, weight, c0, c1, n, eps, cdt, dev)
         dz = transform_grad(dz, z, scale, softcap)
-        dz = torch.where(active[:, None], dz, torch.zeros_like(dz))
         out[:, c0:c1, :].copy_(dz.view(N, D, c1 - c0).permute(0, 2, 1))
     return out
 

@@ -101,11 +101,12 @@ class LossOptions:
                            softcap=softcap, logit_scale=logit_scale)
 
 
-def make_options(process_group, **kwargs) -> tuple[LossOptions, Optional[BaseException]]:
-    """``LossOptions.make(**kwargs)``; with a process group a validation error is returned instead
-    of raised (defaults stand in), so that this rank still enters the layout exchange and every
-    rank raises together there: one rank's bad option must not leave the others waiting."""
-    if process_group is None:
+def make_options(deferred: bool, **kwargs) -> tuple[LossOptions, Optional[BaseException]]:
+    """``LossOptions.make(**kwargs)``; ``deferred`` (a process group or DTensor operands): a
+    validation error is returned instead of raised (defaults stand in), so that this rank still
+    enters the options agreement and every rank raises together there: one rank's bad option must
+    not leave the others waiting."""
+    if not deferred:
         return LossOptions.make(**kwargs), None
     try:
         return LossOptions.make(**kwargs), None
@@ -113,11 +114,19 @@ def make_options(process_group, **kwargs) -> tuple[LossOptions, Optional[BaseExc
         return LossOptions(), e
 
 
-def refuse_unsupported(what: str, **given) -> None:
-    """NotImplementedError naming options a path does not support (never silently ignored)."""
-    bad = [k for k, v in given.items() if v is not None and v is not False]  # a tensor: no bool()
-    if bad:
-        raise NotImplementedError(f"{what}: {', '.join(bad)} not supported on this path")
+def check_chunking(chunk_size, grad_accum_dtype, weight_dtype: torch.dtype) -> tuple[int, bool]:
+    """The linear head's ``chunk_size`` (0 = automatic) and whether dW accumulates in fp32 (None /
+    torch.float32; float64 weights in float64) or in ``weight_dtype``; ValueError otherwise.
+    Every path validates them (one device, ``process_group``, DTensor), before any collective."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if grad_accum_dtype is not None and not (isinstance(grad_accum_dtype, torch.dtype)
+                                             and grad_accum_dtype in (torch.float32, weight_dtype)):
+        raise ValueError(f"grad_accum_dtype must be None, torch.float32 or linear_weight.dtype "
+                         f"({weight_dtype}), got {grad_accum_dtype!r}")
+    fp32 = grad_accum_dtype in (None, torch.float32) or weight_dtype in (torch.float32, torch.float64)
+    return int(chunk_size or 0), fp32
 
 
 class LossStats(NamedTuple):
@@ -150,17 +159,6 @@ def check_weight(weight: Optional[Tensor], C: int, device: torch.device,
         raise NotImplementedError("the gradient with respect to weight is not supported")
     dt = torch.float64 if input_dtype == torch.float64 else torch.float32
     return weight.detach().to(dt).contiguous()
-
-
-def check_target_range(target: Tensor, C: int, ignore_index: int) -> None:
-    """On CPU (where it costs no device sync) raise IndexError for class ids outside [0, C).
-
-    On CUDA the check is skipped; the kernels make such a row's loss (and a mean) NaN instead.
-    Under torch.compile the ops run it inside their real implementation (``target_range_check``).
-    """
-    if target.device.type != "cpu" or target.numel() == 0 or is_compiling():
-        return
-    target_range_check(target, C, ignore_index)
 
 
 def target_range_check(target: Tensor, C: int, ignore_index: int) -> None:

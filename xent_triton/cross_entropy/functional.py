@@ -4,6 +4,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Literal, Optional, Union, overload
 
+import torch
 from torch import Tensor
 
 from ..options import (
@@ -24,6 +25,9 @@ def inplace_refusal(x: Tensor) -> Optional[str]:
     """Why the gradient cannot be written over ``x`` (None when it can)."""
     if x.is_leaf:
         return "the logits are a leaf tensor (their .grad would share their storage)"
+    if is_dtensor(x):  # the gradient is written over this rank's local shard
+        with torch.no_grad():
+            x = x.to_local()
     dims = sorted((d for d in range(x.dim()) if x.shape[d] > 1), key=lambda d: x.stride(d))
     span = 1
     for d in dims:
@@ -98,12 +102,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         >>> loss = cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
+    dtensor = is_dtensor(input)
     opts, options_error = make_options(
-        process_group, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
-    if is_dtensor(input):  # the layout comes from the placements (parallel/dtensor.py); refused
-        # options join the options agreement first (parallel/layout.py): no rank raises alone
-        return dtensor_cross_entropy(input, target, weight, opts, return_lse=return_lse,
+        process_group is not None or dtensor, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+        logit_scale=logit_scale, empty_batch=empty_batch)
+    if inplace_backward and isinstance(input, Tensor) and input.requires_grad:
+        why = inplace_refusal(input)  # on every path alike (a local choice: no agreement needed)
+        if why is not None:
+            warnings.warn(f"xent_triton.cross_entropy: inplace_backward ignored: {why}", stacklevel=2)
+            inplace_backward = False
+    if dtensor:  # the layout comes from the placements (parallel/dtensor.py); refused options and
+        # invalid ones join the options agreement first (parallel/layout.py): no rank raises alone
+        return dtensor_cross_entropy(input, target, weight, opts, inplace_backward=inplace_backward,
+                                     return_lse=return_lse, options_error=options_error,
                                      unsupported=dict(return_stats=return_stats, token_weight=token_weight))
     if process_group is not None:
         return vocab_parallel_cross_entropy(input, target, weight, opts, inplace_backward=inplace_backward,
@@ -113,11 +125,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                             token_weight=token_weight)
     can = canonical(input, target)
     w = check_weight(weight, can.C, input.device, input.dtype)
-    if inplace_backward and input.requires_grad:
-        why = inplace_refusal(input)
-        if why is not None:
-            warnings.warn(f"xent_triton.cross_entropy: inplace_backward ignored: {why}", stacklevel=2)
-            inplace_backward = False
     tw = check_token_weight(token_weight, can)
     skip = not return_lse and opts.lse_square_scale == 0  # no output reads an ignored row's lse
     loss_rows, lse, stats, ent, pred = cross_entropy_rows(can.x3, can.target, w, opts, inplace_backward,

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..options import (
     Canonical,
     autocast_operands,
+    check_chunking,
     check_linear_operands,
     check_token_weight,
     check_weight,
@@ -131,29 +132,30 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         >>> y = torch.randint(0, 32000, (4, 128))
         >>> linear_cross_entropy(h, W, y, label_smoothing=0.1).backward()
     """
-    opts, options_error = make_options(
-        process_group, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-        lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale, empty_batch=empty_batch)
     dtensor = is_dtensor(input) or is_dtensor(linear_weight)
-    if dtensor:  # layout from the placements (parallel/dtensor.py); refused options join the
-        # options agreement first (parallel/layout.py): no rank raises alone
+    opts, options_error = make_options(
+        process_group is not None or dtensor, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
+        logit_scale=logit_scale, empty_batch=empty_batch)
+    if dtensor:  # layout from the placements (parallel/dtensor.py); refused and invalid options
+        # join the options agreement first (parallel/layout.py): no rank raises alone
         return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts,
                                             return_lse=return_lse, reduce_input_grad=reduce_input_grad,
                                             unsupported=dict(return_stats=return_stats,
-                                                             token_weight=token_weight))
+                                                             token_weight=token_weight),
+                                            options_error=options_error, chunk_size=chunk_size,
+                                            grad_accum_dtype=grad_accum_dtype)
     if process_group is not None:  # validates the operands after its exchange: no rank raises alone
         return vocab_parallel_linear_cross_entropy(
             input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
             process_group=process_group, vocab_start_index=vocab_start_index,
             reduce_input_grad=reduce_input_grad, options_error=options_error,
-            unsupported=dict(return_stats=return_stats), token_weight=token_weight)
+            unsupported=dict(return_stats=return_stats), token_weight=token_weight,
+            chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype)
     if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
         input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     check_linear_operands(input, linear_weight, linear_bias, target)
-    accum_fp32 = check_accum_dtype(grad_accum_dtype, linear_weight)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    chunk, accum_fp32 = check_chunking(chunk_size, grad_accum_dtype, linear_weight.dtype)
     C, D = linear_weight.shape
     w = check_weight(weight, C, input.device, input.dtype)
     tgt = class_ids(target, input.shape[:-1], "input's leading shape")
@@ -166,32 +168,19 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     tw_grad = tw is not None and tw.requires_grad and torch.is_grad_enabled()
     to_output = lambda r: r.view(target.shape)  # noqa: E731
     if opts.reduction != "none" and not return_lse and any(need) and not tw_grad:
-        loss, ent, pred = linear_cross_entropy_scalar(x2, linear_weight, bias, tgt, w, opts, chunk_size,
+        loss, ent, pred = linear_cross_entropy_scalar(x2, linear_weight, bias, tgt, w, opts, chunk,
                                                       accum_fp32, need, tw, return_stats)
         if not return_stats:
             return loss
         return loss, loss_stats(tgt, ent, pred, opts.ignore_index, return_predicted, to_output)
     skip = not return_lse and opts.lse_square_scale == 0
-    loss_rows, lse, stats = linear_cross_entropy_rows(x2, linear_weight, bias, tgt, w, opts, skip)
+    loss_rows, lse, stats = linear_cross_entropy_rows(x2, linear_weight, bias, tgt, w, opts, skip, chunk)
     loss = reduce_rows(loss_rows, lse, stats, tgt, opts, to_output, tw)
     out: tuple[Any, ...] = (loss,)
     if return_lse:
         out += (lse.to(compute_dtype(input)).view(target.shape),)
     if return_stats:
-        ent, pred = stats_rows(x2, linear_weight, bias, opts, chunk_size)
+        ent, pred = stats_rows(x2, linear_weight, bias, opts, chunk or None)
         out += (loss_stats(tgt, ent, pred, opts.ignore_index, return_predicted, to_output),)
     return out[0] if len(out) == 1 else out
 
-
-def check_accum_dtype(grad_accum_dtype: Optional[torch.dtype], linear_weight: Tensor) -> bool:
-    """True for fp32 accumulation (None / torch.float32; float64 weights accumulate in float64),
-    False for ``linear_weight.dtype``; anything else raises ValueError."""
-    if grad_accum_dtype is None or grad_accum_dtype == torch.float32 or linear_weight.dtype == torch.float64:
-        if grad_accum_dtype not in (None, torch.float32, linear_weight.dtype):
-            raise ValueError(f"grad_accum_dtype must be None, torch.float32 or linear_weight.dtype, "
-                             f"got {grad_accum_dtype!r}")
-        return True
-    if grad_accum_dtype == linear_weight.dtype:
-        return False
-    raise ValueError(f"grad_accum_dtype must be None, torch.float32 or linear_weight.dtype "
-                     f"({linear_weight.dtype}), got {grad_accum_dtype!r}")

@@ -140,27 +140,30 @@ def backward_accumulate(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tenso
                         weight: Optional[Tensor], stats: Tensor, dloss: Tensor,
                         dlse: Optional[Tensor], opts: LossOptions,
                         need: tuple[bool, bool, bool], class_offset: int = 0,
-                        n_classes: Optional[int] = None, weight_total: Optional[Tensor] = None):
+                        n_classes: Optional[int] = None, weight_total: Optional[Tensor] = None,
+                        chunk_size: Optional[int] = None):
     """(dX (N, D) fp32 accumulator (fp64 for fp64), dW (C, D) in w's dtype, db (C,) in b's dtype);
     None where not needed. The recompute backward by vocabulary splits (``chunked.py``): no
     atomics, deterministic, 6 N D C FLOPs on vendor GEMMs.
 
     For a vocabulary shard: ``weight`` holds this shard's class weights, ``stats`` the global ones,
     ``class_offset`` the shard's first class, ``n_classes`` the global C and ``weight_total`` the
-    global sum of class weights (label smoothing); dX is then this shard's partial sum."""
+    global sum of class weights (label smoothing); dX is then this shard's partial sum.
+    ``chunk_size`` (None / 0: automatic) sizes the vocabulary splits (``chunked.split_cols``)."""
     cdt = compute_dtype(x)
     if weight is None:
         wsum = None
     else:
         wsum = (weight_total if weight_total is not None else weight.sum()).to(cdt).reshape(1)
     return recompute_backward(x, w, b, target, weight, stats, dloss, dlse, opts, need, class_offset,
-                              n_classes, wsum)
+                              n_classes, wsum, chunk_size or None)
 
 
 def backward_rows(x, w, b, target, weight, stats, dloss, dlse, opts: LossOptions,
-                  need: tuple[bool, bool, bool]):
+                  need: tuple[bool, bool, bool], chunk_size: int = 0):
     """(dX, dW, db) in the dtypes of x, w, b (None where not needed)."""
-    dx, dw, db = backward_accumulate(x, w, b, target, weight, stats, dloss, dlse, opts, need)
+    dx, dw, db = backward_accumulate(x, w, b, target, weight, stats, dloss, dlse, opts, need,
+                                     chunk_size=chunk_size)
     return (dx.to(x.dtype) if dx is not None else None, dw.to(w.dtype) if dw is not None else None,
             db.to(b.dtype) if db is not None else None)
 
@@ -170,8 +173,9 @@ def backward_rows(x, w, b, target, weight, stats, dloss, dlse, opts: LossOptions
 def linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                              weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
                              softcap: float, logit_scale: float,
-                             skip_ignored: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row (loss, lse, stats); out-of-range class ids raise IndexError here on CPU."""
+                             skip_ignored: bool, chunk_size: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, stats); out-of-range class ids raise IndexError here on CPU.
+    ``chunk_size`` (0: automatic) is kept for the backward's vocabulary splits."""
     target_range_check(target, w.shape[0], ignore_index)
     return forward_rows(x, w, b, target, weight,
                         LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale),
@@ -179,7 +183,8 @@ def linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: 
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_scale, skip_ignored):
+def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_scale, skip_ignored,
+      chunk_size=0):
     N = x.shape[0]
     dt = compute_dtype(x)
     return x.new_empty((N,), dtype=dt), x.new_empty((N,), dtype=dt), x.new_empty((N, 3), dtype=dt)
@@ -190,26 +195,27 @@ def linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: 
                              weight: Optional[Tensor], stats: Tensor, dloss: Tensor,
                              dlse: Optional[Tensor], ignore_index: int, label_smoothing: float,
                              softcap: float, logit_scale: float, need_dx: bool, need_dw: bool,
-                             need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+                             need_db: bool, chunk_size: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dW, db); a gradient that is not needed comes back as an empty (0,) tensor."""
     grads = backward_rows(x, w, b, target, weight, stats, dloss, dlse,
                           LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale),
-                          (need_dx, need_dw, need_db))
+                          (need_dx, need_dw, need_db), chunk_size)
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @linear_cross_entropy_bwd.register_fake
 def _(x, w, b, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap,
-      logit_scale, need_dx, need_dw, need_db):
+      logit_scale, need_dx, need_dw, need_db, chunk_size=0):
     return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
             w.new_empty(w.shape) if need_dw else x.new_empty((0,)),
             b.new_empty(b.shape) if need_db else x.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, b, target, weight, ignore_index, eps, softcap, logit_scale, _skip = inputs
+    x, w, b, target, weight, ignore_index, eps, softcap, logit_scale, _skip, chunk_size = inputs
     ctx.save_for_backward(x, w, b, target, weight, output[2])
     ctx.flat = (ignore_index, eps, softcap, logit_scale)
+    ctx.chunk_size = chunk_size
     ctx.mark_non_differentiable(output[2])
     ctx.set_materialize_grads(False)  # an unused lse must not read as a zero gradient
 
@@ -219,10 +225,10 @@ def _backward(ctx, dloss, dlse, _dstats):
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x.device)
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
     grads = torch.ops.xent_triton.linear_cross_entropy_bwd(x, w, b, target, weight, stats, dloss,
-                                                           dlse, *ctx.flat, *need)
+                                                           dlse, *ctx.flat, *need, ctx.chunk_size)
     dx, dw, db = (no_second_derivative(g, "linear_cross_entropy") if n else None
                   for g, n in zip(grads, need))
-    return (dx, dw, db) + (None,) * 7
+    return (dx, dw, db) + (None,) * 8
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -230,10 +236,12 @@ linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_conte
 
 def linear_cross_entropy_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                               weight: Optional[Tensor], opts: LossOptions,
-                              skip_ignored: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss_rows, lse, stats) with autograd, through ``xent_triton::linear_cross_entropy_fwd``."""
+                              skip_ignored: bool, chunk_size: Optional[int] = None
+                              ) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss_rows, lse, stats) with autograd, through ``xent_triton::linear_cross_entropy_fwd``;
+    ``chunk_size`` sizes the vocabulary splits of its backward."""
     return torch.ops.xent_triton.linear_cross_entropy_fwd(x, w, b, target, weight, *opts.flat(),
-                                                          skip_ignored)
+                                                          skip_ignored, int(chunk_size or 0))
 
 
 # ------------------------------------------------------------------ token-chunked custom op

@@ -37,6 +37,7 @@ from ..options import (
     LossOptions,
     autocast_operands,
     canonical,
+    check_chunking,
     check_linear_operands,
     check_weight,
     class_ids,
@@ -153,15 +154,18 @@ def finish(loss_rows: Tensor, lse: Tensor, stats: Tensor, target: Tensor, opts: 
     return (loss, rows_dt(to_output(lse))) if return_lse else loss
 
 
-def refuse_local(what: str, unsupported: Optional[dict]) -> None:
-    """Refuse options without a vocabulary-parallel dim (no agreement collective to join)."""
+def refuse_local(what: str, unsupported: Optional[dict], options_error: Optional[BaseException]) -> None:
+    """Without a vocabulary-parallel dim (no agreement collective to join): raise this rank's
+    invalid option, then refuse unsupported ones."""
+    if options_error is not None:
+        raise options_error
     if any(flags(unsupported).values()):
         refuse_agreed(what, unsupported)
 
 
 def dtensor_cross_entropy(input: "DTensor", target: Any, weight: Any, opts: LossOptions, *,
                           inplace_backward: bool = False, return_lse: bool = False,
-                          unsupported: Optional[dict] = None):
+                          unsupported: Optional[dict] = None, options_error: Optional[BaseException] = None):
     """``cross_entropy`` of DTensor logits (N, C, ...) / (C): see the module's rules.
 
     Example:
@@ -170,7 +174,9 @@ def dtensor_cross_entropy(input: "DTensor", target: Any, weight: Any, opts: Loss
         >>> loss = xent_triton.cross_entropy(logits, y)   # a replicated DTensor; grad: Shard(1)
 
     ``unsupported``: options refused here (``return_stats``, ``token_weight``): with a
-    vocabulary-parallel mesh dim they join its options agreement first (no rank raises alone).
+    vocabulary-parallel mesh dim they join its options agreement first (no rank raises alone), as
+    does ``options_error`` (this rank's invalid option). ``inplace_backward``: the gradient is
+    written over this rank's local shard of the logits (the caller has refused leaves).
     """
     what = "cross_entropy on a DTensor"
     class_dim = 0 if input.dim() == 1 else 1
@@ -181,14 +187,14 @@ def dtensor_cross_entropy(input: "DTensor", target: Any, weight: Any, opts: Loss
     if tp is not None:
         start = _chunk_start(C, mesh.size(tp), mesh.get_local_rank(tp))
         can, loss_rows, lse, stats = vocab_parallel_rows(
-            x, tgt, w, opts, inplace_backward=False, return_lse=return_lse,
+            x, tgt, w, opts, inplace_backward=inplace_backward, return_lse=return_lse,
             process_group=mesh.get_group(tp), vocab_start_index=start, allow_empty=True,
-            unsupported=unsupported)
+            options_error=options_error, unsupported=unsupported)
     else:
-        refuse_local(what, unsupported)
+        refuse_local(what, unsupported, options_error)
         can = canonical(x, tgt)
         loss_rows, lse, stats = cross_entropy_rows(can.x3, can.target, check_weight(w, C, x.device, x.dtype),
-                                                   opts, False)[:3]
+                                                   opts, inplace_backward)[:3]
     out_shape = tuple(input.shape[:class_dim] + input.shape[class_dim + 1:])
     return finish(loss_rows, lse.to(compute_dtype(x)), stats, can.target, opts, can.rows_to_output, mesh,
                   rows_pl, batch, out_shape, return_lse)
@@ -196,7 +202,9 @@ def dtensor_cross_entropy(input: "DTensor", target: Any, weight: Any, opts: Loss
 
 def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
                                  weight: Any, opts: LossOptions, *, return_lse: bool = False,
-                                 reduce_input_grad: bool = True, unsupported: Optional[dict] = None):
+                                 reduce_input_grad: bool = True, unsupported: Optional[dict] = None,
+                                 options_error: Optional[BaseException] = None,
+                                 chunk_size: Optional[int] = None, grad_accum_dtype: Any = None):
     """``linear_cross_entropy`` when the hidden states and/or the head weight are DTensors.
 
     Example:
@@ -204,6 +212,9 @@ def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, li
         >>> W = distribute_tensor(full_W, mesh, [Shard(0)])        # ColwiseParallel head
         >>> h = distribute_tensor(hidden, mesh, [Replicate()])
         >>> loss = xent_triton.linear_cross_entropy(h, W, y)       # vocabulary parallel
+
+    ``chunk_size`` / ``grad_accum_dtype`` are validated on every rank and, on a vocabulary-parallel
+    mesh dim, agreed on (``options_error``: this rank's invalid option, raised after the agreement).
     """
     what = "linear_cross_entropy on DTensors"
     if not is_dtensor(input):
@@ -247,17 +258,20 @@ def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, li
         flat, loss_rows, lse, stats = vocab_parallel_linear_rows(
             x, W, tgt, b, w, opts, return_lse=return_lse, process_group=mesh.get_group(tp),
             vocab_start_index=start, reduce_input_grad=reduce_input_grad, allow_empty=True,
-            unsupported=unsupported)
+            options_error=options_error, unsupported=unsupported, chunk_size=chunk_size,
+            grad_accum_dtype=grad_accum_dtype)
     else:
-        refuse_local(what, unsupported)
+        refuse_local(what, unsupported, options_error)
         x, W, b = autocast_operands(x, W, b)
         check_linear_operands(x, W, b, tgt)
+        chunk, _ = check_chunking(chunk_size, grad_accum_dtype, W.dtype)  # per-token path: no dW
+        # accumulation across token chunks (one GEMM per vocabulary split), chunk sizes the splits
         flat = class_ids(tgt, x.shape[:-1], "input's leading shape")
         C, D = W.shape
         loss_rows, lse, stats = linear_cross_entropy_rows(
             x.reshape(-1, D), W, b.contiguous() if b is not None else None, flat,
             check_weight(w, C, x.device, x.dtype), opts,
-            skip_ignored=not return_lse and opts.lse_square_scale == 0)
+            skip_ignored=not return_lse and opts.lse_square_scale == 0, chunk_size=chunk)
     out_shape = tuple(input.shape[:-1])
     return finish(loss_rows, lse.to(compute_dtype(x)), stats, flat, opts, lambda r: r.view(tgt.shape), mesh,
                   rows_pl, batch, out_shape, return_lse)

@@ -26,7 +26,7 @@ Nothing here is a new kernel or a new formula; this module only wires two finish
 Per call, per rank, N tokens: forward 4 N (MAX) + 4 k N (SUM) bytes = 12 (16 with smoothing)
 bytes per token; backward 4 D bytes per token (fp32 dX; float64 inputs: twice everything) or 0
 with ``reduce_input_grad=False``. Never an N x C collective. Every call first runs the layout /
-agreement ``all_gather`` of 18 float64 per rank (``parallel.layout.vocab_shard``, no cache): the
+agreement ``all_gather`` of 20 float64 per rank (``parallel.layout.vocab_shard``, no cache): the
 options, the hidden size, the bias and whether the input needs a gradient (the backward dX
 all-reduce depends on it) must agree, and operand errors of one rank are raised on every rank.
 
@@ -47,6 +47,7 @@ from ..options import (
     Canonical,
     LossOptions,
     autocast_operands,
+    check_chunking,
     check_linear_operands,
     check_token_weight,
     check_weight,
@@ -67,7 +68,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                 weight: Optional[Tensor], shard: VocabShard, group: Any, opts: LossOptions,
-                skip_ignored: bool, reduce_input_grad: bool):
+                skip_ignored: bool, reduce_input_grad: bool, chunk_size: int):
         # this shard's class weights as a fresh (aligned, contiguous) copy: C_local floats
         w_local = weight[shard.start:shard.start + shard.size].clone() if weight is not None else None
         if shard.size == 0:  # an empty shard (DTensor's torch.chunk layout): no kernel
@@ -79,6 +80,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         wsum = weight.sum(dtype=part.dtype).reshape(1) if weight is not None else None
         ctx.save_for_backward(x, w, b, target, w_local, wsum, stats)
         ctx.opts, ctx.shard, ctx.group, ctx.reduce_input_grad = opts, shard, group, reduce_input_grad
+        ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
         cdt = compute_dtype(x)
@@ -99,7 +101,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             else:
                 dx, dw, db = backward_accumulate(x, w, b, target, w_local, stats, dloss, dlse, ctx.opts, need,
                                                  class_offset=shard.start, n_classes=shard.n_classes,
-                                                 weight_total=wsum)
+                                                 weight_total=wsum, chunk_size=ctx.chunk_size)
             if dx is not None and ctx.reduce_input_grad:
                 dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=ctx.group)  # fp32, then one cast
             grads = (dx.to(x.dtype) if dx is not None else None, dw.to(w.dtype) if dw is not None else None,
@@ -107,7 +109,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         # each gradient hangs off its own operand (saved input, in the graph under create_graph):
         # differentiating it again reaches the raising node, never a silent zero
         return tuple(no_second_derivative(g, "linear_cross_entropy", anchor=t)
-                     for g, t in zip(grads, (x, w, b))) + (None,) * 7
+                     for g, t in zip(grads, (x, w, b))) + (None,) * 8
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -115,13 +117,17 @@ def vocab_parallel_linear_cross_entropy(
         weight: Optional[Tensor], opts: LossOptions, *, return_lse: bool, process_group: Any,
         vocab_start_index: Optional[int] = None, reduce_input_grad: bool = True,
         options_error: Optional[BaseException] = None, unsupported: Optional[dict] = None,
-        token_weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        token_weight: Optional[Tensor] = None, chunk_size: Optional[int] = None,
+        grad_accum_dtype: Any = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``linear_cross_entropy`` with the classifier split over the vocabulary across ``process_group``
     (called by it). ``linear_weight`` (C_local, D) holds this rank's rows, ``target`` GLOBAL ids
     and ``weight`` the GLOBAL class weights, both the same on every rank; every rank returns the
     full-vocabulary loss (compute dtype); ``token_weight`` (the target's shape, the same on every
-    rank) weights each token's loss as on one device. Errors (bad operands on one rank, bad layout, an empty
-    shard, options that differ across ranks) are raised on every rank alike, after the exchange.
+    rank) weights each token's loss as on one device; ``chunk_size`` sizes the backward's
+    vocabulary splits; ``grad_accum_dtype`` is validated and agreed on (the backward forms dW by
+    one GEMM over all tokens per split: nothing accumulates across token chunks). Errors
+    (bad operands on one rank, bad layout, an empty shard, options that differ across
+    ranks) are raised on every rank alike, after the exchange.
 
     Example:
         >>> loss = vocab_parallel_linear_cross_entropy(h, W_shard, y, None, None, LossOptions(),
@@ -139,7 +145,7 @@ def vocab_parallel_linear_cross_entropy(
         input, linear_weight, target, linear_bias, weight, opts, return_lse=return_lse,
         process_group=process_group, vocab_start_index=vocab_start_index,
         reduce_input_grad=reduce_input_grad, options_error=options_error, unsupported=unsupported,
-        token_weight=token_weight)
+        token_weight=token_weight, chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype)
     loss = reduce_rows(loss_rows, lse, stats, tgt, opts, lambda r: r.view(target.shape), tw)
     return (loss, lse.view(target.shape)) if return_lse else loss
 
@@ -149,14 +155,16 @@ def vocab_parallel_linear_rows(input: Tensor, linear_weight: Tensor, target: Ten
                                return_lse: bool, process_group: Any, vocab_start_index: Optional[int] = None,
                                reduce_input_grad: bool = True, allow_empty: bool = False,
                                options_error: Optional[BaseException] = None,
-                               unsupported: Optional[dict] = None, token_weight: Optional[Tensor] = None):
+                               unsupported: Optional[dict] = None, token_weight: Optional[Tensor] = None,
+                               chunk_size: Optional[int] = None, grad_accum_dtype: Any = None):
     """(flat target (N,), loss_rows, lse, stats) of the full vocabulary before the reduction
     (the DTensor path reduces them itself). ``allow_empty``: a rank may hold 0 classes.
     ``unsupported``: options this path refuses, agreed on first, then refused on every rank;
-    ``token_weight``: only whether it is given enters the agreement (the caller applies it)."""
+    ``token_weight``: only whether it is given enters the agreement (the caller applies it);
+    ``chunk_size`` / ``grad_accum_dtype``: validated before the exchange, then agreed on."""
     args = (input, linear_weight, target, linear_bias, weight, opts, return_lse, process_group,
             vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported,
-            token_weight is not None)
+            token_weight is not None, chunk_size, grad_accum_dtype)
     if is_compiling():  # collectives inside an eager autograd.Function: a graph break
         return torch.compiler.disable(_rows)(*args)
     return _rows(*args)
@@ -173,13 +181,16 @@ def check_shard_operands(input: Tensor, linear_weight: Tensor, linear_bias: Opti
 
 
 def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, return_lse, process_group,
-          vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported, has_token_weight):
+          vocab_start_index, reduce_input_grad, allow_empty, options_error, unsupported, has_token_weight,
+          chunk_size, grad_accum_dtype):
     local_error = options_error
+    chunk, accum_fp32 = 0, True
     try:
         if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
             input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
         check_shard_operands(input, linear_weight, linear_bias, target)
         tgt = class_ids(target, input.shape[:-1], "input's leading shape")
+        chunk, accum_fp32 = check_chunking(chunk_size, grad_accum_dtype, linear_weight.dtype)
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e
     ok = local_error is None
@@ -187,7 +198,8 @@ def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, 
     needs_dx = ok and input.requires_grad and torch.is_grad_enabled()
     agree = agreement(weight, opts, hidden_size=D, bias=float(linear_bias is not None),
                       input_requires_grad=float(needs_dx), reduce_input_grad=float(reduce_input_grad),
-                      return_lse=float(return_lse), token_weight=float(has_token_weight))
+                      return_lse=float(return_lse), token_weight=float(has_token_weight),
+                      chunk_size=chunk, grad_accum_fp32=float(accum_fp32))
     agree.update(flags(unsupported))  # DTensor refuses token_weight: its flag comes from there
     what = "vocab-parallel linear_cross_entropy"
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, input), vocab_start_index,
@@ -199,5 +211,5 @@ def _rows(input, linear_weight, target, linear_bias, weight, opts: LossOptions, 
     bias = linear_bias.contiguous() if linear_bias is not None else None
     skip = not return_lse and opts.lse_square_scale == 0
     loss_rows, lse, stats = VocabParallelLinearCrossEntropyFunction.apply(
-        x2, linear_weight, bias, tgt, w, shard, process_group, opts, skip, bool(reduce_input_grad))
+        x2, linear_weight, bias, tgt, w, shard, process_group, opts, skip, bool(reduce_input_grad), chunk)
     return tgt, loss_rows, lse, stats
