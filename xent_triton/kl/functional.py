@@ -7,7 +7,7 @@ one streaming forward and one recomputing backward kernel (``kernels/distillatio
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
@@ -87,7 +87,8 @@ def reduce_tokens(loss_rows: Tensor, labels: Optional[Tensor], opts: LossOptions
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                       divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                       ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
-                      empty_batch: str = "nan") -> Tensor:
+                      empty_batch: str = "nan", process_group: Optional[Any] = None,
+                      vocab_start_index: Optional[int] = None) -> Tensor:
     """Knowledge-distillation loss between student and teacher logits, fused and streamed.
 
     With p = softmax(teacher / T) and q = softmax(student / T) over the last dimension:
@@ -108,6 +109,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         reduction: "none" (the tokens' shape), "sum", or "mean" (over non-ignored tokens; over all
             tokens when ``labels`` is None).
         empty_batch: "nan" (a mean over no valid token, as torch) or "zero" (0, zero gradients).
+        process_group: vocabulary parallelism (``kl/parallel_distill.py``): both logits are this
+            rank's class slice on the same layout, ``labels`` global ids; every rank returns the
+            full-vocabulary loss. vocab_start_index: this rank's first class (None: rank order).
 
     Returns:
         The float32 loss (float64 for a float64 student). The gradient reaches the student only.
@@ -119,6 +123,13 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         >>> t = torch.randn(4, 7, 32000)
         >>> distillation_loss(s, t, divergence="jsd", temperature=2.0).backward()
     """
+    if process_group is not None or vocab_start_index is not None:
+        from .parallel_distill import vocab_parallel_distillation_loss
+        return vocab_parallel_distillation_loss(
+            student_logits, teacher_logits, labels, dict(
+                divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
+                reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch), process_group,
+            vocab_start_index)
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape:
@@ -139,7 +150,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                   return_entropy: bool = False, process_group: Optional[Any] = None,
+                   vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-position log softmax(logits / T)[token] (and the entropy of softmax(logits / T)).
 
     Args:
@@ -148,6 +160,9 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
             CPU otherwise; NaN log-prob on CUDA).
         temperature: T > 0, finite.
         return_entropy: also return -sum_j q_j log q_j, q = softmax(logits / T).
+        process_group: vocabulary parallelism (``kl/parallel.py``): ``logits`` is this rank's
+            class slice, ``tokens`` global ids; every rank returns the full-vocabulary values.
+        vocab_start_index: this rank's first class (None on every rank: shards in rank order).
 
     Returns:
         float32 log-probs of the tokens' shape (float64 for float64 logits), or the pair
@@ -160,6 +175,10 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         >>> lp, ent = token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
         >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
     """
+    if process_group is not None or vocab_start_index is not None:
+        from .parallel import vocab_parallel_token_logprobs
+        return vocab_parallel_token_logprobs(logits, tokens, temperature, return_entropy, process_group,
+                                             vocab_start_index)
     check_logits("logits", logits)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
     C = logits.shape[-1]
