@@ -21,6 +21,8 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     start = sum(sizes[:r])
     opts = dict(case["opts"], **case["rank_opts"].get(r, {}))
     os.environ["TRITON_INTERPRET"] = "0" if case["torch_path"] else case["interpret"]
+    if case["fn"].startswith("linear"):
+        return run_linear(case, d, opts, start, sizes[r], rec, case["teacher_trim"].get(r, 0))
     x = d["x"][..., start:start + sizes[r]].contiguous()
     leaf = x.clone().requires_grad_()
     rec.active = True
@@ -36,6 +38,29 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     bwd = rec.take()
     rec.active = False
     return {"outs": [o.detach() for o in outs], "grad": leaf.grad, "fwd": fwd, "bwd": bwd}
+
+
+def run_linear(case: dict, d: dict, opts: dict, start: int, size: int, rec: Recorder, trim: int) -> dict:
+    """The linear forms: this rank's head rows; hidden states (and their gradient) are replicated."""
+    h = d["h"].clone().requires_grad_()
+    w = d["w"][start:start + size].clone().requires_grad_()
+    b = d["b"][start:start + size].clone().requires_grad_()
+    group = dist.group.WORLD
+    rec.active = True
+    if case["fn"] == "linear_logprobs":
+        res = xent_triton.linear_token_logprobs(h, w, d["ids"], bias=b, process_group=group, **opts)
+        outs = res if isinstance(res, tuple) else (res,)
+    else:
+        wt = d["wt"][start:start + size - trim]
+        outs = (xent_triton.linear_distillation_loss(h, w, d["ht"], wt, d["ids"], student_bias=b,
+                                                     teacher_bias=d["bt"][start:start + size - trim],
+                                                     process_group=group, **opts),)
+    fwd = rec.take()
+    torch.autograd.backward(list(outs), [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
+    bwd = rec.take()
+    rec.active = False
+    return {"outs": [o.detach() for o in outs], "grad": h.grad, "dw": w.grad, "db": b.grad, "fwd": fwd,
+            "bwd": bwd}
 
 
 if __name__ == "__main__":

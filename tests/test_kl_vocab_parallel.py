@@ -44,6 +44,7 @@ class KC:
 
 
 LP = "logprobs"
+D, DT = 5, 4  # hidden sizes of the linear forms (student, teacher)
 CASES = [
     KC("lp-w2-even-ent", 2, [7, 7], opts=dict(temperature=0.7, return_entropy=True)),
     KC("lp-w2-uneven", 2, [4, 9]),
@@ -61,12 +62,21 @@ CASES = [
     KC("rkl-w4-even-mean", 4, [4, 4, 4, 4], "distill", dict(divergence="reverse_kl"), labels=True),
     KC("jsd-w4-uneven-ce", 4, [3, 5, 0, 5], "distill", dict(divergence="jsd", beta=0.7, ce_weight=0.2,
                                                              reduction="none"), labels=True),
+    KC("llp-w2-uneven-ent", 2, [4, 9], "linear_logprobs", dict(temperature=0.7, return_entropy=True)),
+    KC("llp-w4-empty-torch", 4, [5, 0, 4, 4], "linear_logprobs", dict(temperature=1.5), torch_path=True),
+    KC("ljsd-w2-empty-ce", 2, [0, 13], "linear_distill", dict(divergence="jsd", ce_weight=0.4), labels=True),
+    KC("lkl-w4-uneven-none", 4, [3, 5, 0, 5], "linear_distill", dict(divergence="kl", temperature=2.0,
+                                                                      reduction="none"), labels=True),
+    KC("lrkl-w4-even-bf16", 4, [4, 4, 4, 4], "linear_distill", dict(divergence="reverse_kl"), dtype=BF16),
     # errors: one rank differs; every rank must raise (ValueError), none may hang
     KC("err-w2-lp-temperature", 2, [4, 9], rank_opts={1: dict(temperature=2.0)}, error=True),
     KC("err-w2-lp-bad-temperature", 2, [4, 9], rank_opts={0: dict(temperature=-1.0)}, error=True),
     KC("err-w2-distill-layout", 2, [7, 7], "distill", teacher_trim={1: 1}, error=True),
     KC("err-w2-distill-divergence", 2, [7, 7], "distill", rank_opts={0: dict(divergence="jsd")}, error=True),
     KC("err-w4-distill-layout", 4, [4, 4, 4, 4], "distill", teacher_trim={2: 1}, error=True),
+    KC("err-w2-linear-layout", 2, [7, 7], "linear_distill", teacher_trim={0: 1}, error=True),
+    KC("err-w4-llp-temperature", 4, [4, 4, 4, 4], "linear_logprobs", rank_opts={2: dict(temperature=0.5)},
+       error=True),
     KC("err-w4-lp-entropy", 4, [5, 0, 4, 4], rank_opts={3: dict(return_entropy=True)}, error=True),
 ]
 OK_CASES = [c for c in CASES if not c.error]
@@ -81,24 +91,33 @@ def _build(c: KC, seed: int) -> dict:
     if c.labels:
         ids[torch.rand(ROWS, generator=gen) < 0.34] = -100
         ids[0, 0] = 1  # at least one valid label
-    if c.fn == LP:
+    if c.fn.startswith("linear"):
+        lin = dict(h=torch.randn(*ROWS, D, generator=gen).to(c.dtype),
+                   w=(torch.randn(C, D, generator=gen) / 2).to(c.dtype),
+                   b=torch.randn(C, generator=gen).to(c.dtype),
+                   ht=torch.randn(*ROWS, DT, generator=gen), wt=torch.randn(C, DT, generator=gen),
+                   bt=torch.randn(C, generator=gen))
+    else:
+        lin = {}
+    if c.fn.endswith(LP):
         ups = [torch.randn(ROWS, generator=gen) for _ in range(2 if c.opts.get("return_entropy") else 1)]
     else:
         none = c.opts.get("reduction") == "none"
         ups = [torch.randn(ROWS, generator=gen) if none else torch.tensor(0.37)]
-    return dict(x=x, t=t, ids=ids if c.fn == LP or c.labels else None, ups=ups)
+    return dict(x=x, t=t, ids=ids if c.fn.endswith(LP) or c.labels else None, ups=ups, **lin)
 
 
 def composed(x: torch.Tensor, d: dict, c: KC) -> list:
     """The single-device torch composition (in x's dtype) on the full vocabulary."""
     o = {**dict(temperature=1.0, divergence="kl", beta=0.5, ce_weight=0.0, reduction="mean"), **c.opts}
     logq = F.log_softmax(x / o["temperature"], -1)
-    if c.fn == LP:
+    if c.fn.endswith(LP):
         out = [logq.gather(-1, d["ids"][..., None])[..., 0]]
         if o.get("return_entropy"):
             out.append(-(logq.exp() * logq).sum(-1))
         return out
-    logp = F.log_softmax(d["t"].to(x.dtype) / o["temperature"], -1)
+    t = F.linear(d["ht"], d["wt"], d["bt"]) if c.fn.startswith("linear") else d["t"]
+    logp = F.log_softmax(t.to(x.dtype) / o["temperature"], -1)
     p, q = logp.exp(), logq.exp()
     if o["divergence"] == "kl":
         div = (p * (logp - logq)).sum(-1)
@@ -118,21 +137,29 @@ def composed(x: torch.Tensor, d: dict, c: KC) -> list:
     return [red]
 
 
-def run_composed(x: torch.Tensor, d: dict, c: KC, dtype: torch.dtype) -> tuple[list, torch.Tensor]:
-    leaf = x.detach().to(dtype).requires_grad_()
-    outs = composed(leaf, d, c)
+def run_composed(d: dict, c: KC, dtype: torch.dtype) -> tuple[list, list]:
+    """(outputs, gradients): of the logits, or of (hidden, head weight, head bias)."""
+    if c.fn.startswith("linear"):
+        leaves = [d[k].detach().to(dtype).requires_grad_() for k in ("h", "w", "b")]
+        x = F.linear(*leaves)
+    else:
+        leaves = [d["x"].detach().to(dtype).requires_grad_()]
+        x = leaves[0]
+    outs = composed(x, d, c)
     torch.autograd.backward(outs, [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
-    return [o.detach() for o in outs], leaf.grad
+    return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
 
 
 def expected_calls(c: KC) -> list:
     """(name, op, bytes) of the forward's collectives (fp32 statistics; float64 divergence sums)."""
-    if c.fn == LP:
+    lin = int(c.fn.startswith("linear"))  # + whether the input needs a gradient, in the agreement
+    if c.fn.endswith(LP):
         k = 3 if c.opts.get("return_entropy") else 2
-        return [("all_gather", "", 8 * 5), ("all_reduce", "max", 4 * R), ("all_reduce", "sum", 4 * R * k)]
+        return [("all_gather", "", 8 * (5 + lin)), ("all_reduce", "max", 4 * R),
+                ("all_reduce", "sum", 4 * R * k)]
     ce = c.labels and c.opts.get("ce_weight", 0) > 0
     jsd = c.opts.get("divergence") == "jsd"
-    return [("all_gather", "", 8 * 11), ("all_reduce", "max", 4 * R * (3 if ce else 2)),
+    return [("all_gather", "", 8 * (11 + lin)), ("all_reduce", "max", 4 * R * (3 if ce else 2)),
             ("all_reduce", "sum", 4 * R * (4 if ce else 2)), ("all_reduce", "sum", 8 * R * (2 if jsd else 1))]
 
 
@@ -159,14 +186,20 @@ def test_matches_full_vocabulary(case: KC, results):
     for o in res[1:]:
         for a, b in zip(o["outs"], res[0]["outs"]):
             assert torch.equal(a, b), "ranks disagree"
-    ref, ref_grad = run_composed(d["x"], d, case, F64)
-    own, own_grad = run_composed(d["x"], d, case, case.dtype)
+    ref, ref_grads = run_composed(d, case, F64)
+    own, own_grads = run_composed(d, case, case.dtype)
     for i, (a, t, r) in enumerate(zip(res[0]["outs"], own, ref)):
         assert a.dtype == F32 and a.shape == r.shape
         assert_close_rule(f"output {i}", a, t, r, case.dtype)
-    grad = torch.cat([o["grad"] for o in res], dim=-1)
-    assert grad.dtype == case.dtype
-    assert_close_rule("grad", grad, own_grad, ref_grad, case.dtype)
+    if case.fn.startswith("linear"):  # dX summed over the group: the full dX on every rank
+        for o in res[1:]:
+            assert torch.equal(o["grad"], res[0]["grad"]), "ranks disagree on dX"
+        grads = [res[0]["grad"], torch.cat([o["dw"] for o in res]), torch.cat([o["db"] for o in res])]
+    else:
+        grads = [torch.cat([o["grad"] for o in res], dim=-1)]
+    for name, g, t, r in zip(("dX", "dW", "db"), grads, own_grads, ref_grads):
+        assert g.dtype == case.dtype
+        assert_close_rule(name, g, t, r, case.dtype)
 
 
 @pytest.mark.parametrize("case", OK_CASES, ids=lambda c: c.id)
@@ -176,7 +209,8 @@ def test_collectives_per_call(case: KC, results):
     assert_ranks_ok(res)
     for o in res:
         assert o["fwd"] == expected_calls(case)
-        assert o["bwd"] == []
+        dx = [("all_reduce", "sum", 4 * R * D)] if case.fn.startswith("linear") else []
+        assert o["bwd"] == dx
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.error], ids=lambda c: c.id)

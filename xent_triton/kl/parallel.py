@@ -140,31 +140,37 @@ class VocabParallelLogprobs(torch.autograd.Function):
 
 
 def vocab_parallel_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, return_entropy: bool,
-                                  process_group: Any, vocab_start_index: Optional[int] = None):
+                                  process_group: Any, vocab_start_index: Optional[int] = None,
+                                  extra_agree: Optional[dict] = None,
+                                  options_error: Optional[BaseException] = None):
     """``token_logprobs`` over a class shard (``token_logprobs(..., process_group=)`` calls it).
 
     ``logits``: this rank's (..., C_local) slice; ``tokens``: GLOBAL ids. Returns the
     full-vocabulary log-probs (and entropy), identical on every rank; float32 (float64 for float64
     logits). Validation errors on any rank are raised on every rank after the layout exchange.
+    ``extra_agree`` / ``options_error``: more values that must agree, and this rank's own
+    validation error (the linear form's: the head's operands), raised after the exchange.
     """
+    args = (logits, tokens, temperature, return_entropy, process_group, vocab_start_index, extra_agree or {},
+            options_error)
     if is_compiling():
-        return torch.compiler.disable(_token_logprobs)(logits, tokens, temperature, return_entropy,
-                                                       process_group, vocab_start_index)
-    return _token_logprobs(logits, tokens, temperature, return_entropy, process_group, vocab_start_index)
+        return torch.compiler.disable(_token_logprobs)(*args)
+    return _token_logprobs(*args)
 
 
-def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, vocab_start_index):
+def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, vocab_start_index,
+                    extra_agree, options_error):
     from .functional import check_real
-    local_error, tok, C_local = None, None, 0
+    local_error, tok, C_local = options_error, None, 0
     try:
         check_shard_logits("logits", logits)
         C_local = logits.shape[-1]
         temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
         tok = class_ids(tokens, logits.shape[:-1], "logits' leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
-        local_error = e
+        local_error = local_error or e
     agree = dict(temperature=temperature if local_error is None else 0.0,
-                 return_entropy=float(bool(return_entropy)))
+                 return_entropy=float(bool(return_entropy)), **extra_agree)
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, logits), vocab_start_index,
                         agree, "vocab-parallel token_logprobs", True, local_error)
     token_range_check(tok, shard.n_classes)

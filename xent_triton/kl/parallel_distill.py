@@ -108,23 +108,27 @@ class VocabParallelDistill(torch.autograd.Function):
 
 def vocab_parallel_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
                                      options: dict, process_group: Any,
-                                     vocab_start_index: Optional[int] = None) -> Tensor:
+                                     vocab_start_index: Optional[int] = None,
+                                     extra_agree: Optional[dict] = None,
+                                     options_error: Optional[BaseException] = None) -> Tensor:
     """``distillation_loss`` over a class shard (``distillation_loss(..., process_group=)`` calls it).
 
     ``student_logits`` / ``teacher_logits``: this rank's (..., C_local) slices on the same layout
     (a teacher shard of another width on any rank raises on every rank); ``labels``: GLOBAL ids;
     ``options``: the keyword options of ``distillation_loss``. Returns the full-vocabulary loss,
-    identical on every rank.
+    identical on every rank. ``extra_agree`` / ``options_error``: as ``vocab_parallel_token_logprobs``.
     """
-    args = (student_logits, teacher_logits, labels, options, process_group, vocab_start_index)
+    args = (student_logits, teacher_logits, labels, options, process_group, vocab_start_index,
+            extra_agree or {}, options_error)
     if is_compiling():
         return torch.compiler.disable(_distill)(*args)
     return _distill(*args)
 
 
-def _distill(student_logits, teacher_logits, labels, options, process_group, vocab_start_index):
+def _distill(student_logits, teacher_logits, labels, options, process_group, vocab_start_index, extra_agree,
+             options_error):
     from .functional import distill_options, reduce_tokens
-    local_error, lbl, C_local, chosen = None, None, 0, None
+    local_error, lbl, C_local, chosen = options_error, None, 0, None
     try:
         check_shard_logits("student_logits", student_logits)
         check_shard_logits("teacher_logits", teacher_logits)
@@ -140,16 +144,16 @@ def _distill(student_logits, teacher_logits, labels, options, process_group, voc
         if labels is not None:
             lbl = class_ids(labels, student_logits.shape[:-1], "student_logits' leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
-        local_error = e
+        local_error = local_error or e
     if chosen is not None:
         div, beta, temperature, ce_weight, opts = chosen
         agree = dict(divergence=div, beta=beta if div == JSD else 0.0, temperature=temperature,
                      ce_weight=ce_weight, reduction=float(REDUCTIONS.index(opts.reduction)),
                      ignore_index=opts.ignore_index, empty_batch=float(opts.empty_batch == "zero"),
-                     labels=float(labels is not None))
+                     labels=float(labels is not None), **extra_agree)
     else:
         agree = dict.fromkeys(("divergence", "beta", "temperature", "ce_weight", "reduction", "ignore_index",
-                               "empty_batch", "labels"), 0.0)
+                               "empty_batch", "labels", *extra_agree), 0.0)
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, student_logits),
                         vocab_start_index, agree, "vocab-parallel distillation_loss", True, local_error)
     if lbl is not None:
