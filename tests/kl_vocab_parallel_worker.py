@@ -10,6 +10,8 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 import xent_triton
 from vocab_parallel_worker import Recorder, main
@@ -23,6 +25,8 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     os.environ["TRITON_INTERPRET"] = "0" if case["torch_path"] else case["interpret"]
     if case["fn"].startswith("linear"):
         return run_linear(case, d, opts, start, sizes[r], rec, case["teacher_trim"].get(r, 0))
+    if case["dtensor"]:
+        return run_dtensor(case, d, opts, rec)
     x = d["x"][..., start:start + sizes[r]].contiguous()
     leaf = x.clone().requires_grad_()
     rec.active = True
@@ -38,6 +42,25 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     bwd = rec.take()
     rec.active = False
     return {"outs": [o.detach() for o in outs], "grad": leaf.grad, "fwd": fwd, "bwd": bwd}
+
+
+def run_dtensor(case: dict, d: dict, opts: dict, rec: Recorder) -> dict:
+    """Logits (and teacher) distributed ``Shard(-1)`` on a 1-D mesh (the torch.chunk layout)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    leaf = distribute_tensor(d["x"].clone(), mesh, [Shard(-1)]).requires_grad_()
+    t = distribute_tensor(d["t"].clone(), mesh, [Shard(-1)])
+    rec.active = True
+    if case["fn"] == "logprobs":
+        res = xent_triton.token_logprobs(leaf, d["ids"], **opts)
+        outs = res if isinstance(res, tuple) else (res,)
+    else:
+        outs = (xent_triton.distillation_loss(leaf, t, d["ids"], **opts),)
+    fwd = rec.take()
+    torch.autograd.backward([o.to_local() for o in outs], [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
+    bwd = rec.take()
+    rec.active = False
+    return {"outs": [o.to_local().detach() for o in outs], "grad": leaf.grad.to_local(), "fwd": fwd,
+            "bwd": bwd, "placements": [str(o.placements) for o in outs]}
 
 
 def run_linear(case: dict, d: dict, opts: dict, start: int, size: int, rec: Recorder, trim: int) -> dict:

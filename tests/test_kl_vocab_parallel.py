@@ -41,6 +41,7 @@ class KC:
     rank_opts: dict = dataclasses.field(default_factory=dict)  # rank -> options overriding opts
     teacher_trim: dict = dataclasses.field(default_factory=dict)  # rank -> columns cut off its teacher
     error: bool = False  # every rank must raise ValueError
+    dtensor: bool = False  # logits (and teacher) as DTensors Shard(-1): sizes = the torch.chunk layout
 
 
 LP = "logprobs"
@@ -68,6 +69,12 @@ CASES = [
     KC("lkl-w4-uneven-none", 4, [3, 5, 0, 5], "linear_distill", dict(divergence="kl", temperature=2.0,
                                                                       reduction="none"), labels=True),
     KC("lrkl-w4-even-bf16", 4, [4, 4, 4, 4], "linear_distill", dict(divergence="reverse_kl"), dtype=BF16),
+    KC("dt-lp-w2-ent", 2, [7, 6], opts=dict(temperature=0.8, return_entropy=True), dtensor=True),
+    KC("dt-lp-w4-empty", 4, [2, 2, 1, 0], opts=dict(return_entropy=True), dtensor=True),
+    KC("dt-jsd-w2-mean-ce", 2, [7, 6], "distill", dict(divergence="jsd", ce_weight=0.3), labels=True,
+       dtensor=True),
+    KC("dt-kl-w4-empty-none", 4, [4, 4, 4, 1], "distill", dict(reduction="none", temperature=0.5),
+       labels=True, dtensor=True),
     # errors: one rank differs; every rank must raise (ValueError), none may hang
     KC("err-w2-lp-temperature", 2, [4, 9], rank_opts={1: dict(temperature=2.0)}, error=True),
     KC("err-w2-lp-bad-temperature", 2, [4, 9], rank_opts={0: dict(temperature=-1.0)}, error=True),
@@ -167,7 +174,7 @@ def _spawn(world: int, tmp: pathlib.Path) -> tuple[dict, dict]:
     built = {c.id: _build(c, i) for i, c in enumerate(CASES) if c.world == world}
     specs = [dict(id=c.id, groups=[list(range(world))], sizes=c.sizes, fn=c.fn, opts=c.opts,
                   rank_opts=c.rank_opts, teacher_trim=c.teacher_trim, torch_path=c.torch_path,
-                  data=built[c.id])
+                  dtensor=c.dtensor, data=built[c.id])
              for c in CASES if c.world == world]
     return run_group(WORKER, world, specs, tmp, SPAWN_TIMEOUT_S), built
 
@@ -186,6 +193,8 @@ def test_matches_full_vocabulary(case: KC, results):
     for o in res[1:]:
         for a, b in zip(o["outs"], res[0]["outs"]):
             assert torch.equal(a, b), "ranks disagree"
+    if case.dtensor:  # DTensor results, replicated over the TP mesh dim
+        assert all(p == "(Replicate(),)" for p in res[0]["placements"]), res[0]["placements"]
     ref, ref_grads = run_composed(d, case, F64)
     own, own_grads = run_composed(d, case, case.dtype)
     for i, (a, t, r) in enumerate(zip(res[0]["outs"], own, ref)):

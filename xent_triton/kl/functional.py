@@ -123,6 +123,12 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         >>> t = torch.randn(4, 7, 32000)
         >>> distillation_loss(s, t, divergence="jsd", temperature=2.0).backward()
     """
+    from ..parallel.dtensor import is_dtensor
+    if is_dtensor(student_logits):  # the layout comes from the placements (kl/dtensor.py)
+        from .dtensor import dtensor_distillation_loss
+        return dtensor_distillation_loss(student_logits, teacher_logits, labels, dict(
+            divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
+            reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch))
     if process_group is not None or vocab_start_index is not None:
         from .parallel_distill import vocab_parallel_distillation_loss
         return vocab_parallel_distillation_loss(
@@ -175,6 +181,10 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         >>> lp, ent = token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
         >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
     """
+    from ..parallel.dtensor import is_dtensor
+    if is_dtensor(logits):  # the layout comes from the placements (kl/dtensor.py)
+        from .dtensor import dtensor_token_logprobs
+        return dtensor_token_logprobs(logits, tokens, temperature, return_entropy)
     if process_group is not None or vocab_start_index is not None:
         from .parallel import vocab_parallel_token_logprobs
         return vocab_parallel_token_logprobs(logits, tokens, temperature, return_entropy, process_group,
