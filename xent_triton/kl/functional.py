@@ -13,8 +13,12 @@ import torch
 from torch import Tensor
 
 from ..options import LossOptions, class_ids
+from ..parallel.dtensor import is_dtensor
 from ..runtime import is_compiling
+from .dtensor import dtensor_distillation_loss, dtensor_token_logprobs
 from .ops import DIVERGENCES
+from .parallel import vocab_parallel_token_logprobs
+from .parallel_distill import vocab_parallel_distillation_rows
 
 
 def symbolic(v) -> bool:
@@ -123,19 +127,18 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         >>> t = torch.randn(4, 7, 32000)
         >>> distillation_loss(s, t, divergence="jsd", temperature=2.0).backward()
     """
-    from ..parallel.dtensor import is_dtensor
-    if is_dtensor(student_logits):  # the layout comes from the placements (kl/dtensor.py)
-        from .dtensor import dtensor_distillation_loss
-        return dtensor_distillation_loss(student_logits, teacher_logits, labels, dict(
-            divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
-            reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch))
-    if process_group is not None or vocab_start_index is not None:
-        from .parallel_distill import vocab_parallel_distillation_loss
-        return vocab_parallel_distillation_loss(
-            student_logits, teacher_logits, labels, dict(
-                divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
-                reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch), process_group,
-            vocab_start_index)
+    if is_dtensor(student_logits) or process_group is not None or vocab_start_index is not None:
+        chosen, error = None, None  # a rank's error is raised after the layout exchange, on every rank
+        try:
+            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, labels is not None,
+                                     ignore_index, empty_batch)
+        except (TypeError, ValueError) as e:
+            error = e
+        if is_dtensor(student_logits):  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_distillation_loss(student_logits, teacher_logits, labels, chosen, error)
+        rows, lbl = vocab_parallel_distillation_rows(student_logits, teacher_logits, labels, chosen,
+                                                     process_group, vocab_start_index, None, error)
+        return reduce_tokens(rows, lbl, chosen[4], student_logits.shape[:-1])
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape:
@@ -181,14 +184,16 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         >>> lp, ent = token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
         >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
     """
-    from ..parallel.dtensor import is_dtensor
-    if is_dtensor(logits):  # the layout comes from the placements (kl/dtensor.py)
-        from .dtensor import dtensor_token_logprobs
-        return dtensor_token_logprobs(logits, tokens, temperature, return_entropy)
-    if process_group is not None or vocab_start_index is not None:
-        from .parallel import vocab_parallel_token_logprobs
+    if is_dtensor(logits) or process_group is not None or vocab_start_index is not None:
+        error = None  # a rank's error is raised after the layout exchange, on every rank
+        try:
+            temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+        except (TypeError, ValueError) as e:
+            error = e
+        if is_dtensor(logits):  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_token_logprobs(logits, tokens, temperature, return_entropy, error)
         return vocab_parallel_token_logprobs(logits, tokens, temperature, return_entropy, process_group,
-                                             vocab_start_index)
+                                             vocab_start_index, None, error)
     check_logits("logits", logits)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
     C = logits.shape[-1]

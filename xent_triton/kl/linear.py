@@ -29,6 +29,12 @@ from .ops import (
     saved_entropy,
     token_range_check,
 )
+from .parallel_linear import (
+    STUDENT,
+    TEACHER,
+    vocab_parallel_linear_distillation_rows,
+    vocab_parallel_linear_token_logprobs,
+)
 
 CHUNK_LOGITS = 1 << 24  # default chunk: about 16M logits per model buffer
 
@@ -185,8 +191,6 @@ def check_head(names: tuple[str, str, str], h: Tensor, w: Tensor,
     return h, w, b
 
 
-STUDENT = ("student_hidden", "student_weight", "student_bias")
-TEACHER = ("teacher_hidden", "teacher_weight", "teacher_bias")
 
 
 def rows(h: Tensor) -> Tensor:
@@ -227,13 +231,16 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         >>> linear_distillation_loss(hs, ws, ht, wt, divergence="jsd", chunk_size=4).backward()
     """
     if process_group is not None or vocab_start_index is not None:
-        from .parallel_linear import vocab_parallel_linear_distillation_loss
-        return vocab_parallel_linear_distillation_loss(
+        chosen, error = None, None  # a rank's error is raised after the layout exchange, on every rank
+        try:
+            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, labels is not None,
+                                     ignore_index, empty_batch)
+        except (TypeError, ValueError) as e:
+            error = e
+        per_token, lbl = vocab_parallel_linear_distillation_rows(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-            teacher_bias,
-            dict(divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
-                 reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch), process_group,
-            vocab_start_index)
+            teacher_bias, chosen, process_group, vocab_start_index, error)
+        return reduce_tokens(per_token, lbl, chosen[4], student_hidden.shape[:-1])
     student_hidden, student_weight, student_bias = check_head(STUDENT, student_hidden, student_weight,
                                                               student_bias)
     teacher_hidden, teacher_weight, teacher_bias = check_head(TEACHER, teacher_hidden, teacher_weight,
@@ -353,9 +360,13 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         >>> lp.sum().backward()
     """
     if process_group is not None or vocab_start_index is not None:
-        from .parallel_linear import vocab_parallel_linear_token_logprobs
+        error = None  # a rank's error is raised after the layout exchange, on every rank
+        try:
+            temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+        except (TypeError, ValueError) as e:
+            error = e
         return vocab_parallel_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
-                                                    process_group, vocab_start_index)
+                                                    process_group, vocab_start_index, error)
     hidden, weight, bias = check_head(("hidden", "weight", "bias"), hidden, weight, bias)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
     tok = class_ids(tokens, hidden.shape[:-1], "hidden's leading shape")

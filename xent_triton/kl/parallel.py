@@ -148,8 +148,9 @@ def vocab_parallel_token_logprobs(logits: Tensor, tokens: Tensor, temperature: f
     ``logits``: this rank's (..., C_local) slice; ``tokens``: GLOBAL ids. Returns the
     full-vocabulary log-probs (and entropy), identical on every rank; float32 (float64 for float64
     logits). Validation errors on any rank are raised on every rank after the layout exchange.
-    ``extra_agree`` / ``options_error``: more values that must agree, and this rank's own
-    validation error (the linear form's: the head's operands), raised after the exchange.
+    ``temperature``: validated by the caller, which passes its error as ``options_error`` instead
+    of raising (this rank's own validation error, raised after the exchange; the linear form's:
+    the head's operands too); ``extra_agree``: more values that must agree across ranks.
     """
     args = (logits, tokens, temperature, return_entropy, process_group, vocab_start_index, extra_agree or {},
             options_error)
@@ -160,12 +161,10 @@ def vocab_parallel_token_logprobs(logits: Tensor, tokens: Tensor, temperature: f
 
 def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, vocab_start_index,
                     extra_agree, options_error):
-    from .functional import check_real
     local_error, tok, C_local = options_error, None, 0
     try:
         check_shard_logits("logits", logits)
         C_local = logits.shape[-1]
-        temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
         tok = class_ids(tokens, logits.shape[:-1], "logits' leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e

@@ -106,29 +106,34 @@ class VocabParallelDistill(torch.autograd.Function):
         return (no_second_derivative(dx.to(x2.dtype), "distillation_loss"),) + none
 
 
-def vocab_parallel_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
-                                     options: dict, process_group: Any,
+def vocab_parallel_distillation_rows(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],
+                                     chosen: Optional[tuple], process_group: Any,
                                      vocab_start_index: Optional[int] = None,
                                      extra_agree: Optional[dict] = None,
-                                     options_error: Optional[BaseException] = None) -> Tensor:
-    """``distillation_loss`` over a class shard (``distillation_loss(..., process_group=)`` calls it).
+                                     options_error: Optional[BaseException] = None
+                                     ) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-token full-vocabulary ``distillation_loss`` (R,) over a class shard, before the
+    reduction, and the flat int64 labels (or None): the caller reduces (``reduce_tokens``).
 
     ``student_logits`` / ``teacher_logits``: this rank's (..., C_local) slices on the same layout
     (a teacher shard of another width on any rank raises on every rank); ``labels``: GLOBAL ids;
-    ``options``: the keyword options of ``distillation_loss``. Returns the full-vocabulary loss,
-    identical on every rank. ``extra_agree`` / ``options_error``: as ``vocab_parallel_token_logprobs``.
+    ``chosen``: ``distill_options``' result (None when it raised: its error is ``options_error``,
+    raised after the exchange); ``extra_agree``: more values that must agree across ranks.
     """
-    args = (student_logits, teacher_logits, labels, options, process_group, vocab_start_index,
+    args = (student_logits, teacher_logits, labels, chosen, process_group, vocab_start_index,
             extra_agree or {}, options_error)
     if is_compiling():
         return torch.compiler.disable(_distill)(*args)
     return _distill(*args)
 
 
-def _distill(student_logits, teacher_logits, labels, options, process_group, vocab_start_index, extra_agree,
+AGREED = ("divergence", "beta", "temperature", "ce_weight", "reduction", "ignore_index", "empty_batch",
+          "labels")
+
+
+def _distill(student_logits, teacher_logits, labels, chosen, process_group, vocab_start_index, extra_agree,
              options_error):
-    from .functional import distill_options, reduce_tokens
-    local_error, lbl, C_local, chosen = options_error, None, 0, None
+    local_error, lbl, C_local = options_error, None, 0
     try:
         check_shard_logits("student_logits", student_logits)
         check_shard_logits("teacher_logits", teacher_logits)
@@ -138,22 +143,18 @@ def _distill(student_logits, teacher_logits, labels, options, process_group, voc
                              f"{tuple(student_logits.shape)}: student and teacher must share one layout")
         if teacher_logits.device != student_logits.device:
             raise ValueError("teacher_logits and student_logits must be on the same device")
-        chosen = distill_options(options["divergence"], options["beta"], options["temperature"],
-                                 options["reduction"], options["ce_weight"], labels is not None,
-                                 options["ignore_index"], options["empty_batch"])
         if labels is not None:
             lbl = class_ids(labels, student_logits.shape[:-1], "student_logits' leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e
     if chosen is not None:
         div, beta, temperature, ce_weight, opts = chosen
-        agree = dict(divergence=div, beta=beta if div == JSD else 0.0, temperature=temperature,
-                     ce_weight=ce_weight, reduction=float(REDUCTIONS.index(opts.reduction)),
-                     ignore_index=opts.ignore_index, empty_batch=float(opts.empty_batch == "zero"),
-                     labels=float(labels is not None), **extra_agree)
+        values = (div, beta if div == JSD else 0.0, temperature, ce_weight,
+                  float(REDUCTIONS.index(opts.reduction)), opts.ignore_index,
+                  float(opts.empty_batch == "zero"), float(labels is not None))
     else:
-        agree = dict.fromkeys(("divergence", "beta", "temperature", "ce_weight", "reduction", "ignore_index",
-                               "empty_batch", "labels", *extra_agree), 0.0)
+        values = (0.0,) * len(AGREED)
+    agree = dict(zip(AGREED, values), **extra_agree)
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, student_logits),
                         vocab_start_index, agree, "vocab-parallel distillation_loss", True, local_error)
     if lbl is not None:
@@ -162,4 +163,4 @@ def _distill(student_logits, teacher_logits, labels, options, process_group, voc
     loss_rows = VocabParallelDistill.apply(
         student_logits.reshape(rows, C_local), teacher_logits.detach().reshape(rows, C_local), lbl, shard,
         process_group, div, beta, temperature, opts.ignore_index, ce_weight)
-    return reduce_tokens(loss_rows, lbl, opts, student_logits.shape[:-1])
+    return loss_rows, lbl

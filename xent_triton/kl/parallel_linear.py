@@ -21,6 +21,11 @@ from torch import Tensor
 
 from ..options import autocast_operands
 from ..runtime import compute_dtype
+from .parallel import vocab_parallel_token_logprobs
+from .parallel_distill import vocab_parallel_distillation_rows
+
+STUDENT = ("student_hidden", "student_weight", "student_bias")
+TEACHER = ("teacher_hidden", "teacher_weight", "teacher_bias")
 
 
 class ReduceInputGrad(torch.autograd.Function):
@@ -64,31 +69,33 @@ def shard_logits(h: Tensor, w: Tensor, b: Optional[Tensor], group: Any, reduce_d
 
 def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor,
                                          bias: Optional[Tensor], temperature: float, return_entropy: bool,
-                                         process_group: Any,
-                                         vocab_start_index: Optional[int] = None
+                                         process_group: Any, vocab_start_index: Optional[int] = None,
+                                         error: Optional[BaseException] = None
                                          ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """``linear_token_logprobs`` with ``weight`` / ``bias`` this rank's class shard (called by it)."""
-    from .parallel import vocab_parallel_token_logprobs
-    error, logits = None, hidden
+    """``linear_token_logprobs`` with ``weight`` / ``bias`` this rank's class shard (called by it;
+    ``temperature`` validated there, ``error`` its validation error, raised on every rank)."""
+    logits = hidden
     try:
         hidden, weight, bias = check_shard_head(("hidden", "weight", "bias"), hidden, weight, bias)
         logits = shard_logits(hidden, weight, bias, process_group, hidden.requires_grad)
     except (TypeError, ValueError) as e:  # raised after the exchange, on every rank
-        error = e
+        error = error or e
     needs_dx = float(isinstance(hidden, Tensor) and hidden.requires_grad)
     return vocab_parallel_token_logprobs(logits, tokens, temperature, return_entropy, process_group,
                                          vocab_start_index, dict(input_requires_grad=needs_dx), error)
 
 
-def vocab_parallel_linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor,
+def vocab_parallel_linear_distillation_rows(student_hidden: Tensor, student_weight: Tensor,
                                             teacher_hidden: Tensor, teacher_weight: Tensor,
                                             labels: Optional[Tensor], student_bias: Optional[Tensor],
-                                            teacher_bias: Optional[Tensor], options: dict, process_group: Any,
-                                            vocab_start_index: Optional[int] = None) -> Tensor:
-    """``linear_distillation_loss`` with both heads this rank's class shard (same layout)."""
-    from .linear import STUDENT, TEACHER
-    from .parallel_distill import vocab_parallel_distillation_loss
-    error, xs, xt = None, student_hidden, teacher_hidden
+                                            teacher_bias: Optional[Tensor], chosen: Optional[tuple],
+                                            process_group: Any, vocab_start_index: Optional[int] = None,
+                                            error: Optional[BaseException] = None
+                                            ) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-token ``linear_distillation_loss`` (R,) and the flat labels with both heads this rank's
+    class shard (same layout); the caller reduces. ``chosen`` / ``error``: as
+    ``vocab_parallel_distillation_rows``."""
+    xs, xt = student_hidden, teacher_hidden
     try:
         hs, ws, bs = check_shard_head(STUDENT, student_hidden, student_weight, student_bias)
         ht, wt, bt = check_shard_head(TEACHER, teacher_hidden, teacher_weight, teacher_bias)
@@ -102,7 +109,7 @@ def vocab_parallel_linear_distillation_loss(student_hidden: Tensor, student_weig
         with torch.no_grad():
             xt = F.linear(ht, wt, bt)
     except (TypeError, ValueError) as e:  # raised after the exchange, on every rank
-        error = e
+        error = error or e
     needs_dx = float(isinstance(student_hidden, Tensor) and student_hidden.requires_grad)
-    return vocab_parallel_distillation_loss(xs, xt, labels, options, process_group, vocab_start_index,
+    return vocab_parallel_distillation_rows(xs, xt, labels, chosen, process_group, vocab_start_index,
                                             dict(input_requires_grad=needs_dx), error)
