@@ -30,7 +30,15 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     x = d["x"][..., start:start + sizes[r]].contiguous()
     leaf = x.clone().requires_grad_()
     rec.active = True
-    if case["fn"] == "logprobs":
+    if case["module"]:  # the module forms, built with the same options
+        group = dist.group.WORLD
+        if case["fn"] == "logprobs":
+            res = xent_triton.TokenLogprobs(process_group=group, **opts)(leaf, d["ids"])
+        else:
+            t = d["t"][..., start:start + sizes[r]].contiguous()
+            res = xent_triton.DistillationLoss(process_group=group, **opts)(leaf, t, d["ids"])
+        outs = res if isinstance(res, tuple) else (res,)
+    elif case["fn"] == "logprobs":
         res = xent_triton.token_logprobs(leaf, d["ids"], process_group=dist.group.WORLD, **opts)
         outs = res if isinstance(res, tuple) else (res,)
     else:
@@ -71,13 +79,20 @@ def run_linear(case: dict, d: dict, opts: dict, start: int, size: int, rec: Reco
     group = dist.group.WORLD
     rec.active = True
     if case["fn"] == "linear_logprobs":
-        res = xent_triton.linear_token_logprobs(h, w, d["ids"], bias=b, process_group=group, **opts)
+        if case["module"]:
+            res = xent_triton.LinearTokenLogprobs(process_group=group, **opts)(h, w, d["ids"], b)
+        else:
+            res = xent_triton.linear_token_logprobs(h, w, d["ids"], bias=b, process_group=group, **opts)
         outs = res if isinstance(res, tuple) else (res,)
     else:
         wt = d["wt"][start:start + size - trim]
-        outs = (xent_triton.linear_distillation_loss(h, w, d["ht"], wt, d["ids"], student_bias=b,
-                                                     teacher_bias=d["bt"][start:start + size - trim],
-                                                     process_group=group, **opts),)
+        bt = d["bt"][start:start + size - trim]
+        if case["module"]:
+            crit = xent_triton.LinearDistillationLoss(process_group=group, **opts)
+            outs = (crit(h, w, d["ht"], wt, d["ids"], b, bt),)
+        else:
+            outs = (xent_triton.linear_distillation_loss(h, w, d["ht"], wt, d["ids"], student_bias=b,
+                                                         teacher_bias=bt, process_group=group, **opts),)
     fwd = rec.take()
     torch.autograd.backward(list(outs), [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
     bwd = rec.take()

@@ -41,6 +41,7 @@ class KC:
     rank_opts: dict = dataclasses.field(default_factory=dict)  # rank -> options overriding opts
     teacher_trim: dict = dataclasses.field(default_factory=dict)  # rank -> columns cut off its teacher
     error: bool = False  # every rank must raise ValueError
+    module: bool = False  # through the module form (TokenLogprobs, DistillationLoss, Linear...)
     dtensor: bool = False  # logits (and teacher) as DTensors Shard(-1): sizes = the torch.chunk layout
 
 
@@ -75,6 +76,12 @@ CASES = [
        dtensor=True),
     KC("dt-kl-w4-empty-none", 4, [4, 4, 4, 1], "distill", dict(reduction="none", temperature=0.5),
        labels=True, dtensor=True),
+    KC("mod-lp-w2-ent", 2, [5, 8], opts=dict(temperature=0.9, return_entropy=True), module=True),
+    KC("mod-jsd-w4-ce", 4, [3, 5, 0, 5], "distill", dict(divergence="jsd", ce_weight=0.2), labels=True,
+       module=True),
+    KC("mod-llp-w4-ent", 4, [4, 4, 4, 4], "linear_logprobs", dict(return_entropy=True), module=True),
+    KC("mod-lrkl-w2-sum", 2, [7, 7], "linear_distill", dict(divergence="reverse_kl", reduction="sum"),
+       labels=True, module=True),
     # errors: one rank differs; every rank must raise (ValueError), none may hang
     KC("err-w2-lp-temperature", 2, [4, 9], rank_opts={1: dict(temperature=2.0)}, error=True),
     KC("err-w2-lp-bad-temperature", 2, [4, 9], rank_opts={0: dict(temperature=-1.0)}, error=True),
@@ -174,7 +181,7 @@ def _spawn(world: int, tmp: pathlib.Path) -> tuple[dict, dict]:
     built = {c.id: _build(c, i) for i, c in enumerate(CASES) if c.world == world}
     specs = [dict(id=c.id, groups=[list(range(world))], sizes=c.sizes, fn=c.fn, opts=c.opts,
                   rank_opts=c.rank_opts, teacher_trim=c.teacher_trim, torch_path=c.torch_path,
-                  dtensor=c.dtensor, data=built[c.id])
+                  dtensor=c.dtensor, module=c.module, data=built[c.id])
              for c in CASES if c.world == world]
     return run_group(WORKER, world, specs, tmp, SPAWN_TIMEOUT_S), built
 
