@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, Optional, Union, overload
+from typing import Any, Literal, Optional, Union, cast, overload
 
 import torch
 from torch import Tensor
@@ -114,7 +114,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             inplace_backward = False
     if dtensor:  # the layout comes from the placements (parallel/dtensor.py); refused options and
         # invalid ones join the options agreement first (parallel/layout.py): no rank raises alone
-        return dtensor_cross_entropy(input, target, weight, opts, inplace_backward=inplace_backward,
+        return dtensor_cross_entropy(cast(Any, input), target, weight, opts,
+                                     inplace_backward=inplace_backward,
                                      return_lse=return_lse, options_error=options_error,
                                      unsupported=dict(return_stats=return_stats, token_weight=token_weight))
     if process_group is not None:

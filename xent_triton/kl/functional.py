@@ -7,14 +7,18 @@ one streaming forward and one recomputing backward kernel (``kernels/distillatio
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Union, overload
+from typing import Any, Literal, Optional, Union, overload
 
 import torch
 from torch import Tensor
 
 from ..options import LossOptions, class_ids
+from ..parallel.dtensor import is_dtensor
 from ..runtime import is_compiling
+from .dtensor import dtensor_distillation_loss, dtensor_token_logprobs
 from .ops import DIVERGENCES
+from .parallel import vocab_parallel_token_logprobs
+from .parallel_distill import vocab_parallel_distillation_rows
 
 
 def symbolic(v) -> bool:
@@ -87,7 +91,8 @@ def reduce_tokens(loss_rows: Tensor, labels: Optional[Tensor], opts: LossOptions
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
                       divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                       ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
-                      empty_batch: str = "nan") -> Tensor:
+                      empty_batch: str = "nan", process_group: Optional[Any] = None,
+                      vocab_start_index: Optional[int] = None) -> Tensor:
     """Knowledge-distillation loss between student and teacher logits, fused and streamed.
 
     With p = softmax(teacher / T) and q = softmax(student / T) over the last dimension:
@@ -108,6 +113,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         reduction: "none" (the tokens' shape), "sum", or "mean" (over non-ignored tokens; over all
             tokens when ``labels`` is None).
         empty_batch: "nan" (a mean over no valid token, as torch) or "zero" (0, zero gradients).
+        process_group: vocabulary parallelism (``kl/parallel_distill.py``): both logits are this
+            rank's class slice on the same layout, ``labels`` global ids; every rank returns the
+            full-vocabulary loss. vocab_start_index: this rank's first class (None: rank order).
 
     Returns:
         The float32 loss (float64 for a float64 student). The gradient reaches the student only.
@@ -119,6 +127,19 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         >>> t = torch.randn(4, 7, 32000)
         >>> distillation_loss(s, t, divergence="jsd", temperature=2.0).backward()
     """
+    if is_dtensor(student_logits) or process_group is not None or vocab_start_index is not None:
+        chosen, error = None, None  # a rank's error is raised after the layout exchange, on every rank
+        try:
+            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, labels is not None,
+                                     ignore_index, empty_batch)
+        except (TypeError, ValueError) as e:
+            error = e
+        if is_dtensor(student_logits):  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_distillation_loss(student_logits, teacher_logits, labels, chosen, error)
+        rows, lbl = vocab_parallel_distillation_rows(student_logits, teacher_logits, labels, chosen,
+                                                     process_group, vocab_start_index, None, error)
+        assert chosen is not None  # else the call above raised the error, on every rank
+        return reduce_tokens(rows, lbl, chosen[4], student_logits.shape[:-1])
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape:
@@ -141,12 +162,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
 # Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
 @overload
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
-                   return_entropy: Literal[False] = ...) -> Tensor: ...
+                   return_entropy: Literal[False] = ...,
+                   process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...) -> Tensor: ...
 @overload
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
-                   return_entropy: bool = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+                   return_entropy: bool = ...,
+                   process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...
+                   ) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                   return_entropy: bool = False, process_group: Optional[Any] = None,
+                   vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-position log softmax(logits / T)[token] (and the entropy of softmax(logits / T)).
 
     Args:
@@ -155,6 +180,9 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
             CPU otherwise; NaN log-prob on CUDA).
         temperature: T > 0, finite.
         return_entropy: also return -sum_j q_j log q_j, q = softmax(logits / T).
+        process_group: vocabulary parallelism (``kl/parallel.py``): ``logits`` is this rank's
+            class slice, ``tokens`` global ids; every rank returns the full-vocabulary values.
+        vocab_start_index: this rank's first class (None on every rank: shards in rank order).
 
     Returns:
         float32 log-probs of the tokens' shape (float64 for float64 logits), or the pair
@@ -167,6 +195,16 @@ def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
         >>> lp, ent = token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
         >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
     """
+    if is_dtensor(logits) or process_group is not None or vocab_start_index is not None:
+        error = None  # a rank's error is raised after the layout exchange, on every rank
+        try:
+            temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+        except (TypeError, ValueError) as e:
+            error = e
+        if is_dtensor(logits):  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_token_logprobs(logits, tokens, temperature, return_entropy, error)
+        return vocab_parallel_token_logprobs(logits, tokens, temperature, return_entropy, process_group,
+                                             vocab_start_index, None, error)
     check_logits("logits", logits)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
     C = logits.shape[-1]

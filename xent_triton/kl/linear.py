@@ -12,7 +12,7 @@ backward 6 N D C. The teacher gets no gradient.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union, overload
+from typing import Any, Literal, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -28,6 +28,12 @@ from .ops import (
     logprobs_forward_rows,
     saved_entropy,
     token_range_check,
+)
+from .parallel_linear import (
+    STUDENT,
+    TEACHER,
+    vocab_parallel_linear_distillation_rows,
+    vocab_parallel_linear_token_logprobs,
 )
 
 CHUNK_LOGITS = 1 << 24  # default chunk: about 16M logits per model buffer
@@ -185,8 +191,6 @@ def check_head(names: tuple[str, str, str], h: Tensor, w: Tensor,
     return h, w, b
 
 
-STUDENT = ("student_hidden", "student_weight", "student_bias")
-TEACHER = ("teacher_hidden", "teacher_weight", "teacher_bias")
 
 
 def rows(h: Tensor) -> Tensor:
@@ -199,7 +203,9 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
                              student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                              divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                              ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
-                             empty_batch: str = "nan", chunk_size: Optional[int] = None) -> Tensor:
+                             empty_batch: str = "nan", chunk_size: Optional[int] = None,
+                             process_group: Optional[Any] = None,
+                             vocab_start_index: Optional[int] = None) -> Tensor:
     """``distillation_loss(F.linear(student_hidden, student_weight, student_bias),
     F.linear(teacher_hidden, teacher_weight, teacher_bias), labels, ...)`` without the N x C logits.
 
@@ -212,6 +218,8 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
             to the autocast dtype as ``F.linear`` does; hidden size 0 gives the bias (or zero)
             logits, as ``F.linear``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
+        process_group, vocab_start_index: vocabulary parallelism with class-sharded heads
+            (``kl/parallel_linear.py``; chunk_size is not used there).
 
     Returns:
         The float32 loss (float64 for float64 hidden states); gradients reach student_hidden,
@@ -222,6 +230,18 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         >>> ht, wt = torch.randn(8, 96), torch.randn(1000, 96)
         >>> linear_distillation_loss(hs, ws, ht, wt, divergence="jsd", chunk_size=4).backward()
     """
+    if process_group is not None or vocab_start_index is not None:
+        chosen, error = None, None  # a rank's error is raised after the layout exchange, on every rank
+        try:
+            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, labels is not None,
+                                     ignore_index, empty_batch)
+        except (TypeError, ValueError) as e:
+            error = e
+        per_token, lbl = vocab_parallel_linear_distillation_rows(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+            teacher_bias, chosen, process_group, vocab_start_index, error)
+        assert chosen is not None  # else the call above raised the error, on every rank
+        return reduce_tokens(per_token, lbl, chosen[4], student_hidden.shape[:-1])
     student_hidden, student_weight, student_bias = check_head(STUDENT, student_hidden, student_weight,
                                                               student_bias)
     teacher_hidden, teacher_weight, teacher_bias = check_head(TEACHER, teacher_hidden, teacher_weight,
@@ -320,14 +340,17 @@ linear_token_logprobs_fwd.register_autograd(_lt_backward, setup_context=_lt_setu
 @overload
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = ...,
                           temperature: float = ..., return_entropy: Literal[False] = ...,
-                          chunk_size: Optional[int] = ...) -> Tensor: ...
+                          chunk_size: Optional[int] = ..., process_group: Optional[Any] = ...,
+                          vocab_start_index: Optional[int] = ...) -> Tensor: ...
 @overload
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = ...,
                           temperature: float = ..., return_entropy: bool = ...,
-                          chunk_size: Optional[int] = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+                          chunk_size: Optional[int] = ..., process_group: Optional[Any] = ...,
+                          vocab_start_index: Optional[int] = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
                           temperature: float = 1.0, return_entropy: bool = False,
-                          chunk_size: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                          chunk_size: Optional[int] = None, process_group: Optional[Any] = None,
+                          vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``token_logprobs(F.linear(hidden, weight, bias), tokens, ...)`` without the N x C logits.
 
     Args:
@@ -335,6 +358,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             cast to the autocast dtype as ``F.linear`` does); tokens: ids of shape
             ``hidden.shape[:-1]`` in [0, C). temperature, return_entropy: as in ``token_logprobs``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
+        process_group, vocab_start_index: vocabulary parallelism with a class-sharded head
+            (``kl/parallel_linear.py``; chunk_size is not used there).
 
     Returns:
         float32 log-probs (tokens' shape), or (log-probs, entropy); gradients reach hidden, weight
@@ -346,6 +371,14 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         >>> lp = linear_token_logprobs(h, W, torch.randint(0, 1000, (2, 5)), temperature=0.7)
         >>> lp.sum().backward()
     """
+    if process_group is not None or vocab_start_index is not None:
+        error = None  # a rank's error is raised after the layout exchange, on every rank
+        try:
+            temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+        except (TypeError, ValueError) as e:
+            error = e
+        return vocab_parallel_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
+                                                    process_group, vocab_start_index, error)
     hidden, weight, bias = check_head(("hidden", "weight", "bias"), hidden, weight, bias)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
     tok = class_ids(tokens, hidden.shape[:-1], "hidden's leading shape")

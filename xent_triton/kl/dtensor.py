@@ -1,0 +1,106 @@
+"""DTensor logits for ``token_logprobs`` and ``distillation_loss`` (the CE heads' rules,
+``parallel/dtensor.py``): a mesh dim with ``Shard(-1)`` (the class dim) is the tensor-parallel dim
+and runs the vocabulary-parallel code (``kl/parallel.py``, ``kl/parallel_distill.py``) on
+``mesh.get_group(that dim)`` with the ``torch.chunk`` layout (an empty shard is fine); ``Shard``
+of a leading dim = other tokens (data parallel inside the mesh); ``Replicate`` everywhere = the
+single-device ops on the local part. Student and teacher must have the same placements.
+
+Returned values are DTensors on the input's mesh: per-token outputs (log-probs, entropy,
+``reduction="none"``) ``Shard`` on the batch-sharded mesh dims as the input and ``Replicate`` on
+the TP dim; a ``mean`` / ``sum`` loss ``Replicate`` everywhere, over ALL tokens of the mesh (one
+all-reduce of 2 numbers over the batch-sharded dims). Gradients come back with the logits'
+placements. Tokens / labels: a DTensor (its local part is used) or a plain tensor holding THIS
+rank's tokens' global ids. The options arrive validated (``functional``): ``error`` is this
+rank's validation error, raised on every rank of the TP group after the layout exchange.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..options import class_ids
+from ..parallel.dtensor import DTensor, Partial, Replicate, plan
+from .ops import token_range_check
+from .parallel import vocab_parallel_token_logprobs
+from .parallel_distill import vocab_parallel_distillation_rows
+
+
+def local_part(t: Any) -> Any:
+    """The local part of a DTensor (differentiable), anything else unchanged."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def chunk_start(n: int, parts: int, index: int) -> int:
+    """First element of chunk ``index`` when ``torch.chunk`` splits n into ``parts``."""
+    return min(n, index * -(-n // parts))
+
+
+def rows_dtensor(r: Tensor, mesh: Any, rows_pl: list, shape: torch.Size) -> "DTensor":
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(r, mesh, rows_pl, shape=shape, stride=stride)
+
+
+def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, return_entropy: bool,
+                           error: Optional[BaseException] = None):
+    """``token_logprobs`` of DTensor logits (..., C)."""
+    tp, rows_pl, _batch = plan(logits, logits.dim() - 1, "token_logprobs on a DTensor")
+    mesh, x, tok = logits.device_mesh, logits.to_local(), local_part(tokens)
+    if tp is None:
+        if error is not None:
+            raise error
+        ids = class_ids(tok, x.shape[:-1], "logits' leading shape")
+        token_range_check(ids, x.shape[-1])
+        lp, ent, _ = torch.ops.xent_triton.token_logprobs_fwd(x.reshape(ids.numel(), x.shape[-1]), ids,
+                                                              temperature, bool(return_entropy))
+        outs = (lp, ent) if return_entropy else (lp,)
+    else:
+        start = chunk_start(logits.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
+        res = vocab_parallel_token_logprobs(x, tok, temperature, return_entropy, mesh.get_group(tp), start,
+                                            None, error)
+        outs = res if return_entropy else (res,)
+    outs = tuple(rows_dtensor(o.reshape(logits.shape[:-1]), mesh, rows_pl, logits.shape[:-1]) for o in outs)
+    return outs if return_entropy else outs[0]
+
+
+def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional[Any],
+                              chosen: Optional[tuple], error: Optional[BaseException] = None):
+    """``distillation_loss`` of DTensor student / teacher logits on the same mesh and placements;
+    ``chosen``: ``distill_options``' result (None with ``error``)."""
+    what = "distillation_loss on DTensors"
+    if not isinstance(teacher, DTensor) or teacher.device_mesh != student.device_mesh \
+            or list(teacher.placements) != list(student.placements):
+        raise ValueError(f"{what}: teacher_logits must be a DTensor on the student's mesh with its "
+                         f"placements ({student.placements}): student and teacher share one layout")
+    tp, rows_pl, batch = plan(student, student.dim() - 1, what)
+    mesh, x, t, lbl = student.device_mesh, student.to_local(), teacher.to_local(), local_part(labels)
+    if tp is None:
+        if error is not None:
+            raise error
+        div, beta, temperature, ce_weight, opts = chosen
+        flat = None if lbl is None else class_ids(lbl, x.shape[:-1], "student_logits' leading shape")
+        C = x.shape[-1]
+        rows, _ = torch.ops.xent_triton.distillation_fwd(x.reshape(-1, C), t.detach().reshape(-1, C), flat,
+                                                         div, beta, temperature, opts.ignore_index, ce_weight)
+    else:
+        start = chunk_start(student.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
+        rows, flat = vocab_parallel_distillation_rows(x, t, lbl, chosen, mesh.get_group(tp), start, None,
+                                                      error)
+    opts = chosen[4]
+    if opts.reduction == "none":
+        return rows_dtensor(rows.reshape(student.shape[:-1]), mesh, rows_pl, student.shape[:-1])
+    valid = torch.ones_like(rows) if flat is None else (flat != opts.ignore_index).to(rows.dtype)
+    local = torch.stack([rows.sum(), valid.sum()])
+    if batch:  # the local sums over the batch-sharded mesh dims: one all-reduce of 2 numbers
+        part = [Partial() if i in batch else Replicate() for i in range(mesh.ndim)]
+        repl = [Replicate()] * mesh.ndim
+        local = DTensor.from_local(local, mesh, part).redistribute(mesh, repl).to_local()
+    total, den = local.unbind()
+    if opts.reduction == "sum":
+        loss = total
+    else:
+        if opts.empty_batch == "zero":
+            den = torch.where(den == 0, torch.ones_like(den), den)
+        loss = total / den
+    return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim)

@@ -1,0 +1,125 @@
+"""``torch.nn`` modules of the KL family, named as ``CrossEntropyLoss`` / ``LinearCrossEntropyLoss``:
+``DistillationLoss``, ``LinearDistillationLoss``, ``TokenLogprobs``, ``LinearTokenLogprobs``.
+
+Each takes every non-tensor option of its function as a constructor keyword (validated there, so a
+bad value fails at construction), keeps it as an attribute of the same name, and passes it back to
+the function in ``forward``; per-call tensors (logits, hidden states, heads, labels, tokens, biases)
+are ``forward`` arguments.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .functional import check_real, distill_options, distillation_loss, token_logprobs
+from .linear import linear_distillation_loss, linear_token_logprobs
+
+
+class OptionsModule(torch.nn.Module):
+    """Keeps the keyword options as attributes; ``options()`` hands them back."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.option_names = tuple(options)
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    def options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.option_names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.option_names if k != "process_group")
+
+
+class _Distill(OptionsModule):
+    def __init__(self, divergence: str, beta: float, temperature: float, ignore_index: int, reduction: str,
+                 ce_weight: float, empty_batch: str, **more: Any) -> None:
+        distill_options(divergence, beta, temperature, reduction, ce_weight, True, ignore_index, empty_batch)
+        super().__init__(divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
+                         reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch, **more)
+
+
+class DistillationLoss(_Distill):
+    """Module form of :func:`distillation_loss`; ``forward(student_logits, teacher_logits,
+    labels=None)``.
+
+    Example:
+        >>> crit = DistillationLoss(divergence="jsd", beta=0.3, temperature=2.0)
+        >>> loss = crit(torch.randn(4, 32000), torch.randn(4, 32000))
+    """
+
+    def __init__(self, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0, *,
+                 empty_batch: str = "nan", process_group: Any = None,
+                 vocab_start_index: Optional[int] = None) -> None:
+        super().__init__(divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch,
+                         process_group=process_group, vocab_start_index=vocab_start_index)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return distillation_loss(student_logits, teacher_logits, labels, **self.options())
+
+
+class LinearDistillationLoss(_Distill):
+    """Module form of :func:`linear_distillation_loss`; ``forward(student_hidden, student_weight,
+    teacher_hidden, teacher_weight, labels=None, student_bias=None, teacher_bias=None)``.
+
+    Example:
+        >>> crit = LinearDistillationLoss(divergence="reverse_kl", chunk_size=1024)
+        >>> loss = crit(torch.randn(8, 64), torch.randn(1000, 64), torch.randn(8, 96), torch.randn(1000, 96))
+    """
+
+    def __init__(self, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0, *,
+                 empty_batch: str = "nan", chunk_size: Optional[int] = None, process_group: Any = None,
+                 vocab_start_index: Optional[int] = None) -> None:
+        super().__init__(divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch,
+                         chunk_size=chunk_size, process_group=process_group,
+                         vocab_start_index=vocab_start_index)
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                teacher_weight: Tensor, labels: Optional[Tensor] = None,
+                student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None) -> Tensor:
+        return linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                        labels, student_bias=student_bias, teacher_bias=teacher_bias,
+                                        **self.options())
+
+
+class TokenLogprobs(OptionsModule):
+    """Module form of :func:`token_logprobs`; ``forward(logits, tokens)``.
+
+    Example:
+        >>> lp, ent = TokenLogprobs(temperature=0.7, return_entropy=True)(torch.randn(2, 5, 1000),
+        ...                                                               torch.randint(0, 1000, (2, 5)))
+    """
+
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *, process_group: Any = None,
+                 vocab_start_index: Optional[int] = None) -> None:
+        check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+        super().__init__(temperature=temperature, return_entropy=return_entropy, process_group=process_group,
+                         vocab_start_index=vocab_start_index)
+
+    def forward(self, logits: Tensor, tokens: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        return token_logprobs(logits, tokens, **self.options())
+
+
+class LinearTokenLogprobs(OptionsModule):
+    """Module form of :func:`linear_token_logprobs`; ``forward(hidden, weight, tokens, bias=None)``.
+
+    Example:
+        >>> lp = LinearTokenLogprobs(temperature=0.7)(torch.randn(2, 5, 64), torch.randn(1000, 64),
+        ...                                           torch.randint(0, 1000, (2, 5)))
+    """
+
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *,
+                 chunk_size: Optional[int] = None, process_group: Any = None,
+                 vocab_start_index: Optional[int] = None) -> None:
+        check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
+        super().__init__(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
+                         process_group=process_group, vocab_start_index=vocab_start_index)
+
+    def forward(self, hidden: Tensor, weight: Tensor, tokens: Tensor,
+                bias: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        return linear_token_logprobs(hidden, weight, tokens, bias=bias, **self.options())
