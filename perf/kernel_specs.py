@@ -105,6 +105,8 @@ class KernelSpec:
     stream_load: Optional[str] = None
     valid: Callable[[dict], bool] = lambda flags: True
     layout_options: Callable[[str], dict] = lambda layout: {}  # extra compile options per layout
+    dtypes: tuple[str, ...] = LOGITS_DTYPES  # the operand dtypes the launcher accepts
+    ci_pick: Optional[Callable[[VariantKey], bool]] = None  # CI compiles only these (None: all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +183,7 @@ def build(spec: KernelSpec, key: VariantKey) -> Variant:
 def _keys(spec: KernelSpec, flag_sets: list[dict], layouts,
           largest_only: bool = False) -> Iterator[VariantKey]:
     seen = set()
-    for dtype in LOGITS_DTYPES:
+    for dtype in spec.dtypes:
         configs = spec.configs(dtype)
         chosen = configs[-1:] if largest_only else configs
         for flags, config, layout in itertools.product(flag_sets, chosen,
@@ -220,7 +222,8 @@ def ci_variants(spec: KernelSpec) -> Iterator[VariantKey]:
     others = [lay for lay in spec.layouts if lay != "c16"]
     keys = itertools.chain(_keys(spec, extremes, ["c16"]), _keys(spec, alone, ["c16"], largest_only=True),
                            _keys(spec, extremes, others, largest_only=True))
-    yield from dict.fromkeys(keys)  # in order, without duplicates
+    keys = dict.fromkeys(keys)  # in order, without duplicates
+    yield from (k for k in keys if spec.ci_pick is None or spec.ci_pick(k))
 
 
 # --------------------------------------------------------------------------- cross-entropy kernels

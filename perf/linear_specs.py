@@ -92,3 +92,29 @@ SPECS["chunk_loss_grad"] = KernelSpec(
 SPECS["chunk_grad"] = KernelSpec(
     "chunk_grad", _lazy("chunk_grad", "chunk_grad_kernel"), _CHUNK_FLAGS + ("HAS_DLSE",), _chunk_grad_args,
     layouts=("c16", "odd"), stream_load="tl.load(z_row + cols")
+
+
+# ---------------------------------------------------- fused-epilogue logits GEMM (16-bit operands)
+# linear/fused_epilogue.py: X (R, K) compacted hidden states, W (C, K), the 16-bit logits chunk
+# (R, C) row stride C, partials (S, R, 5) fp32; b / class weights replaced by the partials buffer
+# when absent; count a 1-element int64 device tensor; num_progs = the SM count (132 on an H100).
+def _gemm_configs(dtype: str) -> list[dict]:
+    from xent_triton.linear.fused_epilogue import GEMM_16 as c
+    return [{"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "SUB_N": c.sub_n,
+             "GROUP_M": c.group_m,
+             "DOT_UPCAST": False, "num_warps": c.num_warps, "num_stages": c.num_stages}]
+
+
+def _gemm_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
+    R, C, K, _ = _linear_shape(layout)
+    return dict(x_ptr=Ptr(dtype), stride_xm=K, stride_xk=1, w_ptr=Ptr(dtype), stride_wn=K, stride_wk=1,
+                b_ptr=Ptr(dtype) if flags["HAS_BIAS"] else Ptr("fp32"), cw_ptr=Ptr("fp32"),
+                tgt_ptr=Ptr("i64"), count_ptr=Ptr("i64"), z_ptr=Ptr(dtype), stride_zm=C, stride_zn=1,
+                part_ptr=Ptr("fp32"), R=R, C=C, K=K, class_offset=0, ignore_index=-100,
+                logit_scale=1.0, softcap=30.0, num_progs=132)
+
+
+SPECS["logits_gemm"] = KernelSpec(
+    "logits_gemm", _lazy("logits_gemm", "logits_gemm_kernel"), _LIN_FLAGS, _gemm_args,
+    configs=_gemm_configs, layouts=("c16", "odd", "nd"), dtypes=("bf16", "fp16"),
+    ci_pick=lambda k: k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags))

@@ -3,14 +3,17 @@
 X (R, K) the (compacted) hidden states of a chunk, W (C, K) the classifier, b (C,) its bias, T the
 logit transform of ``common.transform_logits`` (logit scaling, softcap). A persistent grid of
 ``num_progs`` programs walks the (M tiles × N tiles) of the product, grouped by GROUP_M row tiles
-so that concurrent programs share W tiles in L2. Per tile: fp32 accumulation over K in BLOCK_K
-steps (``tl.dot``: tensor cores, ``wgmma`` on sm_90), then the epilogue on the fp32 accumulator:
+so that concurrent programs share W tiles in L2. An N tile is SUB_N sub-tiles of BLOCK_N classes,
+done one after the other (fewer partials per logit at the dot tile the registers allow). Per
+sub-tile: fp32 accumulation over K in BLOCK_K steps (``tl.dot``: tensor cores, ``wgmma`` on
+sm_90), then the epilogue on the fp32 accumulator:
 
 * the 16-bit logits tile ``z`` (R, C) (the chunk buffer: 2 B per logit; the dZ pass overwrites it);
-* per (row, class tile) the partials of ``xent_triton.partials`` in its layout, (S, R, 5) fp32 with
-  S = cdiv(C, BLOCK_N) class tiles: m, s = Σ e^{z - ref}, A = Σ a_j (z_j - ref), a_sum = Σ a_j
-  (smoothing only, else 0) and z_y (the target's logit if this tile holds it, else 0), all from
-  the fp32 accumulator: the loss keeps fp32 accuracy although the buffer is 16-bit.
+* per (row, N tile) the partials of ``xent_triton.partials`` in its layout, (S, R, 5) fp32 with
+  S = cdiv(C, SUB_N·BLOCK_N), folded over the sub-tiles by the online LSE: m, s = Σ e^{z - ref},
+  A = Σ a_j (z_j - ref), a_sum = Σ a_j (smoothing only, else 0) and z_y (the target's logit if
+  this tile holds it, else 0), all from the fp32 accumulator: the loss keeps fp32 accuracy
+  although the buffer is 16-bit.
 
 The M extent is read from device memory (``count_ptr``: the compacted valid-token count, clamped
 to R), so ignored tokens cost no FLOPs and no host sync; rows >= count are neither computed nor
@@ -29,14 +32,15 @@ def logits_gemm_kernel(
     softcap, num_progs,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr, SUB_N: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
     """Persistent: program p handles tiles p, p + num_progs, ... of cdiv(count, BLOCK_M) x
     cdiv(C, BLOCK_N); ``num_progs`` is a runtime value (one binary for any grid)."""
     pid = tl.program_id(0)
     m_ext = tl.minimum(tl.load(count_ptr).to(tl.int32), R)  # device M extent: no host sync
     tiles_m = tl.cdiv(m_ext, BLOCK_M)
-    tiles_n = tl.cdiv(C, BLOCK_N)
+    tiles_n = tl.cdiv(C, SUB_N * BLOCK_N)  # a tile: BLOCK_M rows x SUB_N sub-tiles of BLOCK_N classes
     total = tiles_m * tiles_n
     in_group = GROUP_M * tiles_n
     offs_m = tl.arange(0, BLOCK_M)
@@ -49,46 +53,56 @@ def logits_gemm_kernel(
         tm = first_m + (tile % in_group) % size_m
         tn = (tile % in_group) // size_m
         rows = tm * BLOCK_M + offs_m
-        cols = tn * BLOCK_N + offs_n
         rmask = rows < m_ext
-        cmask = cols < C
         x_blk = x_ptr + tl.cast(tm, tl.int64) * BLOCK_M * stride_xm
-        w_blk = w_ptr + tl.cast(tn, tl.int64) * BLOCK_N * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            kmask = kk < K
-            xb = tl.load(x_blk + (offs_m[:, None] * stride_xm + kk[None, :] * stride_xk),
-                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            wt = tl.load(w_blk + (kk[:, None] * stride_wk + offs_n[None, :] * stride_wn),
-                         mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if DOT_UPCAST:  # CPU interpreter only: its bf16 dot multiplies raw bits
-                xb = xb.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xb, wt, acc)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        z = transform_logits(acc, logit_scale, softcap, HAS_SOFTCAP)
-        z = tl.where(cmask[None, :], z, float("-inf"))
-        z_out = z_ptr + tl.cast(rows, tl.int64)[:, None] * stride_zm + cols[None, :] * stride_zn
-        tl.store(z_out, z.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-        # partials of this (row, class tile), from the fp32 accumulator
-        m = tl.max(z, 1)
-        ref = safe_ref(m)
-        s = tl.sum(tl.exp2((z - ref[:, None]) * LOG2E), 1)
         y = tl.load(tgt_ptr + rows, mask=rmask, other=ignore_index)
         y_col = y - class_offset
         y_col = tl.where((y != ignore_index) & (y_col >= 0) & (y_col < C), y_col, -1)
-        z_y = tl.sum(tl.where(cols[None, :] == y_col[:, None], z, 0.0), 1)
-        a_sum = tl.zeros((BLOCK_M,), tl.float32)
+        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        s = tl.zeros((BLOCK_M,), tl.float32)
+        z_y = tl.zeros((BLOCK_M,), tl.float32)
         a_acc = tl.zeros((BLOCK_M,), tl.float32)
-        if HAS_SMOOTHING:
-            if HAS_WEIGHT:
-                a = tl.load(cw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            else:
-                a = tl.where(cmask, 1.0, 0.0)
-            a_acc = tl.sum(a[None, :] * tl.where(cmask[None, :], z - ref[:, None], 0.0), 1)
-            a_sum += tl.sum(a, 0)
+        a_sum = tl.zeros((BLOCK_M,), tl.float32)
+        c_first = tn * (SUB_N * BLOCK_N)
+        for j in range(0, tl.minimum(SUB_N, tl.cdiv(C - c_first, BLOCK_N))):
+            c0 = c_first + j * BLOCK_N
+            cols = c0 + offs_n
+            cmask = cols < C
+            w_blk = w_ptr + tl.cast(c0, tl.int64) * stride_wn
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                kmask = kk < K
+                xb = tl.load(x_blk + (offs_m[:, None] * stride_xm + kk[None, :] * stride_xk),
+                             mask=rmask[:, None] & kmask[None, :], other=0.0)
+                wt = tl.load(w_blk + (kk[:, None] * stride_wk + offs_n[None, :] * stride_wn),
+                             mask=kmask[:, None] & cmask[None, :], other=0.0)
+                if DOT_UPCAST:  # CPU interpreter only: its bf16 dot multiplies raw bits
+                    xb = xb.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                acc = tl.dot(xb, wt, acc)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            z = transform_logits(acc, logit_scale, softcap, HAS_SOFTCAP)
+            z = tl.where(cmask[None, :], z, float("-inf"))
+            z_out = z_ptr + tl.cast(rows, tl.int64)[:, None] * stride_zm + cols[None, :] * stride_zn
+            tl.store(z_out, z.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            # fold this sub-tile into the row partials, from the fp32 accumulator (online LSE)
+            m_new = tl.maximum(m, tl.max(z, 1))
+            ref_old = safe_ref(m)
+            ref_new = safe_ref(m_new)
+            s = s * tl.exp2((ref_old - ref_new) * LOG2E) + \
+                tl.sum(tl.exp2((z - ref_new[:, None]) * LOG2E), 1)
+            m = m_new
+            z_y += tl.sum(tl.where(cols[None, :] == y_col[:, None], z, 0.0), 1)
+            if HAS_SMOOTHING:
+                if HAS_WEIGHT:
+                    a = tl.load(cw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+                else:
+                    a = tl.where(cmask, 1.0, 0.0)
+                a_acc = a_acc + (ref_old - ref_new) * a_sum + \
+                    tl.sum(a[None, :] * tl.where(cmask[None, :], z - ref_new[:, None], 0.0), 1)
+                a_sum += tl.sum(a, 0)
         out = part_ptr + (tl.cast(tn, tl.int64) * R + rows) * 5  # (S, R, 5): see xent_triton.partials
         tl.store(out, m, mask=rmask)
         tl.store(out + 1, s, mask=rmask)
