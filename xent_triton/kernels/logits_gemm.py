@@ -1,4 +1,4 @@
-"""The logits GEMM with a fused epilogue: Z = T(X Wᵀ + b) in 16 bits, and fp32 row partials.
+"""The logits GEMM with a fused epilogue: X Wᵀ + b in 16 bits, and fp32 row partials of T(X Wᵀ + b).
 
 X (R, K) the (compacted) hidden states of a chunk, W (C, K) the classifier, b (C,) its bias, T the
 logit transform of ``common.transform_logits`` (logit scaling, softcap). A persistent grid of
@@ -8,7 +8,8 @@ done one after the other (fewer partials per logit at the dot tile the registers
 sub-tile: fp32 accumulation over K in BLOCK_K steps (``tl.dot``: tensor cores, ``wgmma`` on
 sm_90), then the epilogue on the fp32 accumulator:
 
-* the 16-bit logits tile ``z`` (R, C) (the chunk buffer: 2 B per logit; the dZ pass overwrites it);
+* the 16-bit raw logits tile ``z`` = X Wᵀ + b (R, C), before T (the chunk buffer, 2 B per logit,
+  that ``chunk_grad_kernel`` turns into dZ in place: it applies T in fp32, as on the vendor path);
 * per (row, N tile) the partials of ``xent_triton.partials`` in its layout, (S, R, 5) fp32 with
   S = cdiv(C, SUB_N·BLOCK_N), folded over the sub-tiles by the online LSE: m, s = Σ e^{z - ref},
   A = Σ a_j (z_j - ref), a_sum = Σ a_j (smoothing only, else 0) and z_y (the target's logit if
@@ -22,7 +23,7 @@ written (their logits and partials stay as allocated: callers read only the firs
 import triton
 import triton.language as tl
 
-from .common import LOG2E, safe_ref, transform_logits
+from .common import LOG2E, hard_target_coefficients, safe_ref, transform_grad, transform_logits, weight_total
 
 
 @triton.jit
@@ -33,7 +34,7 @@ def logits_gemm_kernel(
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SUB_N: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    DOT_UPCAST: tl.constexpr, SHIFTED: tl.constexpr,
 ):
     """Persistent: program p handles tiles p, p + num_progs, ... of cdiv(count, BLOCK_M) x
     cdiv(C, BLOCK_N); ``num_progs`` is a runtime value (one binary for any grid)."""
@@ -86,7 +87,8 @@ def logits_gemm_kernel(
             z = transform_logits(acc, logit_scale, softcap, HAS_SOFTCAP)
             z = tl.where(cmask[None, :], z, float("-inf"))
             z_out = z_ptr + tl.cast(rows, tl.int64)[:, None] * stride_zm + cols[None, :] * stride_zn
-            tl.store(z_out, z.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            if not SHIFTED:
+                tl.store(z_out, acc.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
             # fold this sub-tile into the row partials, from the fp32 accumulator (online LSE)
             m_new = tl.maximum(m, tl.max(z, 1))
             ref_old = safe_ref(m)
@@ -94,6 +96,9 @@ def logits_gemm_kernel(
             s = s * tl.exp2((ref_old - ref_new) * LOG2E) + \
                 tl.sum(tl.exp2((z - ref_new[:, None]) * LOG2E), 1)
             m = m_new
+            if SHIFTED:  # z - m of the tile (SUB_N = 1: the partial's own m), read by shifted_dz_kernel
+                tl.store(z_out, (z - ref_new[:, None]).to(z_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & cmask[None, :])
             z_y += tl.sum(tl.where(cols[None, :] == y_col[:, None], z, 0.0), 1)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
@@ -109,3 +114,43 @@ def logits_gemm_kernel(
         tl.store(out + 2, a_acc, mask=rmask)
         tl.store(out + 3, a_sum, mask=rmask)
         tl.store(out + 4, z_y, mask=rmask)
+
+
+@triton.jit
+def shifted_dz_kernel(
+    z_ptr, stride_zm, part_ptr, stats_ptr, tgt_ptr, w_ptr, wsum_ptr, R, C, class_offset,
+    ignore_index, label_smoothing, softcap, logit_scale,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dL/dx in place over the SHIFTED buffer, grid (R, S): program (r, t) rewrites row r's class
+    tile t, which holds z - ref_t in 16 bits (ref_t = safe_ref of the tile's partial m), as
+    dL/dx for an upstream gradient of 1 (``kernels/chunk_grad.py``'s formulas; stats = (ref,
+    log s, row weight) from ``combine``). z - ref = stored + (ref_t - ref): the rounding of the
+    buffer is relative to |z - ref_t|, small where p is large. Ignored rows: zeros, no reads."""
+    r = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    y = tl.load(tgt_ptr + r)
+    valid = y != ignore_index
+    ref = tl.load(stats_ptr + 3 * r)
+    log_s = tl.load(stats_ptr + 3 * r + 1)
+    row_w = tl.load(stats_ptr + 3 * r + 2)
+    coef_p, coef_y, coef_u = hard_target_coefficients(
+        1.0, 0.0, row_w, valid, label_smoothing, C, weight_total(wsum_ptr, C, HAS_WEIGHT),
+        HAS_SMOOTHING)
+    shift = safe_ref(tl.load(part_ptr + (t * R + r) * 5)) - ref
+    cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_active = tl.where(valid, C, 0)  # a block mask from a scalar flag by comparison (interpreter)
+    z_row = z_ptr + r * stride_zm
+    zs = tl.load(z_row + cols, mask=cols < c_active, other=0.0).to(tl.float32)
+    zr = zs + shift  # z - ref
+    dz = coef_p * tl.exp2((zr - log_s) * LOG2E)
+    dz -= tl.where(cols == y - class_offset, coef_y, 0.0)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            dz -= coef_u * tl.load(w_ptr + cols, mask=cols < c_active, other=0.0)
+        else:
+            dz -= coef_u
+    dx = transform_grad(dz, zr + ref, logit_scale, softcap, HAS_SOFTCAP)
+    dx = tl.where(valid, dx, 0.0)
+    tl.store(z_row + cols, dx.to(z_row.dtype.element_ty), mask=cols < C)

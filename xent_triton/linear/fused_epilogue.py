@@ -1,6 +1,6 @@
 """Launcher of the fused-epilogue logits GEMM (``kernels/logits_gemm.py``).
 
-``logits_partials`` returns the 16-bit logits chunk (R, C) and the (S, R, 5) fp32 partials that
+``logits_partials`` returns the 16-bit raw logits chunk (R, C) and the (S, R, 5) fp32 partials that
 ``xent_triton.partials.combine`` merges; only the first ``count`` rows (a device tensor, e.g. the
 compacted valid-token count) are computed and written, with no host sync.
 """
@@ -13,7 +13,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..kernels.logits_gemm import logits_gemm_kernel
+from ..kernels.logits_gemm import logits_gemm_kernel, shifted_dz_kernel
 from ..partials import N_PARTIALS
 from ..runtime import alloc, interpreting
 
@@ -63,11 +63,13 @@ def logits_partials(x: Tensor, w: Tensor, target: Tensor, count: Tensor, *,
                     bias: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
                     label_smoothing: float = 0.0, logit_scale: float = 1.0, softcap: float = 0.0,
                     ignore_index: int = -100, class_offset: int = 0,
-                    config: Optional[GemmConfig] = None,
-                    num_progs: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """(z, part): z (R, C) in x's 16-bit dtype = T(x wᵀ + b) for rows < count, part (S, R, 5)
-    fp32 partials of those rows (``xent_triton.partials`` layout). ``count``: a 1-element integer
-    device tensor (clamped to R in the kernel). Rows >= count of both outputs are not written."""
+                    config: Optional[GemmConfig] = None, num_progs: Optional[int] = None,
+                    shifted: bool = False) -> tuple[Tensor, Tensor]:
+    """(z, part): z (R, C) in x's 16-bit dtype = x wᵀ + b (raw: before the transform T) and
+    part (S, R, 5) fp32 partials (``xent_triton.partials`` layout) of the rows < count, a
+    1-element integer device tensor (clamped to R in the kernel). Other rows are not written.
+    ``shifted``: z holds T(x wᵀ + b) - ref_t instead, ref_t the (row, class tile)'s partial max
+    (SUB_N = 1 only): what ``shifted_dz_`` reads."""
     if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
         raise TypeError(f"logits_partials: 16-bit operands of one dtype expected, got {x.dtype}, {w.dtype}")
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
@@ -76,6 +78,8 @@ def logits_partials(x: Tensor, w: Tensor, target: Tensor, count: Tensor, *,
     if count.numel() != 1 or count.dtype not in (torch.int32, torch.int64):
         raise ValueError("logits_partials: count must be a 1-element int32/int64 tensor")
     cfg = config or gemm_config()
+    if shifted and cfg.sub_n != 1:
+        raise ValueError("logits_partials: shifted=True needs a config with sub_n = 1")
     R, K = x.shape
     C = w.shape[0]
     z = alloc((R, C), x.dtype, x.device)
@@ -90,6 +94,25 @@ def logits_partials(x: Tensor, w: Tensor, target: Tensor, count: Tensor, *,
         HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=bool(softcap),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_N=cfg.sub_n, GROUP_M=cfg.group_m,
-        DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16,
+        DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16, SHIFTED=shifted,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return z, part
+
+
+def shifted_dz_(z: Tensor, part: Tensor, stats: Tensor, target: Tensor, weight: Optional[Tensor],
+                wsum: Optional[Tensor], label_smoothing: float, logit_scale: float, softcap: float,
+                ignore_index: int, config: Optional[GemmConfig] = None) -> Tensor:
+    """z (a ``shifted=True`` buffer) := dL/dx for an upstream gradient of 1 per row, in place
+    (rows whose target is ignore_index: zeros). stats: (R, 3) from ``combine``."""
+    cfg = config or gemm_config()
+    R, C = z.shape
+    if R == 0:
+        return z
+    shifted_dz_kernel[(R, part.shape[0])](
+        z, z.stride(0), part, stats, target, weight if weight is not None else part,
+        wsum if wsum is not None else part, R, C, 0, ignore_index, float(label_smoothing),
+        float(softcap) if softcap else 1.0, float(logit_scale),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=bool(softcap),
+        BLOCK_N=cfg.block_n, num_warps=4)
+    torch.autograd.graph.increment_version(z)
+    return z
