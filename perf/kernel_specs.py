@@ -107,6 +107,7 @@ class KernelSpec:
     layout_options: Callable[[str], dict] = lambda layout: {}  # extra compile options per layout
     dtypes: tuple[str, ...] = LOGITS_DTYPES  # the operand dtypes the launcher accepts
     ci_pick: Optional[Callable[[VariantKey], bool]] = None  # CI compiles only these (None: all)
+    arch_ok: Callable[[VariantKey, int], bool] = lambda key, arch: True  # per-arch launch configs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,10 +99,18 @@ SPECS["chunk_grad"] = KernelSpec(
 # (R, C) row stride C, partials (S, R, 5) fp32; b / class weights replaced by the partials buffer
 # when absent; count a 1-element int64 device tensor; num_progs = the SM count (132 on an H100).
 def _gemm_configs(dtype: str) -> list[dict]:
-    from xent_triton.linear.fused_epilogue import GEMM_16 as c
+    """Per target (GEMM_SM80 on sm_80, GEMM_16 from sm_90; ``arch_ok`` pairs them) x SHIFTED."""
+    from xent_triton.linear.fused_epilogue import GEMM_16, GEMM_SM80
     return [{"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "SUB_N": c.sub_n,
-             "GROUP_M": c.group_m,
-             "DOT_UPCAST": False, "num_warps": c.num_warps, "num_stages": c.num_stages}]
+             "GROUP_M": c.group_m, "DOT_UPCAST": False, "SHIFTED": shifted, "num_warps": c.num_warps,
+             "num_stages": c.num_stages} for c in (GEMM_SM80, GEMM_16) for shifted in (False, True)]
+
+
+def _gemm_arch_ok(key, arch: int) -> bool:
+    from xent_triton.linear.fused_epilogue import gemm_config_for
+    c, cfg = gemm_config_for(arch), dict(key.config)
+    return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]) == \
+        (c.block_m, c.block_n, c.block_k, c.num_warps)
 
 
 def _gemm_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
@@ -116,5 +124,20 @@ def _gemm_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
 
 SPECS["logits_gemm"] = KernelSpec(
     "logits_gemm", _lazy("logits_gemm", "logits_gemm_kernel"), _LIN_FLAGS, _gemm_args,
-    configs=_gemm_configs, layouts=("c16", "odd", "nd"), dtypes=("bf16", "fp16"),
+    configs=_gemm_configs, layouts=("c16", "odd", "nd"), dtypes=("bf16", "fp16"), arch_ok=_gemm_arch_ok,
+    ci_pick=lambda k: k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags))
+
+
+def _dz_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
+    """fused_epilogue.shifted_dz_'s launch over the fused head's (R, C) shifted buffer."""
+    R, C, _, _ = _linear_shape(layout)
+    return dict(z_ptr=Ptr(dtype), stride_zm=C, part_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"),
+                tgt_ptr=Ptr("i64"), w_ptr=Ptr("fp32"), wsum_ptr=Ptr("fp32"), R=R, C=C, class_offset=0,
+                ignore_index=-100, label_smoothing=0.1, softcap=30.0, logit_scale=1.0)
+
+
+SPECS["shifted_dz"] = KernelSpec(
+    "shifted_dz", _lazy("logits_gemm", "shifted_dz_kernel"), _CHUNK_FLAGS, _dz_args,
+    configs=lambda dtype: [{"BLOCK_N": 256, "num_warps": 4}], layouts=("c16", "odd"),
+    dtypes=("bf16", "fp16"),
     ci_pick=lambda k: k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags))

@@ -225,7 +225,8 @@ def _init_worker(cache_dir: Optional[str]) -> None:
 def run(keys: list, archs=ARCHS, workers: int = 2, cache_dir: Optional[str] = None,
         progress: bool = False) -> list[Row]:
     """Compile every (variant, arch) in a pool of ``workers`` fresh processes; rows in input order."""
-    jobs = [(k, a) for k in keys for a in archs]
+    from perf import kernel_specs as ks
+    jobs = [(k, a) for k in keys for a in archs if ks.SPECS[k.kernel].arch_ok(k, a)]
     t0, rows = time.perf_counter(), []
 
     def note(row: Row) -> None:

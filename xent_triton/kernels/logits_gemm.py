@@ -1,4 +1,4 @@
-"""The logits GEMM with a fused epilogue: X Wᵀ + b in 16 bits, and fp32 row partials of T(X Wᵀ + b).
+"""The logits GEMM with a fused epilogue: Z = T(X Wᵀ + b) in 16 bits, and fp32 row partials.
 
 X (R, K) the (compacted) hidden states of a chunk, W (C, K) the classifier, b (C,) its bias, T the
 logit transform of ``common.transform_logits`` (logit scaling, softcap). A persistent grid of
@@ -8,8 +8,9 @@ done one after the other (fewer partials per logit at the dot tile the registers
 sub-tile: fp32 accumulation over K in BLOCK_K steps (``tl.dot``: tensor cores, ``wgmma`` on
 sm_90), then the epilogue on the fp32 accumulator:
 
-* the 16-bit raw logits tile ``z`` = X Wᵀ + b (R, C), before T (the chunk buffer, 2 B per logit,
-  that ``chunk_grad_kernel`` turns into dZ in place: it applies T in fp32, as on the vendor path);
+* the 16-bit logits tile ``z`` (R, C): T(X Wᵀ + b), or with SHIFTED the tile's z - ref (ref =
+  safe_ref of the partial's m, SUB_N = 1), the fused head's chunk buffer (2 B per logit) that
+  ``shifted_dz_kernel`` turns into dZ in place (rounding relative to |z - ref|: small where p is);
 * per (row, N tile) the partials of ``xent_triton.partials`` in its layout, (S, R, 5) fp32 with
   S = cdiv(C, SUB_N·BLOCK_N), folded over the sub-tiles by the online LSE: m, s = Σ e^{z - ref},
   A = Σ a_j (z_j - ref), a_sum = Σ a_j (smoothing only, else 0) and z_y (the target's logit if
@@ -87,18 +88,18 @@ def logits_gemm_kernel(
             z = transform_logits(acc, logit_scale, softcap, HAS_SOFTCAP)
             z = tl.where(cmask[None, :], z, float("-inf"))
             z_out = z_ptr + tl.cast(rows, tl.int64)[:, None] * stride_zm + cols[None, :] * stride_zn
-            if not SHIFTED:
-                tl.store(z_out, acc.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-            # fold this sub-tile into the row partials, from the fp32 accumulator (online LSE)
             m_new = tl.maximum(m, tl.max(z, 1))
-            ref_old = safe_ref(m)
             ref_new = safe_ref(m_new)
+            if SHIFTED:  # z - ref of the tile (SUB_N = 1: the partial's own m): shifted_dz_kernel
+                tl.store(z_out, (z - ref_new[:, None]).to(z_ptr.dtype.element_ty),
+                         mask=rmask[:, None] & cmask[None, :])
+            else:
+                tl.store(z_out, z.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            # fold this sub-tile into the row partials, from the fp32 accumulator (online LSE)
+            ref_old = safe_ref(m)
             s = s * tl.exp2((ref_old - ref_new) * LOG2E) + \
                 tl.sum(tl.exp2((z - ref_new[:, None]) * LOG2E), 1)
             m = m_new
-            if SHIFTED:  # z - m of the tile (SUB_N = 1: the partial's own m), read by shifted_dz_kernel
-                tl.store(z_out, (z - ref_new[:, None]).to(z_ptr.dtype.element_ty),
-                         mask=rmask[:, None] & cmask[None, :])
             z_y += tl.sum(tl.where(cols[None, :] == y_col[:, None], z, 0.0), 1)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:

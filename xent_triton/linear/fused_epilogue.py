@@ -1,6 +1,6 @@
 """Launcher of the fused-epilogue logits GEMM (``kernels/logits_gemm.py``).
 
-``logits_partials`` returns the 16-bit raw logits chunk (R, C) and the (S, R, 5) fp32 partials that
+``logits_partials`` returns the 16-bit logits chunk (R, C) and the (S, R, 5) fp32 partials that
 ``xent_triton.partials.combine`` merges; only the first ``count`` rows (a device tensor, e.g. the
 compacted valid-token count) are computed and written, with no host sync.
 """
@@ -34,14 +34,25 @@ class GemmConfig:
 # 16-bit logit. The only tile of those tried that neither spills nor stacks on sm_80 and sm_90 with
 # every epilogue flag on (128 x 128, 64 x 128 and SUB_N = 2 spill 32-600 B; static report).
 GEMM_16 = GemmConfig(64, 256, 64, 1, 8, 8, 3)
+# sm_80 (A100): 64 x 256 spills 96 B with SHIFTED and every flag; 64 x 128 x 64 / 8 warps does not
+# (partials 20 B per 128 classes: 0.16 B per logit).
+GEMM_SM80 = GemmConfig(64, 128, 64, 1, 8, 8, 3)
 # The interpreter runs a tile as numpy ops; small tiles keep tail tiles in every test shape, and
 # SUB_N = 2 exercises the sub-tile fold (tests also run SUB_N = 1, the GPU's).
 INTERPRET_GEMM = GemmConfig(32, 64, 32, 2, 2, 1, 1)
 GPU_PROGRAMS_PER_SM = 1
 
 
-def gemm_config() -> GemmConfig:
-    return INTERPRET_GEMM if interpreting() else GEMM_16
+def gemm_config_for(arch: int) -> GemmConfig:
+    """The GPU launch config for compute capability ``arch`` (80, 90, ...)."""
+    return GEMM_16 if arch >= 90 else GEMM_SM80
+
+
+def gemm_config(device: Optional[torch.device] = None) -> GemmConfig:
+    if interpreting() or device is None or device.type != "cuda":
+        return INTERPRET_GEMM
+    major, minor = torch.cuda.get_device_capability(device)
+    return gemm_config_for(10 * major + minor)
 
 
 def n_class_tiles(C: int, cfg: Optional[GemmConfig] = None) -> int:
@@ -65,7 +76,7 @@ def logits_partials(x: Tensor, w: Tensor, target: Tensor, count: Tensor, *,
                     ignore_index: int = -100, class_offset: int = 0,
                     config: Optional[GemmConfig] = None, num_progs: Optional[int] = None,
                     shifted: bool = False) -> tuple[Tensor, Tensor]:
-    """(z, part): z (R, C) in x's 16-bit dtype = x wᵀ + b (raw: before the transform T) and
+    """(z, part): z (R, C) in x's 16-bit dtype = T(x wᵀ + b) (logit scale, softcap) and
     part (S, R, 5) fp32 partials (``xent_triton.partials`` layout) of the rows < count, a
     1-element integer device tensor (clamped to R in the kernel). Other rows are not written.
     ``shifted``: z holds T(x wᵀ + b) - ref_t instead, ref_t the (row, class tile)'s partial max
@@ -77,7 +88,7 @@ def logits_partials(x: Tensor, w: Tensor, target: Tensor, count: Tensor, *,
                          f"{tuple(w.shape)}")
     if count.numel() != 1 or count.dtype not in (torch.int32, torch.int64):
         raise ValueError("logits_partials: count must be a 1-element int32/int64 tensor")
-    cfg = config or gemm_config()
+    cfg = config or gemm_config(x.device)
     if shifted and cfg.sub_n != 1:
         raise ValueError("logits_partials: shifted=True needs a config with sub_n = 1")
     R, K = x.shape
@@ -104,7 +115,7 @@ def shifted_dz_(z: Tensor, part: Tensor, stats: Tensor, target: Tensor, weight: 
                 ignore_index: int, config: Optional[GemmConfig] = None) -> Tensor:
     """z (a ``shifted=True`` buffer) := dL/dx for an upstream gradient of 1 per row, in place
     (rows whose target is ignore_index: zeros). stats: (R, 3) from ``combine``."""
-    cfg = config or gemm_config()
+    cfg = config or gemm_config(z.device)
     R, C = z.shape
     if R == 0:
         return z

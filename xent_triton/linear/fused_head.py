@@ -32,14 +32,14 @@ from torch import Tensor
 from ..options import LossOptions
 from ..partials import combine
 from ..runtime import interpreting
-from .fused_epilogue import GEMM_16, GemmConfig, logits_partials, shifted_dz_
+from .fused_epilogue import GemmConfig, gemm_config, logits_partials, shifted_dz_
 
 DEFAULT_CHUNK_ROWS = 4096
 INTERPRET_HEAD = GemmConfig(32, 64, 32, 1, 2, 1, 1)  # sub_n = 1: the shifted buffer needs it
 
 
-def head_config() -> GemmConfig:
-    return INTERPRET_HEAD if interpreting() else GEMM_16
+def head_config(device: torch.device) -> GemmConfig:
+    return INTERPRET_HEAD if interpreting() else gemm_config(device)
 
 
 def fused_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
@@ -49,7 +49,7 @@ def fused_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tens
     of sum_r loss_r. No device -> host transfer."""
     N, D = x.shape
     C = w.shape[0]
-    config = config or head_config()
+    config = config or head_config(x.device)
     keep = target != opts.ignore_index
     count = keep.sum().reshape(1)
     order = torch.argsort((~keep).to(torch.int8), stable=True)
