@@ -137,3 +137,12 @@ def test_fused_head_workspace_bytes_per_logit(record_property):
     record_property("bytes_per_logit", per_logit)
     print(f"\nfused head: {per_logit:.3f} B per chunk logit")
     assert per_logit <= 2.1
+
+
+def test_dispatch_table_picks_the_faster_path():
+    from perf.fused_dispatch import FUSED, VENDOR, dispatch_rows
+    rows = [dict(N=8, D=4, C=16, ignored=f, provider=p, median_ms=ms)
+            for f, p, ms in ((0.0, VENDOR, 2.0), (0.0, FUSED, 1.5), (0.5, VENDOR, 1.0), (0.5, FUSED, 1.2),
+                             (0.9, VENDOR, 1.0), (0.9, FUSED, ""), (0.0, "other", 0.1))]
+    got = [(r["ignored"], r["path"]) for r in dispatch_rows(rows, "card")]
+    assert got == [(0.0, "fused"), (0.5, "vendor")]

@@ -32,6 +32,7 @@ from torch import Tensor
 from ..options import LossOptions
 from ..partials import combine
 from ..runtime import interpreting
+from .chunked import accumulate_mm, make_scratch
 from .fused_epilogue import GemmConfig, gemm_config, logits_partials, shifted_dz_
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -59,7 +60,8 @@ def fused_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tens
     roww_c = torch.empty(N, dtype=torch.float32, device=x.device)
     dxc = torch.empty_like(xc)
     multi = N > R
-    dw = torch.zeros(C, D, dtype=torch.float32, device=x.device) if multi else None
+    dw = torch.empty(C, D, dtype=torch.float32, device=x.device) if multi else None
+    scratch = make_scratch(dw, x.dtype)  # fp32 accumulation of 16-bit products (chunked.py)
     db = torch.zeros(C, dtype=torch.float32, device=x.device) if b is not None else None
     wsum = weight.sum().reshape(1).float() if weight is not None else None
     for r0 in range(0, N, R):
@@ -78,7 +80,7 @@ def fused_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tens
                     opts.logit_scale, opts.softcap, opts.ignore_index, config)
         torch.mm(z, w, out=dxc[r0:r1])
         if multi:
-            dw.addmm_(z.T.float(), xc[r0:r1].float())
+            accumulate_mm(dw, z.T, xc[r0:r1], r0 == 0, scratch)
         else:
             dw = z.T @ xc[r0:r1]
         if db is not None:
