@@ -105,6 +105,9 @@ class KernelSpec:
     stream_load: Optional[str] = None
     valid: Callable[[dict], bool] = lambda flags: True
     layout_options: Callable[[str], dict] = lambda layout: {}  # extra compile options per layout
+    dtypes: tuple[str, ...] = LOGITS_DTYPES  # the operand dtypes the launcher accepts
+    ci_pick: Optional[Callable[[VariantKey], bool]] = None  # CI compiles only these (None: all)
+    arch_ok: Callable[[VariantKey, int], bool] = lambda key, arch: True  # per-arch launch configs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +184,7 @@ def build(spec: KernelSpec, key: VariantKey) -> Variant:
 def _keys(spec: KernelSpec, flag_sets: list[dict], layouts,
           largest_only: bool = False) -> Iterator[VariantKey]:
     seen = set()
-    for dtype in LOGITS_DTYPES:
+    for dtype in spec.dtypes:
         configs = spec.configs(dtype)
         chosen = configs[-1:] if largest_only else configs
         for flags, config, layout in itertools.product(flag_sets, chosen,
@@ -220,7 +223,8 @@ def ci_variants(spec: KernelSpec) -> Iterator[VariantKey]:
     others = [lay for lay in spec.layouts if lay != "c16"]
     keys = itertools.chain(_keys(spec, extremes, ["c16"]), _keys(spec, alone, ["c16"], largest_only=True),
                            _keys(spec, extremes, others, largest_only=True))
-    yield from dict.fromkeys(keys)  # in order, without duplicates
+    keys = dict.fromkeys(keys)  # in order, without duplicates
+    yield from (k for k in keys if spec.ci_pick is None or spec.ci_pick(k))
 
 
 # --------------------------------------------------------------------------- cross-entropy kernels
@@ -314,87 +318,6 @@ SPECS["vocab_parallel_fwd"] = KernelSpec(
     exclusive=("SOFT_TARGET",), stream_load="tl.load(x_row + cols")
 
 
-# ------------------------------------------------------------- fused linear cross-entropy
-# Layouts for these kernels (hidden states X (N, D), classifier W (C, D), both contiguous):
-# c16 -> C = 32000, D = 4096 (rows 16-byte aligned: cp.async pipelining, the aligned tiles);
-# odd -> C = 50257, D = 4096; nd -> C = 21, D = 4097 (rows unaligned: the unaligned tiles).
-def _linear_shape(layout: Layout) -> tuple[int, int, int, bool]:
-    """(N, C, D, aligned) the linear kernels see for a layout."""
-    D = 4096 if layout.D == 1 else layout.D
-    N = 8192 if layout.name == "c16" else 8191
-    return N, layout.C, D, D % 16 == 0
-
-
-def _linear_tiles(dtype: str, layout: Layout) -> dict:
-    cfg, _ = launch.linear_configs(32 if dtype == "fp32" else 16, _linear_shape(layout)[3])
-    return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_UPCAST=False)
-
-
-def _linear_configs(dtype: str) -> list[dict]:
-    """Per dtype: the launch's warps / stages and every dot precision it can pick (fp32 follows
-    torch.get_float32_matmul_precision: tf32, tf32x3, ieee; the FMA "ieee" dot is the largest)."""
-    bits = 32 if dtype == "fp32" else 16
-    cfg, precisions = launch.LINEAR_FWD[bits], ("tf32", "tf32x3", "ieee") if bits == 32 else ("tf32",)
-    return [{"DOT_PRECISION": p, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            for p in precisions]
-
-
-def _linear_common(dtype: str, layout: Layout) -> dict:
-    N, C, D, _ = _linear_shape(layout)
-    return dict(x_ptr=Ptr(dtype), stride_xn=D, stride_xd=1, w_ptr=Ptr(dtype), stride_wc=D, stride_wd=1,
-                b_ptr=Ptr(dtype), cw_ptr=Ptr("fp32"), tgt_ptr=Ptr("i64"), N=N, C=C, D=D,
-                class_offset=0, ignore_index=-100, logit_scale=1.0, softcap=30.0)
-
-
-def _linear_fwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
-    """linear_ops.forward_partials' launch of linear_xent_fwd_kernel."""
-    return dict(_linear_common(dtype, layout), part_ptr=Ptr("fp32"), n_splits=16, tiles_per_split=7,
-                **_linear_tiles(dtype, layout))
-
-
-_LIN_FLAGS = ("HAS_BIAS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
-
-SPECS["linear_xent_fwd"] = KernelSpec(
-    "linear_xent_fwd", _lazy("linear_cross_entropy", "linear_xent_fwd_kernel"),
-    _LIN_FLAGS + ("SKIP_IGNORED",), _linear_fwd_args, configs=_linear_configs)
-
-
-# ------------------------------------------------ chunked linear head: dZ over a GEMM's logits chunk
-# linear/chunked.py: fp32 logits of a (rows, C) token chunk or (N, C_s) split in a fresh workspace
-# (row stride C), dZ in the operands' dtype (same buffer for fp32); no nd layout (always 2-D).
-def _chunk_common(dtype: str, flags: dict, layout: Layout) -> dict:
-    z = Ptr("fp32")
-    return dict(z_ptr=z, stride_zr=layout.C, dz_ptr=Ptr(dtype), stride_dzr=layout.C, tgt_ptr=Ptr("i64"),
-                w_ptr=Ptr("fp32") if flags["HAS_WEIGHT"] else z,
-                wsum_ptr=Ptr("fp32") if flags["HAS_WEIGHT"] else z,
-                C=layout.C, n_classes=layout.C, **_HPARAMS)
-
-
-def _chunk_loss_grad_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
-    """chunked.loss_grad_chunk's launch of chunk_loss_grad_kernel (placeholders as it passes them)."""
-    z = Ptr("fp32")
-    return dict(_chunk_common(dtype, flags, layout),
-                zcoef_ptr=Ptr("fp32") if flags["HAS_ZLOSS"] else z,
-                tw_ptr=Ptr("fp32") if flags["HAS_TOKEN_WEIGHT"] else z,
-                loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"), ent_ptr=Ptr("fp32"),
-                pred_ptr=Ptr("i64"))
-
-
-def _chunk_grad_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
-    """chunked.grad_chunk's launch of chunk_grad_kernel (the recompute backward's split at class
-    offset 0; dloss an expanded scalar (stride 0), dlse contiguous, or dloss again without it)."""
-    return dict(_chunk_common(dtype, flags, layout), stats_ptr=Ptr("fp32"), dloss_ptr=Ptr("fp32"),
-                stride_dloss=0, dlse_ptr=Ptr("fp32"), stride_dlse=1 if flags["HAS_DLSE"] else 0,
-                class_offset=0)
-
-
-_CHUNK_FLAGS = ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
-
-SPECS["chunk_loss_grad"] = KernelSpec(
-    "chunk_loss_grad", _lazy("chunk_grad", "chunk_loss_grad_kernel"),
-    _CHUNK_FLAGS + ("HAS_ZLOSS", "HAS_TOKEN_WEIGHT", "STATS"), _chunk_loss_grad_args,
-    layouts=("c16", "odd"), stream_load="tl.load(z_row + cols",
-    layout_options=lambda layout: launch.forward_compile_options(layout == "c16"))
-SPECS["chunk_grad"] = KernelSpec(
-    "chunk_grad", _lazy("chunk_grad", "chunk_grad_kernel"), _CHUNK_FLAGS + ("HAS_DLSE",), _chunk_grad_args,
-    layouts=("c16", "odd"), stream_load="tl.load(z_row + cols")
+# The linear head's kernels (fused linear CE, chunk gradient, logits GEMM) register themselves in
+# perf/linear_specs.py (imported last: it uses the names above).
+from perf import linear_specs  # noqa: E402,F401

@@ -48,6 +48,11 @@ def providers(quiet: bool = False):
     import xent_triton
 
     out = {"xent default": lambda h, w, y: xent_triton.linear_cross_entropy(h, w, y)}
+    if DEV == "cuda":  # the fused-epilogue GEMM path (opt-in; perf/fused_dispatch.py)
+        from xent_triton.linear.fused_head import linear_cross_entropy_fused
+        out["xent fused-epilogue"] = lambda h, w, y: linear_cross_entropy_fused(h, w, y)
+    else:
+        out["xent fused-epilogue"] = "missing (CUDA only: its GEMM is a Triton kernel)"
     if hasattr(F, "linear_cross_entropy"):
         out["torch F.linear_cross_entropy"] = lambda h, w, y: F.linear_cross_entropy(h, w, y)
     else:
@@ -134,6 +139,8 @@ def main(argv=None) -> int:
         f.write("\n".join(f"{k}: {v}" for k, v in stamp.items()) + "\n")
     write_csv(os.path.join(args.out, "linear_gpu.csv"), rows, stamp)
     print(f"wrote {args.out}/linear_gpu.csv ({len(rows)} rows) in {time.time() - t_start:.0f} s")
+    from perf.fused_dispatch import write_dispatch
+    print(f"wrote {write_dispatch(rows, card, args.out)}")
     return 0 if ok else 1
 
 

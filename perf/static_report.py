@@ -39,7 +39,7 @@ from typing import Optional
 
 ARCHS = (80, 90)
 COLUMNS = ("kernel", "dtype", "layout", "flags", "config", "sm", "regs", "stack", "local",
-           "spill_st", "spill_ld", "shared", "ld_bytes", "ld16", "seconds", "error")
+           "spill_st", "spill_ld", "shared", "ld_bytes", "ld16", "wgmma", "seconds", "error")
 
 
 @dataclasses.dataclass
@@ -59,6 +59,7 @@ class Row:
     shared: int = -1
     ld_bytes: int = -1  # narrowest streaming (logits) load, bytes per thread per instruction
     ld16: str = "n/a"
+    wgmma: str = "n/a"  # sm_90 only: does the PTX issue warpgroup MMAs ("yes" / "no")
     seconds: float = 0.0
     error: str = ""
 
@@ -191,8 +192,11 @@ def compile_one(key, arch: int) -> Row:
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v.options))
         name = compiled.metadata.name
         row.regs, row.stack, row.shared, row.local = resource_usage(compiled.asm["cubin"], name)
+        row.shared = max(row.shared, int(compiled.metadata.shared))  # dynamic (pipelined operands)
         if row.stack > 0 or row.local > 0:
             row.spill_st, row.spill_ld = spill_bytes(compiled.asm["cubin"])
+        if arch >= 90:
+            row.wgmma = "yes" if "wgmma.mma_async" in compiled.asm["ptx"] else "no"
         marker = ks.SPECS[key.kernel].stream_load
         if marker:
             widths = stream_load_widths(compiled.asm["llir"], marker)
@@ -221,7 +225,8 @@ def _init_worker(cache_dir: Optional[str]) -> None:
 def run(keys: list, archs=ARCHS, workers: int = 2, cache_dir: Optional[str] = None,
         progress: bool = False) -> list[Row]:
     """Compile every (variant, arch) in a pool of ``workers`` fresh processes; rows in input order."""
-    jobs = [(k, a) for k in keys for a in archs]
+    from perf import kernel_specs as ks
+    jobs = [(k, a) for k in keys for a in archs if ks.SPECS[k.kernel].arch_ok(k, a)]
     t0, rows = time.perf_counter(), []
 
     def note(row: Row) -> None:

@@ -1,0 +1,129 @@
+"""Launcher of the fused-epilogue logits GEMM (``kernels/logits_gemm.py``).
+
+``logits_partials`` returns the 16-bit logits chunk (R, C) and the (S, R, 5) fp32 partials that
+``xent_triton.partials.combine`` merges; only the first ``count`` rows (a device tensor, e.g. the
+compacted valid-token count) are computed and written, with no host sync.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..kernels.logits_gemm import logits_gemm_kernel, shifted_dz_kernel
+from ..partials import N_PARTIALS
+from ..runtime import alloc, interpreting
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    sub_n: int  # class sub-tiles of block_n folded into one partial (per-row online LSE)
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# sm_90 / sm_80, 16-bit operands: 64 x 256 x 64 dot tiles, 8 warps (two warpgroups of wgmma on
+# sm_90), 3 stages: 20 B of partials per (row, 256 classes) = 0.08 B per logit beside the 2 B of the
+# 16-bit logit. The only tile of those tried that neither spills nor stacks on sm_80 and sm_90 with
+# every epilogue flag on (128 x 128, 64 x 128 and SUB_N = 2 spill 32-600 B; static report).
+GEMM_16 = GemmConfig(64, 256, 64, 1, 8, 8, 3)
+# sm_80 (A100): 64 x 256 spills 96 B with SHIFTED and every flag; 64 x 128 x 64 / 8 warps does not
+# (partials 20 B per 128 classes: 0.16 B per logit).
+GEMM_SM80 = GemmConfig(64, 128, 64, 1, 8, 8, 3)
+# The interpreter runs a tile as numpy ops; small tiles keep tail tiles in every test shape, and
+# SUB_N = 2 exercises the sub-tile fold (tests also run SUB_N = 1, the GPU's).
+INTERPRET_GEMM = GemmConfig(32, 64, 32, 2, 2, 1, 1)
+GPU_PROGRAMS_PER_SM = 1
+
+
+def gemm_config_for(arch: int) -> GemmConfig:
+    """The GPU launch config for compute capability ``arch`` (80, 90, ...)."""
+    return GEMM_16 if arch >= 90 else GEMM_SM80
+
+
+def gemm_config(device: Optional[torch.device] = None) -> GemmConfig:
+    if interpreting() or device is None or device.type != "cuda":
+        return INTERPRET_GEMM
+    major, minor = torch.cuda.get_device_capability(device)
+    return gemm_config_for(10 * major + minor)
+
+
+def n_class_tiles(C: int, cfg: Optional[GemmConfig] = None) -> int:
+    cfg = cfg or gemm_config()
+    return triton.cdiv(C, cfg.block_n * cfg.sub_n)
+
+
+def _programs(x: Tensor, R: int, C: int, cfg: GemmConfig) -> int:
+    """Grid size from host shapes only (the M extent is on the device): every tile of the full
+    R rows, capped at the number of SMs on a GPU."""
+    tiles = max(1, triton.cdiv(R, cfg.block_m) * n_class_tiles(C, cfg))
+    if x.is_cuda:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        return min(tiles, sms * GPU_PROGRAMS_PER_SM)
+    return tiles
+
+
+def logits_partials(x: Tensor, w: Tensor, target: Tensor, count: Tensor, *,
+                    bias: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+                    label_smoothing: float = 0.0, logit_scale: float = 1.0, softcap: float = 0.0,
+                    ignore_index: int = -100, class_offset: int = 0,
+                    config: Optional[GemmConfig] = None, num_progs: Optional[int] = None,
+                    shifted: bool = False) -> tuple[Tensor, Tensor]:
+    """(z, part): z (R, C) in x's 16-bit dtype = T(x wᵀ + b) (logit scale, softcap) and
+    part (S, R, 5) fp32 partials (``xent_triton.partials`` layout) of the rows < count, a
+    1-element integer device tensor (clamped to R in the kernel). Other rows are not written.
+    ``shifted``: z holds T(x wᵀ + b) - ref_t instead, ref_t the (row, class tile)'s partial max
+    (SUB_N = 1 only): what ``shifted_dz_`` reads."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
+        raise TypeError(f"logits_partials: 16-bit operands of one dtype expected, got {x.dtype}, {w.dtype}")
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"logits_partials: x (R, K) and w (C, K) expected, got {tuple(x.shape)}, "
+                         f"{tuple(w.shape)}")
+    if count.numel() != 1 or count.dtype not in (torch.int32, torch.int64):
+        raise ValueError("logits_partials: count must be a 1-element int32/int64 tensor")
+    cfg = config or gemm_config(x.device)
+    if shifted and cfg.sub_n != 1:
+        raise ValueError("logits_partials: shifted=True needs a config with sub_n = 1")
+    R, K = x.shape
+    C = w.shape[0]
+    z = alloc((R, C), x.dtype, x.device)
+    part = alloc((n_class_tiles(C, cfg), R, N_PARTIALS), torch.float32, x.device)
+    progs = num_progs or _programs(x, R, C, cfg)
+    dummy = part  # never read when the flag is off
+    logits_gemm_kernel[(progs,)](
+        x, x.stride(0), x.stride(1), w, w.stride(0), w.stride(1),
+        bias if bias is not None else dummy, class_weight if class_weight is not None else dummy,
+        target, count, z, z.stride(0), z.stride(1), part, R, C, K, class_offset, ignore_index,
+        float(logit_scale), float(softcap) if softcap else 1.0, progs,
+        HAS_BIAS=bias is not None, HAS_WEIGHT=class_weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=bool(softcap),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SUB_N=cfg.sub_n, GROUP_M=cfg.group_m,
+        DOT_UPCAST=interpreting() and x.dtype == torch.bfloat16, SHIFTED=shifted,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return z, part
+
+
+def shifted_dz_(z: Tensor, part: Tensor, stats: Tensor, target: Tensor, weight: Optional[Tensor],
+                wsum: Optional[Tensor], label_smoothing: float, logit_scale: float, softcap: float,
+                ignore_index: int, config: Optional[GemmConfig] = None) -> Tensor:
+    """z (a ``shifted=True`` buffer) := dL/dx for an upstream gradient of 1 per row, in place
+    (rows whose target is ignore_index: zeros). stats: (R, 3) from ``combine``."""
+    cfg = config or gemm_config(z.device)
+    R, C = z.shape
+    if R == 0:
+        return z
+    shifted_dz_kernel[(R, part.shape[0])](
+        z, z.stride(0), part, stats, target, weight if weight is not None else part,
+        wsum if wsum is not None else part, R, C, 0, ignore_index, float(label_smoothing),
+        float(softcap) if softcap else 1.0, float(logit_scale),
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=bool(softcap),
+        BLOCK_N=cfg.block_n, num_warps=4)
+    torch.autograd.graph.increment_version(z)
+    return z

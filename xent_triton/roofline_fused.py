@@ -1,0 +1,54 @@
+"""ESTIMATE (a model, not a measurement: no GPU was lent) of the fused-epilogue linear head
+(``linear/fused_head.py``) against the paired-cuBLAS floor and the vendor-GEMM default
+(``roofline.linear_head_estimate``). Run ``python -m xent_triton.roofline_fused`` for the table.
+
+Model, bf16, forward + backward, N tokens of which a fraction ``ignored`` is ignored (n kept):
+
+* logits GEMM (Triton, device M extent): 2 n D C FLOPs at ``triton_tflops`` (an assumption: a
+  range from 550 TFLOP/s to cuBLAS's own rate; the GPU script measures it);
+* dX = dZ W and dW = dZᵀ X (cuBLAS): 4 N D C FLOPs — on every row: their shapes are host values
+  and the path makes no host sync, so ignored rows are not skipped there;
+* bytes: the epilogue's 16-bit write (n C 2), the dZ kernel's read + write (N C 4; ignored rows
+  write only: counted as read too, the high side), partials (n C 20 / 256 written and read),
+  compaction gather / scatter (3 N D 2), the in-place dW scale (C D 4); exponentials (n C, MUFU)
+  assumed hidden under the MMAs.
+"""
+from __future__ import annotations
+
+from .roofline import DEVICES, Device, linear_head_estimate
+
+
+def fused_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
+                        gemm_tflops: tuple[float, float] = (670.0, 700.0),
+                        triton_tflops: tuple[float, float] = (550.0, 700.0)) -> dict:
+    """{'floor_ms', 'fused_ms', 'ratio'} as (low, high) pairs (module docstring)."""
+    n = round((1.0 - ignored) * N)
+    ndc = N * D * C
+    byts = n * C * 2 + N * C * 4 + 2 * n * C * 20 / 256 + 3 * N * D * 2 + C * D * 4
+    floors, fused = [], []
+    for cub, tri in ((gemm_tflops[1], triton_tflops[1]), (gemm_tflops[0], triton_tflops[0])):
+        floors.append(6 * ndc / (cub * 1e12) * 1e3)
+        t = 2 * n * D * C / (tri * 1e12) + 4 * ndc / (cub * 1e12) + byts / dev.bandwidth
+        fused.append(t * 1e3)
+    return {"floor_ms": tuple(round(v, 2) for v in floors), "fused_ms": tuple(round(v, 2) for v in fused),
+            "ratio": tuple(round(f / fl, 3) for f, fl in zip(fused, floors))}
+
+
+def main() -> None:
+    dev = DEVICES["H200"]
+    D, C = 4096, 128256
+    print("ESTIMATE, Llama-3 head (D = 4096, C = 128256), bf16, fwd + bwd, H200 (no GPU measured)")
+    print(f"{'N':>5} {'ignored':>7} {'cuBLAS floor ms':>16} {'fused ms':>14} {'fused/floor':>12} "
+          f"{'vendor default ms':>18}")
+    for N in (2048, 4096, 8192):
+        for f in (0.0, 0.5):
+            e = fused_head_estimate(N, D, C, f, dev)
+            v = linear_head_estimate(N, D, C, f, dev)
+            print(f"{N:5d} {f:7.1f} {e['floor_ms'][0]:7.2f}-{e['floor_ms'][1]:<8.2f} "
+                  f"{e['fused_ms'][0]:6.2f}-{e['fused_ms'][1]:<7.2f} "
+                  f"{e['ratio'][0]:5.3f}-{e['ratio'][1]:<6.3f} "
+                  f"{v['ours_ms'][0]:8.2f}-{v['ours_ms'][1]:<8.2f}")
+
+
+if __name__ == "__main__":
+    main()
