@@ -246,7 +246,8 @@ _HPARAMS = dict(ignore_index=-100, label_smoothing=0.1, softcap=30.0, logit_scal
 
 
 def _fwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
-    """cross_entropy.ops.forward_rows' launch of cross_entropy_fwd_kernel."""
+    """cross_entropy.ops.forward_rows' launch of cross_entropy_fwd_kernel; SKIP_IGNORED as that launch
+    sets it by default (hard targets, no statistics: ignored rows are not read)."""
     s_n, s_c, s_d = layout.strides
     return dict(
         x_ptr=Ptr(dtype), stride_xn=s_n, stride_xd=s_d, stride_xc=s_c,
@@ -254,6 +255,7 @@ def _fwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
         loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"),
         ent_ptr=Ptr("fp32"), pred_ptr=Ptr("i64"),
         C=layout.C, D=layout.D, n_classes=layout.C, **_HPARAMS,
+        SKIP_IGNORED=not flags["SOFT_TARGET"] and not flags["STATS"],
     )
 
 
