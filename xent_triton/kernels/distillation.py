@@ -58,9 +58,10 @@ def mixture_gaps(logp, logq, beta):
 
 @triton.jit
 def log1p_f32(x):
-    """log(1 + x) for x >= 0 to fp32 relative rounding (log(u) x / (u - 1), u = 1 + x rounded)."""
+    """log(1 + x) for x >= 0: log(u) of u = 1 + x rounded, corrected by the rounding of u,
+    ((u - 1) - x) / u (exact: Fast2Sum), to first order; no branch (x tiny: u = 1, gives x)."""
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log2(u) * LN2 * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.log2(u) * LN2 - ((u - 1.0) - x) / u
 
 
 @triton.jit
