@@ -22,7 +22,7 @@ stays a small, accurately rounded quantity:
          (the two lses cancel: no rounded log s enters the gradient)
     jsd  log q_j - log m_j - K = h_j - H,  h_j = log q_j - log m_j + log(1-beta)
          = -softplus(log(beta/(1-beta)) - (log q_j - log p_j)) <= 0,  H = sum q h
-         (H sums terms of one sign; h is exact to its relative rounding via a compensated log1p)
+         (H sums terms of one sign; h keeps fp32 relative accuracy via a compensated log1p)
 extra = W (rkl) or H (jsd).
 
 Grids and bytes (B bytes per logit, both models in one dtype, R rows): forward grid (R,) reads both
