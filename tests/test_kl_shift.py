@@ -3,12 +3,11 @@ at different levels, per-row offsets 0 / 100 / 1e4 of either sign).
 
 Rule (issue 18, acceptance 2): per-token loss and student-gradient error vs float64 (the same
 rounded inputs) <= max(2 x torch's own fp32 ``log_softmax``-composition error, floor), torch's own
-gradient rounded to the student's dtype (ours is returned in it). Floors: 1e-6 for the losses (the
-issue's); for gradients 6e-6 in fp32 (at T = 0.5 the log-probs reach ~30 and both torch's and our
-fp32 gradients scatter around 1e-6-5e-6: torch's own reached 3.3e-6 on these shapes, the kernels'
-jsd gradient in the linear form 5.4e-6 = 3.0x torch's 1.8e-6 at T = 0.5, offset 100: the
-gradient subtracts K = KL(q||m) from per-class gaps of nearly its value) and 2^-6 in bf16
-(two ulps: the interpreter truncates fp32 -> bf16 where CUDA rounds to nearest, and the linear
+gradient rounded to the student's dtype (ours is returned in it). Floors: 1e-6 for the losses and
+fp32 gradients (the issue's; the reverse-KL / JSD backward subtracts the per-row mean from per-class
+terms, formulated so that no two rounded quantities of nearly equal value cancel: see
+kernels/distillation.py) and 2^-6 in bf16 gradients (two ulps: the interpreter truncates fp32 -> bf16
+where CUDA rounds to nearest, and the linear
 form's dW sums those truncated logit gradients). Each table also
 prints its worst ratio under the issue's plain rule (floor 1e-6 everywhere): error / tolerance.
 
@@ -35,7 +34,7 @@ F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 N, C, D = 4, 200, 8
 FLOOR = 1e-6
 DT = {F32: "fp32", BF16: "bf16"}
-GRAD_FLOOR = {F32: 6e-6, BF16: 2.0 ** -6}
+GRAD_FLOOR = {F32: 1e-6, BF16: 2.0 ** -6}
 DIVERGENCES = ["kl", "reverse_kl", "jsd"]
 FULL = [(sd, td, T, off) for sd in (F32, BF16) for td in (F32, BF16) for T in (0.5, 1.0, 2.0)
         for off in (0.0, 100.0, 1e4)]
@@ -89,24 +88,45 @@ def run(fn, leaves, g):
     return out, [t.grad for t in leaves]
 
 
+def distill_case(worst: dict, divergence: str, sd, td, T: float, off: float) -> None:
+    """One distillation_loss configuration, inputs drawn from the current RNG state."""
+    base = torch.randn(N, C) * 2
+    s = base.to(sd)
+    t = (torch.randn(N, C) * 2 + 0.5 * base + row_offsets(off)).to(td)
+    g = torch.randn(N, dtype=F64)
+    kw = dict(divergence=divergence, temperature=T, reduction="none", beta=0.3)
+    with config.overrides(block_c=128):  # 2 blocks: the references move
+        ours, (dx,) = run(lambda x: xent_triton.distillation_loss(x, t, **kw), [s], g)
+    ref, (dref,) = run(lambda x: composed(x, t.double(), None, **kw), [s.double()], g)
+    theirs, (dth,) = run(lambda x: composed(x, t.float(), None, **kw), [s.float()], g)
+    cfg = (str(sd), str(td), T, off)
+    check(worst, "loss", ours, theirs, ref, cfg)
+    check(worst, "grad", dx, dth.to(sd), dref, cfg)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_distillation_loss_shift_invariant(path, divergence):
     torch.manual_seed(0)
     worst: dict = {}
     for sd, td, T, off in grid():
-        base = torch.randn(N, C) * 2
-        s = base.to(sd)
-        t = (torch.randn(N, C) * 2 + 0.5 * base + row_offsets(off)).to(td)
-        g = torch.randn(N, dtype=F64)
-        kw = dict(divergence=divergence, temperature=T, reduction="none", beta=0.3)
-        with config.overrides(block_c=128):  # 2 blocks: the references move
-            ours, (dx,) = run(lambda x: xent_triton.distillation_loss(x, t, **kw), [s], g)
-        ref, (dref,) = run(lambda x: composed(x, t.double(), None, **kw), [s.double()], g)
-        theirs, (dth,) = run(lambda x: composed(x, t.float(), None, **kw), [s.float()], g)
-        cfg = (str(sd), str(td), T, off)
-        check(worst, "loss", ours, theirs, ref, cfg)
-        check(worst, "grad", dx, dth.to(sd), dref, cfg)
+        distill_case(worst, divergence, sd, td, T, off)
     report(f"distillation_loss {divergence} {path}", worst)
+
+
+# fp32 gradients where the earlier backward (per-class log q - log p or log q - log m, each through
+# the rounded lses, minus its row mean D or K) exceeded the 1e-6 rule: a bf16 teacher
+# at T = 0.5 (p near one class that q does not favour: the per-class term of every other class is
+# nearly its mean). Seed 39 failed on the torch path (2.01e-6 > 1.52e-6); the kernels' failures
+# before the fix showed in the KL_SHIFT_FULL=1 grid (docs/kl.md)
+CANCELLATION = [
+    pytest.param("jsd", 39, id="jsd-seed39"),
+]
+
+
+@pytest.mark.parametrize("divergence,seed", CANCELLATION)
+def test_fp32_gradient_no_cancellation(path, divergence, seed):
+    torch.manual_seed(seed)
+    distill_case({}, divergence, F32, BF16, 0.5, 100.0)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

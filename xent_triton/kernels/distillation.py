@@ -13,7 +13,17 @@ p = softmax(a), divergence D, CE weight alpha, label y; 0 log 0 := 0)::
     dL/dx_j = g [alpha (softmax(x)_j - [j = y]) + (1 - alpha) / T dD/db_j]
 
 No T^2 factor. Per-row stats (R, 8) fp32: (ref_p, log s_p, ref_q, log s_q, ref_1, log s_1, extra,
-valid) with lse = ref + log s of a, b and x (the CE at T = 1); extra = D (rkl) or K (jsd).
+valid) with lse = ref + log s of a, b and x (the CE at T = 1).
+
+fp32 gradients (rkl, jsd): the per-class term minus its q-mean (D or K) cancels where the term is near
+its mean, so both are taken relative to a reference that drops out of the difference, and each
+stays a small, accurately rounded quantity:
+    rkl  log q_j - log p_j - D = w_j - W,  w_j = (b_j - ref_q) - (a_j - ref_p),  W = sum q w
+         (the two lses cancel: no rounded log s enters the gradient)
+    jsd  log q_j - log m_j - K = h_j - H,  h_j = log q_j - log m_j + log(1-beta)
+         = -softplus(log(beta/(1-beta)) - (log q_j - log p_j)) <= 0,  H = sum q h
+         (H sums terms of one sign; h keeps fp32 relative accuracy via a compensated log1p)
+extra = W (rkl) or H (jsd).
 
 Grids and bytes (B bytes per logit, both models in one dtype, R rows): forward grid (R,) reads both
 rows once (2 R C B; jsd a second time: 4 R C B) and writes 36 R; an ignored row reads nothing.
@@ -44,6 +54,23 @@ def mixture_gaps(logp, logq, beta):
     e = tl.exp2(-tl.abs(d) * LOG2E)
     small = tl.log2(tl.where(pos, beta * e + (1.0 - beta), beta + (1.0 - beta) * e)) * LN2
     return -tl.where(pos, small + d, small), -tl.where(pos, small, small - d)
+
+
+@triton.jit
+def log1p_f32(x):
+    """log(1 + x) for x >= 0: log(u) of u = 1 + x rounded, corrected by the rounding of u,
+    ((u - 1) - x) / u (exact: Fast2Sum), to first order; no branch (x tiny: u = 1, gives x)."""
+    u = 1.0 + x
+    return tl.log2(u) * LN2 - ((u - 1.0) - x) / u
+
+
+@triton.jit
+def mixture_excess(logp, logq, log_rho):
+    """h = log q - log m + log(1-beta) = -softplus(log_rho - (log q - log p)) <= 0, log_rho =
+    log(beta / (1-beta)) (module docstring): no cancellation with its q-mean in the backward.
+    NaN where p = q = 0: callers mask it."""
+    z = log_rho - (logq - logp)
+    return -(tl.maximum(z, 0.0) + log1p_f32(tl.exp2(-tl.abs(z) * LOG2E)))
 
 
 @triton.jit
@@ -125,11 +152,12 @@ def distill_fwd_kernel(
     if DIVERGENCE == KL:
         div = cross / s_p + (log_sq - log_sp)
     elif DIVERGENCE == REVERSE_KL:
-        div = cross / s_q + (log_sp - log_sq)
-        extra = div
+        extra = cross / s_q  # W (module docstring)
+        div = extra + (log_sp - log_sq)
     else:
         kl_pm = tl.zeros((), tl.float32)
         kl_qm = tl.zeros((), tl.float32)
+        log_rho = tl.log2(beta / (1.0 - beta)) * LN2
         for start in range(0, C, BLOCK_C):
             cols = start + offs
             mask = cols < c_lim
@@ -142,8 +170,8 @@ def distill_fwd_kernel(
             q = tl.exp2(logq * LOG2E)
             kl_pm += tl.sum(tl.where(p > 0, p * gap_p, 0.0), 0)
             kl_qm += tl.sum(tl.where(q > 0, q * gap_q, 0.0), 0)
+            extra += tl.sum(tl.where(q > 0, q * mixture_excess(logp, logq, log_rho), 0.0), 0)
         div = beta * kl_pm + (1.0 - beta) * kl_qm
-        extra = kl_qm
     ref_1 = safe_ref(m_1)
     log_s1 = tl.log2(s_1) * LN2
     loss = div
@@ -204,22 +232,24 @@ def distill_bwd_kernel(
         active = r >= 0
     c_active = tl.where(active, c_end, 0)
     g_div = g * (1.0 - ce_weight) / temperature
+    log_rho = tl.log2(beta / (1.0 - beta)) * LN2
     for start in range(c_begin, c_end, BLOCK_C):
         cols = start + offs
         mask = cols < c_end
         lmask = cols < c_active
         x = tl.load(s_row + cols.to(tl.int64) * stride_sc, mask=lmask, other=0.0).to(tl.float32)
         tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0).to(tl.float32)
-        logq = (x / temperature - ref_q) - log_sq
-        logp = (tv / temperature - ref_p) - log_sp
+        u = x / temperature - ref_q
+        v = tv / temperature - ref_p
+        logq = u - log_sq
         q = tl.exp2(logq * LOG2E)
         if DIVERGENCE == KL:
-            dd = q - tl.exp2(logp * LOG2E)
+            dd = q - tl.exp2((v - log_sp) * LOG2E)
         elif DIVERGENCE == REVERSE_KL:
-            dd = tl.where(q > 0, q * (logq - logp - extra), 0.0)
+            dd = tl.where(q > 0, q * ((u - v) - extra), 0.0)
         else:
-            _gap_p, gap_q = mixture_gaps(logp, logq, beta)
-            dd = (1.0 - beta) * tl.where(q > 0, q * (gap_q - extra), 0.0)
+            h = mixture_excess(v - log_sp, logq, log_rho)
+            dd = (1.0 - beta) * tl.where(q > 0, q * (h - extra), 0.0)
         dx = g_div * dd
         if HAS_CE:
             sm1 = tl.exp2(((x - ref_1) - log_s1) * LOG2E)

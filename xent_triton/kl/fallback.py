@@ -5,6 +5,7 @@ float64 for float64 students) on whole (R, C) rows: N x C temporaries are fine o
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -41,6 +42,13 @@ def mixture_gaps(logp: Tensor, logq: Tensor, beta: float) -> tuple[Tensor, Tenso
     return -torch.where(pos, small + d, small), -torch.where(pos, small, small - d)
 
 
+def mixture_excess(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
+    """h = log q - log m + log(1 - beta) <= 0 (the kernel's ``mixture_excess``; NaN where p = q = 0,
+    masked by callers)."""
+    z = (math.log(beta) - math.log1p(-beta)) - (logq - logp)
+    return -(z.clamp_min(0) + torch.log1p(torch.exp(-z.abs())))
+
+
 def distill_forward(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: int, beta: float,
                     temperature: float, ignore_index: int, ce_weight: float) -> tuple[Tensor, Tensor]:
     """(loss (R,), stats (R, 8)) of student rows x and teacher rows t (see the kernel)."""
@@ -55,13 +63,17 @@ def distill_forward(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: 
     if divergence == KL:
         div = xlogy_ratio(p, logp, logq).sum(-1)
     elif divergence == REVERSE_KL:
-        div = extra = xlogy_ratio(q, logq, logp).sum(-1, dtype=torch.float64).to(cdt)  # as K below
+        # extra = W, the q-mean of w = (b - ref_q) - (a - ref_p) (the kernel's docstring)
+        w = (b - ref_q[:, None]) - (a - ref_p[:, None])
+        extra = torch.where(q > 0, q * w, torch.zeros_like(q)).sum(-1, dtype=torch.float64).to(cdt)
+        div = xlogy_ratio(q, logq, logp).sum(-1, dtype=torch.float64).to(cdt)
     else:
         gap_p, gap_q = mixture_gaps(logp, logq, beta)
         zero = torch.zeros_like(p)
-        # K is subtracted from each gap in the backward, where gap ~ K: a float64 sum (O(R) output)
-        extra = torch.where(q > 0, q * gap_q, zero).sum(-1, dtype=torch.float64).to(cdt)
-        div = beta * torch.where(p > 0, p * gap_p, zero).sum(-1) + (1 - beta) * extra
+        # extra = H, the q-mean of h = mixture_excess (the kernel's docstring)
+        extra = torch.where(q > 0, q * mixture_excess(logp, logq, beta), zero).sum(-1)
+        div = (beta * torch.where(p > 0, p * gap_p, zero).sum(-1)
+               + (1 - beta) * torch.where(q > 0, q * gap_q, zero).sum(-1, dtype=torch.float64).to(cdt))
     ref_1, log_s1 = row_stats(xs)
     loss = div
     R = x.shape[0]
@@ -84,16 +96,17 @@ def distill_backward(x: Tensor, t: Tensor, labels: Optional[Tensor], stats: Tens
     cdt = stats.dtype
     xs = x.to(cdt)
     ref_p, log_sp, ref_q, log_sq, ref_1, log_s1, extra = stats[:, :7].unbind(1)
-    logq = log_softmax_from(xs / temperature, ref_q, log_sq)
-    logp = log_softmax_from(t.to(cdt) / temperature, ref_p, log_sp)
+    u = xs / temperature - ref_q[:, None]
+    v = t.to(cdt) / temperature - ref_p[:, None]
+    logq, logp = u - log_sq[:, None], v - log_sp[:, None]
     q = torch.exp(logq)
     if divergence == KL:
         dd = q - torch.exp(logp)
     elif divergence == REVERSE_KL:
-        dd = torch.where(q > 0, q * (logq - logp - extra[:, None]), torch.zeros_like(q))
+        dd = torch.where(q > 0, q * ((u - v) - extra[:, None]), torch.zeros_like(q))
     else:
-        _gap_p, gap_q = mixture_gaps(logp, logq, beta)
-        dd = (1 - beta) * torch.where(q > 0, q * (gap_q - extra[:, None]), torch.zeros_like(q))
+        h = mixture_excess(logp, logq, beta)
+        dd = (1 - beta) * torch.where(q > 0, q * (h - extra[:, None]), torch.zeros_like(q))
     g = dloss.to(cdt)[:, None]
     dx = g * (1 - ce_weight) / temperature * dd
     if labels is not None:
