@@ -139,8 +139,9 @@ def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float, entropy: boo
                      scratch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(lp (R,), H (R,) or (0,), stats (R, 2) = (ref, log s)) of rows x (see kernels/logprobs.py), in
     cache-sized row blocks: b = x / T, ref = safe max b, d = b - ref, s = sum e^d, lp = (b_y - ref) -
-    log s, H = log s - sum(e^d d) / s (one dot product per row). ``scratch``: x may be overwritten
-    (a chunk of logits the caller formed; no copy of fp32 rows)."""
+    log s, H = log s - sum(e^d d) / s (e^d d by an in-place product and torch's sum: a bmm dot
+    product accumulated 2e-5 of error at C = 32000, torch's own fp32 entropy 5e-6). ``scratch``: x
+    may be overwritten (a chunk of logits the caller formed; no copy of fp32 rows)."""
     R, C = x.shape
     cdt = compute_dtype(x)
     lp, stats = x.new_empty((R,), dtype=cdt), x.new_empty((R, 2), dtype=cdt)
@@ -161,7 +162,7 @@ def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float, entropy: boo
             e = torch.exp(d.clamp_min_(LOGQ_FLOOR), out=buf[:d.numel()].view(d.shape))
             sum_e = e.sum(1)
             log_s = torch.log(sum_e)
-            ent[s] = log_s - torch.bmm(e[:, None, :], d[:, :, None]).view(-1) / sum_e
+            ent[s] = log_s - e.mul_(d).sum(1) / sum_e
         else:
             log_s = torch.log(d.exp_().sum(1))
         lp[s] = (b_y - ref) - log_s
