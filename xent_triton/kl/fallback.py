@@ -2,6 +2,8 @@
 ``kernels/logprobs.py``): same formulas, same per-row stats, for tensors Triton does not serve
 (plain CPU tensors without the interpreter, float64). Computed in the compute dtype (float32, or
 float64 for float64 students) on whole (R, C) rows: N x C temporaries are fine on this path.
+The log-prob twins walk cache-sized row blocks instead, in place where the caller allows (the
+linear head's own chunk): few passes, no (R, C) temporaries (the TRL SFT head's CPU time, issue 19).
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..fallback import safe_ref
+from ..fallback import BLOCK_ELEMS, safe_ref
+from ..linear.chunk_torch import row_blocks
+from ..runtime import compute_dtype
 
 KL, REVERSE_KL, JSD = 0, 1, 2
 N_STATS = 8
@@ -119,29 +123,90 @@ def distill_backward(x: Tensor, t: Tensor, labels: Optional[Tensor], stats: Tens
     return dx.to(x.dtype)
 
 
-def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float,
-                     entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(lp (R,), H (R,) or (0,), stats (R, 2)) of rows x (see kernels/logprobs.py)."""
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    b = x.to(cdt) / temperature
-    ref, log_s = row_stats(b)
-    logq = log_softmax_from(b, ref, log_s)
-    lp = logq[torch.arange(x.shape[0], device=x.device), tokens]  # not a view: editable in place
-    if entropy:
-        ent = -xlogy_ratio(torch.exp(logq), logq, torch.zeros_like(logq)).sum(-1)
-    else:
-        ent = lp.new_empty((0,))
-    return lp, ent, torch.stack([ref, log_s], dim=1)
+LOGQ_FLOOR = -1e4  # log-probabilities below it have exp() == 0 in float32 and float64: clamped there,
+# 0 * log 0 terms read 0 * LOGQ_FLOOR = 0 (not NaN) with no masking pass; NaN still propagates
+
+
+def copied_blocks(x: Tensor):
+    """``row_blocks`` for rows that must stay unchanged (a caller's logits): every block is copied
+    into one reused compute-dtype buffer (16-bit rows are already copied by ``row_blocks``)."""
+    if x.dtype != compute_dtype(x):
+        yield from row_blocks(x)
+        return
+    rows, C = x.shape
+    step = max(1, BLOCK_ELEMS // max(1, C))
+    buf = torch.empty(min(rows, step) * C, dtype=x.dtype, device=x.device)
+    for s0 in range(0, rows, step):
+        s = slice(s0, min(rows, s0 + step))
+        yield s, buf[:(s.stop - s0) * C].view(-1, C).copy_(x[s])
+
+
+def block_buffer(x: Tensor) -> Tensor:
+    """A second compute-dtype buffer of one row block (for exp() next to the values it came from)."""
+    rows, C = x.shape
+    step = max(1, BLOCK_ELEMS // max(1, C))
+    return torch.empty(min(rows, step) * C, dtype=compute_dtype(x), device=x.device)
+
+
+def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float, entropy: bool,
+                     scratch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(lp (R,), H (R,) or (0,), stats (R, 2) = (ref, log s)) of rows x (see kernels/logprobs.py), in
+    cache-sized row blocks: b = x / T, ref = safe max b, d = b - ref, s = sum e^d, lp = (b_y - ref) -
+    log s, H = log s - sum(e^d d) / s (e^d d by an in-place product and torch's sum: a bmm dot
+    product accumulated 2e-5 of error at C = 32000, torch's own fp32 entropy 5e-6). ``scratch``: x
+    may be overwritten (a chunk of logits the caller formed; no copy of fp32 rows)."""
+    R, C = x.shape
+    cdt = compute_dtype(x)
+    lp, stats = x.new_empty((R,), dtype=cdt), x.new_empty((R, 2), dtype=cdt)
+    ent = x.new_empty((R if entropy else 0,), dtype=cdt)
+    if C == 0:  # no classes: log s = -inf as torch's logsumexp (no token can be valid)
+        stats[:, 0], stats[:, 1] = 0.0, float("-inf")
+        lp.fill_(float("nan"))
+        ent.fill_(float("nan"))
+        return lp, ent, stats
+    buf = block_buffer(x) if entropy else None
+    for s, work in (row_blocks(x) if scratch else copied_blocks(x)):
+        if temperature != 1.0:
+            work.div_(temperature)
+        ref = safe_ref(work.amax(1))
+        b_y = work.gather(1, tokens[s, None]).squeeze(1)
+        d = work.sub_(ref[:, None])
+        if entropy:
+            e = torch.exp(d.clamp_min_(LOGQ_FLOOR), out=buf[:d.numel()].view(d.shape))
+            sum_e = e.sum(1)
+            log_s = torch.log(sum_e)
+            ent[s] = log_s - e.mul_(d).sum(1) / sum_e
+        else:
+            log_s = torch.log(d.exp_().sum(1))
+        lp[s] = (b_y - ref) - log_s
+        stats[s, 0], stats[s, 1] = ref, log_s
+    return lp, ent, stats
 
 
 def logprobs_backward(x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp: Tensor,
-                      dent: Optional[Tensor], temperature: float) -> Tensor:
+                      dent: Optional[Tensor], temperature: float, out: Optional[Tensor] = None) -> Tensor:
+    """dL/dx of rows x into ``out`` (x's dtype; may be x itself, then overwritten; a new tensor when
+    None), in cache-sized row blocks: with log q = b - ref - log s, q = e^{log q},
+    dx = (dlp onehot - q (dlp + dent (log q + H))) / T."""
     cdt = stats.dtype
-    logq = log_softmax_from(x.to(cdt) / temperature, stats[:, 0], stats[:, 1])
-    q = torch.exp(logq)
-    onehot = torch.zeros_like(q).scatter_(1, tokens[:, None], 1.0)
-    dx = dlp.to(cdt)[:, None] * (onehot - q)
+    out = torch.empty_like(x) if out is None else out
+    inplace = out is x
+    buf = block_buffer(x) if dent is not None else None
+    g = dlp.to(cdt) / temperature
     if dent is not None:
-        dx = dx - dent.to(cdt)[:, None] * torch.where(q > 0, q * (logq + ent.to(cdt)[:, None]),
-                                                      torch.zeros_like(q))
-    return (dx / temperature).to(x.dtype)
+        c1 = dent.to(cdt) / -temperature
+        c0 = -(dent.to(cdt) * ent.to(cdt) + dlp.to(cdt)) / temperature
+    shift = stats[:, 0] + stats[:, 1]
+    for s, work in (row_blocks(x) if inplace else copied_blocks(x)):
+        if temperature != 1.0:
+            work.div_(temperature)
+        logq = work.sub_(shift[s, None])
+        if dent is None:
+            work = logq.exp_().mul_(-g[s, None])
+        else:
+            q = torch.exp(logq.clamp_min_(LOGQ_FLOOR), out=buf[:logq.numel()].view(logq.shape))
+            work = logq.mul_(c1[s, None]).add_(c0[s, None]).mul_(q)
+        work.scatter_add_(1, tokens[s, None], g[s, None])
+        if not (inplace and x.dtype == cdt):
+            out[s].copy_(work)
+    return out

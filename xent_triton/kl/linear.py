@@ -280,7 +280,8 @@ def linear_token_logprobs_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens:
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         logits_into(z[:r1 - r0], x[r0:r1], w, b)
-        lp[r0:r1], e, stats[r0:r1] = logprobs_forward_rows(z[:r1 - r0], tokens[r0:r1], temperature, entropy)
+        lp[r0:r1], e, stats[r0:r1] = logprobs_forward_rows(z[:r1 - r0], tokens[r0:r1], temperature, entropy,
+                                                             scratch=True)
         if entropy:
             ent[r0:r1] = e
     return lp, ent, stats
@@ -321,6 +322,8 @@ def _lt_setup(ctx, inputs, output):
     x, w, b, tokens, temperature, entropy, chunk = inputs
     ctx.save_for_backward(x, w, b, tokens, saved_entropy(output[1]), output[2])
     ctx.temperature, ctx.entropy, ctx.chunk = temperature, entropy, chunk
+    # an unused output's gradient stays None (entropy logged only: no entropy term in the backward)
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[2])
 
 

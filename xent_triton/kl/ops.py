@@ -98,11 +98,12 @@ def distill_backward_into(out: Tensor, x: Tensor, t: Tensor, labels: Optional[Te
     )
 
 
-def logprobs_forward_rows(x: Tensor, tokens: Tensor, temperature: float,
-                          entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(log-probs (R,), entropy (R,) or (0,), stats (R, 2)) of rows x (R, C)."""
+def logprobs_forward_rows(x: Tensor, tokens: Tensor, temperature: float, entropy: bool,
+                          scratch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs (R,), entropy (R,) or (0,), stats (R, 2)) of rows x (R, C); ``scratch``: the torch
+    path may overwrite x."""
     if not uses_triton(x):
-        return fallback.logprobs_forward(x, tokens, temperature, entropy)
+        return fallback.logprobs_forward(x, tokens, temperature, entropy, scratch)
     R, C = x.shape
     lp = alloc((R,), torch.float32, x.device)
     ent = alloc((R if entropy else 0,), torch.float32, x.device)
@@ -122,7 +123,7 @@ def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, 
                            dlp: Tensor, dent: Optional[Tensor], temperature: float) -> None:
     """dL/dx of rows x into ``out`` (may be ``x``)."""
     if not uses_triton(x):
-        out.copy_(fallback.logprobs_backward(x, tokens, ent, stats, dlp, dent, temperature))
+        fallback.logprobs_backward(x, tokens, ent, stats, dlp, dent, temperature, out=out)
         return
     R, C = x.shape
     if R == 0 or C == 0:
