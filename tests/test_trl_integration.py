@@ -182,3 +182,41 @@ def test_grpo_trainer_runs_with_patch_trl(tmp_path, trl_spies):
     assert xent_calls and not trl_calls
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _rl_log(tmp_path, kind: str) -> list[dict]:
+    """Two logged steps of TRL's GRPO or RLOO trainer on a tiny qwen2 (fp32, length reward)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    config, trainer_cls = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
+    args = config(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, num_generations=2,
+                  max_completion_length=4, logging_steps=1, report_to="none", use_cpu=True,
+                  disable_tqdm=True, save_strategy="no", seed=0, beta=0.0, bf16=False)
+    prompts = Dataset.from_dict({"prompt": [" ".join(t.split()[:4]) for t in _texts(8)]})
+    trainer = trainer_cls(model=tiny_model("qwen2"), reward_funcs=_length_reward, args=args,
+                          train_dataset=prompts, processing_class=tiny_tokenizer())
+    trainer.train()
+    return [{k: v for k, v in h.items() if k in ("loss", "grad_norm", "entropy")}
+            for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_rl_trainer_logs_match_trl(kind, tmp_path, trl_spies):
+    """GRPO and RLOO through TRL 1.16's own trainers: loss, gradient norm and entropy of each logged
+    step with patch_trl() equal TRL's own head on the same seeded run (fp32)."""
+    xent_calls, trl_calls = trl_spies
+    stock = _rl_log(tmp_path / "trl", kind)
+    assert trl_calls and not xent_calls
+    trl_calls.clear()
+    xhf.patch_trl()
+    try:
+        ours = _rl_log(tmp_path / "xent", kind)
+    finally:
+        xhf.unpatch_trl()
+    assert xent_calls and not trl_calls
+    assert len(ours) == len(stock) == 2 and all("grad_norm" in h for h in ours)
+    for a, b in zip(ours, stock):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
