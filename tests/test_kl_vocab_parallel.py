@@ -174,7 +174,7 @@ def expected_calls(c: KC) -> list:
     ce = c.labels and c.opts.get("ce_weight", 0) > 0
     jsd = c.opts.get("divergence") == "jsd"
     return [("all_gather", "", 8 * (11 + lin)), ("all_reduce", "max", 4 * R * (3 if ce else 2)),
-            ("all_reduce", "sum", 4 * R * (4 if ce else 2)), ("all_reduce", "sum", 8 * R * (2 if jsd else 1))]
+            ("all_reduce", "sum", 4 * R * (4 if ce else 2)), ("all_reduce", "sum", 8 * R * (3 if jsd else 1))]
 
 
 def _spawn(world: int, tmp: pathlib.Path) -> tuple[dict, dict]:

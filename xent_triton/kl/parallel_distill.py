@@ -20,7 +20,7 @@ from ..options import REDUCTIONS, class_ids, target_range_check
 from ..parallel.layout import VocabShard, exchange_device, vocab_shard
 from ..runtime import alloc, compute_dtype, is_compiling, no_second_derivative
 from . import fallback
-from .fallback import JSD, KL, REVERSE_KL, mixture_gaps, xlogy_ratio
+from .fallback import JSD, KL, REVERSE_KL, mixture_excess, mixture_gaps, xlogy_ratio
 from .parallel import check_shard_logits, localize, owner_gather
 
 
@@ -56,25 +56,28 @@ class VocabParallelDistill(torch.autograd.Function):
         logq = fallback.log_softmax_from(b, ref[1], log_s[1])
         p, q = torch.exp(logp), torch.exp(logq)
         f64 = torch.float64
+        zero = torch.zeros_like(p)
         if divergence == KL:
             terms = [xlogy_ratio(p, logp, logq).sum(-1, dtype=f64)]
-        elif divergence == REVERSE_KL:
-            terms = [xlogy_ratio(q, logq, logp).sum(-1, dtype=f64)]
-        else:
+        elif divergence == REVERSE_KL:  # W = sum q w, w = (b - ref_q) - (a - ref_p): the saved extra
+            w = (b - ref[1][:, None]) - (a - ref[0][:, None])
+            terms = [torch.where(q > 0, q * w, zero).sum(-1, dtype=f64)]
+        else:  # and H = sum q h (h = mixture_excess): the saved extra (kernels/distillation.py)
             gap_p, gap_q = mixture_gaps(logp, logq, beta)
-            zero = torch.zeros_like(p)
             terms = [torch.where(p > 0, p * gap_p, zero).sum(-1, dtype=f64),
-                     torch.where(q > 0, q * gap_q, zero).sum(-1, dtype=f64)]
+                     torch.where(q > 0, q * gap_q, zero).sum(-1, dtype=f64),
+                     torch.where(q > 0, q * mixture_excess(logp, logq, beta), zero).sum(-1, dtype=f64)]
         div_sums = torch.stack(terms)
         dist.all_reduce(div_sums, op=dist.ReduceOp.SUM, group=group)
         extra = torch.zeros_like(ref[0])
         if divergence == KL:
             div = div_sums[0].to(cdt)
-        elif divergence == REVERSE_KL:
-            div = extra = div_sums[0].to(cdt)
+        elif divergence == REVERSE_KL:  # D = W + log s_p - log s_q (the kernel's forward)
+            extra = div_sums[0].to(cdt)
+            div = extra + (log_s[0] - log_s[1])
         else:
-            extra = div_sums[1].to(cdt)
-            div = beta * div_sums[0].to(cdt) + (1 - beta) * extra
+            extra = div_sums[2].to(cdt)
+            div = beta * div_sums[0].to(cdt) + (1 - beta) * div_sums[1].to(cdt)
         ok = torch.ones(R, dtype=torch.bool, device=x2.device) if labels is None else labels != ignore_index
         loss = div
         ref_1, log_s1 = (ref[2], log_s[2]) if use_ce else (torch.zeros_like(extra), torch.zeros_like(extra))
