@@ -61,14 +61,19 @@ def test_chunk_passes_of_the_torch_path(R, C, T, ent, ent_grad, fwd, bwd):
     assert f.allocs == [] and b.allocs == [], (f.allocs, b.allocs)  # no (rows, C) temporaries
 
 
-def test_unused_entropy_adds_no_backward_term(monkeypatch):
+@pytest.mark.parametrize("linear", [True, False], ids=["linear_token_logprobs", "token_logprobs"])
+def test_unused_entropy_adds_no_backward_term(linear, monkeypatch):
     """Entropy returned for logging only (SFT): its gradient reaches the backward as None, not zeros."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     seen = []
     real = fallback.logprobs_backward
     monkeypatch.setattr(fallback, "logprobs_backward", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
     h, w = torch.randn(7, 8, requires_grad=True), torch.randn(301, 8, requires_grad=True)
-    lp, _ent = xent_triton.linear_token_logprobs(h, w, torch.randint(0, 301, (7,)), return_entropy=True)
+    y = torch.randint(0, 301, (7,))
+    if linear:
+        lp, _ent = xent_triton.linear_token_logprobs(h, w, y, return_entropy=True)
+    else:
+        lp, _ent = xent_triton.token_logprobs(h @ w.T, y, return_entropy=True)
     lp.sum().backward()
     assert seen == [None]
 

@@ -231,6 +231,8 @@ def _logprobs_setup(ctx, inputs, output):
     logits, tokens, temperature, entropy = inputs
     ctx.save_for_backward(logits, tokens, saved_entropy(output[1]), output[2])
     ctx.temperature, ctx.entropy = temperature, entropy
+    # an unused output's gradient stays None (entropy logged only: no entropy term in the backward)
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[2])
 
 
