@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..linear.chunked import accumulate_mm, logits_into, make_scratch
-from ..options import autocast_operands, class_ids, target_range_check
+from ..options import class_ids, target_range_check
 from ..runtime import compute_dtype, no_second_derivative, upstream_or_zeros
 from .functional import check_real, distill_options, reduce_tokens
 from .ops import (
@@ -32,6 +32,7 @@ from .ops import (
 from .parallel_linear import (
     STUDENT,
     TEACHER,
+    check_shard_head,
     vocab_parallel_linear_distillation_rows,
     vocab_parallel_linear_token_logprobs,
 )
@@ -173,21 +174,10 @@ linear_distillation_fwd.register_autograd(_ld_backward, setup_context=_ld_setup)
 
 def check_head(names: tuple[str, str, str], h: Tensor, w: Tensor,
                b: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The head's (hidden, weight, bias), named ``names`` in errors; under ``torch.autocast`` cast
-    to the autocast dtype as ``F.linear`` computes them (e.g. fp32 weights, bf16 activations)."""
-    hn, wn, bn = names
-    for what, t in ((hn, h), (wn, w)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{what} must be a floating-point tensor")
-    h, w, b = autocast_operands(h, w, b)
-    if h.dim() < 1 or w.dim() != 2 or h.shape[-1] != w.shape[1]:
-        raise ValueError(f"{hn} (..., D) and {wn} (C, D) do not match: {tuple(h.shape)} vs {tuple(w.shape)}")
+    """``check_shard_head`` for a whole head: at least one class (ValueError naming C otherwise)."""
+    h, w, b = check_shard_head(names, h, w, b, classes="C")
     if w.shape[0] == 0:
-        raise ValueError(f"{wn} has no classes (C = 0)")
-    if w.dtype != h.dtype or w.device != h.device:
-        raise ValueError(f"{wn} must have {hn}'s dtype and device (outside torch.autocast)")
-    if b is not None and (b.shape != (w.shape[0],) or b.dtype != h.dtype):
-        raise ValueError(f"{bn} must be ({w.shape[0]},) of {hn}'s dtype")
+        raise ValueError(f"{names[1]} has no classes (C = 0)")
     return h, w, b
 
 

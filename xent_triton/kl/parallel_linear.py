@@ -43,16 +43,17 @@ class ReduceInputGrad(torch.autograd.Function):
         return acc.to(g.dtype), None
 
 
-def check_shard_head(names: tuple[str, str, str], h: Tensor, w: Tensor,
-                     b: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``linear.check_head`` for a head shard (which may hold no class: W (0, D))."""
+def check_shard_head(names: tuple[str, str, str], h: Tensor, w: Tensor, b: Optional[Tensor],
+                     classes: str = "C_local") -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The head's (hidden, weight, bias), named ``names`` in errors (W (``classes``, D); a shard may hold
+    no class); under ``torch.autocast`` cast to the autocast dtype as ``F.linear`` computes them."""
     hn, wn, bn = names
     for what, t in ((hn, h), (wn, w)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{what} must be a floating-point tensor")
     h, w, b = autocast_operands(h, w, b)
     if h.dim() < 1 or w.dim() != 2 or h.shape[-1] != w.shape[1]:
-        raise ValueError(f"{hn} (..., D) and {wn} (C_local, D) do not match: {tuple(h.shape)} vs "
+        raise ValueError(f"{hn} (..., D) and {wn} ({classes}, D) do not match: {tuple(h.shape)} vs "
                          f"{tuple(w.shape)}")
     if w.dtype != h.dtype or w.device != h.device:
         raise ValueError(f"{wn} must have {hn}'s dtype and device (outside torch.autocast)")
