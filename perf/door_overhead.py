@@ -12,8 +12,8 @@ import torch
 
 
 def main(repeat: int = 2000) -> None:
+    from xent_triton.core.options import LossOptions
     from xent_triton.cross_entropy import ops
-    from xent_triton.options import LossOptions
 
     class Function(torch.autograd.Function):
         @staticmethod

@@ -54,7 +54,7 @@ import dataclasses
 import itertools
 from typing import Any, Callable, Iterator, Optional
 
-from xent_triton import config as launch
+from xent_triton.core import launch
 
 LOGITS_DTYPES = ("fp32", "bf16", "fp16")
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")

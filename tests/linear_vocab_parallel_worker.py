@@ -19,7 +19,7 @@ import torch.distributed as dist
 import xent_triton
 from vocab_parallel_worker import Recorder
 from vocab_parallel_worker import main as serve
-from xent_triton import config
+from xent_triton.core import launch
 
 
 def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
@@ -52,7 +52,7 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
         w = d["W"][start:start + size].clone().requires_grad_(need_w)
         b = d["b"][start:start + size].clone().requires_grad_(need_b) if d["b"] is not None else None
         rec.active = True
-        tiles = config.overrides(**case["tiles"]) if case["tiles"] else contextlib.nullcontext()
+        tiles = launch.overrides(**case["tiles"]) if case["tiles"] else contextlib.nullcontext()
         with tiles:  # small class tiles / several class splits, forward and backward
             res = fn(x, w, b, y)
             fwd = rec.take()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import xent_triton as xt
 from reference import cross_entropy_composed
-from xent_triton.options import canonical
+from xent_triton.core.inputs import canonical
 
 PATHS = [pytest.param("1", id="triton"), pytest.param("0", id="torch")]
 N, C = 8, 100

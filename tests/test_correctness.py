@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import xent_triton
 from cases import BF16, F16, F32, check, class_ids, class_weight, logits, pid, probabilities
 from tolerances import assert_close_rule
-from xent_triton import config, runtime
+from xent_triton.core import launch, runtime
 
 
 def case(shape: tuple, dtype: torch.dtype, spec: dict, id: str):
@@ -305,12 +305,12 @@ def test_backward_split(device, shape, dtype, splits, spec):
     """Forcing the backward grid to split rows into column spans (a launch parameter, on every
     device) gives the same bits as one program per row."""
     R, C = shape[0] * (shape[2] if len(shape) > 2 else 1), shape[1]
-    with config.overrides(backward_splits=splits, block_c=4096):
-        (rows, got), span = config.backward_grid(R, C, config.config(C).block_c)
+    with launch.overrides(backward_splits=splits, block_c=4096):
+        (rows, got), span = launch.backward_grid(R, C, launch.config(C).block_c)
         assert got > 1 and rows == R and span % 4096 == 0
         x, y, w, split = run_spec(device, shape, dtype, spec)
-    with config.overrides(backward_splits=1, block_c=4096):
-        assert config.backward_grid(R, C, 4096)[0][1] == 1
+    with launch.overrides(backward_splits=1, block_c=4096):
+        assert launch.backward_grid(R, C, 4096)[0][1] == 1
         lib = {k: v for k, v in spec.items() if k not in ("weight", "soft", "ignore_frac")}
         unsplit = check(x, y, w, **lib)
     assert torch.equal(unsplit.loss, split.loss)
@@ -326,8 +326,8 @@ def test_backward_split(device, shape, dtype, splits, spec):
 ])
 def test_many_blocks_per_row(device, spec):
     """A forced block of 128 makes C=1000 eight ragged blocks: the online rescaling path."""
-    with config.overrides(block_c=128):
-        assert config.config(1000).block_c == 128
+    with launch.overrides(block_c=128):
+        assert launch.config(1000).block_c == 128
         run_spec(device, (16, 1000), F32, spec)
 
 
@@ -336,7 +336,7 @@ def test_first_block_all_neg_inf(device):
     x = logits((8, 1000), BF16, device)
     x[:, :300] = float("-inf")
     y = class_ids(x, avoid=tuple(range(300)))
-    with config.overrides(block_c=128):
+    with launch.overrides(block_c=128):
         ours = check(x, y, lse_square_scale=1e-2, use_lse=True, reduction="none")
     assert torch.all(ours.grad[:, :300] == 0)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import xent_triton
 from tolerances import assert_close_rule
-from xent_triton import config
+from xent_triton.core import launch
 
 # the interpreter evaluates both branches of tl.where on numpy: -inf - -inf, 0 * inf in the
 # discarded branch warn there (masked lanes, padded classes); the results are checked below
@@ -133,7 +133,7 @@ def test_three_dim_bf16_teacher_and_strided_student():
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 def test_multi_block_and_split_backward(divergence):
     s, t, labels = make_inputs((3, 1000), F32)
-    with config.overrides(block_c=128, backward_splits=3):
+    with launch.overrides(block_c=128, backward_splits=3):
         check(s, t, labels, divergence=divergence, reduction="none", temperature=2.0, ce_weight=0.25)
 
 
@@ -151,7 +151,7 @@ def test_padded_minus_inf_logits(divergence):
     s[:, 250:] = float("-inf")
     t[:, 250:] = float("-inf")
     x = s.clone().requires_grad_(True)
-    with config.overrides(block_c=128):
+    with launch.overrides(block_c=128):
         out = xent_triton.distillation_loss(x, t, labels, **kw)
     (out.double() * g).sum().backward()
     check(s[:, :250], t[:, :250], labels, g, **kw)  # the unpadded rows vs float64

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import xent_triton
+from xent_triton.core.options import LossOptions
+from xent_triton.core.runtime import uses_triton
 from xent_triton.cross_entropy import ops
-from xent_triton.options import LossOptions
-from xent_triton.runtime import uses_triton
 
 N, C = 6, 40
 

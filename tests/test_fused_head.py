@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import xent_triton
 from tests.harness import traffic
 from tests.tolerances import assert_close_rule
+from xent_triton.core.runtime import interpreting
 from xent_triton.linear.fused_epilogue import GemmConfig
 from xent_triton.linear.fused_head import linear_cross_entropy_fused
-from xent_triton.runtime import interpreting
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="the interpreter's CPU checks")
 IGN = -100

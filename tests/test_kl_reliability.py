@@ -277,7 +277,7 @@ def test_compile_fullgraph_dynamic(fn):
 @pytest.mark.parametrize("shift", [-100.0, -1e4])
 def test_rows_entirely_below_minus_88(path, shift):
     """Every logit of a row below -88 (exp underflows to 0 against a reference of 0): the online
-    log-sum-exp of kernels/common.py once scaled its empty sum by exp(0 - ref) = inf, 0 * inf = NaN
+    log-sum-exp of core/formulas_triton.py once scaled its empty sum by exp(0 - ref) = inf, 0 * inf = NaN
     (the KL family and the CE heads alike)."""
     x = torch.randn(3, 100) * 2 + shift
     tok = torch.randint(0, 100, (3,))

@@ -6,7 +6,7 @@ rounded inputs) <= max(2 x torch's own fp32 ``log_softmax``-composition error, f
 gradient rounded to the student's dtype (ours is returned in it). Floors: 1e-6 for the losses and
 fp32 gradients (the issue's; the reverse-KL / JSD backward subtracts the per-row mean from per-class
 terms, formulated so that no two rounded quantities of nearly equal value cancel: see
-kernels/distillation.py) and 2^-6 in bf16 gradients (two ulps: the interpreter truncates fp32 -> bf16
+kl/distill_kernels.py) and 2^-6 in bf16 gradients (two ulps: the interpreter truncates fp32 -> bf16
 where CUDA rounds to nearest, and the linear
 form's dW sums those truncated logit gradients). Each table also
 prints its worst ratio under the issue's plain rule (floor 1e-6 everywhere): error / tolerance.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import xent_triton
 from test_distillation import composed
 from tolerances import rel_err
-from xent_triton import config
+from xent_triton.core import launch
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -95,7 +95,7 @@ def distill_case(worst: dict, divergence: str, sd, td, T: float, off: float) -> 
     t = (torch.randn(N, C) * 2 + 0.5 * base + row_offsets(off)).to(td)
     g = torch.randn(N, dtype=F64)
     kw = dict(divergence=divergence, temperature=T, reduction="none", beta=0.3)
-    with config.overrides(block_c=128):  # 2 blocks: the references move
+    with launch.overrides(block_c=128):  # 2 blocks: the references move
         ours, (dx,) = run(lambda x: xent_triton.distillation_loss(x, t, **kw), [s], g)
     ref, (dref,) = run(lambda x: composed(x, t.double(), None, **kw), [s.double()], g)
     theirs, (dth,) = run(lambda x: composed(x, t.float(), None, **kw), [s.float()], g)
@@ -143,7 +143,7 @@ def test_linear_distillation_loss_shift_invariant(path, divergence):
         hs, ws, ht, wt = hs.to(sd), ws.to(sd), ht.to(td), wt.to(td)
         g = torch.randn(N, dtype=F64)
         kw = dict(divergence=divergence, temperature=T, reduction="none", beta=0.3)
-        with config.overrides(block_c=128):
+        with launch.overrides(block_c=128):
             ours, grads = run(lambda h, w: xent_triton.linear_distillation_loss(h, w, ht, wt, chunk_size=3,
                                                                                **kw), [hs, ws], g)
         ref, rgrads = run(lambda h, w: composed(F.linear(h, w), F.linear(ht.double(), wt.double()),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from xent_triton import config
+from xent_triton.core import launch
 
 
 def _view3(x):
@@ -18,16 +18,16 @@ def _view3(x):
 ])
 def test_vector_friendly_layouts(make, friendly):
     """Only unit-class-stride, 16-byte-aligned rows count as vector friendly."""
-    assert config.vector_friendly(_view3(make())) is friendly
-    opts = config.backward_compile_options(friendly)
-    assert opts == ({} if friendly else {"maxnreg": config.BWD_UNALIGNED_MAXNREG})
+    assert launch.vector_friendly(_view3(make())) is friendly
+    opts = launch.backward_compile_options(friendly)
+    assert opts == ({} if friendly else {"maxnreg": launch.BWD_UNALIGNED_MAXNREG})
 
 
 @pytest.mark.parametrize("R,C", [(1, 262144), (64, 128256), (4096, 32000)])
 def test_backward_grid_covers_every_column_once(R, C, monkeypatch):
     """splits * span covers C, span is a whole number of blocks, and no split is empty."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    block = config.config(C).block_c
-    (rows, splits), span = config.backward_grid(R, C, block)
+    block = launch.config(C).block_c
+    (rows, splits), span = launch.backward_grid(R, C, block)
     assert rows == R and span % block == 0
     assert (splits - 1) * span < C <= splits * span

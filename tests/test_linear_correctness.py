@@ -17,11 +17,11 @@ import torch.nn.functional as F
 import xent_triton
 from reference import cross_entropy_composed
 from tolerances import assert_close_rule, rel_err
+from xent_triton.core.options import LossOptions
+from xent_triton.core.partials import combine
 from xent_triton.linear import chunk_torch
 from xent_triton.linear import chunked as linear_chunked
 from xent_triton.linear import ops as linear_ops
-from xent_triton.options import LossOptions
-from xent_triton.partials import combine
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 ALL = dict(weight=True, label_smoothing=0.1, lse_square_scale=1e-3, softcap=4.0, logit_scale=1.3,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import xent_triton
+from xent_triton.core.options import LossOptions
 from xent_triton.linear import ops as linear_ops
-from xent_triton.options import LossOptions
 
 N, D, C = 6, 32, 40
 

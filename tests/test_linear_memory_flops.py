@@ -15,7 +15,7 @@ import torch
 
 import xent_triton
 from harness import traffic
-from xent_triton import config
+from xent_triton.core import launch
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                                 reason="the traffic tool measures interpreted kernels on the CPU")
@@ -79,7 +79,7 @@ def test_flops(N, D, C, need, kw, aten, dot, rows, record_property):
     """aten GEMM FLOPs = aten x n·D·C exactly; tl.dot FLOPs (fused partials forward of the
     per-token path) = dot x the tile-padded n·D·C; nothing else; every lane in bounds. n = the
     non-ignored tokens where the path compacts them, else N."""
-    cfg, _ = config.linear_configs(16, True, C)
+    cfg, _ = launch.linear_configs(16, True, C)
     step = _step(N, D, C, need=need, **kw)
     n_rows = step.kept if rows == "kept" else N
     with traffic.count() as r:
@@ -159,7 +159,7 @@ def test_peak_memory_grows_with_gradients_not_logits(record_property):
 
 ONE_CHUNK_WORKSPACE = [  # (path, workspace bytes per logit of the one (kept rows, C) chunk)
     # plain CPU: 16-bit logits, dZ in place (2) + the torch twin's fp32 row block (4: the whole
-    # chunk while it is under fallback.BLOCK_ELEMS logits)
+    # chunk while it is under row_blocks.BLOCK_ELEMS logits)
     pytest.param("torch", 6, id="plain-cpu"),
     # interpreter: fp32 logits (4) + 16-bit dZ (2) + the interpreter's host copy of the fp32 chunk
     # while the kernel runs (4: an artifact of the CPU run; CUDA has 4 + 2)

@@ -256,8 +256,8 @@ def test_bad_setup_raises_on_every_rank(case: LVP, results):
 
 def test_process_group_is_required():
     """The vocab-parallel entry point refuses to run without a group (no silent local loss)."""
-    from xent_triton.options import LossOptions
-    from xent_triton.parallel.linear import vocab_parallel_linear_cross_entropy
+    from xent_triton.core.options import LossOptions
+    from xent_triton.linear.parallel import vocab_parallel_linear_cross_entropy
 
     with pytest.raises(ValueError, match="process_group"):
         vocab_parallel_linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,)),

@@ -1,4 +1,4 @@
-"""The fused-epilogue logits GEMM (kernels/logits_gemm.py) under the interpreter vs float64.
+"""The fused-epilogue logits GEMM (linear/gemm_kernels.py) under the interpreter vs float64.
 
 Each case: 16-bit z (R, C) = T(x wᵀ + b) and per-(row, class tile) partials whose ``combine`` gives
 the loss, for the first ``count`` rows (a device tensor). Interpreter tiles 32 x 64 x 32, so every
@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.tolerances import assert_close_rule, rel_err
+from xent_triton.core.options import LossOptions
+from xent_triton.core.partials import combine
+from xent_triton.core.runtime import interpreting
 from xent_triton.linear.fused_epilogue import INTERPRET_GEMM, GemmConfig, logits_partials, n_class_tiles
-from xent_triton.options import LossOptions
-from xent_triton.partials import combine
-from xent_triton.runtime import interpreting
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                                 reason="needs the Triton interpreter or a GPU")

@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import xent_triton
-from xent_triton.kl import fallback
+from xent_triton.kl import rows_torch
 
 NOT_PASSES = {"mm", "addmm", "addmm_", "gather", "scatter_add_", "empty", "empty_strided", "new_empty"}
 
@@ -53,10 +53,10 @@ def test_chunk_passes_of_the_torch_path(R, C, T, ent, ent_grad, fwd, bwd):
     dlp, dent = torch.randn(R, generator=g), torch.randn(R, generator=g)  # upstream != 1
     work = z.clone()
     with Passes(C) as f:
-        _lp, h, stats = fallback.logprobs_forward(work, y, T, ent, scratch=True)
+        _lp, h, stats = rows_torch.logprobs_forward(work, y, T, ent, scratch=True)
     work.copy_(z)
     with Passes(C) as b:
-        fallback.logprobs_backward(work, y, h, stats, dlp, dent if ent_grad else None, T, out=work)
+        rows_torch.logprobs_backward(work, y, h, stats, dlp, dent if ent_grad else None, T, out=work)
     assert (len(f.ops), len(b.ops)) == (fwd, bwd), (f.ops, b.ops)
     assert f.allocs == [] and b.allocs == [], (f.allocs, b.allocs)  # no (rows, C) temporaries
 
@@ -66,8 +66,8 @@ def test_unused_entropy_adds_no_backward_term(linear, monkeypatch):
     """Entropy returned for logging only (SFT): its gradient reaches the backward as None, not zeros."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     seen = []
-    real = fallback.logprobs_backward
-    monkeypatch.setattr(fallback, "logprobs_backward", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    real = rows_torch.logprobs_backward
+    monkeypatch.setattr(rows_torch, "logprobs_backward", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
     h, w = torch.randn(7, 8, requires_grad=True), torch.randn(301, 8, requires_grad=True)
     y = torch.randint(0, 301, (7,))
     if linear:

@@ -1,7 +1,7 @@
 """The truth and the fallback: ``reference.cross_entropy_composed`` and ``forward_rows``/``backward_rows``.
 
 1. ``cross_entropy_composed`` equals ``F.cross_entropy`` itself (loss and gradient, float64) whenever
-   the extras are off, and its extras match the formulas of kernels/cross_entropy.py written out by
+   the extras are off, and its extras match the formulas of cross_entropy/kernels.py written out by
    hand; so the correctness tests compare against something trustworthy.
 2. The chunked pure-torch fallback (what CPU tensors run without ``TRITON_INTERPRET``, and what
    float64 always runs) matches the composed truth per row (loss, lse, row weight and gradient),
@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 from cases import BF16, F16, F32, F64, assert_rule, check, class_ids, class_weight, logits, probabilities
 from reference import cross_entropy_composed
-from xent_triton import fallback
-from xent_triton.options import LossOptions, canonical, check_weight
-from xent_triton.runtime import uses_triton
+from xent_triton.core import row_blocks
+from xent_triton.core.inputs import canonical, check_weight
+from xent_triton.core.options import LossOptions
+from xent_triton.core.runtime import uses_triton
+from xent_triton.cross_entropy import rows_torch
 
 
 def _inputs(shape, device, *, soft=False, weight=False, ignore_index=-100, frac=0.25, dtype=F64, scale=1.0):
@@ -69,7 +71,7 @@ def test_composed_equals_torch(device, shape, kw, reduction, smoothing):
 
 # --- 1b. composed == the documented formulas, extras included ------------------------------------------
 def _formula(x, y, w, ignore_index, reduction, eps, zl, softcap, scale):
-    """Loss per kernels/cross_entropy.py's docstring, written with explicit sums (float64)."""
+    """Loss per cross_entropy/kernels.py's docstring, written with explicit sums (float64)."""
     cdim = 0 if x.dim() == 1 else 1
     z = x * scale
     if softcap is not None:
@@ -146,10 +148,10 @@ ROWS = [
 @pytest.mark.parametrize("shape,kw,opts,chunk", ROWS)
 def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, chunk, dtype):
     if chunk is not None:
-        monkeypatch.setattr(fallback, "CHUNK_C", chunk)
-    assert shape[1] > fallback.CHUNK_C  # several chunks, the last one ragged
+        monkeypatch.setattr(row_blocks, "CHUNK_C", chunk)
+    assert shape[1] > row_blocks.CHUNK_C  # several chunks, the last one ragged
     samples = shape[1] * (shape[2] if len(shape) == 3 else 1)
-    monkeypatch.setattr(fallback, "BLOCK_ELEMS", 3 * samples)  # blocks of 3 samples, the last ragged
+    monkeypatch.setattr(row_blocks, "BLOCK_ELEMS", 3 * samples)  # blocks of 3 samples, the last ragged
     opts = dict(opts)
     use_dlse = opts.pop("dlse", False)
     kw = dict(kw)
@@ -166,7 +168,7 @@ def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, ch
     ls, zl = opts.get("label_smoothing", 0.0), 0.0
     sc, scale = opts.get("softcap", 0.0), opts.get("logit_scale", 1.0)
     ropts = LossOptions.make(ignore_index=ign, label_smoothing=ls, softcap=sc or None, logit_scale=scale)
-    loss, lse, stats = fallback.forward_rows(x3, tgt, wk, ropts)
+    loss, lse, stats = rows_torch.forward_rows(x3, tgt, wk, ropts)
     cdt = F64 if dtype == F64 else F32
     assert loss.dtype == lse.dtype == stats.dtype == cdt and stats.shape == (x3.shape[0] * x3.shape[2], 3)
 
@@ -200,7 +202,7 @@ def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, ch
     for inplace in (False, True):
         out = x3.clone() if inplace else torch.full_like(x3, float("nan"))
         src = out if inplace else x3
-        fallback.backward_rows(src, tgt, wk, stats, g, h, ropts, out)
+        rows_torch.backward_rows(src, tgt, wk, stats, g, h, ropts, out)
         grad = out.reshape(x.shape) if x.dim() != 2 else out[..., 0]
         assert_rule("rows grad" + (" inplace" if inplace else ""), grad, theirs["grad"], truth["grad"], dtype)
         if h is None and not y.is_floating_point():

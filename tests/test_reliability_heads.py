@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import xent_triton
 from tolerances import assert_close_rule
-from xent_triton import config
+from xent_triton.core import launch
 from xent_triton.cross_entropy import ops as ce_ops
 from xent_triton.linear import chunked as linear_chunked
 from xent_triton.linear import ops as linear_ops
@@ -112,7 +112,7 @@ def test_argmax_ties_across_column_blocks_pick_the_first_index(head, path):
     N, C = 12, 77
     z, first = _tie_logits(N, C)
     y = torch.randint(0, C, (N,), generator=_gen(3))
-    with config.overrides(block_c=BLOCK):
+    with launch.overrides(block_c=BLOCK):
         if head == "cross_entropy":
             x = z.clone().requires_grad_()
             _, st = xent_triton.cross_entropy(x, y, return_stats=True, return_predicted=True)

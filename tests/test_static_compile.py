@@ -7,7 +7,7 @@ for each kernel in ``kernel_specs.SPECS``, each for sm_80 and sm_90 (342 compile
 cross-entropy kernels, ~100-160 s of CPU: about 1-1.5 min on 2 idle cores):
 
 1. layout c16 ((N, C) logits, C % 16 == 0), every logits dtype (fp32/bf16/fp16) x every launch
-   config (``config.all_configs()``: BLOCK_C 128..4096 with its warps), flags all OFF, all ON, and
+   config (``launch.all_configs()``: BLOCK_C 128..4096 with its warps), flags all OFF, all ON, and
    all ON but SOFT_TARGET (soft and hard targets are alternative paths, each with its own worst case);
 2. layout c16, every dtype, the largest config, each flag alone;
 3. layouts odd (C % 16 != 0) and nd ((N, C, D), class stride D), every dtype, the largest config,

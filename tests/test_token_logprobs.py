@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import xent_triton
 from tolerances import assert_close_rule
-from xent_triton import config
+from xent_triton.core import launch
 
 # the interpreter evaluates both branches of tl.where on numpy: -inf - -inf, 0 * inf in the
 # discarded branch warn there (masked lanes, padded classes); the results are checked below
@@ -89,7 +89,7 @@ def test_one_output_used(use):
 def test_multi_block_split_and_strided():
     wide = torch.randn(6, 2 * 1000)
     x = wide[:, ::2]
-    with config.overrides(block_c=128, backward_splits=3):
+    with launch.overrides(block_c=128, backward_splits=3):
         check(x, torch.randint(0, 1000, (6,)), 2.0, True)
 
 
@@ -104,7 +104,7 @@ def test_padded_minus_inf():
     tokens = torch.randint(0, 300, (3,))
     ref = xent_triton.token_logprobs(x[:, :300], tokens, return_entropy=True)
     x[:, 300:] = float("-inf")
-    with config.overrides(block_c=128):
+    with launch.overrides(block_c=128):
         out = xent_triton.token_logprobs(x, tokens, return_entropy=True)
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -255,10 +255,10 @@ def test_bad_setup_raises_on_every_rank(case: VP, results):
 def test_merge_splits_equals_one_pass(soft: bool, eps: float, inf_split: bool):
     """Partials of disjoint class ranges (what a class-split producer such as the fused linear head
     emits), merged by ``merge_splits``, equal the partials of one pass over the union (no group)."""
-    from xent_triton.options import LossOptions
-    from xent_triton.parallel.cross_entropy import shard_partials
-    from xent_triton.parallel.layout import VocabShard, localize_target
-    from xent_triton.partials import merge_splits
+    from xent_triton.core.exchange import VocabShard, localize_target
+    from xent_triton.core.options import LossOptions
+    from xent_triton.core.partials import merge_splits
+    from xent_triton.cross_entropy.parallel import shard_partials
 
     C, bounds = 40, [0, 15, 28, 40]
     opts = LossOptions(label_smoothing=eps)

@@ -6,6 +6,7 @@ Public API: ``cross_entropy``, ``CrossEntropyLoss``, ``linear_cross_entropy``,
 ``DistillationLoss``, ``LinearDistillationLoss``, ``TokenLogprobs``, ``LinearTokenLogprobs``;
 custom ops under ``torch.ops.xent_triton``.
 """
+from .core.options import LossStats
 from .cross_entropy.functional import cross_entropy
 from .cross_entropy.module import CrossEntropyLoss
 from .kl.functional import distillation_loss, token_logprobs
@@ -13,7 +14,6 @@ from .kl.linear import linear_distillation_loss, linear_token_logprobs
 from .kl.module import DistillationLoss, LinearDistillationLoss, LinearTokenLogprobs, TokenLogprobs
 from .linear.functional import linear_cross_entropy
 from .linear.module import LinearCrossEntropyLoss
-from .options import LossStats
 
 __all__ = ["cross_entropy", "CrossEntropyLoss", "linear_cross_entropy", "LinearCrossEntropyLoss",
            "LossStats", "distillation_loss", "token_logprobs",

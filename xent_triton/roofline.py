@@ -32,7 +32,7 @@ assumption (each operand crosses DRAM once per pass, tiles reused from L2/SRAM):
 backward X and W read, the fp32 gradients of dX and dW written once (atomics resolved in L2) and,
 for 16-bit inputs, read back and written in the input dtype (4 + B per element). The real kernels
 re-read parts of the dW accumulator and traffic.py also counts their zero-fill and L2-resident
-atomics (see ``kernels/linear_cross_entropy.py``): this is a floor, not a count. The
+atomics (see ``linear/kernels.py``): this is a floor, not a count. The
 materialising torch head is F.linear (2P, writes the logits) + the eager cross-entropy above +
 the dX, dW products (4P, reading the logits' gradient twice): 6P.
 

@@ -7,18 +7,14 @@ from typing import Any, Literal, Optional, Union, cast, overload
 import torch
 from torch import Tensor
 
-from ..options import (
-    canonical,
-    check_token_weight,
-    check_weight,
-    loss_stats,
-    make_options,
-    reduce_rows,
-)
-from ..parallel.cross_entropy import vocab_parallel_cross_entropy
-from ..parallel.dtensor import dtensor_cross_entropy, is_dtensor
-from ..runtime import compute_dtype
+from ..core.dtensor import is_dtensor
+from ..core.inputs import canonical, check_token_weight, check_weight
+from ..core.options import make_options
+from ..core.reduction import loss_stats, reduce_rows
+from ..core.runtime import compute_dtype
+from .dtensor import dtensor_cross_entropy
 from .ops import cross_entropy_rows
+from .parallel import vocab_parallel_cross_entropy
 
 
 def inplace_refusal(x: Tensor) -> Optional[str]:
@@ -112,8 +108,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         if why is not None:
             warnings.warn(f"xent_triton.cross_entropy: inplace_backward ignored: {why}", stacklevel=2)
             inplace_backward = False
-    if dtensor:  # the layout comes from the placements (parallel/dtensor.py); refused options and
-        # invalid ones join the options agreement first (parallel/layout.py): no rank raises alone
+    if dtensor:  # the layout comes from the placements (core/dtensor.py); refused options and
+        # invalid ones join the options agreement first (core/exchange.py): no rank raises alone
         return dtensor_cross_entropy(cast(Any, input), target, weight, opts,
                                      inplace_backward=inplace_backward,
                                      return_lse=return_lse, options_error=options_error,

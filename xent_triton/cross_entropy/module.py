@@ -5,7 +5,7 @@ from typing import Any, Optional, Union
 
 from torch import Tensor
 
-from ..loss_module import LossModule
+from ..core.loss_module import LossModule
 from .functional import cross_entropy
 
 

@@ -4,7 +4,7 @@
 Canonical layout: logits as an (N, C, D) view (2-D input has D = 1; K-dim input flattens its
 spatial dims to D), rows r = n * D + d. Hard targets are int64 (N*D,); soft targets a float
 (N, C, D) view like the logits. Each launcher routes to the Triton kernels when Triton can run the
-tensor (CUDA, or any device under ``TRITON_INTERPRET=1``) and to ``xent_triton.fallback``
+tensor (CUDA, or any device under ``TRITON_INTERPRET=1``) and to ``cross_entropy/rows_torch.py``
 otherwise (CPU, float64).
 
 Ops (one door: eager calls the same custom ops; overhead measured in docs/design.md):
@@ -18,10 +18,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import config, fallback
-from ..kernels.cross_entropy import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
-from ..options import LossOptions, target_range_check
-from ..runtime import alloc, compute_dtype, interpreting, no_second_derivative, upstream_or_zeros, uses_triton
+from ..core import formulas_torch, launch, row_blocks
+from ..core.inputs import target_range_check
+from ..core.options import LossOptions
+from ..core.runtime import (
+    alloc,
+    compute_dtype,
+    interpreting,
+    no_second_derivative,
+    upstream_or_zeros,
+    uses_triton,
+)
+from . import rows_torch
+from .kernels import cross_entropy_bwd_kernel, cross_entropy_fwd_kernel
 
 
 def nd_c_strides(t: Tensor) -> dict:
@@ -56,7 +65,7 @@ def entropy_argmax_torch(x: Tensor, opts: LossOptions) -> tuple[Tensor, Tensor]:
     step = max(1, (1 << 22) // max(1, C * D))  # ~4M logits per chunk
     for r0 in range(0, N, step):
         xs = x[r0:r0 + step]
-        z = fallback.transform_logits(xs.to(cdt), opts.logit_scale, opts.softcap).permute(0, 2, 1)
+        z = formulas_torch.transform_logits(xs.to(cdt), opts.logit_scale, opts.softcap).permute(0, 2, 1)
         logp = torch.log_softmax(z, -1)
         ent.append(-(logp.exp() * torch.where(logp.isfinite(), logp, 0.0)).sum(-1).reshape(-1))
         pred.append(z.argmax(-1).reshape(-1))
@@ -75,7 +84,7 @@ def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: Loss
     R = N * D
     if not uses_triton(x):
         dt = compute_dtype(x)
-        loss, lse, stats = (t.to(dt) for t in fallback.forward_rows(x, target, weight, opts))
+        loss, lse, stats = (t.to(dt) for t in rows_torch.forward_rows(x, target, weight, opts))
         if with_stats:
             ent, pred = entropy_argmax_torch(x, opts)
         else:
@@ -88,10 +97,10 @@ def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: Loss
     pred = torch.empty((R if with_stats else 0,), dtype=torch.int64, device=x.device)
     if R == 0:
         return loss, lse, stats, ent, pred
-    cfg = config.config(C)
+    cfg = launch.config(C)
     soft = target.is_floating_point()
-    options = {} if interpreting() else config.forward_compile_options(
-        config.vector_friendly(x, *((target,) if soft else ())))
+    options = {} if interpreting() else launch.forward_compile_options(
+        launch.vector_friendly(x, *((target,) if soft else ())))
     cross_entropy_fwd_kernel[(R,)](
         x_ptr=x, **_strides("stride_x", x), **side_operands(x, target, weight),
         loss_ptr=loss, lse_ptr=lse, stats_ptr=stats, ent_ptr=ent if with_stats else loss,
@@ -112,20 +121,20 @@ def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tenso
     override C and sum(weight) in the smoothing terms (a vocabulary shard passes the global ones).
     ``dtarget`` ((N, C, D), soft targets only): also dL/dt, written by the same pass."""
     if not uses_triton(x):
-        fallback.backward_rows(x, target, weight, stats, dloss, dlse, opts, out, n_classes, weight_sum)
+        rows_torch.backward_rows(x, target, weight, stats, dloss, dlse, opts, out, n_classes, weight_sum)
         if dtarget is not None:
             soft_target_grad_torch(dtarget, x, weight, stats, dloss, opts)
         return
     N, C, D = x.shape
     if N * D == 0 or C == 0:
         return
-    cfg = config.config(C)
+    cfg = launch.config(C)
     h = dlse if dlse is not None else dloss
-    grid, span = config.backward_grid(N * D, C, cfg.block_c)
+    grid, span = launch.backward_grid(N * D, C, cfg.block_c)
     soft = target.is_floating_point()
     dt = dtarget if dtarget is not None else out  # placeholder pointer, never dereferenced
-    options = {} if interpreting() else config.backward_compile_options(
-        config.vector_friendly(x, out, *((target,) if soft else ())))
+    options = {} if interpreting() else launch.backward_compile_options(
+        launch.vector_friendly(x, out, *((target,) if soft else ())))
     cross_entropy_bwd_kernel[grid](
         x_ptr=x, **_strides("stride_x", x), dx_ptr=out, **_strides("stride_g", out),
         **side_operands(x, target, weight, weight_sum), stats_ptr=stats,
@@ -145,9 +154,9 @@ def soft_target_grad_torch(dtarget: Tensor, x: Tensor, weight: Optional[Tensor],
     cdt = compute_dtype(x)
     lse = (stats[:, 0] + stats[:, 1]).to(cdt)
     g = dloss.to(cdt) * (1 - opts.label_smoothing)
-    for c0 in range(0, C, fallback.CHUNK_C):
-        c1 = min(C, c0 + fallback.CHUNK_C)
-        z = fallback.transform_logits(fallback.rows(x, c0, c1, cdt), opts.logit_scale, opts.softcap)
+    for c0 in range(0, C, row_blocks.CHUNK_C):
+        c1 = min(C, c0 + row_blocks.CHUNK_C)
+        z = formulas_torch.transform_logits(row_blocks.rows(x, c0, c1, cdt), opts.logit_scale, opts.softcap)
         dt = g[:, None] * (lse[:, None] - z)
         if weight is not None:
             dt = dt * weight[c0:c1].to(cdt)[None, :]

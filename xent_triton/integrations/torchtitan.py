@@ -30,8 +30,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ..core.dtensor import is_dtensor
 from ..cross_entropy.functional import cross_entropy
-from ..parallel.dtensor import is_dtensor
 
 METRIC_PREFIX = "loss_metrics/"
 

@@ -1,5 +1,5 @@
 """DTensor logits for ``token_logprobs`` and ``distillation_loss`` (the CE heads' rules,
-``parallel/dtensor.py``): a mesh dim with ``Shard(-1)`` (the class dim) is the tensor-parallel dim
+``core/dtensor.py``): a mesh dim with ``Shard(-1)`` (the class dim) is the tensor-parallel dim
 and runs the vocabulary-parallel code (``kl/parallel.py``, ``kl/parallel_distill.py``) on
 ``mesh.get_group(that dim)`` with the ``torch.chunk`` layout (an empty shard is fine); ``Shard``
 of a leading dim = other tokens (data parallel inside the mesh); ``Replicate`` everywhere = the
@@ -20,8 +20,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..options import class_ids
-from ..parallel.dtensor import DTensor, Partial, Replicate, plan
+from ..core.dtensor import DTensor, Partial, Replicate, plan
+from ..core.inputs import class_ids
 from .ops import token_range_check
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows

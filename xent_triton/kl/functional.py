@@ -1,8 +1,8 @@
 """Public functions of the KL family: ``distillation_loss`` and ``token_logprobs``.
 
 Both take logits over the last dimension, ``(..., C)``, as language models produce them, and run
-one streaming forward and one recomputing backward kernel (``kernels/distillation.py``,
-``kernels/logprobs.py``); nothing N x C is materialised besides the gradient.
+one streaming forward and one recomputing backward kernel (``kl/distill_kernels.py``,
+``kl/logprobs_kernels.py``); nothing N x C is materialised besides the gradient.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any, Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from ..options import LossOptions, class_ids
-from ..parallel.dtensor import is_dtensor
-from ..runtime import is_compiling
+from ..core.dtensor import is_dtensor
+from ..core.inputs import class_ids
+from ..core.options import LossOptions
+from ..core.runtime import is_compiling
 from .dtensor import dtensor_distillation_loss, dtensor_token_logprobs
 from .ops import DIVERGENCES
 from .parallel import vocab_parallel_token_logprobs

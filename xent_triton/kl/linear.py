@@ -17,9 +17,9 @@ from typing import Any, Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
+from ..core.inputs import class_ids, target_range_check
+from ..core.runtime import compute_dtype, no_second_derivative, upstream_or_zeros
 from ..linear.chunked import accumulate_mm, logits_into, make_scratch
-from ..options import class_ids, target_range_check
-from ..runtime import compute_dtype, no_second_derivative, upstream_or_zeros
 from .functional import check_real, distill_options, reduce_tokens
 from .ops import (
     distill_backward_into,

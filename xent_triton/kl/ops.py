@@ -5,7 +5,7 @@ custom ops (fake implementations, registered autograd; one door for eager and to
 Layout: student / teacher / logits rows as (R, C) views with any strides (the class stride is
 passed to the kernels), labels / tokens int64 (R,). Each launcher runs the Triton kernels when
 Triton serves both tensors (CUDA, or any device under ``TRITON_INTERPRET=1``; fp16/bf16/fp32) and
-the torch twins of ``kl/fallback.py`` otherwise (CPU, float64).
+the torch twins of ``kl/rows_torch.py`` otherwise (CPU, float64).
 
 Ops: ``distillation_fwd`` -> (loss rows, stats); ``distillation_bwd`` -> dL/dstudent;
 ``token_logprobs_fwd`` -> (log-probs, entropy or an empty tensor, stats); ``token_logprobs_bwd``.
@@ -18,11 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import config
-from ..kernels.distillation import N_STATS, distill_bwd_kernel, distill_fwd_kernel
-from ..kernels.logprobs import logprobs_bwd_kernel, logprobs_fwd_kernel
-from ..options import target_range_check
-from ..runtime import (
+from ..core import launch
+from ..core.inputs import target_range_check
+from ..core.runtime import (
     TRITON_DTYPES,
     alloc,
     compute_dtype,
@@ -30,7 +28,9 @@ from ..runtime import (
     upstream_or_zeros,
     uses_triton,
 )
-from . import fallback
+from . import rows_torch
+from .distill_kernels import N_STATS, distill_bwd_kernel, distill_fwd_kernel
+from .logprobs_kernels import logprobs_bwd_kernel, logprobs_fwd_kernel
 
 DIVERGENCES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -56,13 +56,14 @@ def distill_forward_rows(x: Tensor, t: Tensor, labels: Optional[Tensor], diverge
                          temperature: float, ignore_index: int, ce_weight: float) -> tuple[Tensor, Tensor]:
     """Per-row (loss, stats) of student rows x (R, C) against teacher rows t (R, C)."""
     if not both_triton(x, t):
-        return fallback.distill_forward(x, t, labels, divergence, beta, temperature, ignore_index, ce_weight)
+        return rows_torch.distill_forward(x, t, labels, divergence, beta, temperature, ignore_index,
+                                          ce_weight)
     R, C = x.shape
     loss = alloc((R,), torch.float32, x.device)
     stats = alloc((R, N_STATS), torch.float32, x.device)
     if R == 0:
         return loss, stats
-    cfg = config.config(C)
+    cfg = launch.config(C)
     distill_fwd_kernel[(R,)](
         s_ptr=x, stride_sn=x.stride(0), stride_sc=x.stride(1), t_ptr=t, stride_tn=t.stride(0),
         stride_tc=t.stride(1), lbl_ptr=labels if labels is not None else x, loss_ptr=loss,
@@ -79,14 +80,14 @@ def distill_backward_into(out: Tensor, x: Tensor, t: Tensor, labels: Optional[Te
                           ignore_index: int, ce_weight: float) -> None:
     """dL/dx of the student rows into ``out`` (may be ``x``)."""
     if not both_triton(x, t):
-        out.copy_(fallback.distill_backward(x, t, labels, stats, dloss, divergence, beta, temperature,
+        out.copy_(rows_torch.distill_backward(x, t, labels, stats, dloss, divergence, beta, temperature,
                                             ignore_index, ce_weight))
         return
     R, C = x.shape
     if R == 0 or C == 0:
         return
-    cfg = config.config(C)
-    grid, span = config.backward_grid(R, C, cfg.block_c)
+    cfg = launch.config(C)
+    grid, span = launch.backward_grid(R, C, cfg.block_c)
     distill_bwd_kernel[grid](
         s_ptr=x, stride_sn=x.stride(0), stride_sc=x.stride(1), t_ptr=t, stride_tn=t.stride(0),
         stride_tc=t.stride(1), lbl_ptr=labels if labels is not None else x, dx_ptr=out,
@@ -103,14 +104,14 @@ def logprobs_forward_rows(x: Tensor, tokens: Tensor, temperature: float, entropy
     """(log-probs (R,), entropy (R,) or (0,), stats (R, 2)) of rows x (R, C); ``scratch``: the torch
     path may overwrite x."""
     if not uses_triton(x):
-        return fallback.logprobs_forward(x, tokens, temperature, entropy, scratch)
+        return rows_torch.logprobs_forward(x, tokens, temperature, entropy, scratch)
     R, C = x.shape
     lp = alloc((R,), torch.float32, x.device)
     ent = alloc((R if entropy else 0,), torch.float32, x.device)
     stats = alloc((R, 2), torch.float32, x.device)
     if R == 0:
         return lp, ent, stats
-    cfg = config.config(C)
+    cfg = launch.config(C)
     logprobs_fwd_kernel[(R,)](
         x_ptr=x, stride_xn=x.stride(0), stride_xc=x.stride(1), tok_ptr=tokens, lp_ptr=lp,
         ent_ptr=ent if entropy else lp, stats_ptr=stats, C=C, temperature=temperature,
@@ -123,13 +124,13 @@ def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, 
                            dlp: Tensor, dent: Optional[Tensor], temperature: float) -> None:
     """dL/dx of rows x into ``out`` (may be ``x``)."""
     if not uses_triton(x):
-        fallback.logprobs_backward(x, tokens, ent, stats, dlp, dent, temperature, out=out)
+        rows_torch.logprobs_backward(x, tokens, ent, stats, dlp, dent, temperature, out=out)
         return
     R, C = x.shape
     if R == 0 or C == 0:
         return
-    cfg = config.config(C)
-    grid, span = config.backward_grid(R, C, cfg.block_c)
+    cfg = launch.config(C)
+    grid, span = launch.backward_grid(R, C, cfg.block_c)
     logprobs_bwd_kernel[grid](
         x_ptr=x, stride_xn=x.stride(0), stride_xc=x.stride(1), tok_ptr=tokens,
         ent_ptr=ent if dent is not None else stats, stats_ptr=stats, dx_ptr=out, stride_gn=out.stride(0),

@@ -6,7 +6,7 @@ logits (student and teacher on the SAME layout); tokens / labels hold global cla
 the same on every rank. Every rank returns the full-vocabulary result; each rank gets the gradient
 of its own shard.
 
-Per call (R = rows = tokens), after the one layout/options ``all_gather`` of ``parallel.layout``
+Per call (R = rows = tokens), after the one layout/options ``all_gather`` of ``core.exchange``
 (a few float64 per rank, one host sync; errors raised alike on every rank):
 
 ``token_logprobs``: local streaming forward (``logprobs_fwd_kernel``, or its torch twin) gives per
@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..options import class_ids
-from ..parallel.layout import FOREIGN, VocabShard, exchange_device, vocab_shard
-from ..runtime import alloc, compute_dtype, is_compiling, no_second_derivative, uses_triton
-from . import fallback
+from ..core.exchange import FOREIGN, VocabShard, exchange_device, vocab_shard
+from ..core.inputs import class_ids
+from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative, uses_triton
+from . import rows_torch
 from .ops import logprobs_backward_into, logprobs_forward_rows, token_range_check
 
 NEG_INF = float("-inf")
@@ -70,7 +70,7 @@ def global_ref(m_local: Tensor, group: Any) -> Tensor:
     """ref_g = the safe max over ranks of ``m_local`` (-inf: no class) by one all_reduce(MAX)."""
     m = m_local.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    return fallback.safe_ref(m)
+    return rows_torch.safe_ref(m)
 
 
 # ------------------------------------------------------------------------------- token_logprobs

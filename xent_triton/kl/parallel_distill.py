@@ -5,7 +5,7 @@ the layout/options ``all_gather``; ``all_reduce(MAX)`` of the row maxima of teac
 student / T (+ the student at T = 1 when ce_weight > 0): 2-3 R floats; ``all_reduce(SUM)`` of the
 rescaled sums (+ the owner's label logit): 2-4 R floats; ``all_reduce(SUM)`` of the shard's
 divergence terms in float64 (1 R for kl / reverse_kl, 2 R for jsd). Backward: local, given the
-global statistics (the single-device torch backward ``fallback.distill_backward`` on the shard).
+global statistics (the single-device torch backward ``rows_torch.distill_backward`` on the shard).
 The shard is processed with torch ops in the compute dtype: N x C_local temporaries.
 """
 from __future__ import annotations
@@ -16,12 +16,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..options import REDUCTIONS, class_ids, target_range_check
-from ..parallel.layout import VocabShard, exchange_device, vocab_shard
-from ..runtime import alloc, compute_dtype, is_compiling, no_second_derivative
-from . import fallback
-from .fallback import JSD, KL, REVERSE_KL, mixture_excess, mixture_gaps, xlogy_ratio
+from ..core.exchange import VocabShard, exchange_device, vocab_shard
+from ..core.inputs import class_ids, target_range_check
+from ..core.options import REDUCTIONS
+from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative
+from . import rows_torch
 from .parallel import check_shard_logits, localize, owner_gather
+from .rows_torch import JSD, KL, REVERSE_KL, mixture_excess, mixture_gaps, xlogy_ratio
 
 
 def row_max(z: Tensor) -> Tensor:
@@ -44,7 +45,7 @@ class VocabParallelDistill(torch.autograd.Function):
         zs = [a, b] + ([xs] if use_ce else [])
         m = torch.stack([row_max(z) for z in zs])
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        ref = fallback.safe_ref(m)
+        ref = rows_torch.safe_ref(m)
         sums = [torch.exp(z - ref[i][:, None]).sum(1) for i, z in enumerate(zs)]
         loc = localize(labels, shard) if labels is not None else None
         if use_ce:
@@ -52,8 +53,8 @@ class VocabParallelDistill(torch.autograd.Function):
         pack = torch.stack(sums)
         dist.all_reduce(pack, op=dist.ReduceOp.SUM, group=group)
         log_s = torch.log(pack[:len(zs)])
-        logp = fallback.log_softmax_from(a, ref[0], log_s[0])
-        logq = fallback.log_softmax_from(b, ref[1], log_s[1])
+        logp = rows_torch.log_softmax_from(a, ref[0], log_s[0])
+        logq = rows_torch.log_softmax_from(b, ref[1], log_s[1])
         p, q = torch.exp(logp), torch.exp(logq)
         f64 = torch.float64
         zero = torch.zeros_like(p)
@@ -62,7 +63,7 @@ class VocabParallelDistill(torch.autograd.Function):
         elif divergence == REVERSE_KL:  # W = sum q w, w = (b - ref_q) - (a - ref_p): the saved extra
             w = (b - ref[1][:, None]) - (a - ref[0][:, None])
             terms = [torch.where(q > 0, q * w, zero).sum(-1, dtype=f64)]
-        else:  # and H = sum q h (h = mixture_excess): the saved extra (kernels/distillation.py)
+        else:  # and H = sum q h (h = mixture_excess): the saved extra (kl/distill_kernels.py)
             gap_p, gap_q = mixture_gaps(logp, logq, beta)
             terms = [torch.where(p > 0, p * gap_p, zero).sum(-1, dtype=f64),
                      torch.where(q > 0, q * gap_q, zero).sum(-1, dtype=f64),
@@ -100,10 +101,10 @@ class VocabParallelDistill(torch.autograd.Function):
             return (no_second_derivative(out, "distillation_loss"),) + none
         ok = stats[:, 7] > 0
         g = torch.where(ok, dloss.to(stats.dtype), torch.zeros_like(stats[:, 7]))
-        dx = fallback.distill_backward(x2, t2, None, stats, g, divergence, beta, temperature, ignore_index,
+        dx = rows_torch.distill_backward(x2, t2, None, stats, g, divergence, beta, temperature, ignore_index,
                                        ce_weight).to(stats.dtype)
         if use_ce:  # g alpha (softmax(x)_j - [j = label]), the softmax from the global (ref_1, log s_1)
-            sm1 = torch.exp(fallback.log_softmax_from(x2.to(stats.dtype), stats[:, 4], stats[:, 5]))
+            sm1 = torch.exp(rows_torch.log_softmax_from(x2.to(stats.dtype), stats[:, 4], stats[:, 5]))
             onehot = torch.arange(x2.shape[1], device=x2.device)[None, :] == loc[:, None]
             dx = dx + (g * ce_weight)[:, None] * (sm1 - onehot.to(sm1.dtype))
         return (no_second_derivative(dx.to(x2.dtype), "distillation_loss"),) + none

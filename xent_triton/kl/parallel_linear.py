@@ -6,7 +6,7 @@ layout; hidden states and GLOBAL token / label ids are the same on every rank. T
 go to the logits-level code (``kl/parallel.py``, ``kl/parallel_distill.py``): the same O(N)
 forward collectives. The input gradient is summed over the group in backward by one
 ``all_reduce(SUM)`` of fp32 (float64 for float64) dX (N x D), as the CE linear head
-(``parallel/linear.py``) and Megatron's ``copy_to_tensor_model_parallel_region`` do. Whether the
+(``linear/parallel.py``) and Megatron's ``copy_to_tensor_model_parallel_region`` do. Whether the
 input needs a gradient is agreed in the layout exchange (so every rank enters that all-reduce or
 none). The teacher head is a constant.
 """
@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..options import autocast_operands
-from ..runtime import compute_dtype
+from ..core.inputs import autocast_operands
+from ..core.runtime import compute_dtype
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
 

@@ -1,9 +1,9 @@
-"""Torch twins of ``kernels/chunk_grad.py``: the linear head's chunk step where Triton cannot run
+"""Torch twins of ``linear/chunk_kernels.py``: the linear head's chunk step where Triton cannot run
 (CPU tensors without ``TRITON_INTERPRET=1``, float64 on any device).
 
 A chunk of logits (any float dtype: 16-bit on the plain-CPU path, where the logits GEMM runs in
 the operands' dtype as torch eager's does) is walked in row blocks of about
-``fallback.BLOCK_ELEMS`` logits: each block is upcast once into one reused compute-dtype buffer
+``row_blocks.BLOCK_ELEMS`` logits: each block is upcast once into one reused compute-dtype buffer
 (cache-sized: every following pass hits cache, not DRAM), turned into dL/dz with torch's
 vectorised ops (max, exp, sum, scatter) and written back into ``dz``.
 
@@ -18,9 +18,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..fallback import BLOCK_ELEMS, finish_hard_rows, hard_target_coefficients, safe_ref, transform_logits
-from ..options import LossOptions
-from ..runtime import compute_dtype
+from ..core.formulas_torch import finish_hard_rows, hard_target_coefficients, safe_ref, transform_logits
+from ..core.options import LossOptions
+from ..core.row_blocks import BLOCK_ELEMS
+from ..core.runtime import compute_dtype
 
 
 def row_blocks(z: Tensor):

@@ -7,7 +7,7 @@ loss sees fp32-accurate logits, as the fused kernels did) + for 16-bit operands 
 dZ; on the plain-CPU path ``logits_dtype`` keeps 16-bit logits and forms dZ in place::
 
     Z_c   = X_c Wᵀ (+ b)            GEMM  2 rows D C FLOPs, logits_dtype output
-    Z_c  -> dZ_c                    kernels/chunk_grad.chunk_loss_grad_kernel (2 reads + 1 write)
+    Z_c  -> dZ_c                    linear/chunk_kernels.chunk_loss_grad_kernel (2 reads + 1 write)
     dX_c  = dZ_c W                  GEMM  straight into dX's rows
     dW   += dZ_cᵀ X_c ; db += sum   GEMM  (the first chunk writes, later ones add)
 
@@ -42,11 +42,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import config
-from ..compaction import kept_rows, scatter_rows, take_rows
-from ..kernels.chunk_grad import chunk_grad_kernel, chunk_loss_grad_kernel
-from ..options import LossOptions
-from ..runtime import alloc, compute_dtype, uses_triton
+from ..core import launch
+from ..core.compaction import kept_rows, scatter_rows, take_rows
+from ..core.options import LossOptions
+from ..core.runtime import alloc, compute_dtype, uses_triton
+from .chunk_kernels import chunk_grad_kernel, chunk_loss_grad_kernel
 from .chunk_torch import grad_torch, loss_grad_torch
 
 GPU_WORKSPACE_BYTES = 3 << 29  # rows x C x (4 + 2) bytes: 2048 rows at C = 128256 in bf16
@@ -173,7 +173,7 @@ def make_scratch(acc: Optional[Tensor], operand_dtype: torch.dtype) -> Optional[
 
 # ------------------------------------------------------------------------- chunk gradient
 def rows_aligned(*ts: Tensor) -> bool:
-    """Rows start 16-byte aligned; else the loss kernel takes config.FWD_UNALIGNED_MAXNREG (it
+    """Rows start 16-byte aligned; else the loss kernel takes launch.FWD_UNALIGNED_MAXNREG (it
     spilled 8 bytes with every flag on, static report)."""
     return all((t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0 for t in ts)
 
@@ -190,7 +190,7 @@ def loss_grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tens
         return
     if not uses_triton(dz):
         return loss_grad_torch(z, dz, target, weight, wsum, zcoef, opts, loss, lse, stats, tw, ent, pred)
-    cfg = config.config(C)
+    cfg = launch.config(C)
     chunk_loss_grad_kernel[(rows,)](
         z_ptr=z, stride_zr=z.stride(0), dz_ptr=dz, stride_dzr=dz.stride(0), tgt_ptr=target,
         w_ptr=weight if weight is not None else z,
@@ -200,7 +200,7 @@ def loss_grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tens
         pred_ptr=pred if pred is not None else target, C=C, n_classes=C, **opts.kernel_scalars(),
         HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing, HAS_SOFTCAP=opts.has_softcap,
         HAS_ZLOSS=zcoef is not None, HAS_TOKEN_WEIGHT=tw is not None, STATS=ent is not None,
-        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps, **config.forward_compile_options(rows_aligned(z, dz)))
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps, **launch.forward_compile_options(rows_aligned(z, dz)))
 
 
 def grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
@@ -212,7 +212,7 @@ def grad_chunk(z: Tensor, dz: Tensor, target: Tensor, weight: Optional[Tensor], 
         return
     if not uses_triton(dz):
         return grad_torch(z, dz, target, weight, wsum, stats, dloss, dlse, opts, class_offset, n_classes)
-    cfg = config.config(C)
+    cfg = launch.config(C)
     h = dlse if dlse is not None else dloss
     chunk_grad_kernel[(rows,)](
         z_ptr=z, stride_zr=z.stride(0), dz_ptr=dz, stride_dzr=dz.stride(0), tgt_ptr=target,

@@ -2,7 +2,7 @@
 
 ``linear_cross_entropy(h, W, y, ...)`` equals ``F.cross_entropy(F.linear(h, W, b), y, ...)`` (plus
 the core's extras) without ever materialising the N×C logits; see
-``kernels/linear_cross_entropy.py`` for the algorithm and its FLOP / byte / memory budget.
+``linear/kernels.py`` for the algorithm and its FLOP / byte / memory budget.
 """
 from __future__ import annotations
 
@@ -11,22 +11,21 @@ from typing import Any, Literal, Optional, Union, cast, overload
 import torch
 from torch import Tensor
 
-from ..options import (
+from ..core.dtensor import is_dtensor
+from ..core.inputs import (
     Canonical,
     autocast_operands,
-    check_chunking,
     check_linear_operands,
     check_token_weight,
     check_weight,
     class_ids,
-    loss_stats,
-    make_options,
-    reduce_rows,
 )
-from ..parallel.dtensor import dtensor_linear_cross_entropy, is_dtensor
-from ..parallel.linear import vocab_parallel_linear_cross_entropy
-from ..runtime import compute_dtype
+from ..core.options import check_chunking, make_options
+from ..core.reduction import loss_stats, reduce_rows
+from ..core.runtime import compute_dtype
+from .dtensor import dtensor_linear_cross_entropy
 from .ops import linear_cross_entropy_rows, linear_cross_entropy_scalar, stats_rows
+from .parallel import vocab_parallel_linear_cross_entropy
 
 
 # Typing only: the loss alone without return_lse / return_stats, else the loss or the tuple (Returns).
@@ -137,8 +136,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         process_group is not None or dtensor, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
         logit_scale=logit_scale, empty_batch=empty_batch)
-    if dtensor:  # layout from the placements (parallel/dtensor.py); refused and invalid options
-        # join the options agreement first (parallel/layout.py): no rank raises alone
+    if dtensor:  # layout from the placements (core/dtensor.py); refused and invalid options
+        # join the options agreement first (core/exchange.py): no rank raises alone
         return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts,
                                             return_lse=return_lse, reduce_input_grad=reduce_input_grad,
                                             unsupported=dict(return_stats=return_stats,

@@ -1,7 +1,7 @@
-"""Launcher of the fused-epilogue logits GEMM (``kernels/logits_gemm.py``).
+"""Launcher of the fused-epilogue logits GEMM (``linear/gemm_kernels.py``).
 
 ``logits_partials`` returns the 16-bit logits chunk (R, C) and the (S, R, 5) fp32 partials that
-``xent_triton.partials.combine`` merges; only the first ``count`` rows (a device tensor, e.g. the
+``xent_triton.core.partials.combine`` merges; only the first ``count`` rows (a device tensor, e.g. the
 compacted valid-token count) are computed and written, with no host sync.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 import triton
 from torch import Tensor
 
-from ..kernels.logits_gemm import logits_gemm_kernel, shifted_dz_kernel
-from ..partials import N_PARTIALS
-from ..runtime import alloc, interpreting
+from ..core.partials import N_PARTIALS
+from ..core.runtime import alloc, interpreting
+from .gemm_kernels import logits_gemm_kernel, shifted_dz_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def logits_partials(x: Tensor, w: Tensor, target: Tensor, count: Tensor, *,
                     config: Optional[GemmConfig] = None, num_progs: Optional[int] = None,
                     shifted: bool = False) -> tuple[Tensor, Tensor]:
     """(z, part): z (R, C) in x's 16-bit dtype = T(x wᵀ + b) (logit scale, softcap) and
-    part (S, R, 5) fp32 partials (``xent_triton.partials`` layout) of the rows < count, a
+    part (S, R, 5) fp32 partials (``xent_triton.core.partials`` layout) of the rows < count, a
     1-element integer device tensor (clamped to R in the kernel). Other rows are not written.
     ``shifted``: z holds T(x wᵀ + b) - ref_t instead, ref_t the (row, class tile)'s partial max
     (SUB_N = 1 only): what ``shifted_dz_`` reads."""

@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..options import LossOptions
-from ..partials import combine
-from ..runtime import interpreting
+from ..core.options import LossOptions
+from ..core.partials import combine
+from ..core.runtime import interpreting
 from .chunked import accumulate_mm, make_scratch
 from .fused_epilogue import GemmConfig, gemm_config, logits_partials, shifted_dz_
 

@@ -11,10 +11,10 @@ registered autograd; one door for eager and torch.compile):
 Layout: hidden states x (N, D) (any strides), classifier w (C, D) (any strides), bias b (C,)
 contiguous or None, targets int64 (N,) of *global* class ids, class weights fp32 (C,) or None.
 
-Building blocks shared with the vocabulary-parallel head (``parallel/linear.py``):
+Building blocks shared with the vocabulary-parallel head (``linear/parallel.py``):
 
 * ``forward_partials`` -> (splits, N, 5) per-row partials of this weight's classes
-  (``xent_triton.partials``), merged by ``partials.combine`` (locally, or across vocabulary
+  (``xent_triton.core.partials``), merged by ``partials.combine`` (locally, or across vocabulary
   shards with a process group);
 * ``backward_accumulate`` -> (fp32 dX, dW, db) from per-row stats (possibly global ones) with a
   ``class_offset`` for the targets and the global ``n_classes`` of the smoothing formulas.
@@ -27,13 +27,21 @@ import torch
 import triton
 from torch import Tensor
 
-from .. import config
-from ..compaction import kept_rows
-from ..fallback import transform_logits
-from ..kernels.linear_cross_entropy import linear_xent_fwd_kernel
-from ..options import LossOptions, reduce_rows, target_range_check
-from ..partials import N_PARTIALS, combine
-from ..runtime import alloc, compute_dtype, interpreting, no_second_derivative, upstream_or_zeros, uses_triton
+from ..core import launch
+from ..core.compaction import kept_rows
+from ..core.formulas_torch import transform_logits
+from ..core.inputs import target_range_check
+from ..core.options import LossOptions
+from ..core.partials import N_PARTIALS, combine
+from ..core.reduction import reduce_rows
+from ..core.runtime import (
+    alloc,
+    compute_dtype,
+    interpreting,
+    no_second_derivative,
+    upstream_or_zeros,
+    uses_triton,
+)
 from .chunk_torch import partials_torch
 from .chunked import (
     CPU_SCRATCH_ELEMS,
@@ -44,6 +52,7 @@ from .chunked import (
     logits_into,
     recompute_backward,
 )
+from .kernels import linear_xent_fwd_kernel
 
 
 def element_bits(x: Tensor) -> int:
@@ -87,9 +96,9 @@ def forward_partials(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     C = w.shape[0]
     if not uses_triton(x):
         return partials_rows(x, w, b, target, weight, opts, class_offset)
-    cfg, _ = config.linear_configs(element_bits(x), kernel_operands(x, w, 128, 128)[2], C)
+    cfg, _ = launch.linear_configs(element_bits(x), kernel_operands(x, w, 128, 128)[2], C)
     x, w, _ = kernel_operands(x, w, cfg.block_n, cfg.block_v)
-    splits, per = config.linear_forward_splits(N, C, cfg)
+    splits, per = launch.linear_forward_splits(N, C, cfg)
     part = alloc((splits, N, N_PARTIALS), torch.float32, x.device)
     if N == 0:
         return part
@@ -102,7 +111,7 @@ def forward_partials(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
         HAS_BIAS=b is not None, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.has_smoothing,
         HAS_SOFTCAP=opts.has_softcap, SKIP_IGNORED=skip_ignored, BLOCK_N=cfg.block_n,
         BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        DOT_PRECISION=config.linear_dot_precision(element_bits(x)), DOT_UPCAST=dot_upcast(x),
+        DOT_PRECISION=launch.linear_dot_precision(element_bits(x)), DOT_UPCAST=dot_upcast(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return part

@@ -10,7 +10,7 @@ there would all-gather it again, and its backward would keep only this rank's co
 Peak memory: one unsharded weight + its gradient (what the unsharded model holds), never N x C.
 
 A ``Shard(0)`` weight DTensor passed to ``linear_cross_entropy`` with plain hidden states is this
-mistake, and raises (``parallel.dtensor``).
+mistake, and raises (``core.dtensor``).
 """
 from __future__ import annotations
 

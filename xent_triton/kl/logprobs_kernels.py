@@ -17,7 +17,7 @@ logit) and writes 16 R; backward grid (R, splits) reads R C B and writes R C B. 
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, online_lse_update, safe_ref
+from ..core.formulas_triton import LN2, LOG2E, online_lse_update, safe_ref
 
 
 @triton.jit

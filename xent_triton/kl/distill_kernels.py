@@ -33,7 +33,7 @@ Backward grid (R, splits) reads both rows and writes the gradient (3 R C B). For
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, online_lse_update, safe_ref
+from ..core.formulas_triton import LN2, LOG2E, online_lse_update, safe_ref
 
 KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)

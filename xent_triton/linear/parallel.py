@@ -26,7 +26,7 @@ Nothing here is a new kernel or a new formula; this module only wires two finish
 Per call, per rank, N tokens: forward 4 N (MAX) + 4 k N (SUM) bytes = 12 (16 with smoothing)
 bytes per token; backward 4 D bytes per token (fp32 dX; float64 inputs: twice everything) or 0
 with ``reduce_input_grad=False``. Never an N x C collective. Every call first runs the layout /
-agreement ``all_gather`` of 20 float64 per rank (``parallel.layout.vocab_shard``, no cache): the
+agreement ``all_gather`` of 20 float64 per rank (``core.exchange.vocab_shard``, no cache): the
 options, the hidden size, the bias and whether the input needs a gradient (the backward dX
 all-reduce depends on it) must agree, and operand errors of one rank are raised on every rank.
 
@@ -42,23 +42,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..linear.ops import backward_accumulate, forward_partials
-from ..options import (
+from ..core.exchange import VocabShard, agreement, exchange_device, flags, refuse_agreed, vocab_shard
+from ..core.inputs import (
     Canonical,
-    LossOptions,
     autocast_operands,
-    check_chunking,
     check_linear_operands,
     check_token_weight,
     check_weight,
     class_ids,
-    reduce_rows,
     target_range_check,
 )
-from ..partials import combine
-from ..runtime import compute_dtype, is_compiling, no_second_derivative, upstream_or_zeros
-from .cross_entropy import empty_partials
-from .layout import VocabShard, agreement, exchange_device, flags, refuse_agreed, vocab_shard
+from ..core.options import LossOptions, check_chunking
+from ..core.partials import combine
+from ..core.reduction import reduce_rows
+from ..core.runtime import compute_dtype, is_compiling, no_second_derivative, upstream_or_zeros
+from ..cross_entropy.parallel import empty_partials
+from ..linear.ops import backward_accumulate, forward_partials
 
 
 class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):

@@ -11,7 +11,7 @@ sm_90), then the epilogue on the fp32 accumulator:
 * the 16-bit logits tile ``z`` (R, C): T(X Wᵀ + b), or with SHIFTED the tile's z - ref (ref =
   safe_ref of the partial's m, SUB_N = 1), the fused head's chunk buffer (2 B per logit) that
   ``shifted_dz_kernel`` turns into dZ in place (rounding relative to |z - ref|: small where p is);
-* per (row, N tile) the partials of ``xent_triton.partials`` in its layout, (S, R, 5) fp32 with
+* per (row, N tile) the partials of ``xent_triton.core.partials`` in its layout, (S, R, 5) fp32 with
   S = cdiv(C, SUB_N·BLOCK_N), folded over the sub-tiles by the online LSE: m, s = Σ e^{z - ref},
   A = Σ a_j (z_j - ref), a_sum = Σ a_j (smoothing only, else 0) and z_y (the target's logit if
   this tile holds it, else 0), all from the fp32 accumulator: the loss keeps fp32 accuracy
@@ -24,7 +24,14 @@ written (their logits and partials stay as allocated: callers read only the firs
 import triton
 import triton.language as tl
 
-from .common import LOG2E, hard_target_coefficients, safe_ref, transform_grad, transform_logits, weight_total
+from ..core.formulas_triton import (
+    LOG2E,
+    hard_target_coefficients,
+    safe_ref,
+    transform_grad,
+    transform_logits,
+    weight_total,
+)
 
 
 @triton.jit
@@ -109,7 +116,7 @@ def logits_gemm_kernel(
                 a_acc = a_acc + (ref_old - ref_new) * a_sum + \
                     tl.sum(a[None, :] * tl.where(cmask[None, :], z - ref_new[:, None], 0.0), 1)
                 a_sum += tl.sum(a, 0)
-        out = part_ptr + (tl.cast(tn, tl.int64) * R + rows) * 5  # (S, R, 5): see xent_triton.partials
+        out = part_ptr + (tl.cast(tn, tl.int64) * R + rows) * 5  # (S, R, 5): see xent_triton.core.partials
         tl.store(out, m, mask=rmask)
         tl.store(out + 1, s, mask=rmask)
         tl.store(out + 2, a_acc, mask=rmask)
@@ -126,7 +133,7 @@ def shifted_dz_kernel(
 ):
     """dL/dx in place over the SHIFTED buffer, grid (R, S): program (r, t) rewrites row r's class
     tile t, which holds z - ref_t in 16 bits (ref_t = safe_ref of the tile's partial m), as
-    dL/dx for an upstream gradient of 1 (``kernels/chunk_grad.py``'s formulas; stats = (ref,
+    dL/dx for an upstream gradient of 1 (``linear/chunk_kernels.py``'s formulas; stats = (ref,
     log s, row weight) from ``combine``). z - ref = stored + (ref_t - ref): the rounding of the
     buffer is relative to |z - ref_t|, small where p is large. Ignored rows: zeros, no reads."""
     r = tl.program_id(0).to(tl.int64)

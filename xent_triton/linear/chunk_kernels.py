@@ -6,7 +6,7 @@ operands' dtype into ``dz`` (the same buffer for fp32 operands: in place; a reus
 otherwise), so the three GEMMs (logits, dX = dZ W, dW += dZᵀ X) stay on cuBLAS and the loss sees
 fp32-accurate logits (bf16 logits would round |z| ~ 60 by 0.25).
 
-Math (the core kernels' formulas, ``kernels/cross_entropy.py``; z = T(x) the transformed logits)::
+Math (the core kernels' formulas, ``cross_entropy/kernels.py``; z = T(x) the transformed logits)::
 
     loss = (1-eps) w_y (lse - z_y) + eps/C sum_j w_j (lse - z_j)          (0 if ignored)
     dL/dz_j = coef_p p_j - coef_y [j=y] - coef_u w_j   (common.hard_target_coefficients)
@@ -30,7 +30,7 @@ Math (the core kernels' formulas, ``kernels/cross_entropy.py``; z = T(x) the tra
 import triton
 import triton.language as tl
 
-from .common import (
+from ..core.formulas_triton import (
     LN2,
     entropy_argmax_update,
     hard_target_coefficients,

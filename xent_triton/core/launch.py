@@ -149,7 +149,7 @@ def backward_grid(R: int, C: int, block_c: int) -> tuple[tuple[int, int], int]:
 
 
 # ================================================================================================
-# Fused linear cross-entropy (kernels/linear_cross_entropy.py). This section is self-contained:
+# Fused linear cross-entropy (linear/kernels.py). This section is self-contained:
 # nothing above depends on it.
 #
 # Logit tiles (BLOCK_N rows x BLOCK_V classes) live in registers, accumulated over D in BLOCK_D

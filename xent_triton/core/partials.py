@@ -11,7 +11,7 @@ the fused linear head, or one vocabulary shard) of R rows; per row and range::
 
 ``combine(part, ..., group=None)`` merges the ranges of this process and, with a process group,
 the vocabulary shards of every rank (two all-reduces of O(R) data: MAX of m, SUM of the
-rescaled sums), then applies the loss formulas of ``kernels/cross_entropy.py``. Sums are taken
+rescaled sums), then applies the loss formulas of ``cross_entropy/kernels.py``. Sums are taken
 relative to the global maximum, so no lse ~ 1e4 is formed and then subtracted.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .fallback import finish_hard_rows, safe_ref
+from .formulas_torch import finish_hard_rows, safe_ref
 from .options import LossOptions
 
 M, S, A, ASUM, ZY = range(5)

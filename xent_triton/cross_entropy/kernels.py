@@ -20,7 +20,7 @@ docs/design.md). Ignored rows read nothing in backward, nor in forward where no 
 import triton
 import triton.language as tl
 
-from .common import (
+from ..core.formulas_triton import (
     LN2,
     entropy_argmax_update,
     hard_target_coefficients,

@@ -5,7 +5,7 @@ memory: every kernel forms (BLOCK_N rows × BLOCK_V classes) logit tiles in regi
 tensor-core accumulation over D in BLOCK_D steps), viewed transposed (classes on axis 0, exactly
 like the 1-D row blocks of the core kernels) and folded into per-row statistics by the shared
 online log-sum-exp of ``common.py``, unchanged. Loss and gradient formulas are those of
-``kernels/cross_entropy.py``'s docstring (hard targets); ``linear_ops.combine`` assembles the loss.
+``cross_entropy/kernels.py``'s docstring (hard targets); ``linear_ops.combine`` assembles the loss.
 
 Algorithm (FLOPs counted as 2·M·N·K per dot; P = N·D·C):
 
@@ -28,7 +28,7 @@ Choices:
 * ignored tokens: the forward skips all-ignored row blocks unless the lse is returned
   (``SKIP_IGNORED``; a uniform scalar loop bound, no host sync). Padding packed at the end of
   sequences is skipped for free.
-* tiles (``config.py``): 64 × 128 × 64 (bf16 / fp16), 8 warps; see the launch notes and the
+* tiles (``core/launch.py``): 64 × 128 × 64 (bf16 / fp16), 8 warps; see the launch notes and the
   static report.
 
 Budget of the forward, Llama-3-8B head: N = 8192 tokens, D = 4096, C = 128256, bf16 (H100 SXM
@@ -39,10 +39,7 @@ Memory beyond inputs and outputs: partials 20 bytes × splits per row; no N×C b
 import triton
 import triton.language as tl
 
-from .common import (
-    online_lse_update,
-    transform_logits,
-)
+from ..core.formulas_triton import online_lse_update, transform_logits
 
 
 @triton.jit
@@ -137,7 +134,7 @@ def linear_xent_fwd_kernel(
             acc = acc + (ref_old - ref_new) * a_sum + \
                 tl.sum(a[:, None] * tl.where(cmask[:, None], z - ref_new[None, :], 0.0), 0)
             a_sum = a_sum + tl.sum(a, 0)
-    out = part_ptr + (split * N + rows) * 5  # partials layout (splits, N, 5): see xent_triton.partials
+    out = part_ptr + (split * N + rows) * 5  # partials layout (splits, N, 5): see xent_triton.core.partials
     tl.store(out, m, mask=rmask)
     tl.store(out + 1, s, mask=rmask)
     tl.store(out + 2, acc, mask=rmask)

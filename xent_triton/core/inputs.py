@@ -1,146 +1,20 @@
-"""One frozen options object for every loss, its validation, input canonicalisation and the
-reduction. Carried unchanged from the public functions to the launchers (flattened to plain
-scalars only where it crosses a ``torch.library`` op schema).
+"""Input validation and canonical layout shared by every loss: class weights, class ids and their
+range, token weights, the (N, C, D) view of logits and targets, the linear head's operands.
 
-Validation never forces a value that ``torch.compile(dynamic=True)`` made symbolic: numeric
-range checks run on plain Python numbers only.
+Checks never force a value that ``torch.compile(dynamic=True)`` made symbolic.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .runtime import FLOAT_DTYPES, is_compiling
+from .runtime import FLOAT_DTYPES
 
-REDUCTIONS = ("none", "mean", "sum")
-EMPTY_BATCH = ("nan", "zero")
 TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)
-
-
-def _symbolic(v) -> bool:
-    return isinstance(v, (torch.SymFloat, torch.SymInt, torch.SymBool))
-
-
-def _check_real(name: str, v, ok, requirement: str) -> None:
-    """TypeError for a non-number (a tensor, a bool), ValueError when ``ok(v)`` fails; symbolic
-    values (torch.compile dynamic=True) are not forced."""
-    if isinstance(v, Tensor):  # a device value would need a host sync, or be silently frozen
-        raise ValueError(f"{name} must be a finite Python float, got a tensor {v!r}")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) and not _symbolic(v):
-        raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
-    if _symbolic(v):
-        return
-    # under dynamo a dynamic float is traced symbolically: math.isfinite cannot be traced, the
-    # comparisons can (they become guards)
-    finite = True if is_compiling() else math.isfinite(v)
-    if not (finite and ok(v)):
-        raise ValueError(f"{name} must be {requirement}, got {v!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossOptions:
-    """The scalar options of a loss. ``softcap`` 0.0 means no softcap."""
-
-    ignore_index: int = -100
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    lse_square_scale: float = 0.0
-    softcap: float = 0.0
-    logit_scale: float = 1.0
-    empty_batch: str = "nan"
-
-    @staticmethod
-    def make(*, ignore_index=-100, reduction: str = "mean", label_smoothing=0.0,
-             lse_square_scale=0.0, softcap=None, logit_scale=1.0,
-             empty_batch: str = "nan") -> "LossOptions":
-        """Validated options (TypeError / ValueError with the option's name)."""
-        if ignore_index is None:  # torch.nn.functional.linear_cross_entropy's default: -100
-            ignore_index = -100
-        if isinstance(ignore_index, bool) or (not isinstance(ignore_index, int)
-                                              and not _symbolic(ignore_index)):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if empty_batch not in EMPTY_BATCH:
-            raise ValueError(f"empty_batch must be one of {EMPTY_BATCH}, got {empty_batch!r}")
-        _check_real("label_smoothing", label_smoothing, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check_real("lse_square_scale", lse_square_scale, lambda v: True, "a finite Python float")
-        _check_real("logit_scale", logit_scale, lambda v: True, "a finite Python float")
-        if softcap is None:
-            softcap = 0.0
-        else:
-            _check_real("softcap", softcap, lambda v: v > 0, "a positive finite float or None")
-        return LossOptions(ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
-                           logit_scale, empty_batch)
-
-    @property
-    def has_smoothing(self) -> bool:
-        return self.label_smoothing > 0
-
-    @property
-    def has_softcap(self) -> bool:
-        return self.softcap > 0
-
-    def kernel_scalars(self) -> dict:
-        """The runtime scalars every row kernel takes, by keyword."""
-        return dict(ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                    softcap=self.softcap, logit_scale=self.logit_scale)
-
-    def flat(self) -> tuple:
-        """(ignore_index, label_smoothing, softcap, logit_scale): what crosses an op schema."""
-        return (self.ignore_index, self.label_smoothing, self.softcap, self.logit_scale)
-
-    @staticmethod
-    def from_flat(ignore_index: int, label_smoothing: float, softcap: float,
-                  logit_scale: float) -> "LossOptions":
-        return LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           softcap=softcap, logit_scale=logit_scale)
-
-
-def make_options(deferred: bool, **kwargs) -> tuple[LossOptions, Optional[BaseException]]:
-    """``LossOptions.make(**kwargs)``; ``deferred`` (a process group or DTensor operands): a
-    validation error is returned instead of raised (defaults stand in), so that this rank still
-    enters the options agreement and every rank raises together there: one rank's bad option must
-    not leave the others waiting."""
-    if not deferred:
-        return LossOptions.make(**kwargs), None
-    try:
-        return LossOptions.make(**kwargs), None
-    except (TypeError, ValueError) as e:
-        return LossOptions(), e
-
-
-def check_chunking(chunk_size, grad_accum_dtype, weight_dtype: torch.dtype) -> tuple[int, bool]:
-    """The linear head's ``chunk_size`` (0 = automatic) and whether dW accumulates in fp32 (None /
-    torch.float32; float64 weights in float64) or in ``weight_dtype``; ValueError otherwise.
-    Every path validates them (one device, ``process_group``, DTensor), before any collective."""
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if grad_accum_dtype is not None and not (isinstance(grad_accum_dtype, torch.dtype)
-                                             and grad_accum_dtype in (torch.float32, weight_dtype)):
-        raise ValueError(f"grad_accum_dtype must be None, torch.float32 or linear_weight.dtype "
-                         f"({weight_dtype}), got {grad_accum_dtype!r}")
-    fp32 = grad_accum_dtype in (None, torch.float32) or weight_dtype in (torch.float32, torch.float64)
-    return int(chunk_size or 0), fp32
-
-
-class LossStats(NamedTuple):
-    """Metrics from the loss's own pass (raw sums of device tensors, all-reducible).
-
-    n_valid: number of non-ignored tokens; n_correct: tokens whose argmax equals the target;
-    entropy_sum: sum over non-ignored tokens of the entropy of softmax(z) (after logit_scale and
-    softcap); predicted: the argmax per token (int64, the target's shape) when asked, else None.
-    """
-
-    n_valid: Tensor
-    n_correct: Tensor
-    entropy_sum: Tensor
-    predicted: Optional[Tensor]
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -182,7 +56,7 @@ def class_ids(target: Tensor, expected_shape, what: str = "input") -> Tensor:
     return target.reshape(-1).to(torch.int64).contiguous()
 
 
-def _ncd_view(t: Tensor, C: int) -> tuple[Tensor, Optional[tuple[int, ...]]]:
+def ncd_view(t: Tensor, C: int) -> tuple[Tensor, Optional[tuple[int, ...]]]:
     """An (N, C, D) view of a (C) / (N, C) / (N, C, d1..dK) tensor without copying, and the order
     in which its spatial dims are flattened (None = natural order). Spatial dims are sorted by
     stride when that makes them mergeable (e.g. (N, C, H, W) after permuting H and W)."""
@@ -239,7 +113,7 @@ def canonical(input: Tensor, target: Tensor) -> Canonical:
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     if C == 0:
         raise ValueError("input has no classes (C = 0)")
-    x3, order = _ncd_view(input, C)
+    x3, order = ncd_view(input, C)
     out_shape = tuple(input.shape[:1] + input.shape[2:]) if input.dim() > 1 else ()
     perm = None if order is None else (0, *[d - 1 for d in order])
     if target.is_floating_point():
@@ -248,7 +122,7 @@ def canonical(input: Tensor, target: Tensor) -> Canonical:
                              f"got {tuple(target.shape)}")
         t = target if order is None else target.permute(0, 1, *order)
         if t.dim() <= 2:
-            t3, _ = _ncd_view(t, C)
+            t3, _ = ncd_view(t, C)
         else:
             t3 = t.reshape(t.shape[0], C, math.prod(t.shape[2:]))  # a view when mergeable, else a copy
         return Canonical(x3, t3, out_shape, C, perm)
@@ -320,22 +194,6 @@ def autocast_operands(input: Tensor, linear_weight: Tensor,
     return cast(input), cast(linear_weight), cast(linear_bias)
 
 
-def loss_stats(target: Tensor, ent: Tensor, pred: Tensor, ignore_index: int, return_predicted: bool,
-               to_output) -> LossStats:
-    """LossStats from the forward's per-row entropy and argmax (O(rows) torch ops, no host sync).
-    Soft targets: every row counts, and a row is correct when the argmax is the target's argmax."""
-    if target.is_floating_point():
-        valid = torch.ones(ent.shape, dtype=torch.bool, device=ent.device)
-        label = target.argmax(1).reshape(-1)
-    else:
-        valid = target != ignore_index
-        label = target
-    n_valid = valid.sum()
-    n_correct = ((pred == label) & valid).sum()
-    entropy_sum = torch.where(valid, ent, torch.zeros_like(ent)).sum()
-    return LossStats(n_valid, n_correct, entropy_sum, to_output(pred) if return_predicted else None)
-
-
 # ---------------------------------------------------------------------------------- reduction
 def check_token_weight(token_weight: Optional[Tensor], can: "Canonical") -> Optional[Tensor]:
     """Per-token weights of the target's shape as (R,) rows in the kernels' row order."""
@@ -350,48 +208,3 @@ def check_token_weight(token_weight: Optional[Tensor], can: "Canonical") -> Opti
         raise ValueError(f"token_weight is on {token_weight.device} but input is on {can.x3.device}")
     tw = token_weight if can.perm is None else token_weight.permute(*can.perm)
     return tw.reshape(-1)
-
-
-def reduce_rows(loss_rows: Tensor, lse: Tensor, stats: Tensor, target: Tensor, opts: LossOptions,
-                to_output, token_weight: Optional[Tensor] = None) -> Tensor:
-    """Apply the z-loss and the reduction to per-row losses; no host sync.
-
-    z-loss: ``lse_square_scale * lse**2`` per non-ignored token (soft targets: every row), added
-    per token for ``none``, summed for ``sum``, and for ``mean`` averaged over the non-ignored
-    tokens (independent of class weights), beside the cross-entropy's weighted mean
-    ``sum_r loss_r / sum_r w_y`` (torch's denominator). ``empty_batch="zero"`` makes a mean with
-    a zero denominator 0 (gradients 0, graph connected) instead of NaN. ``token_weight`` (R,)
-    multiplies each token's loss (its z-loss too); ``mean`` then divides the cross-entropy by
-    sum_r t_r w_y and the z-loss by the sum of t_r over the non-ignored tokens.
-    """
-    soft = target.is_floating_point()
-    valid = None if soft else target != opts.ignore_index
-    zl = opts.lse_square_scale
-    zrows = None
-    if zl != 0:
-        lse_v = lse if valid is None else torch.where(valid, lse, torch.zeros_like(lse))
-        zrows = zl * lse_v * lse_v
-    tw = None
-    if token_weight is not None:
-        tw = token_weight.to(loss_rows.dtype)
-        loss_rows = loss_rows * tw
-        zrows = zrows * tw if zrows is not None else None
-    if opts.reduction == "none":
-        return to_output(loss_rows if zrows is None else loss_rows + zrows)
-    if opts.reduction == "sum":
-        return loss_rows.sum() if zrows is None else loss_rows.sum() + zrows.sum()
-    if soft:
-        den = torch.full((), float(loss_rows.shape[0]), dtype=loss_rows.dtype, device=loss_rows.device)
-        den = den if tw is None else tw.sum()
-        n_valid = den
-    else:
-        row_w = stats[:, 2].to(loss_rows.dtype)
-        den = row_w.sum() if tw is None else (row_w * tw).sum()
-        n_valid = valid.sum().to(loss_rows.dtype) if tw is None else torch.where(valid, tw, 0.0).sum()
-    if opts.empty_batch == "zero":
-        den = torch.where(den == 0, torch.ones_like(den), den)
-        n_valid = torch.where(n_valid == 0, torch.ones_like(n_valid), n_valid)
-    loss = loss_rows.sum() / den
-    if zrows is not None:
-        loss = loss + zrows.sum() / n_valid
-    return loss

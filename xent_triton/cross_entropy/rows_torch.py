@@ -1,12 +1,12 @@
-"""The CPU path: the kernels' contracts in plain torch ops, and the torch twins of the jit
-helpers of ``kernels/common.py`` (same names, same formulas).
+"""The CE kernels' contracts in plain torch ops: the CPU path.
 
 ``forward_rows`` / ``backward_rows`` run when Triton cannot (CPU tensors without
 ``TRITON_INTERPRET=1``, float64 logits). They walk bounded blocks of rows (about ``BLOCK_ELEMS``
 logits each, so temporaries never grow with N): hard targets take whole rows with torch's
 vectorised ops (max, exp, sum, scatter; the gradient formed in ``out`` itself when it can be),
 soft targets the kernels' online log-sum-exp over chunks of ``CHUNK_C`` classes. They compute in
-float64 for float64 logits, else in float32.
+float64 for float64 logits, else in float32. The formulas are the torch twins of
+``core/formulas_torch.py``.
 """
 from __future__ import annotations
 
@@ -15,74 +15,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .options import LossOptions
-from .runtime import compute_dtype
-
-CHUNK_C = 8192
-BLOCK_ELEMS = 1 << 21  # logits per row block (8 MiB of fp32 temporaries; few, large ops)
-
-
-def transform_logits(x: Tensor, logit_scale: float, softcap: float) -> Tensor:
-    z = x * logit_scale
-    return softcap * torch.tanh(z / softcap) if softcap > 0 else z
-
-
-def transform_grad(dz: Tensor, z: Tensor, logit_scale: float, softcap: float) -> Tensor:
-    """Chain rule through transform_logits: dL/dx = dL/dz * logit_scale * (1 - (z/softcap)^2)."""
-    return dz * logit_scale * ((1 - (z / softcap) ** 2) if softcap > 0 else 1.0)
-
-
-def hard_target_coefficients(g: Tensor, h: Tensor, row_w: Tensor, valid: Tensor, label_smoothing: float,
-                             n_classes: int, w_total) -> tuple[Tensor, Tensor, Tensor]:
-    """Twin of the jit helper: (coef_p, coef_y, coef_u) of dL/dz_j = coef_p p_j - coef_y [j=y]
-    - coef_u w_j for a hard target (per-row tensors)."""
-    zero = torch.zeros_like(g)
-    coef_y = torch.where(valid, g * (1 - label_smoothing) * row_w, zero)
-    coef_u = torch.where(valid, g * label_smoothing / n_classes, zero)
-    coef_p = coef_y + h
-    if label_smoothing > 0:
-        coef_p = coef_p + coef_u * w_total
-    return coef_p, coef_y, coef_u
-
-
-def finish_hard_rows(loss: Tensor, w_y: Tensor, target: Tensor, ignore_index: int,
-                     n_classes: int) -> tuple[Tensor, Tensor]:
-    """(loss, row weight) of hard-target rows: 0 for ignored rows, NaN for out-of-range ids (no
-    host sync). The one place where the kernels' masking is written in torch."""
-    valid = target != ignore_index
-    ok = valid & (target >= 0) & (target < n_classes)
-    bad = valid & ~ok
-    nan = torch.full_like(loss, float("nan"))
-    row_w = torch.where(bad, nan, torch.where(ok, w_y, torch.zeros_like(w_y)))
-    loss = torch.where(bad, nan, torch.where(ok, loss, torch.zeros_like(loss)))
-    return loss, row_w
-
-
-def rows(x3: Tensor, c0: int, c1: int, cdt: torch.dtype) -> Tensor:
-    """Columns [c0, c1) of an (N, C, D) tensor as (N*D, c1-c0) in the compute dtype."""
-    return x3[:, c0:c1, :].permute(0, 2, 1).reshape(-1, c1 - c0).to(cdt)
-
-
-def safe_ref(m: Tensor) -> Tensor:
-    return torch.where(m == float("-inf"), torch.zeros_like(m), m)
-
-
-def smooth_coef(soft: Optional[Tensor], weight, c0, c1, C, eps, cdt, device):
-    """a_j for the chunk: w_j t'_j (soft) or w_j (hard smoothing), shape (R, c) or (1, c)."""
-    if soft is not None:
-        a = rows(soft, c0, c1, cdt)
-        if eps > 0:
-            a = a * (1 - eps) + eps / C
-    else:
-        a = torch.ones(1, c1 - c0, dtype=cdt, device=device)
-    if weight is not None:
-        a = a * weight[c0:c1].to(cdt)
-    return a
-
-
-def target_gather(x3: Tensor, y_safe: Tensor, cdt) -> Tensor:
-    N, _, D = x3.shape
-    return x3.gather(1, y_safe.view(N, 1, D)).reshape(-1).to(cdt)
+from ..core import row_blocks
+from ..core.formulas_torch import (
+    finish_hard_rows,
+    hard_target_coefficients,
+    safe_ref,
+    smooth_coef,
+    transform_grad,
+    transform_logits,
+    transformed,
+)
+from ..core.options import LossOptions
+from ..core.row_blocks import block_rows, block_samples, row_buffer, rows
+from ..core.runtime import compute_dtype
 
 
 def forward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor],
@@ -97,8 +42,8 @@ def forward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor],
     s = torch.zeros(R, dtype=cdt, device=dev)
     acc = torch.zeros(R, dtype=cdt, device=dev)
     a_sum = torch.zeros(R, dtype=cdt, device=dev)
-    for c0 in range(0, C, CHUNK_C):
-        c1 = min(C, c0 + CHUNK_C)
+    for c0 in range(0, C, row_blocks.CHUNK_C):
+        c1 = min(C, c0 + row_blocks.CHUNK_C)
         z = transform_logits(rows(x3, c0, c1, cdt), scale, softcap)
         m_new = torch.maximum(m, z.amax(1))
         ref_old, ref_new = safe_ref(m), safe_ref(m_new)
@@ -126,45 +71,14 @@ def backward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats
     g = dloss.to(cdt)
     h = dlse.to(cdt) if dlse is not None else torch.zeros_like(g)
     coef_p = g * row_w + h
-    for c0 in range(0, C, CHUNK_C):
-        c1 = min(C, c0 + CHUNK_C)
+    for c0 in range(0, C, row_blocks.CHUNK_C):
+        c1 = min(C, c0 + row_blocks.CHUNK_C)
         z = transform_logits(rows(x3, c0, c1, cdt), scale, softcap)
         dz = coef_p[:, None] * torch.exp((z - ref[:, None]) - log_s[:, None])
         dz = dz - g[:, None] * smooth_coef(target, weight, c0, c1, n, eps, cdt, dev)
         dz = transform_grad(dz, z, scale, softcap)
         out[:, c0:c1, :].copy_(dz.view(N, D, c1 - c0).permute(0, 2, 1))
     return out
-
-
-# ------------------------------------------------------------------------ row-block drivers
-def block_samples(C: int, D: int) -> int:
-    """Samples (of D rows each) per block: about BLOCK_ELEMS logits, at least one."""
-    return max(1, BLOCK_ELEMS // max(1, C * D))
-
-
-def block_rows(xb: Tensor, cdt: torch.dtype, buf: Optional[Tensor] = None) -> Tensor:
-    """An (n, C, D) block as (n*D, C) rows in the compute dtype: a view for D = 1 in that dtype,
-    else a copy (into ``buf``, a flat compute-dtype buffer reused across blocks, when given)."""
-    n, C, D = xb.shape
-    r = xb[:, :, 0] if D == 1 else xb.permute(0, 2, 1)
-    if r.dtype == cdt and D == 1:
-        return r
-    if buf is None:
-        return r.reshape(-1, C).to(cdt)
-    out = buf[:n * D * C].view(n, D, C) if D != 1 else buf[:n * C].view(n, C)
-    return out.copy_(r).view(-1, C)
-
-
-def row_buffer(x3: Tensor, step: int, cdt: torch.dtype) -> Tensor:
-    """One flat compute-dtype buffer for ``step`` samples of x3, allocated once per call: a fresh
-    multi-MiB allocation per block would go through mmap and fault its pages in every time."""
-    return torch.empty(min(step, x3.shape[0]) * x3.shape[1] * x3.shape[2], dtype=cdt, device=x3.device)
-
-
-def transformed(z: Tensor, opts: LossOptions) -> Tensor:
-    if opts.logit_scale == 1.0 and not opts.has_softcap:
-        return z
-    return transform_logits(z, opts.logit_scale, opts.softcap)
 
 
 def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor],

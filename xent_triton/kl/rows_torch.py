@@ -1,5 +1,5 @@
-"""Torch twins of the distillation and log-prob kernels (``kernels/distillation.py``,
-``kernels/logprobs.py``): same formulas, same per-row stats, for tensors Triton does not serve
+"""Torch twins of the distillation and log-prob kernels (``kl/distill_kernels.py``,
+``kl/logprobs_kernels.py``): same formulas, same per-row stats, for tensors Triton does not serve
 (plain CPU tensors without the interpreter, float64). Computed in the compute dtype (float32, or
 float64 for float64 students) on whole (R, C) rows: N x C temporaries are fine on this path.
 The log-prob twins walk cache-sized row blocks instead, in place where the caller allows (the
@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..fallback import BLOCK_ELEMS, safe_ref
+from ..core.formulas_torch import safe_ref
+from ..core.row_blocks import BLOCK_ELEMS
+from ..core.runtime import compute_dtype
 from ..linear.chunk_torch import row_blocks
-from ..runtime import compute_dtype
 
 KL, REVERSE_KL, JSD = 0, 1, 2
 N_STATS = 8
@@ -150,7 +151,7 @@ def block_buffer(x: Tensor) -> Tensor:
 
 def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float, entropy: bool,
                      scratch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(lp (R,), H (R,) or (0,), stats (R, 2) = (ref, log s)) of rows x (see kernels/logprobs.py), in
+    """(lp (R,), H (R,) or (0,), stats (R, 2) = (ref, log s)) of rows x (see kl/logprobs_kernels.py), in
     cache-sized row blocks: b = x / T, ref = safe max b, d = b - ref, s = sum e^d, lp = (b_y - ref) -
     log s, H = log s - sum(e^d d) / s (e^d d by an in-place product and torch's sum: a bmm dot
     product accumulated 2e-5 of error at C = 32000, torch's own fp32 entropy 5e-6). ``scratch``: x

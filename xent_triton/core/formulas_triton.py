@@ -1,6 +1,6 @@
 """Triton jit helpers shared by every kernel: the logit transform, the online log-sum-exp, row
 addressing and the gradient coefficients. Each formula has its torch twin of the same name in
-``xent_triton.fallback``.
+``core/formulas_torch.py``.
 
 One source of truth for the numerics. All arithmetic is fp32; exponentials and logarithms go
 through ``exp2``/``log2`` with the named constants below (the hardware's native MUFU ops).

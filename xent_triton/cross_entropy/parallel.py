@@ -21,7 +21,7 @@ Per call (steady state, R = rows = tokens):
 Payload per token per rank: 12 bytes (hard), 16 bytes (smoothing or soft targets) with fp32
 partials (float64 logits: twice that); a ring all-reduce moves ~2 (P-1)/P times that per rank.
 Never an N x C collective. Every call first runs one ``all_gather`` of a few float64 per rank that
-derives the shard layout and checks that the options agree (``parallel.layout``; one host sync);
+derives the shard layout and checks that the options agree (``core.exchange``; one host sync);
 input errors found on one rank are raised after it, on every rank (no rank is left waiting).
 
 Precision: the partial sums are combined relative to the global max (no lse ~ 1e4 is formed and
@@ -29,7 +29,7 @@ then subtracted), exactly as the single-device kernel keeps (ref, log s) apart.
 
 Reuse by another shard producer (e.g. the fused linear head): get the ``VocabShard`` from
 ``vocab_shard``, produce the same partials over the shard ((R, 5), definitions in
-``kernels/vocab_parallel.py``; (5, S, R) partials of S class splits go through ``merge_splits``),
+``cross_entropy/parallel_kernels.py``; (5, S, R) partials of S class splits go through ``merge_splits``),
 then ``combine_partials`` with the ``localize_target`` ids; the returned stats drive any backward
 that uses (ref, log s, row weight), with n_classes = ``shard.n_classes`` and the GLOBAL weight sum.
 
@@ -45,21 +45,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .. import config, fallback
-from ..cross_entropy.ops import backward_into, nd_c_strides
-from ..kernels.vocab_parallel import vocab_parallel_fwd_kernel
-from ..options import (
-    Canonical,
-    LossOptions,
-    canonical,
-    check_token_weight,
-    check_weight,
-    reduce_rows,
-    target_range_check,
-)
-from ..partials import N_PARTIALS, combine
-from ..runtime import alloc, compute_dtype, is_compiling, no_second_derivative, upstream_or_zeros, uses_triton
-from .layout import (
+from ..core import formulas_torch, launch, row_blocks
+from ..core.exchange import (
     IGNORED,
     VocabShard,
     agreement,
@@ -69,6 +56,20 @@ from .layout import (
     refuse_agreed,
     vocab_shard,
 )
+from ..core.inputs import Canonical, canonical, check_token_weight, check_weight, target_range_check
+from ..core.options import LossOptions
+from ..core.partials import N_PARTIALS, combine
+from ..core.reduction import reduce_rows
+from ..core.runtime import (
+    alloc,
+    compute_dtype,
+    is_compiling,
+    no_second_derivative,
+    upstream_or_zeros,
+    uses_triton,
+)
+from ..cross_entropy.ops import backward_into, nd_c_strides
+from .parallel_kernels import vocab_parallel_fwd_kernel
 
 
 def partials_torch(x3: Tensor, tgt: Tensor, w: Optional[Tensor], n_classes: int,
@@ -80,22 +81,22 @@ def partials_torch(x3: Tensor, tgt: Tensor, w: Optional[Tensor], n_classes: int,
     eps, softcap, scale = opts.label_smoothing, opts.softcap, opts.logit_scale
     m = torch.full((R,), float("-inf"), dtype=cdt, device=dev)
     s, acc, a_sum = (torch.zeros(R, dtype=cdt, device=dev) for _ in range(3))
-    for c0 in range(0, C, fallback.CHUNK_C):
-        c1 = min(C, c0 + fallback.CHUNK_C)
-        z = fallback.transform_logits(fallback.rows(x3, c0, c1, cdt), scale, softcap)
+    for c0 in range(0, C, row_blocks.CHUNK_C):
+        c1 = min(C, c0 + row_blocks.CHUNK_C)
+        z = formulas_torch.transform_logits(row_blocks.rows(x3, c0, c1, cdt), scale, softcap)
         m_new = torch.maximum(m, z.amax(1))
-        ref_old, ref_new = fallback.safe_ref(m), fallback.safe_ref(m_new)
+        ref_old, ref_new = formulas_torch.safe_ref(m), formulas_torch.safe_ref(m_new)
         s = s * torch.exp(ref_old - ref_new) + torch.exp(z - ref_new[:, None]).sum(1)
         if soft is not None or eps > 0:
-            a = fallback.smooth_coef(soft, w, c0, c1, n_classes, eps, cdt, dev)
+            a = formulas_torch.smooth_coef(soft, w, c0, c1, n_classes, eps, cdt, dev)
             acc = acc + (ref_old - ref_new) * a_sum + (a * (z - ref_new[:, None])).sum(1)
             a_sum = a_sum + a.sum(1)
         m = m_new
     zy = torch.zeros_like(s)
     if soft is None:
         owned = (tgt >= 0) & (tgt < C)
-        x_y = fallback.target_gather(x3, torch.where(owned, tgt, torch.zeros_like(tgt)), cdt)
-        zy = torch.where(owned, fallback.transform_logits(x_y, scale, softcap), zy)
+        x_y = formulas_torch.target_gather(x3, torch.where(owned, tgt, torch.zeros_like(tgt)), cdt)
+        zy = torch.where(owned, formulas_torch.transform_logits(x_y, scale, softcap), zy)
     return torch.stack([m, s, acc, a_sum, zy], dim=1).unsqueeze(0)
 
 
@@ -126,7 +127,7 @@ def shard_partials(x3: Tensor, tgt: Tensor, w: Optional[Tensor], n_classes: int,
         return part
     soft = tgt.is_floating_point()
     soft_t = tgt if soft else x3  # placeholder pointers are never dereferenced
-    cfg = config.config(C)
+    cfg = launch.config(C)
     xs, ts = nd_c_strides(x3), nd_c_strides(soft_t)
     vocab_parallel_fwd_kernel[(R,)](
         x_ptr=x3, stride_xn=xs["n"], stride_xd=xs["d"], stride_xc=xs["c"],

@@ -23,8 +23,8 @@ single-device forward.
 import triton
 import triton.language as tl
 
-from .common import row_pointer, transform_logits
-from .cross_entropy import stream_row
+from ..core.formulas_triton import row_pointer, transform_logits
+from .kernels import stream_row
 
 
 @triton.jit

@@ -1,0 +1,151 @@
+"""DTensor inputs: ``cross_entropy`` / ``linear_cross_entropy`` read the layout from the placements.
+
+Rules (docs/distributed.md, "DTensor"):
+
+* ``cross_entropy(logits)``, logits a DTensor: a mesh dim with ``Shard(class dim)`` (``Shard(-1)``
+  / ``Shard(1)`` for (N, C)) is the tensor-parallel dim: the vocabulary-parallel path runs on
+  ``mesh.get_group(that dim)``. ``Shard`` of a batch dim on another mesh dim = those ranks hold
+  other tokens (data parallel inside the mesh). ``Replicate`` everywhere = the local path.
+* ``linear_cross_entropy(hidden, W)``: W a DTensor ``Shard(0)`` on mesh dim k AND hidden a DTensor
+  on the same mesh, ``Replicate`` on k (TP's ``ColwiseParallel`` output layer) = vocabulary
+  parallel on ``mesh.get_group(k)``. A ``Shard(0)`` W with a PLAIN hidden tensor is an FSDP2
+  parameter read outside its module's forward, never TP: it raises (compute the loss inside the
+  module's forward, where FSDP has unsharded W: ``parallel.FusedLMHead``).
+* Shards follow ``torch.chunk`` (C = 50257 over 4: 12565 x 3 + 12562; C = 5 over 4 leaves a rank
+  with no class: supported). The layout comes from the DTensor (no start is guessed); the one
+  per-call all_gather of ``core.exchange`` still checks that the options agree.
+* Returned loss (and lse): a DTensor on the input's mesh. ``mean`` / ``sum``: ``Replicate`` on
+  every mesh dim, the loss over ALL tokens of the mesh (batch-sharded dims: one all-reduce of 4
+  numbers). ``none``: the per-token losses, ``Shard`` on the batch dims as the input, ``Replicate``
+  on the TP dim. Gradients come back with the placements of the inputs (``to_local``'s backward);
+  a head weight / bias replicated over a batch-sharded mesh dim gets its gradient summed over it
+  (one all-reduce of its local shard in backward, the data-parallel gradient reduction).
+* Targets: a DTensor (its local part is used) or a plain tensor holding THIS rank's tokens' GLOBAL
+  class ids (the whole target when the batch is not sharded). Class weights: plain or replicated.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .exchange import flags, refuse_agreed
+from .options import LossOptions
+from .reduction import reduce_rows
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard
+
+
+try:  # torch built without distributed: nothing is ever a DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def is_dtensor(t: Any) -> "TypeGuard[DTensor]":
+    """True for a ``torch.distributed.tensor.DTensor``."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_part(t: Any) -> Any:
+    """The local part of a DTensor (differentiable), anything else unchanged."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def full_tensor(t: Any) -> Any:
+    """A replicated / plain tensor in full (class weights)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def plan(t: "DTensor", class_dim: Optional[int], what: str) -> tuple[Optional[int], list, list[int]]:
+    """(TP mesh dim or None, placements of the per-token outputs, batch-sharded mesh dims).
+
+    ``class_dim``: the dim whose sharding means vocabulary parallelism (None: sharding it is an
+    error, e.g. the hidden dim of the linear head's input). Per-token outputs drop that dim."""
+    nd, tp, rows, batch = t.dim(), None, [], []
+    drop = class_dim if class_dim is not None else nd - 1
+    for i, p in enumerate(t.placements):
+        if isinstance(p, Replicate):
+            rows.append(Replicate())
+        elif isinstance(p, Shard) and p.dim % nd == drop:
+            if class_dim is None:
+                raise ValueError(f"{what}: the hidden states are sharded on the hidden dim (mesh dim {i}); "
+                                 "replicate them over the tensor-parallel mesh dim")
+            if tp is not None:
+                raise ValueError(f"{what}: the class dim is sharded over two mesh dims ({tp} and {i})")
+            tp = i
+            rows.append(Replicate())
+        elif isinstance(p, Shard):
+            d = p.dim % nd
+            batch.append(i)
+            rows.append(Shard(d if d < drop else d - 1))
+        else:
+            raise ValueError(f"{what}: placement {p} on mesh dim {i} is not supported (Partial values: "
+                             "reduce them first)")
+    return tp, rows, batch
+
+
+class ReduceGradOver(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over ``groups`` (all-reduce, in place on a copy)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, groups: list) -> Tensor:
+        ctx.groups = groups
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        if ctx.groups:
+            g = g.contiguous().clone()
+            for group in ctx.groups:
+                dist.all_reduce(g, group=group)
+        return g, None
+
+
+def chunk_start(n: int, parts: int, index: int) -> int:
+    """First element of chunk ``index`` when ``torch.chunk`` splits n into ``parts``."""
+    return min(n, index * -(-n // parts))
+
+
+def finish(loss_rows: Tensor, lse: Tensor, stats: Tensor, target: Tensor, opts: LossOptions, to_output,
+           mesh: Any, rows_pl: list, batch: list[int], out_shape: tuple, return_lse: bool):
+    """Reduce the per-row outputs of THIS rank's tokens over the whole mesh; DTensor results."""
+    repl = [Replicate()] * mesh.ndim
+    stride = torch.empty(out_shape, device="meta").stride()
+
+    def rows_dt(r: Tensor) -> "DTensor":
+        return DTensor.from_local(r, mesh, rows_pl, shape=torch.Size(out_shape), stride=stride)
+
+    if opts.reduction == "none" or not batch:
+        loss = reduce_rows(loss_rows, lse, stats, target, opts, to_output)
+        loss = rows_dt(loss) if opts.reduction == "none" else DTensor.from_local(loss, mesh, repl)
+    else:  # the local sums, summed over the batch-sharded mesh dims: one all-reduce of 4 numbers
+        soft = target.is_floating_point()
+        valid = torch.ones_like(lse, dtype=torch.bool) if soft else target != opts.ignore_index
+        zrows = opts.lse_square_scale * torch.where(valid, lse, torch.zeros_like(lse)) ** 2
+        den = (valid.to(lse.dtype) if soft else stats[:, 2].to(lse.dtype)).sum()
+        local = torch.stack([loss_rows.sum(), den, zrows.sum(), valid.sum().to(lse.dtype)])
+        part = [Partial() if i in batch else Replicate() for i in range(mesh.ndim)]
+        summed = DTensor.from_local(local, mesh, part).redistribute(mesh, repl).to_local()
+        ce, den, z, n_valid = summed.unbind()
+        if opts.reduction == "sum":
+            loss = ce + z
+        else:
+            if opts.empty_batch == "zero":
+                den = torch.where(den == 0, torch.ones_like(den), den)
+                n_valid = torch.where(n_valid == 0, torch.ones_like(n_valid), n_valid)
+            loss = ce / den + (z / n_valid if opts.lse_square_scale != 0 else 0.0)
+        loss = DTensor.from_local(loss, mesh, repl)
+    return (loss, rows_dt(to_output(lse))) if return_lse else loss
+
+
+def refuse_local(what: str, unsupported: Optional[dict], options_error: Optional[BaseException]) -> None:
+    """Without a vocabulary-parallel dim (no agreement collective to join): raise this rank's
+    invalid option, then refuse unsupported ones."""
+    if options_error is not None:
+        raise options_error
+    if any(flags(unsupported).values()):
+        refuse_agreed(what, unsupported)

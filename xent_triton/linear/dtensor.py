@@ -1,0 +1,102 @@
+"""``linear_cross_entropy`` with a DTensor head: the layout read from the placements (rules:
+``core/dtensor.py``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..core.dtensor import (
+    Partial,
+    ReduceGradOver,
+    Replicate,
+    Shard,
+    chunk_start,
+    finish,
+    full_tensor,
+    is_dtensor,
+    local_part,
+    plan,
+    refuse_local,
+)
+from ..core.inputs import autocast_operands, check_linear_operands, check_weight, class_ids
+from ..core.options import LossOptions, check_chunking
+from ..core.runtime import compute_dtype
+from ..linear.ops import linear_cross_entropy_rows
+from .parallel import vocab_parallel_linear_rows
+
+
+def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
+                                 weight: Any, opts: LossOptions, *, return_lse: bool = False,
+                                 reduce_input_grad: bool = True, unsupported: Optional[dict] = None,
+                                 options_error: Optional[BaseException] = None,
+                                 chunk_size: Optional[int] = None, grad_accum_dtype: Any = None):
+    """``linear_cross_entropy`` when the hidden states and/or the head weight are DTensors.
+
+    Example:
+        >>> mesh = init_device_mesh("cuda", (4,))
+        >>> W = distribute_tensor(full_W, mesh, [Shard(0)])        # ColwiseParallel head
+        >>> h = distribute_tensor(hidden, mesh, [Replicate()])
+        >>> loss = xent_triton.linear_cross_entropy(h, W, y)       # vocabulary parallel
+
+    ``chunk_size`` / ``grad_accum_dtype`` are validated on every rank and, on a vocabulary-parallel
+    mesh dim, agreed on (``options_error``: this rank's invalid option, raised after the agreement).
+    """
+    what = "linear_cross_entropy on DTensors"
+    if not is_dtensor(input):
+        raise TypeError(
+            f"{what}: linear_weight is a DTensor ({linear_weight.placements}) but the hidden states are "
+            "a plain tensor. A Shard(0) weight read outside its module's forward is an FSDP2 parameter "
+            "still sharded (never tensor parallelism): compute the loss inside the FSDP-wrapped "
+            "module's forward, where the weight is unsharded (xent_triton.parallel.FusedLMHead). For "
+            "tensor parallelism pass the hidden states as a DTensor on the weight's mesh.")
+    if not is_dtensor(linear_weight):
+        raise TypeError(f"{what}: the hidden states are a DTensor but linear_weight is a plain tensor; "
+                        "make the weight a DTensor on the same mesh (Replicate, or Shard(0) for TP)")
+    mesh = input.device_mesh
+    if linear_weight.device_mesh != mesh or (is_dtensor(linear_bias) and linear_bias.device_mesh != mesh):
+        raise ValueError(f"{what}: the hidden states, the weight and the bias must be on the same mesh")
+    tp = None
+    for i, p in enumerate(linear_weight.placements):
+        if isinstance(p, Shard) and p.dim % 2 == 0:
+            tp = i
+        elif not isinstance(p, Replicate):
+            raise ValueError(f"{what}: linear_weight placement {p} on mesh dim {i}: only Shard(0) (the "
+                             "vocabulary) and Replicate are supported")
+    _, rows_pl, batch = plan(input, None, what)
+    if tp is not None and tp in batch:
+        raise ValueError(f"{what}: the hidden states must be replicated over the vocabulary-parallel mesh "
+                         f"dim {tp}")
+    if is_dtensor(linear_bias) and list(linear_bias.placements) != list(linear_weight.placements):
+        raise ValueError(f"{what}: the bias must be placed like the weight ({linear_weight.placements})")
+    # W / b replicated over a batch-sharded mesh dim saw only this rank's tokens: their gradient is
+    # summed over that dim in backward (one all-reduce of the local shard, the data-parallel
+    # gradient reduction), so that it comes back with W's own placements; the input's gradient
+    # left unreduced over the TP dim (reduce_input_grad=False) is Partial there
+    x_grad = [Partial() if i == tp and not reduce_input_grad else p for i, p in enumerate(input.placements)]
+    x = input.to_local(grad_placements=x_grad)
+    dp_groups = [mesh.get_group(i) for i in batch]
+    W = ReduceGradOver.apply(linear_weight.to_local(), dp_groups)
+    b = ReduceGradOver.apply(linear_bias.to_local(), dp_groups) if is_dtensor(linear_bias) else linear_bias
+    tgt, w = local_part(target), full_tensor(weight)
+    if tp is not None:
+        start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
+        flat, loss_rows, lse, stats = vocab_parallel_linear_rows(
+            x, W, tgt, b, w, opts, return_lse=return_lse, process_group=mesh.get_group(tp),
+            vocab_start_index=start, reduce_input_grad=reduce_input_grad, allow_empty=True,
+            options_error=options_error, unsupported=unsupported, chunk_size=chunk_size,
+            grad_accum_dtype=grad_accum_dtype)
+    else:
+        refuse_local(what, unsupported, options_error)
+        x, W, b = autocast_operands(x, W, b)
+        check_linear_operands(x, W, b, tgt)
+        chunk, _ = check_chunking(chunk_size, grad_accum_dtype, W.dtype)  # per-token path: no dW
+        # accumulation across token chunks (one GEMM per vocabulary split), chunk sizes the splits
+        flat = class_ids(tgt, x.shape[:-1], "input's leading shape")
+        C, D = W.shape
+        loss_rows, lse, stats = linear_cross_entropy_rows(
+            x.reshape(-1, D), W, b.contiguous() if b is not None else None, flat,
+            check_weight(w, C, x.device, x.dtype), opts,
+            skip_ignored=not return_lse and opts.lse_square_scale == 0, chunk_size=chunk)
+    out_shape = tuple(input.shape[:-1])
+    return finish(loss_rows, lse.to(compute_dtype(x)), stats, flat, opts, lambda r: r.view(tgt.shape), mesh,
+                  rows_pl, batch, out_shape, return_lse)
