@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 
 import xent_triton
 
+from ..kl.linear import chunk_rows
 from .hf_common import divide_by_items, head_operands
 
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -93,8 +94,6 @@ def one_pass(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, temperature: 
     target tied exactly with an earlier class also count as top-1 (``argmax`` / TRL: not for the tie).
     log_probs and entropy are differentiable; lse and is_top1 are not.
     """
-    from xent_triton.kl.linear import chunk_rows
-
     x, tok = h.reshape(-1, h.shape[-1]), y.reshape(-1).to(torch.int64).contiguous()
     lp, ent, stats = torch.ops.xent_triton.linear_token_logprobs_fwd(
         x, w, b, tok, float(temperature), bool(entropy), chunk_rows(None, x.shape[0], w.shape[0]))
