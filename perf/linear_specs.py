@@ -20,7 +20,7 @@ def _linear_shape(layout: Layout) -> tuple[int, int, int, bool]:
 
 
 def _linear_tiles(dtype: str, layout: Layout) -> dict:
-    cfg, _ = launch.linear_configs(32 if dtype == "fp32" else 16, _linear_shape(layout)[3])
+    cfg = launch.linear_config(32 if dtype == "fp32" else 16, _linear_shape(layout)[3])
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, DOT_UPCAST=False)
 
 

@@ -79,7 +79,7 @@ def test_flops(N, D, C, need, kw, aten, dot, rows, record_property):
     """aten GEMM FLOPs = aten x n·D·C exactly; tl.dot FLOPs (fused partials forward of the
     per-token path) = dot x the tile-padded n·D·C; nothing else; every lane in bounds. n = the
     non-ignored tokens where the path compacts them, else N."""
-    cfg, _ = launch.linear_configs(16, True, C)
+    cfg = launch.linear_config(16, True, C)
     step = _step(N, D, C, need=need, **kw)
     n_rows = step.kept if rows == "kept" else N
     with traffic.count() as r:

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 from typing import Iterator, Optional
 
+import torch
 import triton
 
 from .runtime import interpreting
@@ -156,12 +157,10 @@ def backward_grid(R: int, C: int, block_c: int) -> tuple[tuple[int, int], int]:
 # steps on the tensor cores; the constraint is registers: 0 spill / stack bytes on sm_80 and sm_90
 # for every flag combination, with a margin (perf/static_report.py; triton 3.9, max registers of
 # any flag combination, aligned / unaligned rows):
-#   16-bit forward  64x128x64, 8 warps, 3 stages (72 KiB smem): 195 / 212 registers;
-#   16-bit backward 64x128x64, 8 warps, 2 stages: 244 / 229 registers.
+#   16-bit forward  64x128x64, 8 warps, 3 stages (72 KiB smem): 195 / 212 registers.
 #   128x128 tiles (the usual GEMM tile, 1.5x fewer operand and fp32-atomic bytes per FLOP) sit at
 #   the register limit at 8 warps (255, spilling on some flag sets / layouts) and spill at 16 warps
-#   (128 per thread): the logit tile, its per-row statistics, the transform and, in backward, the
-#   16-bit gradient tile and two (rows | classes) x BLOCK_D products are live at once.
+#   (128 per thread): the logit tile, its per-row statistics and the transform are live at once.
 #   fp32 (FMA "ieee" dots, or 3xTF32 / TF32 following torch.get_float32_matmul_precision():
 #     "highest" = torch's default -> "ieee", "high" -> "tf32x3", "medium" -> "tf32"):
 #     64x64x16, 8 warps, 2 stages (the FMA dot keeps K-slices of both operands in registers).
@@ -173,10 +172,6 @@ def backward_grid(R: int, C: int, block_c: int) -> tuple[tuple[int, int], int]:
 #   ~16 row blocks, so each X row block (0.5 MiB at D = 4096) is read by 16 programs and each W
 #   tile (1 MiB) by ~16, from a working set of ~8 + 16 MiB, GEMM-like; each split costs 20 bytes
 #   per row (partials).
-# * backward: 1-D grid in groups of LINEAR_GROUP_N row blocks x all class tiles (GEMM swizzle):
-#   running at once are 16 row blocks x ~8-16 class tiles: X 8 MiB, W 8-16 MiB and their fp32
-#   accumulators dX 16 MiB + dW 16-32 MiB mostly stay in L2; each dW tile goes to DRAM once per
-#   group (N / (64 * 16) times in all).
 # ================================================================================================
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +183,10 @@ class LinearConfig:
     num_stages: int
 
 
-LINEAR_GROUP_N = 16
 LINEAR_FWD_SPLITS = 16
 LINEAR_FILL_PROGRAMS = 264
 LINEAR_FWD = {16: LinearConfig(64, 128, 64, 8, 3), 32: LinearConfig(64, 64, 16, 8, 2)}
-LINEAR_BWD = {16: LinearConfig(64, 128, 64, 8, 2), 32: LinearConfig(64, 64, 16, 8, 2)}
 LINEAR_FWD_UNALIGNED = {16: LinearConfig(64, 128, 32, 8, 3), 32: LinearConfig(64, 64, 16, 8, 2)}
-LINEAR_BWD_UNALIGNED = {16: LinearConfig(64, 128, 32, 8, 2), 32: LinearConfig(64, 64, 16, 8, 2)}
 # The interpreter runs a tile as numpy ops: wide class tiles (up to the next power of two >= C)
 # mean fewer programs (faster tests); BLOCK_D stays small so that D = 123 / 256 still loop over
 # several D chunks, BLOCK_N so that N = 130 spans several row blocks.
@@ -202,29 +194,18 @@ INTERPRET_LINEAR = LinearConfig(64, 4096, 64, 1, 1)
 INTERPRET_LINEAR_SPLITS = 2  # exercise the partials' combine whenever C has 2+ tiles
 
 
-def linear_configs(element_bits: int, aligned: bool = True,
-                   C: int = 0) -> tuple[LinearConfig, LinearConfig]:
-    """(forward, backward) tiles for 16- or 32-bit inputs whose rows are (not) 16-byte aligned."""
+def linear_config(element_bits: int, aligned: bool = True, C: int = 0) -> LinearConfig:
+    """Tiles of the forward-partials kernel for 16- or 32-bit inputs whose rows are (not) 16-byte
+    aligned (the backward runs on vendor GEMMs and the chunk kernels: ``linear/chunked.py``)."""
     forced = current_overrides().linear_block_v
     if interpreting():
-        cfg = INTERPRET_LINEAR
-        cfg = dataclasses.replace(cfg, block_v=min(cfg.block_v, max(64, triton.next_power_of_2(C))))
-        pair = (cfg, cfg)
-    elif aligned:
-        pair = (LINEAR_FWD[element_bits], LINEAR_BWD[element_bits])
+        cfg = dataclasses.replace(INTERPRET_LINEAR, block_v=min(INTERPRET_LINEAR.block_v,
+                                                                max(64, triton.next_power_of_2(C))))
     else:
-        pair = (LINEAR_FWD_UNALIGNED[element_bits], LINEAR_BWD_UNALIGNED[element_bits])
+        cfg = (LINEAR_FWD if aligned else LINEAR_FWD_UNALIGNED)[element_bits]
     if forced is not None:
-        pair = tuple(dataclasses.replace(c, block_v=min(c.block_v, forced)) for c in pair)
-    return pair
-
-
-def linear_all_configs() -> dict[str, list[tuple[int, bool, LinearConfig]]]:
-    """Every (element bits, aligned, config) ``linear_configs`` can return on a GPU, per kernel."""
-    return {name: [(bits, aligned, table[bits]) for aligned, table in ((True, al), (False, un))
-                   for bits in (16, 32)]
-            for name, al, un in (("fwd", LINEAR_FWD, LINEAR_FWD_UNALIGNED),
-                                 ("bwd", LINEAR_BWD, LINEAR_BWD_UNALIGNED))}
+        cfg = dataclasses.replace(cfg, block_v=min(cfg.block_v, forced))
+    return cfg
 
 
 def linear_forward_splits(N: int, C: int, cfg: LinearConfig) -> tuple[int, int]:
@@ -243,5 +224,4 @@ def linear_dot_precision(element_bits: int) -> str:
     """tl.dot input precision: irrelevant for 16-bit inputs; for fp32 torch's matmul setting."""
     if element_bits == 16:
         return "tf32"
-    import torch
     return {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}[torch.get_float32_matmul_precision()]

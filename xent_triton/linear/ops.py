@@ -96,7 +96,7 @@ def forward_partials(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     C = w.shape[0]
     if not uses_triton(x):
         return partials_rows(x, w, b, target, weight, opts, class_offset)
-    cfg, _ = launch.linear_configs(element_bits(x), kernel_operands(x, w, 128, 128)[2], C)
+    cfg = launch.linear_config(element_bits(x), kernel_operands(x, w, 128, 128)[2], C)
     x, w, _ = kernel_operands(x, w, cfg.block_n, cfg.block_v)
     splits, per = launch.linear_forward_splits(N, C, cfg)
     part = alloc((splits, N, N_PARTIALS), torch.float32, x.device)
