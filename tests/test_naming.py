@@ -192,7 +192,8 @@ def test_readme_api_table_lists_the_arguments(row):
         documented |= named_params(obj)
         if inspect.isclass(obj) and issubclass(obj, nn.Module) and name in MODULE_OF:
             assert {p.name for p in params(obj.forward)} <= set(tensors), name
-    assert documented == listed
+    assert documented == listed, (f"README lists {sorted(listed - documented)} that the code lacks; the code "
+                                  f"has {sorted(documented - listed)} that README lacks")
 
 
 def test_readme_api_table_covers_every_entry_point():
