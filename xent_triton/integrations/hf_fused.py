@@ -25,6 +25,7 @@ from torch import Tensor
 
 import xent_triton
 
+from ..core.loss_module import renamed_keywords
 from .hf_common import NumItems, divide_by_items, head_operands, next_token_targets
 from .hf_loss import causal_lm_loss
 
@@ -141,24 +142,28 @@ class _Bound:
         return inspect.signature(functools.partial(globals()[self.fn_name], self.owner))
 
 
-def fused_causal_lm_loss(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
+@renamed_keywords(hidden="input", weight="linear_weight", bias="linear_bias")
+def fused_causal_lm_loss(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor],
+                         labels: Tensor, *,
                          num_items_in_batch: NumItems = None, ignore_index: int = -100,
                          shift_labels: Optional[Tensor] = None, softcap: Optional[float] = None,
                          logit_scale: float = 1.0, return_stats: bool = False):
-    """``ForCausalLMLoss`` of the logits ``hidden @ weight.T + bias``, never materialised.
+    """``ForCausalLMLoss`` of the logits ``input @ linear_weight.T + linear_bias``, never materialised.
 
-    ``hidden`` (B, T, D) or (N, D) (what the head would get, after ``logits_to_keep``), ``labels`` as in
-    ``ForCausalLMLoss`` (shifted inside unless ``shift_labels``). Returns the loss, or ``(loss, stats)``.
+    ``input``: the final hidden states (B, T, D) or (N, D) (what the head would get, after
+    ``logits_to_keep``); ``labels`` as in ``ForCausalLMLoss`` (shifted inside unless ``shift_labels``).
+    Returns the loss, or ``(loss, stats)``. The old keywords ``hidden=`` / ``weight=`` / ``bias=``
+    still work, with a DeprecationWarning.
     """
     targets = next_token_targets(labels, shift_labels, ignore_index)
-    h = hidden.reshape(-1, hidden.shape[-1])
+    h = input.reshape(-1, input.shape[-1])
     y = targets.reshape(-1).to(h.device)
     if h.shape[0] != y.shape[0]:
         raise ValueError(
             f"the LM head got {h.shape[0]} positions (after logits_to_keep) but the labels give {y.shape[0]} "
             "targets: with logits_to_keep, pass shift_labels aligned with the kept positions, or train with "
             "logits_to_keep=0 (the stock model fails here too)")
-    h, w, b, ctx = head_operands(h, weight, bias)
+    h, w, b, ctx = head_operands(h, linear_weight, linear_bias)
     reduction = "sum" if num_items_in_batch is not None else "mean"
     stats_kw = {"return_stats": True} if return_stats else {}
     with ctx:

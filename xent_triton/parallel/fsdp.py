@@ -6,7 +6,7 @@ then reduce-scattered by FSDP's post-backward hook, summed over the data-paralle
 that reads ``head.weight`` OUTSIDE the head's forward sees the sharded DTensor: ``full_tensor()``
 there would all-gather it again, and its backward would keep only this rank's contribution
 (no sum over the other ranks' tokens). So compute the loss INSIDE the forward: call
-``head(hidden, labels)``; the weight is then a plain unsharded tensor for the fused kernels.
+``head(input, target)``; the weight is then a plain unsharded tensor for the fused kernels.
 Peak memory: one unsharded weight + its gradient (what the unsharded model holds), never N x C.
 
 A ``Shard(0)`` weight DTensor passed to ``linear_cross_entropy`` with plain hidden states is this
@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..core.loss_module import renamed_keywords
 from ..linear.functional import linear_cross_entropy
 
 
@@ -30,13 +31,15 @@ class FusedLMHead(nn.Module):
         bias: add a (C,) bias. loss_options: defaults for ``linear_cross_entropy`` (ignore_index,
             reduction, label_smoothing, lse_square_scale, softcap, empty_batch, ...).
 
-    ``forward(hidden (..., D), labels (...) = None, **options)``: the loss (``linear_cross_entropy``
-    of hidden, weight, labels) when labels are given, else the logits (..., C).
+    ``forward(input (..., D), target (...) = None, **options)``: the loss (``linear_cross_entropy``
+    of input, weight, target) when a target is given, else the logits (..., C). The old keywords
+    ``hidden=`` / ``labels=`` still work, with a DeprecationWarning. ``bias`` and the attributes
+    ``weight`` / ``bias`` are ``nn.Linear``'s (the head's matrix and bias, not class weights).
 
     Example:
         >>> head = FusedLMHead(64, 32000, ignore_index=-100)
         >>> fully_shard(head); fully_shard(model)           # FSDP2: the head is its own unit
-        >>> loss = head(hidden, labels)                      # weight unsharded here
+        >>> loss = head(hidden, target)                      # weight unsharded here
         >>> loss.backward()                                  # FSDP reduce-scatters head.weight.grad
     """
 
@@ -55,9 +58,10 @@ class FusedLMHead(nn.Module):
             bound = 1 / self.weight.shape[1] ** 0.5
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, hidden: Tensor, labels: Optional[Tensor] = None,
+    @renamed_keywords(hidden="input", labels="target")
+    def forward(self, input: Tensor, target: Optional[Tensor] = None,
                 **options: Any) -> Union[Tensor, tuple[Any, ...]]:
-        if labels is None:
-            return nn.functional.linear(hidden, self.weight, self.bias)
-        return linear_cross_entropy(hidden, self.weight, labels, linear_bias=self.bias,
+        if target is None:
+            return nn.functional.linear(input, self.weight, self.bias)
+        return linear_cross_entropy(input, self.weight, target, linear_bias=self.bias,
                                     **{**self.loss_options, **options})
