@@ -218,10 +218,10 @@ ERRORS = [
     pytest.param(lambda: ((_s(), _s()), dict(divergence="jsd", beta=1.2)), ValueError, "beta", id="beta1.2"),
     pytest.param(lambda: ((_s(), _s()), dict(divergence="js")), ValueError, "divergence", id="divergence"),
     pytest.param(lambda: ((_s(), _s()), dict(reduction="avg")), ValueError, "reduction", id="reduction"),
-    pytest.param(lambda: ((_s(), _s()), dict(ce_weight=0.5)), ValueError, "labels", id="ce-without-labels"),
+    pytest.param(lambda: ((_s(), _s()), dict(ce_weight=0.5)), ValueError, "target", id="ce-without-labels"),
     pytest.param(lambda: ((_s(), _s(), torch.zeros(4, dtype=torch.long)), dict(ce_weight=1.5)), ValueError,
                  "ce_weight", id="ce-weight-range"),
-    pytest.param(lambda: ((_s(), torch.zeros(4, 30, dtype=torch.long)), {}), TypeError, "teacher_logits",
+    pytest.param(lambda: ((_s(), torch.zeros(4, 30, dtype=torch.long)), {}), TypeError, "teacher_input",
                  id="int-teacher"),
 ]
 
@@ -257,8 +257,8 @@ def composed_linear(hs, ws, bs, ht, wt, bt, labels, **kw):
 
 
 def ours_linear(hs, ws, bs, ht, wt, bt, labels, **kw):
-    return xent_triton.linear_distillation_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
-                                                **kw)
+    return xent_triton.linear_distillation_loss(hs, ws, ht, wt, labels, linear_bias=bs,
+                                                teacher_linear_bias=bt, **kw)
 
 
 LINEAR = [
@@ -322,8 +322,9 @@ def test_linear_compile_fullgraph():
     labels = torch.randint(0, 64, (6,))
 
     def f(h, w, b):
-        return xent_triton.linear_distillation_loss(h, w, ht, wt, labels, student_bias=b, teacher_bias=bt,
-                                                    divergence="jsd", ce_weight=0.3, chunk_size=4)
+        return xent_triton.linear_distillation_loss(h, w, ht, wt, labels, linear_bias=b,
+                                                    teacher_linear_bias=bt, divergence="jsd", ce_weight=0.3,
+                                                    chunk_size=4)
 
     e_leaves = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
     c_leaves = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]

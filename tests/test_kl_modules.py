@@ -96,7 +96,7 @@ def test_distillation_modules_equal_functions(opts, monkeypatch):
     )
     want = _grads(
         lambda: linear_distillation_loss(
-            lv[1][0], lv[1][1], ht, wt, lbl, student_bias=lv[1][2], teacher_bias=bt, **opts
+            lv[1][0], lv[1][1], ht, wt, lbl, linear_bias=lv[1][2], teacher_linear_bias=bt, **opts
         ),
         lv[1],
         torch.Generator().manual_seed(2),
@@ -130,7 +130,7 @@ def test_logprob_modules_equal_functions(opts, monkeypatch):
         torch.Generator().manual_seed(5),
     )
     want = _grads(
-        lambda: linear_token_logprobs(lv[1][0], lv[1][1], tok, bias=lv[1][2], **opts),
+        lambda: linear_token_logprobs(lv[1][0], lv[1][1], tok, linear_bias=lv[1][2], **opts),
         lv[1],
         torch.Generator().manual_seed(5),
     )

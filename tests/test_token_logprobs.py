@@ -167,7 +167,7 @@ def linear_case(N, D, C, dtype, bias, temperature, entropy, chunk):
         return (lp, ent), [None if t is None else t.grad for t in leaves]
 
     def ours(hh, ww, bb):
-        return xent_triton.linear_token_logprobs(hh, ww, tokens, bias=bb, temperature=temperature,
+        return xent_triton.linear_token_logprobs(hh, ww, tokens, linear_bias=bb, temperature=temperature,
                                                  return_entropy=entropy, chunk_size=chunk)
 
     def torch_fn(hh, ww, bb):

@@ -50,7 +50,7 @@ def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, r
     if tp is None:
         if error is not None:
             raise error
-        ids = class_ids(tok, x.shape[:-1], "logits' leading shape")
+        ids = class_ids(tok, x.shape[:-1], "input's leading shape")
         token_range_check(ids, x.shape[-1])
         lp, ent, _ = torch.ops.xent_triton.token_logprobs_fwd(x.reshape(ids.numel(), x.shape[-1]), ids,
                                                               temperature, bool(return_entropy))
@@ -71,7 +71,7 @@ def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional
     what = "distillation_loss on DTensors"
     if not isinstance(teacher, DTensor) or teacher.device_mesh != student.device_mesh \
             or list(teacher.placements) != list(student.placements):
-        raise ValueError(f"{what}: teacher_logits must be a DTensor on the student's mesh with its "
+        raise ValueError(f"{what}: teacher_input must be a DTensor on the student's mesh with its "
                          f"placements ({student.placements}): student and teacher share one layout")
     tp, rows_pl, batch = plan(student, student.dim() - 1, what)
     mesh, x, t, lbl = student.device_mesh, student.to_local(), teacher.to_local(), local_part(labels)
@@ -79,7 +79,7 @@ def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional
         if error is not None:
             raise error
         div, beta, temperature, ce_weight, opts = chosen
-        flat = None if lbl is None else class_ids(lbl, x.shape[:-1], "student_logits' leading shape")
+        flat = None if lbl is None else class_ids(lbl, x.shape[:-1], "input's leading shape")
         C = x.shape[-1]
         rows, _ = torch.ops.xent_triton.distillation_fwd(x.reshape(-1, C), t.detach().reshape(-1, C), flat,
                                                          div, beta, temperature, opts.ignore_index, ce_weight)

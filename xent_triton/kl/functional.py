@@ -16,6 +16,7 @@ from ..options import LossOptions, class_ids
 from ..parallel.dtensor import is_dtensor
 from ..runtime import is_compiling
 from .dtensor import dtensor_distillation_loss, dtensor_token_logprobs
+from .names import LOGITS, LOGPROBS, renamed_keywords
 from .ops import DIVERGENCES
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
@@ -67,7 +68,7 @@ def distill_options(divergence: str, beta: float, temperature: float, reduction:
                           "in (0, 1) for jsd (use divergence='kl' or 'reverse_kl' for the endpoints)")
     ce_weight = check_real("ce_weight", ce_weight, lambda v: 0 <= v <= 1, "in [0, 1]")
     if ce_weight != 0 and not has_labels:
-        raise ValueError("ce_weight > 0 needs labels (the hard-label cross-entropy's class ids)")
+        raise ValueError("ce_weight > 0 needs target (the hard-label cross-entropy's class ids)")
     return DIVERGENCES[divergence], beta if symbolic(beta) else float(beta), temperature, ce_weight, opts
 
 
@@ -88,7 +89,8 @@ def reduce_tokens(loss_rows: Tensor, labels: Optional[Tensor], opts: LossOptions
     return total / den
 
 
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+@renamed_keywords(LOGITS)
+def distillation_loss(input: Tensor, teacher_input: Tensor, target: Optional[Tensor] = None, *,
                       divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                       ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
                       empty_batch: str = "nan", process_group: Optional[Any] = None,
@@ -99,22 +101,22 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     ``"kl"`` = KL(p || q), ``"reverse_kl"`` = KL(q || p), ``"jsd"`` = beta KL(p || m) +
     (1 - beta) KL(q || m) with m = beta p + (1 - beta) q. 0 log 0 := 0 (padded -inf logits are
     fine). No T**2 factor is applied: multiply the loss by T**2 yourself if you want Hinton's
-    scaling. Per token: ce_weight * CE(student at T = 1, label) + (1 - ce_weight) * divergence.
+    scaling. Per token: ce_weight * CE(student at T = 1, target) + (1 - ce_weight) * divergence.
 
     Args:
-        student_logits: (..., C) float16 / bfloat16 / float32 (float64 runs the torch fallback).
-        teacher_logits: (..., C), any float dtype (e.g. fp32 with a bf16 student). Treated as a
+        input: (..., C) float16 / bfloat16 / float32 (float64 runs the torch fallback).
+        teacher_input: (..., C), any float dtype (e.g. fp32 with a bf16 student). Treated as a
             constant: it gets no gradient (detached), even if it requires grad.
-        labels: optional class ids of shape ``student_logits.shape[:-1]``; tokens whose label is
+        target: optional class ids of shape ``input.shape[:-1]``; tokens whose label is
             ``ignore_index`` are left out of every term (loss 0, gradient 0).
         divergence: "kl", "reverse_kl" or "jsd". beta: the JSD mixture weight, in (0, 1).
-        temperature: T > 0, finite. ce_weight: alpha in [0, 1] (needs labels when > 0).
+        temperature: T > 0, finite. ce_weight: alpha in [0, 1] (needs target when > 0).
         ignore_index: an int (None: -100, as the CE heads; a bool or float raises TypeError).
         reduction: "none" (the tokens' shape), "sum", or "mean" (over non-ignored tokens; over all
-            tokens when ``labels`` is None).
+            tokens when ``target`` is None).
         empty_batch: "nan" (a mean over no valid token, as torch) or "zero" (0, zero gradients).
         process_group: vocabulary parallelism (``kl/parallel_distill.py``): both logits are this
-            rank's class slice on the same layout, ``labels`` global ids; every rank returns the
+            rank's class slice on the same layout, ``target`` global ids; every rank returns the
             full-vocabulary loss. vocab_start_index: this rank's first class (None: rank order).
 
     Returns:
@@ -127,91 +129,92 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         >>> t = torch.randn(4, 7, 32000)
         >>> distillation_loss(s, t, divergence="jsd", temperature=2.0).backward()
     """
-    if is_dtensor(student_logits) or process_group is not None or vocab_start_index is not None:
+    if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
         chosen, error = None, None  # a rank's error is raised after the layout exchange, on every rank
         try:
-            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, labels is not None,
+            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, target is not None,
                                      ignore_index, empty_batch)
         except (TypeError, ValueError) as e:
             error = e
-        if is_dtensor(student_logits):  # the layout comes from the placements (kl/dtensor.py)
-            return dtensor_distillation_loss(student_logits, teacher_logits, labels, chosen, error)
-        rows, lbl = vocab_parallel_distillation_rows(student_logits, teacher_logits, labels, chosen,
+        if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_distillation_loss(input, teacher_input, target, chosen, error)
+        rows, lbl = vocab_parallel_distillation_rows(input, teacher_input, target, chosen,
                                                      process_group, vocab_start_index, None, error)
         assert chosen is not None  # else the call above raised the error, on every rank
-        return reduce_tokens(rows, lbl, chosen[4], student_logits.shape[:-1])
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
-                         f"{tuple(student_logits.shape)}")
-    if teacher_logits.device != student_logits.device:
-        raise ValueError("teacher_logits and student_logits must be on the same device")
+        return reduce_tokens(rows, lbl, chosen[4], input.shape[:-1])
+    check_logits("input", input)
+    check_logits("teacher_input", teacher_input)
+    if teacher_input.shape != input.shape:
+        raise ValueError(f"teacher_input shape {tuple(teacher_input.shape)} != input shape "
+                         f"{tuple(input.shape)}")
+    if teacher_input.device != input.device:
+        raise ValueError("teacher_input and input must be on the same device")
     div, beta, temperature, ce_weight, opts = distill_options(
-        divergence, beta, temperature, reduction, ce_weight, labels is not None, ignore_index, empty_batch)
-    C = student_logits.shape[-1]
-    lbl = None if labels is None else class_ids(labels, student_logits.shape[:-1],
-                                                "student_logits' leading shape")
-    x = student_logits.reshape(-1, C)
-    t = teacher_logits.detach().reshape(-1, C)
+        divergence, beta, temperature, reduction, ce_weight, target is not None, ignore_index, empty_batch)
+    C = input.shape[-1]
+    lbl = None if target is None else class_ids(target, input.shape[:-1],
+                                                "input's leading shape")
+    x = input.reshape(-1, C)
+    t = teacher_input.detach().reshape(-1, C)
     loss_rows, _stats = torch.ops.xent_triton.distillation_fwd(x, t, lbl, div, beta, temperature,
                                                                 opts.ignore_index, ce_weight)
-    return reduce_tokens(loss_rows, lbl, opts, student_logits.shape[:-1])
+    return reduce_tokens(loss_rows, lbl, opts, input.shape[:-1])
 
 
 # Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
 @overload
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
+def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = ...,
                    return_entropy: Literal[False] = ...,
                    process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...) -> Tensor: ...
 @overload
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
+def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = ...,
                    return_entropy: bool = ...,
                    process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...
                    ) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
+@renamed_keywords(LOGPROBS)
+def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
                    return_entropy: bool = False, process_group: Optional[Any] = None,
                    vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Per-position log softmax(logits / T)[token] (and the entropy of softmax(logits / T)).
+    """Per-position log softmax(input / T)[token] (and the entropy of softmax(input / T)).
 
     Args:
-        logits: (..., C) float16 / bfloat16 / float32 (float64 runs the torch fallback).
-        tokens: int64 / int32 / uint8 ids of shape ``logits.shape[:-1]``, in [0, C) (IndexError on
+        input: (..., C) float16 / bfloat16 / float32 (float64 runs the torch fallback).
+        target: int64 / int32 / uint8 ids of shape ``input.shape[:-1]``, in [0, C) (IndexError on
             CPU otherwise; NaN log-prob on CUDA).
         temperature: T > 0, finite.
-        return_entropy: also return -sum_j q_j log q_j, q = softmax(logits / T).
-        process_group: vocabulary parallelism (``kl/parallel.py``): ``logits`` is this rank's
-            class slice, ``tokens`` global ids; every rank returns the full-vocabulary values.
+        return_entropy: also return -sum_j q_j log q_j, q = softmax(input / T).
+        process_group: vocabulary parallelism (``kl/parallel.py``): ``input`` is this rank's
+            class slice, ``target`` global ids; every rank returns the full-vocabulary values.
         vocab_start_index: this rank's first class (None on every rank: shards in rank order).
 
     Returns:
-        float32 log-probs of the tokens' shape (float64 for float64 logits), or the pair
+        float32 log-probs of the target's shape (float64 for float64 input), or the pair
         (log-probs, entropy). Both are differentiable with any per-token upstream gradient (the
-        gradient has the logits' dtype).
+        gradient has the input's dtype).
 
     Example:
-        >>> logits = torch.randn(2, 16, 32000, dtype=torch.bfloat16, requires_grad=True)
-        >>> tokens = torch.randint(0, 32000, (2, 16))
-        >>> lp, ent = token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
+        >>> input = torch.randn(2, 16, 32000, dtype=torch.bfloat16, requires_grad=True)
+        >>> target = torch.randint(0, 32000, (2, 16))
+        >>> lp, ent = token_logprobs(input, target, temperature=0.7, return_entropy=True)
         >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
     """
-    if is_dtensor(logits) or process_group is not None or vocab_start_index is not None:
+    if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
         error = None  # a rank's error is raised after the layout exchange, on every rank
         try:
             temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
         except (TypeError, ValueError) as e:
             error = e
-        if is_dtensor(logits):  # the layout comes from the placements (kl/dtensor.py)
-            return dtensor_token_logprobs(logits, tokens, temperature, return_entropy, error)
-        return vocab_parallel_token_logprobs(logits, tokens, temperature, return_entropy, process_group,
+        if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_token_logprobs(input, target, temperature, return_entropy, error)
+        return vocab_parallel_token_logprobs(input, target, temperature, return_entropy, process_group,
                                              vocab_start_index, None, error)
-    check_logits("logits", logits)
+    check_logits("input", input)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
-    C = logits.shape[-1]
-    tok = class_ids(tokens, logits.shape[:-1], "logits' leading shape")
-    lp, ent, _stats = torch.ops.xent_triton.token_logprobs_fwd(logits.reshape(-1, C), tok, temperature,
+    C = input.shape[-1]
+    tok = class_ids(target, input.shape[:-1], "input's leading shape")
+    lp, ent, _stats = torch.ops.xent_triton.token_logprobs_fwd(input.reshape(-1, C), tok, temperature,
                                                                bool(return_entropy))
-    shape = logits.shape[:-1]
+    shape = input.shape[:-1]
     if return_entropy:
         return lp.view(shape), ent.view(shape)
     return lp.view(shape)

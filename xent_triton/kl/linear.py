@@ -21,6 +21,7 @@ from ..linear.chunked import accumulate_mm, logits_into, make_scratch
 from ..options import class_ids, target_range_check
 from ..runtime import compute_dtype, no_second_derivative, upstream_or_zeros
 from .functional import check_real, distill_options, reduce_tokens
+from .names import LINEAR_DISTILL, LINEAR_LOGPROBS, renamed_keywords
 from .ops import (
     distill_backward_into,
     distill_forward_rows,
@@ -188,22 +189,25 @@ def rows(h: Tensor) -> Tensor:
     return h.reshape(h.shape[:-1].numel(), h.shape[-1])
 
 
-def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                             teacher_weight: Tensor, labels: Optional[Tensor] = None, *,
-                             student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+@renamed_keywords(LINEAR_DISTILL)
+def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
+                             teacher_linear_weight: Tensor, target: Optional[Tensor] = None, *,
+                             linear_bias: Optional[Tensor] = None,
+                             teacher_linear_bias: Optional[Tensor] = None,
                              divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                              ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
                              empty_batch: str = "nan", chunk_size: Optional[int] = None,
                              process_group: Optional[Any] = None,
                              vocab_start_index: Optional[int] = None) -> Tensor:
-    """``distillation_loss(F.linear(student_hidden, student_weight, student_bias),
-    F.linear(teacher_hidden, teacher_weight, teacher_bias), labels, ...)`` without the N x C logits.
+    """``distillation_loss(F.linear(input, linear_weight, linear_bias),
+    F.linear(teacher_input, teacher_linear_weight, teacher_linear_bias), target, ...)`` without the
+    N x C logits.
 
     Args:
-        student_hidden: (..., D); student_weight: (C, D); student_bias: (C,) or None (same dtype).
-        teacher_hidden: (..., Dt) with the student's leading shape; teacher_weight: (C, Dt);
-            teacher_bias: (C,) or None. The teacher is a constant (detached; no gradient).
-        labels, divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch: as
+        input: (..., D); linear_weight: (C, D); linear_bias: (C,) or None (same dtype).
+        teacher_input: (..., Dt) with the student's leading shape; teacher_linear_weight: (C, Dt);
+            teacher_linear_bias: (C,) or None. The teacher is a constant (detached; no gradient).
+        target, divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch: as
             in ``distillation_loss`` (no T**2 factor). Under ``torch.autocast`` each head is cast
             to the autocast dtype as ``F.linear`` does; hidden size 0 gives the bias (or zero)
             logits, as ``F.linear``.
@@ -212,8 +216,8 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
             (``kl/parallel_linear.py``; chunk_size is not used there).
 
     Returns:
-        The float32 loss (float64 for float64 hidden states); gradients reach student_hidden,
-        student_weight and student_bias. FLOPs: see the module docstring.
+        The float32 loss (float64 for float64 hidden states); gradients reach input,
+        linear_weight and linear_bias. FLOPs: see the module docstring.
 
     Example:
         >>> hs, ws = torch.randn(8, 64, requires_grad=True), torch.randn(1000, 64, requires_grad=True)
@@ -223,35 +227,34 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
     if process_group is not None or vocab_start_index is not None:
         chosen, error = None, None  # a rank's error is raised after the layout exchange, on every rank
         try:
-            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, labels is not None,
+            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, target is not None,
                                      ignore_index, empty_batch)
         except (TypeError, ValueError) as e:
             error = e
         per_token, lbl = vocab_parallel_linear_distillation_rows(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-            teacher_bias, chosen, process_group, vocab_start_index, error)
+            input, linear_weight, teacher_input, teacher_linear_weight, target, linear_bias,
+            teacher_linear_bias, chosen, process_group, vocab_start_index, error)
         assert chosen is not None  # else the call above raised the error, on every rank
-        return reduce_tokens(per_token, lbl, chosen[4], student_hidden.shape[:-1])
-    student_hidden, student_weight, student_bias = check_head(STUDENT, student_hidden, student_weight,
-                                                              student_bias)
-    teacher_hidden, teacher_weight, teacher_bias = check_head(TEACHER, teacher_hidden, teacher_weight,
-                                                              teacher_bias)
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"student and teacher heads have different class counts: {student_weight.shape[0]} "
-                         f"vs {teacher_weight.shape[0]}")
-    lead = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != lead:
-        raise ValueError(f"teacher_hidden's leading shape {tuple(teacher_hidden.shape[:-1])} != "
-                         f"student_hidden's {tuple(lead)}")
+        return reduce_tokens(per_token, lbl, chosen[4], input.shape[:-1])
+    input, linear_weight, linear_bias = check_head(STUDENT, input, linear_weight, linear_bias)
+    teacher_input, teacher_linear_weight, teacher_linear_bias = check_head(
+        TEACHER, teacher_input, teacher_linear_weight, teacher_linear_bias)
+    if linear_weight.shape[0] != teacher_linear_weight.shape[0]:
+        raise ValueError(f"student and teacher heads have different class counts: {linear_weight.shape[0]} "
+                         f"vs {teacher_linear_weight.shape[0]}")
+    lead = input.shape[:-1]
+    if teacher_input.shape[:-1] != lead:
+        raise ValueError(f"teacher_input's leading shape {tuple(teacher_input.shape[:-1])} != "
+                         f"input's {tuple(lead)}")
     div, beta, temperature, ce_weight, opts = distill_options(
-        divergence, beta, temperature, reduction, ce_weight, labels is not None, ignore_index, empty_batch)
-    lbl = None if labels is None else class_ids(labels, lead, "student_hidden's leading shape")
-    xs = rows(student_hidden)
-    xt = rows(teacher_hidden.detach())
-    chunk = chunk_rows(chunk_size, xs.shape[0], student_weight.shape[0])
+        divergence, beta, temperature, reduction, ce_weight, target is not None, ignore_index, empty_batch)
+    lbl = None if target is None else class_ids(target, lead, "input's leading shape")
+    xs = rows(input)
+    xt = rows(teacher_input.detach())
+    chunk = chunk_rows(chunk_size, xs.shape[0], linear_weight.shape[0])
     loss_rows, _stats = torch.ops.xent_triton.linear_distillation_fwd(
-        xs, student_weight, student_bias, xt, teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), lbl, div, beta, temperature,
+        xs, linear_weight, linear_bias, xt, teacher_linear_weight.detach(),
+        None if teacher_linear_bias is None else teacher_linear_bias.detach(), lbl, div, beta, temperature,
         opts.ignore_index, ce_weight, chunk)
     return reduce_tokens(loss_rows, lbl, opts, lead)
 
@@ -331,32 +334,36 @@ linear_token_logprobs_fwd.register_autograd(_lt_backward, setup_context=_lt_setu
 
 # Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
 @overload
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = ...,
+def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                          linear_bias: Optional[Tensor] = ...,
                           temperature: float = ..., return_entropy: Literal[False] = ...,
                           chunk_size: Optional[int] = ..., process_group: Optional[Any] = ...,
                           vocab_start_index: Optional[int] = ...) -> Tensor: ...
 @overload
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = ...,
+def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                          linear_bias: Optional[Tensor] = ...,
                           temperature: float = ..., return_entropy: bool = ...,
                           chunk_size: Optional[int] = ..., process_group: Optional[Any] = ...,
                           vocab_start_index: Optional[int] = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
-def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bias: Optional[Tensor] = None,
+@renamed_keywords(LINEAR_LOGPROBS)
+def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                          linear_bias: Optional[Tensor] = None,
                           temperature: float = 1.0, return_entropy: bool = False,
                           chunk_size: Optional[int] = None, process_group: Optional[Any] = None,
                           vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """``token_logprobs(F.linear(hidden, weight, bias), tokens, ...)`` without the N x C logits.
+    """``token_logprobs(F.linear(input, linear_weight, linear_bias), target, ...)`` without the N x C logits.
 
     Args:
-        hidden: (..., D); weight: (C, D); bias: (C,) or None (same dtype; under ``torch.autocast``
-            cast to the autocast dtype as ``F.linear`` does); tokens: ids of shape
-            ``hidden.shape[:-1]`` in [0, C). temperature, return_entropy: as in ``token_logprobs``.
+        input: (..., D); linear_weight: (C, D); linear_bias: (C,) or None (same dtype; under
+            ``torch.autocast`` cast to the autocast dtype as ``F.linear`` does); target: ids of shape
+            ``input.shape[:-1]`` in [0, C). temperature, return_entropy: as in ``token_logprobs``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
         process_group, vocab_start_index: vocabulary parallelism with a class-sharded head
             (``kl/parallel_linear.py``; chunk_size is not used there).
 
     Returns:
-        float32 log-probs (tokens' shape), or (log-probs, entropy); gradients reach hidden, weight
-        and bias (those that require grad: a frozen head allocates no (C, D) buffer). FLOPs:
+        float32 log-probs (target's shape), or (log-probs, entropy); gradients reach input, linear_weight
+        and linear_bias (those that require grad: a frozen head allocates no (C, D) buffer). FLOPs:
         forward 2 N D C, backward 6 N D C.
 
     Example:
@@ -370,14 +377,14 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
         except (TypeError, ValueError) as e:
             error = e
-        return vocab_parallel_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
-                                                    process_group, vocab_start_index, error)
-    hidden, weight, bias = check_head(("hidden", "weight", "bias"), hidden, weight, bias)
+        return vocab_parallel_linear_token_logprobs(input, linear_weight, target, linear_bias, temperature,
+                                                    return_entropy, process_group, vocab_start_index, error)
+    input, linear_weight, linear_bias = check_head(STUDENT, input, linear_weight, linear_bias)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
-    tok = class_ids(tokens, hidden.shape[:-1], "hidden's leading shape")
-    x = rows(hidden)
-    chunk = chunk_rows(chunk_size, x.shape[0], weight.shape[0])
-    lp, ent, _stats = torch.ops.xent_triton.linear_token_logprobs_fwd(x, weight, bias, tok, temperature,
-                                                                      bool(return_entropy), chunk)
-    shape = hidden.shape[:-1]
+    tok = class_ids(target, input.shape[:-1], "input's leading shape")
+    x = rows(input)
+    chunk = chunk_rows(chunk_size, x.shape[0], linear_weight.shape[0])
+    lp, ent, _stats = torch.ops.xent_triton.linear_token_logprobs_fwd(
+        x, linear_weight, linear_bias, tok, temperature, bool(return_entropy), chunk)
+    shape = input.shape[:-1]
     return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)

@@ -3,7 +3,7 @@
 
 Each takes every non-tensor option of its function as a constructor keyword (validated there, so a
 bad value fails at construction), keeps it as an attribute of the same name, and passes it back to
-the function in ``forward``; per-call tensors (logits, hidden states, heads, labels, tokens, biases)
+the function in ``forward``; per-call tensors (logits or hidden states, heads and their biases, target ids)
 are ``forward`` arguments.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .functional import check_real, distill_options, distillation_loss, token_logprobs
 from .linear import linear_distillation_loss, linear_token_logprobs
+from .names import LINEAR_DISTILL, LINEAR_LOGPROBS, LOGITS, LOGPROBS, renamed_keywords
 
 
 class OptionsModule(torch.nn.Module):
@@ -42,8 +43,7 @@ class _Distill(OptionsModule):
 
 
 class DistillationLoss(_Distill):
-    """Module form of :func:`distillation_loss`; ``forward(student_logits, teacher_logits,
-    labels=None)``.
+    """Module form of :func:`distillation_loss`; ``forward(input, teacher_input, target=None)``.
 
     Example:
         >>> crit = DistillationLoss(divergence="jsd", beta=0.3, temperature=2.0)
@@ -57,14 +57,14 @@ class DistillationLoss(_Distill):
         super().__init__(divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch,
                          process_group=process_group, vocab_start_index=vocab_start_index)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
-                labels: Optional[Tensor] = None) -> Tensor:
-        return distillation_loss(student_logits, teacher_logits, labels, **self.options())
+    @renamed_keywords(LOGITS)
+    def forward(self, input: Tensor, teacher_input: Tensor, target: Optional[Tensor] = None) -> Tensor:
+        return distillation_loss(input, teacher_input, target, **self.options())
 
 
 class LinearDistillationLoss(_Distill):
-    """Module form of :func:`linear_distillation_loss`; ``forward(student_hidden, student_weight,
-    teacher_hidden, teacher_weight, labels=None, student_bias=None, teacher_bias=None)``.
+    """Module form of :func:`linear_distillation_loss`; ``forward(input, linear_weight,
+    teacher_input, teacher_linear_weight, target=None, linear_bias=None, teacher_linear_bias=None)``.
 
     Example:
         >>> crit = LinearDistillationLoss(divergence="reverse_kl", chunk_size=1024)
@@ -79,16 +79,17 @@ class LinearDistillationLoss(_Distill):
                          chunk_size=chunk_size, process_group=process_group,
                          vocab_start_index=vocab_start_index)
 
-    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                teacher_weight: Tensor, labels: Optional[Tensor] = None,
-                student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None) -> Tensor:
-        return linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                        labels, student_bias=student_bias, teacher_bias=teacher_bias,
+    @renamed_keywords(LINEAR_DISTILL)
+    def forward(self, input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
+                teacher_linear_weight: Tensor, target: Optional[Tensor] = None,
+                linear_bias: Optional[Tensor] = None, teacher_linear_bias: Optional[Tensor] = None) -> Tensor:
+        return linear_distillation_loss(input, linear_weight, teacher_input, teacher_linear_weight, target,
+                                        linear_bias=linear_bias, teacher_linear_bias=teacher_linear_bias,
                                         **self.options())
 
 
 class TokenLogprobs(OptionsModule):
-    """Module form of :func:`token_logprobs`; ``forward(logits, tokens)``.
+    """Module form of :func:`token_logprobs`; ``forward(input, target)``.
 
     Example:
         >>> lp, ent = TokenLogprobs(temperature=0.7, return_entropy=True)(torch.randn(2, 5, 1000),
@@ -101,12 +102,14 @@ class TokenLogprobs(OptionsModule):
         super().__init__(temperature=temperature, return_entropy=return_entropy, process_group=process_group,
                          vocab_start_index=vocab_start_index)
 
-    def forward(self, logits: Tensor, tokens: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        return token_logprobs(logits, tokens, **self.options())
+    @renamed_keywords(LOGPROBS)
+    def forward(self, input: Tensor, target: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        return token_logprobs(input, target, **self.options())
 
 
 class LinearTokenLogprobs(OptionsModule):
-    """Module form of :func:`linear_token_logprobs`; ``forward(hidden, weight, tokens, bias=None)``.
+    """Module form of :func:`linear_token_logprobs`; ``forward(input, linear_weight, target,
+    linear_bias=None)``.
 
     Example:
         >>> lp = LinearTokenLogprobs(temperature=0.7)(torch.randn(2, 5, 64), torch.randn(1000, 64),
@@ -120,6 +123,7 @@ class LinearTokenLogprobs(OptionsModule):
         super().__init__(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
                          process_group=process_group, vocab_start_index=vocab_start_index)
 
-    def forward(self, hidden: Tensor, weight: Tensor, tokens: Tensor,
-                bias: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        return linear_token_logprobs(hidden, weight, tokens, bias=bias, **self.options())
+    @renamed_keywords(LINEAR_LOGPROBS)
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        return linear_token_logprobs(input, linear_weight, target, linear_bias=linear_bias, **self.options())

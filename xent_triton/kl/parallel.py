@@ -163,9 +163,9 @@ def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, 
                     extra_agree, options_error):
     local_error, tok, C_local = options_error, None, 0
     try:
-        check_shard_logits("logits", logits)
+        check_shard_logits("input", logits)
         C_local = logits.shape[-1]
-        tok = class_ids(tokens, logits.shape[:-1], "logits' leading shape")
+        tok = class_ids(tokens, logits.shape[:-1], "input's leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e
     agree = dict(temperature=temperature if local_error is None else 0.0,

@@ -138,16 +138,16 @@ def _distill(student_logits, teacher_logits, labels, chosen, process_group, voca
              options_error):
     local_error, lbl, C_local = options_error, None, 0
     try:
-        check_shard_logits("student_logits", student_logits)
-        check_shard_logits("teacher_logits", teacher_logits)
+        check_shard_logits("input", student_logits)
+        check_shard_logits("teacher_input", teacher_logits)
         C_local = student_logits.shape[-1]
         if teacher_logits.shape != student_logits.shape:
-            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
+            raise ValueError(f"teacher_input shape {tuple(teacher_logits.shape)} != input shape "
                              f"{tuple(student_logits.shape)}: student and teacher must share one layout")
         if teacher_logits.device != student_logits.device:
-            raise ValueError("teacher_logits and student_logits must be on the same device")
+            raise ValueError("teacher_input and input must be on the same device")
         if labels is not None:
-            lbl = class_ids(labels, student_logits.shape[:-1], "student_logits' leading shape")
+            lbl = class_ids(labels, student_logits.shape[:-1], "input's leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e
     if chosen is not None:
