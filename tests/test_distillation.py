@@ -340,14 +340,17 @@ def test_linear_compile_fullgraph():
 # --- bytes moved (interpreter only) ---------------------------------------------------------------
 BUDGET = {"kl": 5.0, "reverse_kl": 5.0, "jsd": 7.0}
 PER_ROW = 192  # O(N): labels + range check, per-row loss / stats (36 B), upstream, reduction scalars
+TW_ROW = 48  # O(N) more with token_weight: read it, loss * w (and its backward), the weighted denominator
 
 
 @pytest.mark.parametrize("divergence", list(BUDGET))
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("with_labels", [False, True], ids=["nolabels", "labels-ce0.3"])
-def test_bytes_moved(monkeypatch, divergence, dtype, with_labels):
+@pytest.mark.parametrize("with_labels, extra", [(False, False), (True, False), (True, True)],
+                         ids=["nolabels", "labels-ce0.3", "labels-ce0.3-softcap-token_weight"])
+def test_bytes_moved(monkeypatch, divergence, dtype, with_labels, extra):
     """Forward + backward, teacher and student of one dtype: <= 5x (kl, reverse_kl) / 7x (jsd) the
-    student logits' bytes + PER_ROW bytes per token."""
+    student logits' bytes + PER_ROW bytes per token, with softcap and token_weight too (the cap is
+    applied in registers; the weights are O(N))."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -358,11 +361,12 @@ def test_bytes_moved(monkeypatch, divergence, dtype, with_labels):
     N, C = 16, 4096
     s, t, labels = make_inputs((N, C), dtype, t_dtype=dtype, ignore_frac=0.0, with_labels=with_labels)
     s.requires_grad_(True)
+    more = dict(softcap=5.0, token_weight=torch.rand(N) + 0.5) if extra else {}
     with traffic.count() as r:
         xent_triton.distillation_loss(s, t, labels, divergence=divergence, temperature=2.0,
-                                      ce_weight=0.3 if with_labels else 0.0).backward()
+                                      ce_weight=0.3 if with_labels else 0.0, **more).backward()
     logit_bytes = N * C * s.element_size()
     ratio = r["bytes"] / logit_bytes
-    print(f"\n{divergence} {DT[dtype]}: {ratio:.4f}x student logits "
+    print(f"\n{divergence} {DT[dtype]}{' softcap+tw' if extra else ''}: {ratio:.4f}x student logits "
           f"({(r['bytes'] - BUDGET[divergence] * logit_bytes) / N:.0f} B/row over {BUDGET[divergence]}x)")
-    assert r["bytes"] <= BUDGET[divergence] * logit_bytes + PER_ROW * N
+    assert r["bytes"] <= BUDGET[divergence] * logit_bytes + (PER_ROW + (TW_ROW if extra else 0)) * N

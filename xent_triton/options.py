@@ -41,6 +41,9 @@ def _check_real(name: str, v, ok, requirement: str) -> None:
         raise ValueError(f"{name} must be {requirement}, got {v!r}")
 
 
+check_real = _check_real  # public: the KL family's options (kl/options.py) validate with it too
+
+
 @dataclasses.dataclass(frozen=True)
 class LossOptions:
     """The scalar options of a loss. ``softcap`` 0.0 means no softcap."""
