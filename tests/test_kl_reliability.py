@@ -251,6 +251,11 @@ COMPILED = {
         x, w, x.detach(), w.detach() * 0.5, tok, temperature=T, divergence="reverse_kl"),
     "linear_token_logprobs": lambda x, w, t, tok, T: xent_triton.linear_token_logprobs(
         x, w, tok, temperature=T, return_entropy=True)[1].sum(),
+    # softcap (a Python float) and token_weight (a tensor) traced with a symbolic temperature
+    "distillation_loss-softcap-token_weight": lambda x, w, t, tok, T: xent_triton.distillation_loss(
+        x @ w.t(), t, tok, temperature=T, softcap=4.0, token_weight=t[:, 0].abs(), divergence="jsd"),
+    "linear_token_logprobs-softcap-token_weight": lambda x, w, t, tok, T: xent_triton.linear_token_logprobs(
+        x, w, tok, temperature=T, softcap=4.0, token_weight=t[:, 1].abs(), return_entropy=True)[0].sum(),
 }
 
 
