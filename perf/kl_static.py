@@ -11,7 +11,7 @@ import importlib
 from perf import kernel_specs as ks
 from perf import static_report as sr
 
-HP = dict(temperature=2.0, ce_weight=0.1, beta=0.5)
+HP = dict(temperature=2.0, ce_weight=0.1, beta=0.5, softcap=30.0)
 
 
 def lazy(module: str, name: str):
@@ -37,7 +37,7 @@ def distill_bwd(dtype, flags, config, layout):
 def logprobs_fwd(dtype, flags, config, layout):
     C = layout.C
     return dict(x_ptr=ks.Ptr(dtype), stride_xn=C, stride_xc=1, tok_ptr=ks.Ptr("i64"), lp_ptr=ks.Ptr("fp32"),
-                ent_ptr=ks.Ptr("fp32"), stats_ptr=ks.Ptr("fp32"), C=C, temperature=0.7)
+                ent_ptr=ks.Ptr("fp32"), stats_ptr=ks.Ptr("fp32"), C=C, temperature=0.7, softcap=30.0)
 
 
 def logprobs_bwd(dtype, flags, config, layout):
@@ -46,7 +46,7 @@ def logprobs_bwd(dtype, flags, config, layout):
                 ent_ptr=ks.Ptr("fp32"), stats_ptr=ks.Ptr("fp32"), dx_ptr=ks.Ptr(dtype), stride_gn=C,
                 stride_gc=1, dlp_ptr=ks.Ptr("fp32"),
                 stride_dlp=1, dent_ptr=ks.Ptr("fp32"), stride_dent=1, C=C, span=4 * config["BLOCK_C"],
-                temperature=0.7)
+                temperature=0.7, softcap=30.0)
 
 
 def main() -> None:
@@ -56,12 +56,13 @@ def main() -> None:
     def blocks(dtype):
         return [{"BLOCK_C": 4096, "num_warps": 8}, {"BLOCK_C": 1024, "num_warps": 2}]
 
-    specs = [("distill_fwd", "distillation", "distill_fwd_kernel", ("HAS_LABELS", "HAS_CE"), distill_fwd,
-              with_divergence),
-             ("distill_bwd", "distillation", "distill_bwd_kernel", ("HAS_LABELS", "HAS_CE"), distill_bwd,
-              with_divergence),
-             ("logprobs_fwd", "logprobs", "logprobs_fwd_kernel", ("ENTROPY",), logprobs_fwd, blocks),
-             ("logprobs_bwd", "logprobs", "logprobs_bwd_kernel", ("HAS_DENT",), logprobs_bwd, blocks)]
+    dflags = ("HAS_LABELS", "HAS_CE", "HAS_SOFTCAP")
+    specs = [("distill_fwd", "distillation", "distill_fwd_kernel", dflags, distill_fwd, with_divergence),
+             ("distill_bwd", "distillation", "distill_bwd_kernel", dflags, distill_bwd, with_divergence),
+             ("logprobs_fwd", "logprobs", "logprobs_fwd_kernel", ("ENTROPY", "HAS_SOFTCAP"), logprobs_fwd,
+              blocks),
+             ("logprobs_bwd", "logprobs", "logprobs_bwd_kernel", ("HAS_DENT", "HAS_SOFTCAP"), logprobs_bwd,
+              blocks)]
     rows = []
     for name, module, kernel, flags, args, configs in specs:
         ks.SPECS[name] = ks.KernelSpec(name, lazy(module, kernel), flags, args, configs=configs,

@@ -82,7 +82,8 @@ def run_linear(case: dict, d: dict, opts: dict, start: int, size: int, rec: Reco
         if case["module"]:
             res = xent_triton.LinearTokenLogprobs(process_group=group, **opts)(h, w, d["ids"], b)
         else:
-            res = xent_triton.linear_token_logprobs(h, w, d["ids"], bias=b, process_group=group, **opts)
+            res = xent_triton.linear_token_logprobs(h, w, d["ids"], linear_bias=b, process_group=group,
+                                                    **opts)
         outs = res if isinstance(res, tuple) else (res,)
     else:
         wt = d["wt"][start:start + size - trim]
@@ -91,8 +92,9 @@ def run_linear(case: dict, d: dict, opts: dict, start: int, size: int, rec: Reco
             crit = xent_triton.LinearDistillationLoss(process_group=group, **opts)
             outs = (crit(h, w, d["ht"], wt, d["ids"], b, bt),)
         else:
-            outs = (xent_triton.linear_distillation_loss(h, w, d["ht"], wt, d["ids"], student_bias=b,
-                                                         teacher_bias=bt, process_group=group, **opts),)
+            outs = (xent_triton.linear_distillation_loss(h, w, d["ht"], wt, d["ids"], linear_bias=b,
+                                                         teacher_linear_bias=bt, process_group=group,
+                                                         **opts),)
     fwd = rec.take()
     torch.autograd.backward(list(outs), [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
     bwd = rec.take()

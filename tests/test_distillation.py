@@ -218,10 +218,10 @@ ERRORS = [
     pytest.param(lambda: ((_s(), _s()), dict(divergence="jsd", beta=1.2)), ValueError, "beta", id="beta1.2"),
     pytest.param(lambda: ((_s(), _s()), dict(divergence="js")), ValueError, "divergence", id="divergence"),
     pytest.param(lambda: ((_s(), _s()), dict(reduction="avg")), ValueError, "reduction", id="reduction"),
-    pytest.param(lambda: ((_s(), _s()), dict(ce_weight=0.5)), ValueError, "labels", id="ce-without-labels"),
+    pytest.param(lambda: ((_s(), _s()), dict(ce_weight=0.5)), ValueError, "target", id="ce-without-labels"),
     pytest.param(lambda: ((_s(), _s(), torch.zeros(4, dtype=torch.long)), dict(ce_weight=1.5)), ValueError,
                  "ce_weight", id="ce-weight-range"),
-    pytest.param(lambda: ((_s(), torch.zeros(4, 30, dtype=torch.long)), {}), TypeError, "teacher_logits",
+    pytest.param(lambda: ((_s(), torch.zeros(4, 30, dtype=torch.long)), {}), TypeError, "teacher_input",
                  id="int-teacher"),
 ]
 
@@ -257,8 +257,8 @@ def composed_linear(hs, ws, bs, ht, wt, bt, labels, **kw):
 
 
 def ours_linear(hs, ws, bs, ht, wt, bt, labels, **kw):
-    return xent_triton.linear_distillation_loss(hs, ws, ht, wt, labels, student_bias=bs, teacher_bias=bt,
-                                                **kw)
+    return xent_triton.linear_distillation_loss(hs, ws, ht, wt, labels, linear_bias=bs,
+                                                teacher_linear_bias=bt, **kw)
 
 
 LINEAR = [
@@ -322,8 +322,9 @@ def test_linear_compile_fullgraph():
     labels = torch.randint(0, 64, (6,))
 
     def f(h, w, b):
-        return xent_triton.linear_distillation_loss(h, w, ht, wt, labels, student_bias=b, teacher_bias=bt,
-                                                    divergence="jsd", ce_weight=0.3, chunk_size=4)
+        return xent_triton.linear_distillation_loss(h, w, ht, wt, labels, linear_bias=b,
+                                                    teacher_linear_bias=bt, divergence="jsd", ce_weight=0.3,
+                                                    chunk_size=4)
 
     e_leaves = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
     c_leaves = [t.clone().requires_grad_(True) for t in (hs, ws, bs)]
@@ -339,14 +340,17 @@ def test_linear_compile_fullgraph():
 # --- bytes moved (interpreter only) ---------------------------------------------------------------
 BUDGET = {"kl": 5.0, "reverse_kl": 5.0, "jsd": 7.0}
 PER_ROW = 192  # O(N): labels + range check, per-row loss / stats (36 B), upstream, reduction scalars
+TW_ROW = 48  # O(N) more with token_weight: read it, loss * w (and its backward), the weighted denominator
 
 
 @pytest.mark.parametrize("divergence", list(BUDGET))
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("with_labels", [False, True], ids=["nolabels", "labels-ce0.3"])
-def test_bytes_moved(monkeypatch, divergence, dtype, with_labels):
+@pytest.mark.parametrize("with_labels, extra", [(False, False), (True, False), (True, True)],
+                         ids=["nolabels", "labels-ce0.3", "labels-ce0.3-softcap-token_weight"])
+def test_bytes_moved(monkeypatch, divergence, dtype, with_labels, extra):
     """Forward + backward, teacher and student of one dtype: <= 5x (kl, reverse_kl) / 7x (jsd) the
-    student logits' bytes + PER_ROW bytes per token."""
+    student logits' bytes + PER_ROW bytes per token, with softcap and token_weight too (the cap is
+    applied in registers; the weights are O(N))."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -357,11 +361,12 @@ def test_bytes_moved(monkeypatch, divergence, dtype, with_labels):
     N, C = 16, 4096
     s, t, labels = make_inputs((N, C), dtype, t_dtype=dtype, ignore_frac=0.0, with_labels=with_labels)
     s.requires_grad_(True)
+    more = dict(softcap=5.0, token_weight=torch.rand(N) + 0.5) if extra else {}
     with traffic.count() as r:
         xent_triton.distillation_loss(s, t, labels, divergence=divergence, temperature=2.0,
-                                      ce_weight=0.3 if with_labels else 0.0).backward()
+                                      ce_weight=0.3 if with_labels else 0.0, **more).backward()
     logit_bytes = N * C * s.element_size()
     ratio = r["bytes"] / logit_bytes
-    print(f"\n{divergence} {DT[dtype]}: {ratio:.4f}x student logits "
+    print(f"\n{divergence} {DT[dtype]}{' softcap+tw' if extra else ''}: {ratio:.4f}x student logits "
           f"({(r['bytes'] - BUDGET[divergence] * logit_bytes) / N:.0f} B/row over {BUDGET[divergence]}x)")
-    assert r["bytes"] <= BUDGET[divergence] * logit_bytes + PER_ROW * N
+    assert r["bytes"] <= BUDGET[divergence] * logit_bytes + (PER_ROW + (TW_ROW if extra else 0)) * N

@@ -81,10 +81,11 @@ def peak_backward(fn, N, C, D, bias):
 
     def step():
         if fn == "linear_token_logprobs":
-            lp, ent = xent_triton.linear_token_logprobs(h, w, tok, bias=b, return_entropy=True, chunk_size=4)
+            lp, ent = xent_triton.linear_token_logprobs(h, w, tok, linear_bias=b, return_entropy=True,
+                                                        chunk_size=4)
             (lp.sum() + ent.sum()).backward()
         else:
-            xent_triton.linear_distillation_loss(h, w, ht, wt, tok, student_bias=b, chunk_size=4).backward()
+            xent_triton.linear_distillation_loss(h, w, ht, wt, tok, linear_bias=b, chunk_size=4).backward()
         h.grad = None
 
     step()
@@ -162,11 +163,11 @@ def test_hidden_size_zero_is_f_linear(path):
     ht, wt, bt = torch.randn(N, 0), torch.randn(C, 0), torch.randn(C)
     tok = torch.randint(0, C, (N,))
     for bias in (b, None):
-        lp = xent_triton.linear_token_logprobs(h, w, tok, bias=bias)
+        lp = xent_triton.linear_token_logprobs(h, w, tok, linear_bias=bias)
         ref = xent_triton.token_logprobs(F.linear(h, w, bias), tok)
         torch.testing.assert_close(lp, ref)
     hs, ws, bs = leaf(h), leaf(w), leaf(b)
-    out = xent_triton.linear_distillation_loss(hs, ws, ht, wt, tok, student_bias=bs, teacher_bias=bt,
+    out = xent_triton.linear_distillation_loss(hs, ws, ht, wt, tok, linear_bias=bs, teacher_linear_bias=bt,
                                                divergence="reverse_kl", ce_weight=0.5)
     out.backward()
     bs2 = leaf(b)
@@ -235,7 +236,7 @@ def test_autocast_fp32_weights_bf16_activations(path):
 
 def test_dtype_mismatch_names_the_arguments():
     """Outside autocast a mismatch raises, naming linear_token_logprobs' own arguments."""
-    with pytest.raises(ValueError, match=r"^weight must have hidden's dtype") as e:
+    with pytest.raises(ValueError, match=r"^linear_weight must have input's dtype") as e:
         xent_triton.linear_token_logprobs(torch.randn(2, 4).to(BF16), torch.randn(5, 4),
                                           torch.zeros(2, dtype=torch.long))
     assert "student" not in str(e.value)
@@ -250,6 +251,11 @@ COMPILED = {
         x, w, x.detach(), w.detach() * 0.5, tok, temperature=T, divergence="reverse_kl"),
     "linear_token_logprobs": lambda x, w, t, tok, T: xent_triton.linear_token_logprobs(
         x, w, tok, temperature=T, return_entropy=True)[1].sum(),
+    # softcap (a Python float) and token_weight (a tensor) traced with a symbolic temperature
+    "distillation_loss-softcap-token_weight": lambda x, w, t, tok, T: xent_triton.distillation_loss(
+        x @ w.t(), t, tok, temperature=T, softcap=4.0, token_weight=t[:, 0].abs(), divergence="jsd"),
+    "linear_token_logprobs-softcap-token_weight": lambda x, w, t, tok, T: xent_triton.linear_token_logprobs(
+        x, w, tok, temperature=T, softcap=4.0, token_weight=t[:, 1].abs(), return_entropy=True)[0].sum(),
 }
 
 

@@ -92,6 +92,13 @@ CASES = [
     KC("err-w4-llp-temperature", 4, [4, 4, 4, 4], "linear_logprobs", rank_opts={2: dict(temperature=0.5)},
        error=True),
     KC("err-w4-lp-entropy", 4, [5, 0, 4, 4], rank_opts={3: dict(return_entropy=True)}, error=True),
+    # softcap / token_weight are refused under vocabulary parallelism: on every rank, one rank or all
+    KC("err-w2-lp-softcap-one", 2, [4, 9], rank_opts={1: dict(softcap=5.0)}, error=True),
+    KC("err-w2-distill-softcap-all", 2, [7, 7], "distill", dict(softcap=5.0), error=True),
+    KC("err-w4-ldistill-tw-one", 4, [4, 4, 4, 4], "linear_distill",
+       rank_opts={0: dict(token_weight=torch.ones(2, 3))}, error=True),
+    KC("err-w2-llp-softcap-one", 2, [7, 7], "linear_logprobs", rank_opts={0: dict(softcap=5.0)}, error=True),
+    KC("err-w2-dt-lp-softcap-one", 2, [7, 6], rank_opts={1: dict(softcap=5.0)}, dtensor=True, error=True),
 ]
 OK_CASES = [c for c in CASES if not c.error]
 

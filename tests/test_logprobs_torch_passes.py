@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import xent_triton
 from xent_triton.kl import rows_torch
+from xent_triton.kl.options import KLOptions
 
 NOT_PASSES = {"mm", "addmm", "addmm_", "gather", "scatter_add_", "empty", "empty_strided", "new_empty"}
 
@@ -53,10 +54,11 @@ def test_chunk_passes_of_the_torch_path(R, C, T, ent, ent_grad, fwd, bwd):
     dlp, dent = torch.randn(R, generator=g), torch.randn(R, generator=g)  # upstream != 1
     work = z.clone()
     with Passes(C) as f:
-        _lp, h, stats = rows_torch.logprobs_forward(work, y, T, ent, scratch=True)
+        opts = KLOptions(temperature=T, return_entropy=ent)
+        _lp, h, stats = rows_torch.logprobs_forward(work, y, opts, scratch=True)
     work.copy_(z)
     with Passes(C) as b:
-        rows_torch.logprobs_backward(work, y, h, stats, dlp, dent if ent_grad else None, T, out=work)
+        rows_torch.logprobs_backward(work, y, h, stats, dlp, dent if ent_grad else None, opts, out=work)
     assert (len(f.ops), len(b.ops)) == (fwd, bwd), (f.ops, b.ops)
     assert f.allocs == [] and b.allocs == [], (f.allocs, b.allocs)  # no (rows, C) temporaries
 

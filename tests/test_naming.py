@@ -25,7 +25,7 @@ from naming_rules import (
     public_entry_points,
 )
 from xent_triton import parallel
-from xent_triton.core.loss_module import renamed_keywords
+from xent_triton.core.renames import renamed_keywords
 
 README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
 ENTRY_POINTS = public_entry_points()

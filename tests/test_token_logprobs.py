@@ -167,7 +167,7 @@ def linear_case(N, D, C, dtype, bias, temperature, entropy, chunk):
         return (lp, ent), [None if t is None else t.grad for t in leaves]
 
     def ours(hh, ww, bb):
-        return xent_triton.linear_token_logprobs(hh, ww, tokens, bias=bb, temperature=temperature,
+        return xent_triton.linear_token_logprobs(hh, ww, tokens, linear_bias=bb, temperature=temperature,
                                                  return_entropy=entropy, chunk_size=chunk)
 
     def torch_fn(hh, ww, bb):
@@ -242,10 +242,12 @@ def test_linear_compile_fullgraph():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("extra", [False, True], ids=["plain", "softcap-token_weight"])
 @pytest.mark.parametrize("dtype", [BF16, F32], ids=["bf16", "fp32"])
-def test_bytes_moved(monkeypatch, dtype):
+def test_bytes_moved(monkeypatch, dtype, extra):
     """Forward + backward with the entropy and per-token upstream gradients on both outputs:
-    <= 3x the logits' bytes + 192 B per token (tokens + range check, per-row outputs, upstreams)."""
+    <= 3x the logits' bytes + 192 B per token (tokens + range check, per-row outputs, upstreams),
+    with softcap and token_weight too."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -258,8 +260,10 @@ def test_bytes_moved(monkeypatch, dtype):
     tokens = torch.randint(0, C, (N,))
     g_lp, g_h = torch.randn(N), torch.randn(N)
     with traffic.count() as r:
-        lp, ent = xent_triton.token_logprobs(x, tokens, return_entropy=True)
+        more = dict(softcap=5.0, token_weight=torch.rand(N) + 0.5) if extra else {}
+        lp, ent = xent_triton.token_logprobs(x, tokens, return_entropy=True, **more)
         torch.autograd.backward((lp, ent), (g_lp, g_h))
     logit_bytes = N * C * x.element_size()
-    print(f"\ntoken_logprobs+entropy {DT[dtype]}: {r['bytes'] / logit_bytes:.4f}x logits")
+    print(f"\ntoken_logprobs+entropy {DT[dtype]}{' softcap+tw' if extra else ''}: "
+          f"{r['bytes'] / logit_bytes:.4f}x logits")
     assert r["bytes"] <= 3.0 * logit_bytes + 192 * N

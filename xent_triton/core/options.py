@@ -26,7 +26,7 @@ def _symbolic(v) -> bool:
     return isinstance(v, (torch.SymFloat, torch.SymInt, torch.SymBool))
 
 
-def _check_real(name: str, v, ok, requirement: str) -> None:
+def check_real(name: str, v, ok, requirement: str) -> None:
     """TypeError for a non-number (a tensor, a bool), ValueError when ``ok(v)`` fails; symbolic
     values (torch.compile dynamic=True) are not forced."""
     if isinstance(v, Tensor):  # a device value would need a host sync, or be silently frozen
@@ -68,13 +68,13 @@ class LossOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if empty_batch not in EMPTY_BATCH:
             raise ValueError(f"empty_batch must be one of {EMPTY_BATCH}, got {empty_batch!r}")
-        _check_real("label_smoothing", label_smoothing, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check_real("lse_square_scale", lse_square_scale, lambda v: True, "a finite Python float")
-        _check_real("logit_scale", logit_scale, lambda v: True, "a finite Python float")
+        check_real("label_smoothing", label_smoothing, lambda v: 0 <= v <= 1, "in [0, 1]")
+        check_real("lse_square_scale", lse_square_scale, lambda v: True, "a finite Python float")
+        check_real("logit_scale", logit_scale, lambda v: True, "a finite Python float")
         if softcap is None:
             softcap = 0.0
         else:
-            _check_real("softcap", softcap, lambda v: v > 0, "a positive finite float or None")
+            check_real("softcap", softcap, lambda v: v > 0, "a positive finite float or None")
         return LossOptions(ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
                            logit_scale, empty_batch)
 

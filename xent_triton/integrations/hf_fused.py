@@ -25,7 +25,7 @@ from torch import Tensor
 
 import xent_triton
 
-from ..core.loss_module import renamed_keywords
+from ..core.renames import renamed_keywords
 from .hf_common import NumItems, divide_by_items, head_operands, next_token_targets
 from .hf_loss import causal_lm_loss
 

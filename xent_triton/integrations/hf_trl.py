@@ -19,7 +19,8 @@ from transformers.utils import ModelOutput
 
 import xent_triton
 
-from ..kl.linear import chunk_rows
+from ..kl.linear import linear_logprobs_rows
+from ..kl.options import make_kl
 from .hf_common import divide_by_items, head_operands
 
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -94,9 +95,10 @@ def one_pass(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, temperature: 
     target tied exactly with an earlier class also count as top-1 (``argmax`` / TRL: not for the tie).
     log_probs and entropy are differentiable; lse and is_top1 are not.
     """
+
     x, tok = h.reshape(-1, h.shape[-1]), y.reshape(-1).to(torch.int64).contiguous()
-    lp, ent, stats = torch.ops.xent_triton.linear_token_logprobs_fwd(
-        x, w, b, tok, float(temperature), bool(entropy), chunk_rows(None, x.shape[0], w.shape[0]))
+    lp, ent, stats = linear_logprobs_rows(x, w, b, tok, make_kl(temperature=float(temperature),
+                                                                return_entropy=bool(entropy)))
     log_sum = stats[:, 1]
     return lp, (ent if entropy else None), stats[:, 0] + log_sum, lp.detach() == -log_sum
 

@@ -12,6 +12,10 @@ p = softmax(a), divergence D, CE weight alpha, label y; 0 log 0 := 0)::
     loss = alpha CE(x, y) + (1 - alpha) D              (0 for an ignored label)
     dL/dx_j = g [alpha (softmax(x)_j - [j = y]) + (1 - alpha) / T dD/db_j]
 
+Softcap (HAS_SOFTCAP, a runtime float ``softcap``): each model's logits are capped first, z =
+softcap tanh(x / softcap) (teacher too, the same cap), then divided by T (Gemma's order: cap(z) / T);
+x above stands for the capped z (the CE term too) and dL/dx = dL/dz (1 - (z / softcap)^2).
+
 No T^2 factor. Per-row stats (R, 8) fp32: (ref_p, log s_p, ref_q, log s_q, ref_1, log s_1, extra,
 valid) with lse = ref + log s of a, b and x (the CE at T = 1).
 
@@ -33,7 +37,7 @@ Backward grid (R, splits) reads both rows and writes the gradient (3 R C B). For
 import triton
 import triton.language as tl
 
-from ..core.formulas_triton import LN2, LOG2E, online_lse_update, safe_ref
+from ..core.formulas_triton import LN2, LOG2E, online_lse_update, safe_ref, transform_grad, transform_logits
 
 KL = tl.constexpr(0)
 REVERSE_KL = tl.constexpr(1)
@@ -92,8 +96,9 @@ def shift_cross(cross, s_old, ro_old, ro_new, rx_old, rx_new):
 def distill_fwd_kernel(
     s_ptr, stride_sn, stride_sc, t_ptr, stride_tn, stride_tc, lbl_ptr,
     loss_ptr, stats_ptr, C, ignore_index,
-    temperature, ce_weight, beta,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_C: tl.constexpr,
+    temperature, ce_weight, beta, softcap,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Forward, one program per row (grid (R,)): online (max, sum) of a, b (and x for the CE) and
     the cross sum of the divergence, sum e^{a-ref_p}((a - ref_p) - (b - ref_q)) (kl) or
@@ -126,6 +131,9 @@ def distill_fwd_kernel(
         mask = cols < c_lim
         x = tl.load(s_row + cols.to(tl.int64) * stride_sc, mask=mask, other=float("-inf")).to(tl.float32)
         tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:  # masked lanes stay -inf (a capped -inf would be -softcap)
+            x = tl.where(mask, transform_logits(x, 1.0, softcap, HAS_SOFTCAP), float("-inf"))
+            tv = tl.where(mask, transform_logits(tv, 1.0, softcap, HAS_SOFTCAP), float("-inf"))
         b = x / temperature
         a = tv / temperature
         sp_old = s_p
@@ -163,6 +171,9 @@ def distill_fwd_kernel(
             mask = cols < c_lim
             x = tl.load(s_row + cols.to(tl.int64) * stride_sc, mask=mask, other=float("-inf")).to(tl.float32)
             tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=float("-inf")).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = tl.where(mask, transform_logits(x, 1.0, softcap, HAS_SOFTCAP), float("-inf"))
+                tv = tl.where(mask, transform_logits(tv, 1.0, softcap, HAS_SOFTCAP), float("-inf"))
             logp = (tv / temperature - ref_p) - log_sp
             logq = (x / temperature - ref_q) - log_sq
             gap_p, gap_q = mixture_gaps(logp, logq, beta)
@@ -177,7 +188,7 @@ def distill_fwd_kernel(
     loss = div
     if HAS_CE:
         y_safe = tl.where(ok, y, 0).to(tl.int64)
-        x_y = tl.load(s_row + y_safe * stride_sc).to(tl.float32)
+        x_y = transform_logits(tl.load(s_row + y_safe * stride_sc), 1.0, softcap, HAS_SOFTCAP)
         loss = ce_weight * ((ref_1 - x_y) + log_s1) + (1.0 - ce_weight) * div
     loss = tl.where(ok, loss, 0.0)
     row_valid = tl.where(ok, 1.0, 0.0)
@@ -201,8 +212,9 @@ def distill_fwd_kernel(
 def distill_bwd_kernel(
     s_ptr, stride_sn, stride_sc, t_ptr, stride_tn, stride_tc, lbl_ptr,
     dx_ptr, stride_gn, stride_gc, stats_ptr, dloss_ptr, stride_dloss, C, ignore_index, span,
-    temperature, ce_weight, beta,
-    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_C: tl.constexpr,
+    temperature, ce_weight, beta, softcap,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Backward, grid (R, splits): program (r, k) recomputes q, p (and softmax(x)) over columns
     [k span, (k+1) span) of row r from the saved stats and writes dL/dx (module docstring).
@@ -237,8 +249,10 @@ def distill_bwd_kernel(
         cols = start + offs
         mask = cols < c_end
         lmask = cols < c_active
-        x = tl.load(s_row + cols.to(tl.int64) * stride_sc, mask=lmask, other=0.0).to(tl.float32)
-        tv = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0).to(tl.float32)
+        x = transform_logits(tl.load(s_row + cols.to(tl.int64) * stride_sc, mask=lmask, other=0.0), 1.0,
+                             softcap, HAS_SOFTCAP)
+        tv = transform_logits(tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0), 1.0,
+                              softcap, HAS_SOFTCAP)
         u = x / temperature - ref_q
         v = tv / temperature - ref_p
         logq = u - log_sq
@@ -254,5 +268,5 @@ def distill_bwd_kernel(
         if HAS_CE:
             sm1 = tl.exp2(((x - ref_1) - log_s1) * LOG2E)
             dx += (g * ce_weight) * (sm1 - tl.where(cols == y, 1.0, 0.0))
-        dx = tl.where(active, dx, 0.0)
+        dx = tl.where(active, transform_grad(dx, x, 1.0, softcap, HAS_SOFTCAP), 0.0)
         tl.store(dx_row + cols.to(tl.int64) * stride_gc, dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..core.dtensor import DTensor, Partial, Replicate, plan
 from ..core.inputs import class_ids
-from .ops import token_range_check
+from .ops import distillation_rows, token_logprobs_rows, token_range_check
+from .options import KLOptions
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
 
@@ -50,10 +51,10 @@ def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, r
     if tp is None:
         if error is not None:
             raise error
-        ids = class_ids(tok, x.shape[:-1], "logits' leading shape")
+        ids = class_ids(tok, x.shape[:-1], "input's leading shape")
         token_range_check(ids, x.shape[-1])
-        lp, ent, _ = torch.ops.xent_triton.token_logprobs_fwd(x.reshape(ids.numel(), x.shape[-1]), ids,
-                                                              temperature, bool(return_entropy))
+        opts = KLOptions(temperature=temperature, return_entropy=bool(return_entropy))
+        lp, ent, _ = token_logprobs_rows(x.reshape(ids.numel(), x.shape[-1]), ids, opts)
         outs = (lp, ent) if return_entropy else (lp,)
     else:
         start = chunk_start(logits.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
@@ -67,27 +68,26 @@ def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, r
 def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional[Any],
                               chosen: Optional[tuple], error: Optional[BaseException] = None):
     """``distillation_loss`` of DTensor student / teacher logits on the same mesh and placements;
-    ``chosen``: ``distill_options``' result (None with ``error``)."""
+    ``chosen``: the validated ``KLOptions`` (None with ``error``)."""
     what = "distillation_loss on DTensors"
     if not isinstance(teacher, DTensor) or teacher.device_mesh != student.device_mesh \
             or list(teacher.placements) != list(student.placements):
-        raise ValueError(f"{what}: teacher_logits must be a DTensor on the student's mesh with its "
+        raise ValueError(f"{what}: teacher_input must be a DTensor on the student's mesh with its "
                          f"placements ({student.placements}): student and teacher share one layout")
     tp, rows_pl, batch = plan(student, student.dim() - 1, what)
     mesh, x, t, lbl = student.device_mesh, student.to_local(), teacher.to_local(), local_part(labels)
     if tp is None:
         if error is not None:
             raise error
-        div, beta, temperature, ce_weight, opts = chosen
-        flat = None if lbl is None else class_ids(lbl, x.shape[:-1], "student_logits' leading shape")
+        opts = chosen
+        flat = None if lbl is None else class_ids(lbl, x.shape[:-1], "input's leading shape")
         C = x.shape[-1]
-        rows, _ = torch.ops.xent_triton.distillation_fwd(x.reshape(-1, C), t.detach().reshape(-1, C), flat,
-                                                         div, beta, temperature, opts.ignore_index, ce_weight)
+        rows, _ = distillation_rows(x.reshape(-1, C), t.detach().reshape(-1, C), flat, opts)
     else:
         start = chunk_start(student.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
         rows, flat = vocab_parallel_distillation_rows(x, t, lbl, chosen, mesh.get_group(tp), start, None,
                                                       error)
-    opts = chosen[4]
+    opts = chosen
     if opts.reduction == "none":
         return rows_dtensor(rows.reshape(student.shape[:-1]), mesh, rows_pl, student.shape[:-1])
     valid = torch.ones_like(rows) if flat is None else (flat != opts.ignore_index).to(rows.dtype)

@@ -6,7 +6,6 @@ one streaming forward and one recomputing backward kernel (``kl/distill_kernels.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Optional, Union, overload
 
 import torch
@@ -14,34 +13,13 @@ from torch import Tensor
 
 from ..core.dtensor import is_dtensor
 from ..core.inputs import class_ids
-from ..core.options import LossOptions
-from ..core.runtime import is_compiling
+from ..core.renames import renamed_keywords
 from .dtensor import dtensor_distillation_loss, dtensor_token_logprobs
-from .ops import DIVERGENCES
+from .names import LOGITS, LOGPROBS
+from .ops import distillation_rows, token_logprobs_rows
+from .options import KLOptions, make_kl
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
-
-
-def symbolic(v) -> bool:
-    return isinstance(v, (torch.SymFloat, torch.SymInt))
-
-
-def check_real(name: str, v, ok, requirement: str) -> float:
-    """A Python float satisfying ``ok`` (TypeError / ValueError naming the option otherwise).
-
-    Compile-safe as the CE heads' options: a value that ``torch.compile(dynamic=True)`` made
-    symbolic is not forced, and under dynamo ``math.isfinite`` (which it cannot trace) is skipped;
-    the comparisons in ``ok`` become guards."""
-    if isinstance(v, Tensor):
-        raise ValueError(f"{name} must be a finite Python float, got a tensor")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) and not symbolic(v):
-        raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
-    if symbolic(v):
-        return v
-    finite = True if is_compiling() else math.isfinite(v)
-    if not (finite and ok(v)):
-        raise ValueError(f"{name} must be {requirement}, got {v!r}")
-    return float(v)
 
 
 def check_logits(name: str, x: Tensor) -> None:
@@ -53,166 +31,210 @@ def check_logits(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} has no classes (C = 0)")
 
 
-def distill_options(divergence: str, beta: float, temperature: float, reduction: str,
-                    ce_weight: float, has_labels: bool, ignore_index=-100,
-                    empty_batch: str = "nan") -> tuple[int, float, float, float, LossOptions]:
-    """Validated (divergence id, beta, temperature, ce_weight, options); ignore_index, reduction and
-    empty_batch are validated as the CE heads' (``LossOptions.make``: TypeError for a bool / float
-    ignore_index, None = -100)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
-    opts = LossOptions.make(ignore_index=ignore_index, reduction=reduction, empty_batch=empty_batch)
-    temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
-    if divergence == "jsd":
-        beta = check_real("beta", beta, lambda v: 0 < v < 1,
-                          "in (0, 1) for jsd (use divergence='kl' or 'reverse_kl' for the endpoints)")
-    ce_weight = check_real("ce_weight", ce_weight, lambda v: 0 <= v <= 1, "in [0, 1]")
-    if ce_weight != 0 and not has_labels:
-        raise ValueError("ce_weight > 0 needs labels (the hard-label cross-entropy's class ids)")
-    return DIVERGENCES[divergence], beta if symbolic(beta) else float(beta), temperature, ce_weight, opts
+def check_token_weight(token_weight: Optional[Tensor], shape, device: torch.device) -> Optional[Tensor]:
+    """Per-position weights of the target's shape (the logits' leading shape) as (R,) rows; as the
+    CE heads' ``token_weight`` (TypeError / ValueError naming it)."""
+    if token_weight is None:
+        return None
+    if not isinstance(token_weight, Tensor) or not token_weight.is_floating_point():
+        raise TypeError("token_weight must be a floating-point tensor")
+    if tuple(token_weight.shape) != tuple(shape):
+        raise ValueError(f"token_weight must have the target's shape {tuple(shape)}, "
+                         f"got {tuple(token_weight.shape)}")
+    if token_weight.device != device:
+        raise ValueError(f"token_weight is on {token_weight.device} but input is on {device}")
+    return token_weight.reshape(-1)
 
 
-def reduce_tokens(loss_rows: Tensor, labels: Optional[Tensor], opts: LossOptions, shape) -> Tensor:
-    """none: the tokens' shape; sum; mean over the non-ignored tokens (all without labels).
+def refuse_parallel(opts: Optional[KLOptions], error: Optional[BaseException]) -> Optional[BaseException]:
+    """Under ``process_group`` / DTensor the KL family refuses ``softcap`` and ``token_weight``: the
+    error joins this rank's validation error, raised on EVERY rank after the layout / options
+    exchange (a rank that alone passes one never leaves the others waiting)."""
+    if error is None and opts is not None and (opts.has_softcap or opts.has_token_weight):
+        return ValueError("softcap and token_weight are not supported with process_group= or DTensor "
+                          "operands (vocabulary parallelism) in the KL family")
+    return error
+
+
+def deferred_kl(**kwargs) -> tuple[Optional[KLOptions], Optional[BaseException]]:
+    """``make_kl(**kwargs)`` for the vocabulary-parallel paths: (options, None), or (None, its error
+    or the refusal of ``refuse_parallel``) to be raised on every rank after the exchange."""
+    try:
+        opts = make_kl(**kwargs)
+    except (TypeError, ValueError) as e:
+        return None, e
+    error = refuse_parallel(opts, None)
+    return (None, error) if error is not None else (opts, None)
+
+
+def reduce_tokens(loss_rows: Tensor, target: Optional[Tensor], opts: KLOptions, shape,
+                  token_weight: Optional[Tensor] = None) -> Tensor:
+    """none: the tokens' shape; sum; mean over the non-ignored tokens (all without a target).
+    ``token_weight`` (R,) multiplies each token's loss and, for mean, its share of the denominator
+    (sum of the weights of the non-ignored tokens), as the CE heads' ``reduce_rows``.
     ``empty_batch="zero"``: a mean over no token is 0 (zero gradients, graph connected), else NaN."""
+    if token_weight is not None:
+        loss_rows = loss_rows * token_weight.to(loss_rows.dtype)
     if opts.reduction == "none":
         return loss_rows.view(shape)
     total = loss_rows.sum()
     if opts.reduction == "sum":
         return total
-    if labels is None:
+    if token_weight is not None:
+        tw = token_weight.to(total.dtype)
+        den = (tw if target is None else torch.where(target != opts.ignore_index, tw, 0.0)).sum()
+    elif target is None:
         den = torch.full((), float(loss_rows.shape[0]), dtype=total.dtype, device=total.device)
     else:
-        den = (labels != opts.ignore_index).sum().to(total.dtype)
+        den = (target != opts.ignore_index).sum().to(total.dtype)
     if opts.empty_batch == "zero":
         den = torch.where(den == 0, torch.ones_like(den), den)
     return total / den
 
 
-def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+@renamed_keywords(**LOGITS)
+def distillation_loss(input: Tensor, teacher_input: Tensor, target: Optional[Tensor] = None, *,
                       divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                       ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
-                      empty_batch: str = "nan", process_group: Optional[Any] = None,
+                      empty_batch: str = "nan", softcap: Optional[float] = None,
+                      token_weight: Optional[Tensor] = None, process_group: Optional[Any] = None,
                       vocab_start_index: Optional[int] = None) -> Tensor:
     """Knowledge-distillation loss between student and teacher logits, fused and streamed.
 
-    With p = softmax(teacher / T) and q = softmax(student / T) over the last dimension:
-    ``"kl"`` = KL(p || q), ``"reverse_kl"`` = KL(q || p), ``"jsd"`` = beta KL(p || m) +
-    (1 - beta) KL(q || m) with m = beta p + (1 - beta) q. 0 log 0 := 0 (padded -inf logits are
-    fine). No T**2 factor is applied: multiply the loss by T**2 yourself if you want Hinton's
-    scaling. Per token: ce_weight * CE(student at T = 1, label) + (1 - ce_weight) * divergence.
+    With p = softmax(cap(teacher) / T) and q = softmax(cap(input) / T) over the last dimension
+    (cap(z) = softcap tanh(z / softcap), the identity without a softcap): ``"kl"`` = KL(p || q),
+    ``"reverse_kl"`` = KL(q || p), ``"jsd"`` = beta KL(p || m) + (1 - beta) KL(q || m) with
+    m = beta p + (1 - beta) q. 0 log 0 := 0 (padded -inf logits are fine without a softcap). No
+    T**2 factor is applied: multiply the loss by T**2 yourself if you want Hinton's scaling. Per
+    token: ce_weight * CE(cap(input) at T = 1, target) + (1 - ce_weight) * divergence.
 
     Args:
-        student_logits: (..., C) float16 / bfloat16 / float32 (float64 runs the torch fallback).
-        teacher_logits: (..., C), any float dtype (e.g. fp32 with a bf16 student). Treated as a
+        input: the student's (..., C) logits, float16 / bfloat16 / float32 (float64 runs the
+            torch path).
+        teacher_input: (..., C), any float dtype (e.g. fp32 with a bf16 student). Treated as a
             constant: it gets no gradient (detached), even if it requires grad.
-        labels: optional class ids of shape ``student_logits.shape[:-1]``; tokens whose label is
+        target: optional class ids of shape ``input.shape[:-1]``; tokens whose id is
             ``ignore_index`` are left out of every term (loss 0, gradient 0).
         divergence: "kl", "reverse_kl" or "jsd". beta: the JSD mixture weight, in (0, 1).
-        temperature: T > 0, finite. ce_weight: alpha in [0, 1] (needs labels when > 0).
+        temperature: T > 0, finite; divides the (capped) logits (the CE heads' ``logit_scale``
+            multiplies: logit_scale = 1 / T). ce_weight: alpha in [0, 1] (needs target when > 0).
         ignore_index: an int (None: -100, as the CE heads; a bool or float raises TypeError).
         reduction: "none" (the tokens' shape), "sum", or "mean" (over non-ignored tokens; over all
-            tokens when ``labels`` is None).
+            tokens when ``target`` is None).
         empty_batch: "nan" (a mean over no valid token, as torch) or "zero" (0, zero gradients).
+        softcap: None or a positive float: both models' logits are capped, z -> softcap
+            tanh(z / softcap), BEFORE the temperature (Gemma's order: cap(z) / T), the same cap.
+        token_weight: optional float weights of the target's shape (``input.shape[:-1]``): each
+            token's loss is multiplied by its weight, and ``mean`` divides by the sum of the
+            weights of the non-ignored tokens (as the CE heads).
         process_group: vocabulary parallelism (``kl/parallel_distill.py``): both logits are this
-            rank's class slice on the same layout, ``labels`` global ids; every rank returns the
+            rank's class slice on the same layout, ``target`` global ids; every rank returns the
             full-vocabulary loss. vocab_start_index: this rank's first class (None: rank order).
+            ``softcap`` / ``token_weight`` are refused there (ValueError on every rank).
 
     Returns:
         The float32 loss (float64 for a float64 student). The gradient reaches the student only.
-        Labels outside [0, C) that are not ``ignore_index`` raise IndexError on CPU; on CUDA they
-        make that token's loss NaN.
+        Target ids outside [0, C) that are not ``ignore_index`` raise IndexError on CPU; on CUDA
+        they make that token's loss NaN.
 
     Example:
         >>> s = torch.randn(4, 7, 32000, dtype=torch.bfloat16, requires_grad=True)
         >>> t = torch.randn(4, 7, 32000)
-        >>> distillation_loss(s, t, divergence="jsd", temperature=2.0).backward()
+        >>> distillation_loss(s, t, divergence="jsd", temperature=2.0, softcap=30.0).backward()
     """
-    if is_dtensor(student_logits) or process_group is not None or vocab_start_index is not None:
-        chosen, error = None, None  # a rank's error is raised after the layout exchange, on every rank
-        try:
-            chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, labels is not None,
-                                     ignore_index, empty_batch)
-        except (TypeError, ValueError) as e:
-            error = e
-        if is_dtensor(student_logits):  # the layout comes from the placements (kl/dtensor.py)
-            return dtensor_distillation_loss(student_logits, teacher_logits, labels, chosen, error)
-        rows, lbl = vocab_parallel_distillation_rows(student_logits, teacher_logits, labels, chosen,
+    options = dict(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
+                   has_target=target is not None, ignore_index=ignore_index, reduction=reduction,
+                   empty_batch=empty_batch, softcap=softcap, has_token_weight=token_weight is not None)
+    if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
+        opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
+        if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_distillation_loss(input, teacher_input, target, opts, error)
+        rows, lbl = vocab_parallel_distillation_rows(input, teacher_input, target, opts,
                                                      process_group, vocab_start_index, None, error)
-        assert chosen is not None  # else the call above raised the error, on every rank
-        return reduce_tokens(rows, lbl, chosen[4], student_logits.shape[:-1])
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
-                         f"{tuple(student_logits.shape)}")
-    if teacher_logits.device != student_logits.device:
-        raise ValueError("teacher_logits and student_logits must be on the same device")
-    div, beta, temperature, ce_weight, opts = distill_options(
-        divergence, beta, temperature, reduction, ce_weight, labels is not None, ignore_index, empty_batch)
-    C = student_logits.shape[-1]
-    lbl = None if labels is None else class_ids(labels, student_logits.shape[:-1],
-                                                "student_logits' leading shape")
-    x = student_logits.reshape(-1, C)
-    t = teacher_logits.detach().reshape(-1, C)
-    loss_rows, _stats = torch.ops.xent_triton.distillation_fwd(x, t, lbl, div, beta, temperature,
-                                                                opts.ignore_index, ce_weight)
-    return reduce_tokens(loss_rows, lbl, opts, student_logits.shape[:-1])
+        assert opts is not None  # else the call above raised the error, on every rank
+        return reduce_tokens(rows, lbl, opts, input.shape[:-1])
+    check_logits("input", input)
+    check_logits("teacher_input", teacher_input)
+    if teacher_input.shape != input.shape:
+        raise ValueError(f"teacher_input shape {tuple(teacher_input.shape)} != input shape "
+                         f"{tuple(input.shape)}")
+    if teacher_input.device != input.device:
+        raise ValueError("teacher_input and input must be on the same device")
+    opts = make_kl(**options)
+    C = input.shape[-1]
+    lbl = None if target is None else class_ids(target, input.shape[:-1], "input's leading shape")
+    tw = check_token_weight(token_weight, input.shape[:-1], input.device)
+    loss_rows, _stats = distillation_rows(input.reshape(-1, C), teacher_input.detach().reshape(-1, C), lbl,
+                                          opts)
+    return reduce_tokens(loss_rows, lbl, opts, input.shape[:-1], tw)
+
+
+def weighted(values: tuple[Tensor, ...], tw: Optional[Tensor]) -> tuple[Tensor, ...]:
+    """Per-token outputs times their ``token_weight`` (unchanged without one)."""
+    return values if tw is None else tuple(v * tw.to(v.dtype) for v in values)
 
 
 # Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
 @overload
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
-                   return_entropy: Literal[False] = ...,
+def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = ...,
+                   return_entropy: Literal[False] = ..., softcap: Optional[float] = ...,
+                   token_weight: Optional[Tensor] = ...,
                    process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...) -> Tensor: ...
 @overload
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = ...,
-                   return_entropy: bool = ...,
+def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = ...,
+                   return_entropy: bool = ..., softcap: Optional[float] = ...,
+                   token_weight: Optional[Tensor] = ...,
                    process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...
                    ) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
-def token_logprobs(logits: Tensor, tokens: Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False, process_group: Optional[Any] = None,
+@renamed_keywords(**LOGPROBS)
+def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False, softcap: Optional[float] = None,
+                   token_weight: Optional[Tensor] = None, process_group: Optional[Any] = None,
                    vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """Per-position log softmax(logits / T)[token] (and the entropy of softmax(logits / T)).
+    """Per-position log softmax(cap(input) / T)[target] (and the entropy of that softmax).
 
     Args:
-        logits: (..., C) float16 / bfloat16 / float32 (float64 runs the torch fallback).
-        tokens: int64 / int32 / uint8 ids of shape ``logits.shape[:-1]``, in [0, C) (IndexError on
+        input: (..., C) logits, float16 / bfloat16 / float32 (float64 runs the torch path).
+        target: int64 / int32 / uint8 ids of shape ``input.shape[:-1]``, in [0, C) (IndexError on
             CPU otherwise; NaN log-prob on CUDA).
-        temperature: T > 0, finite.
-        return_entropy: also return -sum_j q_j log q_j, q = softmax(logits / T).
-        process_group: vocabulary parallelism (``kl/parallel.py``): ``logits`` is this rank's
-            class slice, ``tokens`` global ids; every rank returns the full-vocabulary values.
+        temperature: T > 0, finite; divides the (capped) logits (logit_scale = 1 / T).
+        return_entropy: also return -sum_j q_j log q_j, q = softmax(cap(input) / T).
+        softcap: None or a positive float: the logits are capped, z -> softcap tanh(z / softcap),
+            BEFORE the temperature (cap(z) / T, as Gemma).
+        token_weight: optional float weights of the target's shape: each position's log-prob (and
+            entropy) is multiplied by its weight (its gradient too).
+        process_group: vocabulary parallelism (``kl/parallel.py``): ``input`` is this rank's
+            class slice, ``target`` global ids; every rank returns the full-vocabulary values.
+            ``softcap`` / ``token_weight`` are refused there (ValueError on every rank).
         vocab_start_index: this rank's first class (None on every rank: shards in rank order).
 
     Returns:
-        float32 log-probs of the tokens' shape (float64 for float64 logits), or the pair
+        float32 log-probs of the target's shape (float64 for float64 input), or the pair
         (log-probs, entropy). Both are differentiable with any per-token upstream gradient (the
-        gradient has the logits' dtype).
+        gradient has the input's dtype).
 
     Example:
         >>> logits = torch.randn(2, 16, 32000, dtype=torch.bfloat16, requires_grad=True)
-        >>> tokens = torch.randint(0, 32000, (2, 16))
-        >>> lp, ent = token_logprobs(logits, tokens, temperature=0.7, return_entropy=True)
+        >>> ids = torch.randint(0, 32000, (2, 16))
+        >>> lp, ent = token_logprobs(logits, ids, temperature=0.7, return_entropy=True)
         >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
     """
-    if is_dtensor(logits) or process_group is not None or vocab_start_index is not None:
-        error = None  # a rank's error is raised after the layout exchange, on every rank
-        try:
-            temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
-        except (TypeError, ValueError) as e:
-            error = e
-        if is_dtensor(logits):  # the layout comes from the placements (kl/dtensor.py)
-            return dtensor_token_logprobs(logits, tokens, temperature, return_entropy, error)
-        return vocab_parallel_token_logprobs(logits, tokens, temperature, return_entropy, process_group,
+    options = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+                   has_token_weight=token_weight is not None)
+    if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
+        opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
+        T = opts.temperature if opts is not None else temperature
+        if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_token_logprobs(input, target, T, return_entropy, error)
+        return vocab_parallel_token_logprobs(input, target, T, return_entropy, process_group,
                                              vocab_start_index, None, error)
-    check_logits("logits", logits)
-    temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
-    C = logits.shape[-1]
-    tok = class_ids(tokens, logits.shape[:-1], "logits' leading shape")
-    lp, ent, _stats = torch.ops.xent_triton.token_logprobs_fwd(logits.reshape(-1, C), tok, temperature,
-                                                               bool(return_entropy))
-    shape = logits.shape[:-1]
-    if return_entropy:
-        return lp.view(shape), ent.view(shape)
-    return lp.view(shape)
+    check_logits("input", input)
+    opts = make_kl(**options)
+    C = input.shape[-1]
+    tok = class_ids(target, input.shape[:-1], "input's leading shape")
+    tw = check_token_weight(token_weight, input.shape[:-1], input.device)
+    lp, ent, _stats = token_logprobs_rows(input.reshape(-1, C), tok, opts)
+    shape = input.shape[:-1]
+    outs = weighted((lp, ent) if opts.return_entropy else (lp,), tw)
+    outs = tuple(o.view(shape) for o in outs)
+    return outs if opts.return_entropy else outs[0]

@@ -7,6 +7,9 @@ docs/kl.md)::
     H  = -sum_j q_j log q_j = log s - A / s               A = sum_j e^{b_j - ref} (b_j - ref)
     dL/dx_j = (1/T) [g_lp ([j = y] - q_j) - g_H q_j (log q_j + H)]
 
+Softcap (HAS_SOFTCAP, a runtime float ``softcap``): x above is the capped z = softcap tanh(x / softcap),
+applied before the temperature (b = z / T, as Gemma), and dL/dx = dL/dz (1 - (z / softcap)^2).
+
 A is shifted with the reference: A <- e^{d} (A + d s) with d = ref_old - ref_new, so H never
 subtracts two large numbers. Stats per row (R, 2): (ref, log s).
 
@@ -17,13 +20,13 @@ logit) and writes 16 R; backward grid (R, splits) reads R C B and writes R C B. 
 import triton
 import triton.language as tl
 
-from ..core.formulas_triton import LN2, LOG2E, online_lse_update, safe_ref
+from ..core.formulas_triton import LN2, LOG2E, online_lse_update, safe_ref, transform_grad, transform_logits
 
 
 @triton.jit
 def logprobs_fwd_kernel(
-    x_ptr, stride_xn, stride_xc, tok_ptr, lp_ptr, ent_ptr, stats_ptr, C, temperature,
-    ENTROPY: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, stride_xn, stride_xc, tok_ptr, lp_ptr, ent_ptr, stats_ptr, C, temperature, softcap,
+    ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Forward, one program per row (grid (R,)): online (max, sum) of b and (ENTROPY) the shifted
     sum A; writes lp_r, H_r (ENTROPY) and stats_r. An out-of-range token makes lp_r NaN."""
@@ -37,6 +40,8 @@ def logprobs_fwd_kernel(
         cols = start + offs
         mask = cols < C
         x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:  # masked lanes stay -inf (a capped -inf would be -softcap)
+            x = tl.where(mask, transform_logits(x, 1.0, softcap, HAS_SOFTCAP), float("-inf"))
         b = x / temperature
         s_old = s
         m, s, ref_old, ref_new = online_lse_update(m, s, b)
@@ -49,7 +54,7 @@ def logprobs_fwd_kernel(
     y = tl.load(tok_ptr + r)
     in_range = (y >= 0) & (y < C)
     y_safe = tl.where(in_range, y, 0).to(tl.int64)
-    b_y = tl.load(x_row + y_safe * stride_xc).to(tl.float32) / temperature
+    b_y = transform_logits(tl.load(x_row + y_safe * stride_xc), 1.0, softcap, HAS_SOFTCAP) / temperature
     lp = tl.where(in_range, (b_y - ref) - log_s, float("nan"))
     tl.store(lp_ptr + r, lp)
     if ENTROPY:
@@ -61,8 +66,8 @@ def logprobs_fwd_kernel(
 @triton.jit
 def logprobs_bwd_kernel(
     x_ptr, stride_xn, stride_xc, tok_ptr, ent_ptr, stats_ptr, dx_ptr, stride_gn, stride_gc,
-    dlp_ptr, stride_dlp, dent_ptr, stride_dent, C, span, temperature,
-    HAS_DENT: tl.constexpr, BLOCK_C: tl.constexpr,
+    dlp_ptr, stride_dlp, dent_ptr, stride_dent, C, span, temperature, softcap,
+    HAS_DENT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Backward, grid (R, splits): program (r, k) recomputes q over columns [k span, (k+1) span)
     of row r from (ref, log s) and writes dL/dx (module docstring); dx may alias x."""
@@ -82,10 +87,12 @@ def logprobs_bwd_kernel(
     for start in range(c_begin, c_end, BLOCK_C):
         cols = start + offs
         mask = cols < c_end
-        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=0.0)
+        x = transform_logits(x, 1.0, softcap, HAS_SOFTCAP)
         logq = (x / temperature - ref) - log_s
         q = tl.exp2(logq * LOG2E)
         dx = g_lp * (tl.where(cols == y, 1.0, 0.0) - q)
         if HAS_DENT:
             dx -= g_h * tl.where(q > 0, q * (logq + h), 0.0)
+        dx = transform_grad(dx, x, 1.0, softcap, HAS_SOFTCAP)
         tl.store(dx_row + cols.to(tl.int64) * stride_gc, dx.to(dx_ptr.dtype.element_ty), mask=mask)

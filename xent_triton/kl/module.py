@@ -3,7 +3,7 @@
 
 Each takes every non-tensor option of its function as a constructor keyword (validated there, so a
 bad value fails at construction), keeps it as an attribute of the same name, and passes it back to
-the function in ``forward``; per-call tensors (logits, hidden states, heads, labels, tokens, biases)
+the function in ``forward``; per-call tensors (logits or hidden states, heads and their biases, target ids)
 are ``forward`` arguments.
 """
 from __future__ import annotations
@@ -13,8 +13,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .functional import check_real, distill_options, distillation_loss, token_logprobs
+from ..core.renames import renamed_keywords
+from .functional import distillation_loss, token_logprobs
 from .linear import linear_distillation_loss, linear_token_logprobs
+from .names import LINEAR_DISTILL, LINEAR_LOGPROBS, LOGITS, LOGPROBS
+from .options import make_kl
 
 
 class OptionsModule(torch.nn.Module):
@@ -35,15 +38,17 @@ class OptionsModule(torch.nn.Module):
 
 class _Distill(OptionsModule):
     def __init__(self, divergence: str, beta: float, temperature: float, ignore_index: int, reduction: str,
-                 ce_weight: float, empty_batch: str, **more: Any) -> None:
-        distill_options(divergence, beta, temperature, reduction, ce_weight, True, ignore_index, empty_batch)
+                 ce_weight: float, empty_batch: str, softcap: Optional[float], **more: Any) -> None:
+        make_kl(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
+                ignore_index=ignore_index, reduction=reduction, empty_batch=empty_batch, softcap=softcap,
+                chunk_size=more.get("chunk_size"))
         super().__init__(divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
-                         reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch, **more)
+                         reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch, softcap=softcap,
+                         **more)
 
 
 class DistillationLoss(_Distill):
-    """Module form of :func:`distillation_loss`; ``forward(student_logits, teacher_logits,
-    labels=None)``.
+    """Module form of :func:`distillation_loss`; ``forward(input, teacher_input, target=None)``.
 
     Example:
         >>> crit = DistillationLoss(divergence="jsd", beta=0.3, temperature=2.0)
@@ -52,19 +57,21 @@ class DistillationLoss(_Distill):
 
     def __init__(self, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0, *,
-                 empty_batch: str = "nan", process_group: Any = None,
+                 empty_batch: str = "nan", softcap: Optional[float] = None, process_group: Any = None,
                  vocab_start_index: Optional[int] = None) -> None:
         super().__init__(divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch,
+                         softcap,
                          process_group=process_group, vocab_start_index=vocab_start_index)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
-                labels: Optional[Tensor] = None) -> Tensor:
-        return distillation_loss(student_logits, teacher_logits, labels, **self.options())
+    @renamed_keywords(**LOGITS)
+    def forward(self, input: Tensor, teacher_input: Tensor, target: Optional[Tensor] = None,
+                token_weight: Optional[Tensor] = None) -> Tensor:
+        return distillation_loss(input, teacher_input, target, token_weight=token_weight, **self.options())
 
 
 class LinearDistillationLoss(_Distill):
-    """Module form of :func:`linear_distillation_loss`; ``forward(student_hidden, student_weight,
-    teacher_hidden, teacher_weight, labels=None, student_bias=None, teacher_bias=None)``.
+    """Module form of :func:`linear_distillation_loss`; ``forward(input, linear_weight,
+    teacher_input, teacher_linear_weight, target=None, linear_bias=None, teacher_linear_bias=None)``.
 
     Example:
         >>> crit = LinearDistillationLoss(divergence="reverse_kl", chunk_size=1024)
@@ -73,40 +80,47 @@ class LinearDistillationLoss(_Distill):
 
     def __init__(self, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0, *,
-                 empty_batch: str = "nan", chunk_size: Optional[int] = None, process_group: Any = None,
-                 vocab_start_index: Optional[int] = None) -> None:
+                 empty_batch: str = "nan", softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 process_group: Any = None, vocab_start_index: Optional[int] = None) -> None:
         super().__init__(divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch,
+                         softcap,
                          chunk_size=chunk_size, process_group=process_group,
                          vocab_start_index=vocab_start_index)
 
-    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                teacher_weight: Tensor, labels: Optional[Tensor] = None,
-                student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None) -> Tensor:
-        return linear_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                        labels, student_bias=student_bias, teacher_bias=teacher_bias,
-                                        **self.options())
+    @renamed_keywords(**LINEAR_DISTILL)
+    def forward(self, input: Tensor, linear_weight: Tensor, teacher_input: Tensor,
+                teacher_linear_weight: Tensor, target: Optional[Tensor] = None,
+                linear_bias: Optional[Tensor] = None, teacher_linear_bias: Optional[Tensor] = None,
+                token_weight: Optional[Tensor] = None) -> Tensor:
+        return linear_distillation_loss(input, linear_weight, teacher_input, teacher_linear_weight, target,
+                                        linear_bias=linear_bias, teacher_linear_bias=teacher_linear_bias,
+                                        token_weight=token_weight, **self.options())
 
 
 class TokenLogprobs(OptionsModule):
-    """Module form of :func:`token_logprobs`; ``forward(logits, tokens)``.
+    """Module form of :func:`token_logprobs`; ``forward(input, target)``.
 
     Example:
         >>> lp, ent = TokenLogprobs(temperature=0.7, return_entropy=True)(torch.randn(2, 5, 1000),
         ...                                                               torch.randint(0, 1000, (2, 5)))
     """
 
-    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *, process_group: Any = None,
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *,
+                 softcap: Optional[float] = None, process_group: Any = None,
                  vocab_start_index: Optional[int] = None) -> None:
-        check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
-        super().__init__(temperature=temperature, return_entropy=return_entropy, process_group=process_group,
-                         vocab_start_index=vocab_start_index)
+        make_kl(temperature=temperature, softcap=softcap)
+        super().__init__(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+                         process_group=process_group, vocab_start_index=vocab_start_index)
 
-    def forward(self, logits: Tensor, tokens: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        return token_logprobs(logits, tokens, **self.options())
+    @renamed_keywords(**LOGPROBS)
+    def forward(self, input: Tensor, target: Tensor,
+                token_weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        return token_logprobs(input, target, token_weight=token_weight, **self.options())
 
 
 class LinearTokenLogprobs(OptionsModule):
-    """Module form of :func:`linear_token_logprobs`; ``forward(hidden, weight, tokens, bias=None)``.
+    """Module form of :func:`linear_token_logprobs`; ``forward(input, linear_weight, target,
+    linear_bias=None)``.
 
     Example:
         >>> lp = LinearTokenLogprobs(temperature=0.7)(torch.randn(2, 5, 64), torch.randn(1000, 64),
@@ -114,12 +128,16 @@ class LinearTokenLogprobs(OptionsModule):
     """
 
     def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *,
-                 chunk_size: Optional[int] = None, process_group: Any = None,
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None, process_group: Any = None,
                  vocab_start_index: Optional[int] = None) -> None:
-        check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
-        super().__init__(temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size,
-                         process_group=process_group, vocab_start_index=vocab_start_index)
+        make_kl(temperature=temperature, softcap=softcap, chunk_size=chunk_size)
+        super().__init__(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+                         chunk_size=chunk_size, process_group=process_group,
+                         vocab_start_index=vocab_start_index)
 
-    def forward(self, hidden: Tensor, weight: Tensor, tokens: Tensor,
-                bias: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        return linear_token_logprobs(hidden, weight, tokens, bias=bias, **self.options())
+    @renamed_keywords(**LINEAR_LOGPROBS)
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Optional[Tensor] = None,
+                token_weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        return linear_token_logprobs(input, linear_weight, target, linear_bias=linear_bias,
+                                     token_weight=token_weight, **self.options())

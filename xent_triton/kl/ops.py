@@ -31,8 +31,12 @@ from ..core.runtime import (
 from . import rows_torch
 from .distill_kernels import N_STATS, distill_bwd_kernel, distill_fwd_kernel
 from .logprobs_kernels import logprobs_bwd_kernel, logprobs_fwd_kernel
+from .options import DIVERGENCES, KLOptions, kl_flat, kl_from_flat
 
-DIVERGENCES = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+# What crosses each custom op's schema: the options object flattened by ``kl_flat`` in this order
+# (the schemas below list them, typed, after the tensors).
+DISTILL_FLAT = ("divergence", "beta", "temperature", "ignore_index", "ce_weight", "softcap")
+LOGPROBS_FLAT = ("temperature", "softcap", "return_entropy")
 
 
 def token_range_check(tokens: Tensor, C: int) -> None:
@@ -48,16 +52,19 @@ def both_triton(x: Tensor, t: Tensor) -> bool:
     return uses_triton(x) and t.dtype in TRITON_DTYPES
 
 
-def distill_scalars(divergence: int, beta: float, temperature: float, ce_weight: float) -> dict:
-    return dict(temperature=temperature, ce_weight=ce_weight, beta=beta)
+def distill_scalars(opts: KLOptions) -> dict:
+    """The distillation kernels' runtime scalars and constexprs (softcap: a runtime float, its
+    presence a constexpr)."""
+    return dict(temperature=opts.temperature, ce_weight=opts.ce_weight, beta=opts.beta, softcap=opts.softcap,
+                ignore_index=opts.ignore_index, DIVERGENCE=DIVERGENCES.index(opts.divergence),
+                HAS_SOFTCAP=opts.has_softcap)
 
 
-def distill_forward_rows(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: int, beta: float,
-                         temperature: float, ignore_index: int, ce_weight: float) -> tuple[Tensor, Tensor]:
+def distill_forward_rows(x: Tensor, t: Tensor, labels: Optional[Tensor],
+                         opts: KLOptions) -> tuple[Tensor, Tensor]:
     """Per-row (loss, stats) of student rows x (R, C) against teacher rows t (R, C)."""
     if not both_triton(x, t):
-        return rows_torch.distill_forward(x, t, labels, divergence, beta, temperature, ignore_index,
-                                          ce_weight)
+        return rows_torch.distill_forward(x, t, labels, opts)
     R, C = x.shape
     loss = alloc((R,), torch.float32, x.device)
     stats = alloc((R, N_STATS), torch.float32, x.device)
@@ -67,21 +74,17 @@ def distill_forward_rows(x: Tensor, t: Tensor, labels: Optional[Tensor], diverge
     distill_fwd_kernel[(R,)](
         s_ptr=x, stride_sn=x.stride(0), stride_sc=x.stride(1), t_ptr=t, stride_tn=t.stride(0),
         stride_tc=t.stride(1), lbl_ptr=labels if labels is not None else x, loss_ptr=loss,
-        stats_ptr=stats, C=C, ignore_index=ignore_index,
-        **distill_scalars(divergence, beta, temperature, ce_weight), DIVERGENCE=divergence,
-        HAS_LABELS=labels is not None, HAS_CE=labels is not None and ce_weight != 0,
-        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        stats_ptr=stats, C=C, **distill_scalars(opts), HAS_LABELS=labels is not None,
+        HAS_CE=labels is not None and opts.ce_weight != 0, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return loss, stats
 
 
 def distill_backward_into(out: Tensor, x: Tensor, t: Tensor, labels: Optional[Tensor], stats: Tensor,
-                          dloss: Tensor, divergence: int, beta: float, temperature: float,
-                          ignore_index: int, ce_weight: float) -> None:
+                          dloss: Tensor, opts: KLOptions) -> None:
     """dL/dx of the student rows into ``out`` (may be ``x``)."""
     if not both_triton(x, t):
-        out.copy_(rows_torch.distill_backward(x, t, labels, stats, dloss, divergence, beta, temperature,
-                                            ignore_index, ce_weight))
+        out.copy_(rows_torch.distill_backward(x, t, labels, stats, dloss, opts))
         return
     R, C = x.shape
     if R == 0 or C == 0:
@@ -92,20 +95,19 @@ def distill_backward_into(out: Tensor, x: Tensor, t: Tensor, labels: Optional[Te
         s_ptr=x, stride_sn=x.stride(0), stride_sc=x.stride(1), t_ptr=t, stride_tn=t.stride(0),
         stride_tc=t.stride(1), lbl_ptr=labels if labels is not None else x, dx_ptr=out,
         stride_gn=out.stride(0), stride_gc=out.stride(1), stats_ptr=stats, dloss_ptr=dloss,
-        stride_dloss=dloss.stride(0), C=C, ignore_index=ignore_index, span=span,
-        **distill_scalars(divergence, beta, temperature, ce_weight), DIVERGENCE=divergence,
-        HAS_LABELS=labels is not None, HAS_CE=labels is not None and ce_weight != 0,
-        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        stride_dloss=dloss.stride(0), C=C, span=span, **distill_scalars(opts), HAS_LABELS=labels is not None,
+        HAS_CE=labels is not None and opts.ce_weight != 0, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
 
 
-def logprobs_forward_rows(x: Tensor, tokens: Tensor, temperature: float, entropy: bool,
+def logprobs_forward_rows(x: Tensor, tokens: Tensor, opts: KLOptions,
                           scratch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(log-probs (R,), entropy (R,) or (0,), stats (R, 2)) of rows x (R, C); ``scratch``: the torch
     path may overwrite x."""
     if not uses_triton(x):
-        return rows_torch.logprobs_forward(x, tokens, temperature, entropy, scratch)
+        return rows_torch.logprobs_forward(x, tokens, opts, scratch)
     R, C = x.shape
+    entropy = opts.return_entropy
     lp = alloc((R,), torch.float32, x.device)
     ent = alloc((R if entropy else 0,), torch.float32, x.device)
     stats = alloc((R, 2), torch.float32, x.device)
@@ -114,17 +116,18 @@ def logprobs_forward_rows(x: Tensor, tokens: Tensor, temperature: float, entropy
     cfg = launch.config(C)
     logprobs_fwd_kernel[(R,)](
         x_ptr=x, stride_xn=x.stride(0), stride_xc=x.stride(1), tok_ptr=tokens, lp_ptr=lp,
-        ent_ptr=ent if entropy else lp, stats_ptr=stats, C=C, temperature=temperature,
-        ENTROPY=entropy, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        ent_ptr=ent if entropy else lp, stats_ptr=stats, C=C, temperature=opts.temperature,
+        softcap=opts.softcap, ENTROPY=entropy, HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps,
     )
     return lp, ent, stats
 
 
 def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor,
-                           dlp: Tensor, dent: Optional[Tensor], temperature: float) -> None:
+                           dlp: Tensor, dent: Optional[Tensor], opts: KLOptions) -> None:
     """dL/dx of rows x into ``out`` (may be ``x``)."""
     if not uses_triton(x):
-        rows_torch.logprobs_backward(x, tokens, ent, stats, dlp, dent, temperature, out=out)
+        rows_torch.logprobs_backward(x, tokens, ent, stats, dlp, dent, opts, out=out)
         return
     R, C = x.shape
     if R == 0 or C == 0:
@@ -136,26 +139,26 @@ def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, 
         ent_ptr=ent if dent is not None else stats, stats_ptr=stats, dx_ptr=out, stride_gn=out.stride(0),
         stride_gc=out.stride(1), dlp_ptr=dlp, stride_dlp=dlp.stride(0),
         dent_ptr=dent if dent is not None else dlp, stride_dent=dent.stride(0) if dent is not None else 0,
-        C=C, span=span, temperature=temperature, HAS_DENT=dent is not None, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
+        C=C, span=span, temperature=opts.temperature, softcap=opts.softcap, HAS_DENT=dent is not None,
+        HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
 
 
 # ------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("xent_triton::distillation_fwd", mutates_args=())
 def distillation_fwd(student: Tensor, teacher: Tensor, labels: Optional[Tensor], divergence: int,
-                     beta: float, temperature: float, ignore_index: int,
-                     ce_weight: float) -> tuple[Tensor, Tensor]:
-    """Per-row (loss, stats) of (R, C) student / teacher logits. Out-of-range labels raise
-    IndexError here on CPU (eager and compiled alike)."""
+                     beta: float, temperature: float, ignore_index: int, ce_weight: float,
+                     softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, stats) of (R, C) student / teacher logits; the scalars are ``DISTILL_FLAT``.
+    Out-of-range labels raise IndexError here on CPU (eager and compiled alike)."""
+    opts = kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap))
     if labels is not None:
         target_range_check(labels, student.shape[1], ignore_index)
-    return distill_forward_rows(student, teacher, labels, divergence, beta, temperature, ignore_index,
-                                ce_weight)
+    return distill_forward_rows(student, teacher, labels, opts)
 
 
 @distillation_fwd.register_fake
-def _(student, teacher, labels, divergence, beta, temperature, ignore_index, ce_weight):
+def _(student, teacher, labels, *flat):
     R, dt = student.shape[0], compute_dtype(student)
     return student.new_empty((R,), dtype=dt), student.new_empty((R, N_STATS), dtype=dt)
 
@@ -163,17 +166,23 @@ def _(student, teacher, labels, divergence, beta, temperature, ignore_index, ce_
 @torch.library.custom_op("xent_triton::distillation_bwd", mutates_args=())
 def distillation_bwd(student: Tensor, teacher: Tensor, labels: Optional[Tensor], stats: Tensor,
                      dloss: Tensor, divergence: int, beta: float, temperature: float, ignore_index: int,
-                     ce_weight: float) -> Tensor:
+                     ce_weight: float, softcap: float) -> Tensor:
     """dL/dstudent as a new tensor with the student's shape and dtype."""
+    opts = kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap))
     out = alloc(student.shape, student.dtype, student.device)
-    distill_backward_into(out, student, teacher, labels, stats, dloss, divergence, beta, temperature,
-                          ignore_index, ce_weight)
+    distill_backward_into(out, student, teacher, labels, stats, dloss, opts)
     return out
 
 
 @distillation_bwd.register_fake
-def _(student, teacher, labels, stats, dloss, divergence, beta, temperature, ignore_index, ce_weight):
+def _(student, teacher, labels, stats, dloss, *flat):
     return student.new_empty(student.shape)
+
+
+def distillation_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                      opts: KLOptions) -> tuple[Tensor, Tensor]:
+    """``distillation_fwd`` with the options object (flattened here, at the schema)."""
+    return torch.ops.xent_triton.distillation_fwd(student, teacher, labels, *kl_flat(opts, DISTILL_FLAT))
 
 
 def _distill_setup(ctx, inputs, output):
@@ -187,39 +196,48 @@ def _distill_backward(ctx, dloss, _dstats):
     student, teacher, labels, stats = ctx.saved_tensors
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, student.device)
     dx = torch.ops.xent_triton.distillation_bwd(student, teacher, labels, stats, dloss, *ctx.flat)
-    return (no_second_derivative(dx, "distillation_loss"),) + (None,) * 7
+    return (no_second_derivative(dx, "distillation_loss"),) + (None,) * (2 + len(DISTILL_FLAT))
 
 
 distillation_fwd.register_autograd(_distill_backward, setup_context=_distill_setup)
 
 
 @torch.library.custom_op("xent_triton::token_logprobs_fwd", mutates_args=())
-def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float,
-                       entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(log-probs, entropy or (0,), stats) of (R, C) logits; IndexError for bad tokens on CPU."""
+def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float, softcap: float,
+                       return_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs, entropy or (0,), stats) of (R, C) logits (scalars: ``LOGPROBS_FLAT``);
+    IndexError for bad tokens on CPU."""
     token_range_check(tokens, logits.shape[1])
-    return logprobs_forward_rows(logits, tokens, temperature, entropy)
+    return logprobs_forward_rows(logits, tokens, kl_from_flat(LOGPROBS_FLAT, (temperature, softcap,
+                                                                              return_entropy)))
 
 
 @token_logprobs_fwd.register_fake
-def _(logits, tokens, temperature, entropy):
+def _(logits, tokens, temperature, softcap, return_entropy):
     R, dt = logits.shape[0], compute_dtype(logits)
-    return (logits.new_empty((R,), dtype=dt), logits.new_empty((R if entropy else 0,), dtype=dt),
+    return (logits.new_empty((R,), dtype=dt), logits.new_empty((R if return_entropy else 0,), dtype=dt),
             logits.new_empty((R, 2), dtype=dt))
 
 
 @torch.library.custom_op("xent_triton::token_logprobs_bwd", mutates_args=())
 def token_logprobs_bwd(logits: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp: Tensor,
-                       dent: Optional[Tensor], temperature: float) -> Tensor:
+                       dent: Optional[Tensor], temperature: float, softcap: float,
+                       return_entropy: bool) -> Tensor:
     """dL/dlogits as a new tensor with the logits' shape and dtype."""
     out = alloc(logits.shape, logits.dtype, logits.device)
-    logprobs_backward_into(out, logits, tokens, ent, stats, dlp, dent, temperature)
+    logprobs_backward_into(out, logits, tokens, ent, stats, dlp, dent,
+                           kl_from_flat(LOGPROBS_FLAT, (temperature, softcap, return_entropy)))
     return out
 
 
 @token_logprobs_bwd.register_fake
-def _(logits, tokens, ent, stats, dlp, dent, temperature):
+def _(logits, tokens, ent, stats, dlp, dent, *flat):
     return logits.new_empty(logits.shape)
+
+
+def token_logprobs_rows(logits: Tensor, tokens: Tensor, opts: KLOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """``token_logprobs_fwd`` with the options object (flattened here, at the schema)."""
+    return torch.ops.xent_triton.token_logprobs_fwd(logits, tokens, *kl_flat(opts, LOGPROBS_FLAT))
 
 
 def saved_entropy(ent: Tensor) -> Tensor:
@@ -229,9 +247,9 @@ def saved_entropy(ent: Tensor) -> Tensor:
 
 
 def _logprobs_setup(ctx, inputs, output):
-    logits, tokens, temperature, entropy = inputs
+    logits, tokens, *flat = inputs
     ctx.save_for_backward(logits, tokens, saved_entropy(output[1]), output[2])
-    ctx.temperature, ctx.entropy = temperature, entropy
+    ctx.flat = tuple(flat)
     # an unused output's gradient stays None (entropy logged only: no entropy term in the backward)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[2])
@@ -240,9 +258,9 @@ def _logprobs_setup(ctx, inputs, output):
 def _logprobs_backward(ctx, dlp, dent, _dstats):
     logits, tokens, ent, stats = ctx.saved_tensors
     dlp = upstream_or_zeros(dlp, stats.shape[0], stats.dtype, logits.device)
-    dent = dent if ctx.entropy else None
-    dx = torch.ops.xent_triton.token_logprobs_bwd(logits, tokens, ent, stats, dlp, dent, ctx.temperature)
-    return no_second_derivative(dx, "token_logprobs"), None, None, None
+    dent = dent if ctx.flat[LOGPROBS_FLAT.index("return_entropy")] else None
+    dx = torch.ops.xent_triton.token_logprobs_bwd(logits, tokens, ent, stats, dlp, dent, *ctx.flat)
+    return (no_second_derivative(dx, "token_logprobs"),) + (None,) * (1 + len(LOGPROBS_FLAT))
 
 
 token_logprobs_fwd.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)

@@ -39,6 +39,7 @@ from ..core.inputs import class_ids
 from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative, uses_triton
 from . import rows_torch
 from .ops import logprobs_backward_into, logprobs_forward_rows, token_range_check
+from .options import KLOptions
 
 NEG_INF = float("-inf")
 
@@ -91,7 +92,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
             ent_l = torch.zeros(R, dtype=cdt, device=x2.device)
         else:
             safe = torch.where(loc >= 0, loc, torch.zeros_like(loc))
-            _lp, ent_l, st = logprobs_forward_rows(x2, safe, temperature, entropy)
+            _lp, ent_l, st = logprobs_forward_rows(x2, safe, KLOptions(temperature=temperature,
+                                                                         return_entropy=entropy))
             ref_l, log_s_l = st[:, 0].to(cdt), st[:, 1].to(cdt)
             ent_l = ent_l.to(cdt) if entropy else None
         live = log_s_l > NEG_INF
@@ -126,7 +128,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
         if uses_triton(x2):
             dlp32 = dlp.to(stats.dtype).contiguous()
             dent32 = dent.to(stats.dtype).contiguous() if dent is not None else None
-            logprobs_backward_into(out, x2, loc, ent.contiguous(), stats, dlp32, dent32, T)
+            logprobs_backward_into(out, x2, loc, ent.contiguous(), stats, dlp32, dent32,
+                                   KLOptions(temperature=T))
         else:
             logq = (x2.to(stats.dtype) / T - stats[:, :1]) - stats[:, 1:]
             q = torch.exp(logq)
@@ -163,9 +166,9 @@ def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, 
                     extra_agree, options_error):
     local_error, tok, C_local = options_error, None, 0
     try:
-        check_shard_logits("logits", logits)
+        check_shard_logits("input", logits)
         C_local = logits.shape[-1]
-        tok = class_ids(tokens, logits.shape[:-1], "logits' leading shape")
+        tok = class_ids(tokens, logits.shape[:-1], "input's leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e
     agree = dict(temperature=temperature if local_error is None else 0.0,

@@ -21,6 +21,8 @@ from ..core.inputs import class_ids, target_range_check
 from ..core.options import REDUCTIONS
 from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative
 from . import rows_torch
+from .ops import DISTILL_FLAT
+from .options import DIVERGENCES, kl_from_flat
 from .parallel import check_shard_logits, localize, owner_gather
 from .rows_torch import JSD, KL, REVERSE_KL, mixture_excess, mixture_gaps, xlogy_ratio
 
@@ -101,8 +103,8 @@ class VocabParallelDistill(torch.autograd.Function):
             return (no_second_derivative(out, "distillation_loss"),) + none
         ok = stats[:, 7] > 0
         g = torch.where(ok, dloss.to(stats.dtype), torch.zeros_like(stats[:, 7]))
-        dx = rows_torch.distill_backward(x2, t2, None, stats, g, divergence, beta, temperature, ignore_index,
-                                       ce_weight).to(stats.dtype)
+        opts = kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, 0.0))
+        dx = rows_torch.distill_backward(x2, t2, None, stats, g, opts).to(stats.dtype)
         if use_ce:  # g alpha (softmax(x)_j - [j = label]), the softmax from the global (ref_1, log s_1)
             sm1 = torch.exp(rows_torch.log_softmax_from(x2.to(stats.dtype), stats[:, 4], stats[:, 5]))
             onehot = torch.arange(x2.shape[1], device=x2.device)[None, :] == loc[:, None]
@@ -121,8 +123,8 @@ def vocab_parallel_distillation_rows(student_logits: Tensor, teacher_logits: Ten
 
     ``student_logits`` / ``teacher_logits``: this rank's (..., C_local) slices on the same layout
     (a teacher shard of another width on any rank raises on every rank); ``labels``: GLOBAL ids;
-    ``chosen``: ``distill_options``' result (None when it raised: its error is ``options_error``,
-    raised after the exchange); ``extra_agree``: more values that must agree across ranks.
+    ``chosen``: the validated ``KLOptions`` (``options.make_kl``; None when it raised: its error is
+    ``options_error``, raised after the exchange); ``extra_agree``: more values that must agree across ranks.
     """
     args = (student_logits, teacher_logits, labels, chosen, process_group, vocab_start_index,
             extra_agree or {}, options_error)
@@ -139,20 +141,22 @@ def _distill(student_logits, teacher_logits, labels, chosen, process_group, voca
              options_error):
     local_error, lbl, C_local = options_error, None, 0
     try:
-        check_shard_logits("student_logits", student_logits)
-        check_shard_logits("teacher_logits", teacher_logits)
+        check_shard_logits("input", student_logits)
+        check_shard_logits("teacher_input", teacher_logits)
         C_local = student_logits.shape[-1]
         if teacher_logits.shape != student_logits.shape:
-            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape "
+            raise ValueError(f"teacher_input shape {tuple(teacher_logits.shape)} != input shape "
                              f"{tuple(student_logits.shape)}: student and teacher must share one layout")
         if teacher_logits.device != student_logits.device:
-            raise ValueError("teacher_logits and student_logits must be on the same device")
+            raise ValueError("teacher_input and input must be on the same device")
         if labels is not None:
-            lbl = class_ids(labels, student_logits.shape[:-1], "student_logits' leading shape")
+            lbl = class_ids(labels, student_logits.shape[:-1], "input's leading shape")
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e
-    if chosen is not None:
-        div, beta, temperature, ce_weight, opts = chosen
+    if chosen is not None:  # the validated KLOptions (options.make_kl)
+        opts = chosen
+        div, beta, temperature, ce_weight = (DIVERGENCES.index(opts.divergence), opts.beta, opts.temperature,
+                                             opts.ce_weight)
         values = (div, beta if div == JSD else 0.0, temperature, ce_weight,
                   float(REDUCTIONS.index(opts.reduction)), opts.ignore_index,
                   float(opts.empty_batch == "zero"), float(labels is not None))

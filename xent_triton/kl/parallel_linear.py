@@ -24,8 +24,8 @@ from ..core.runtime import compute_dtype
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
 
-STUDENT = ("student_hidden", "student_weight", "student_bias")
-TEACHER = ("teacher_hidden", "teacher_weight", "teacher_bias")
+STUDENT = ("input", "linear_weight", "linear_bias")
+TEACHER = ("teacher_input", "teacher_linear_weight", "teacher_linear_bias")
 
 
 class ReduceInputGrad(torch.autograd.Function):
@@ -77,7 +77,7 @@ def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens:
     ``temperature`` validated there, ``error`` its validation error, raised on every rank)."""
     logits = hidden
     try:
-        hidden, weight, bias = check_shard_head(("hidden", "weight", "bias"), hidden, weight, bias)
+        hidden, weight, bias = check_shard_head(STUDENT, hidden, weight, bias)
         logits = shard_logits(hidden, weight, bias, process_group, hidden.requires_grad)
     except (TypeError, ValueError) as e:  # raised after the exchange, on every rank
         error = error or e
@@ -104,7 +104,7 @@ def vocab_parallel_linear_distillation_rows(student_hidden: Tensor, student_weig
             raise ValueError(f"student and teacher head shards have different class counts: {ws.shape[0]} "
                              f"vs {wt.shape[0]}: they must share one layout")
         if ht.shape[:-1] != hs.shape[:-1]:
-            raise ValueError(f"teacher_hidden's leading shape {tuple(ht.shape[:-1])} != student_hidden's "
+            raise ValueError(f"teacher_input's leading shape {tuple(ht.shape[:-1])} != input's "
                              f"{tuple(hs.shape[:-1])}")
         xs = shard_logits(hs, ws, bs, process_group, hs.requires_grad)
         with torch.no_grad():

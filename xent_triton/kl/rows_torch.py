@@ -13,12 +13,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.formulas_torch import safe_ref
 from ..core.row_blocks import BLOCK_ELEMS
 from ..core.runtime import compute_dtype
+from ..cross_entropy.rows_torch import safe_ref, transform_grad, transform_logits
 from ..linear.chunk_torch import row_blocks
+from .options import DIVERGENCES, KLOptions
 
-KL, REVERSE_KL, JSD = 0, 1, 2
+KL, REVERSE_KL, JSD = (DIVERGENCES.index(d) for d in ("kl", "reverse_kl", "jsd"))
 N_STATS = 8
 
 
@@ -54,12 +55,15 @@ def mixture_excess(logp: Tensor, logq: Tensor, beta: float) -> Tensor:
     return -(z.clamp_min(0) + torch.log1p(torch.exp(-z.abs())))
 
 
-def distill_forward(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: int, beta: float,
-                    temperature: float, ignore_index: int, ce_weight: float) -> tuple[Tensor, Tensor]:
-    """(loss (R,), stats (R, 8)) of student rows x and teacher rows t (see the kernel)."""
+def distill_forward(x: Tensor, t: Tensor, labels: Optional[Tensor],
+                    opts: KLOptions) -> tuple[Tensor, Tensor]:
+    """(loss (R,), stats (R, 8)) of student rows x and teacher rows t (see the kernel); with a
+    softcap both are capped first (``transform_logits``), then divided by the temperature."""
+    divergence, beta, temperature = DIVERGENCES.index(opts.divergence), opts.beta, opts.temperature
+    ignore_index, ce_weight = opts.ignore_index, opts.ce_weight
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs = x.to(cdt)
-    b, a = xs / temperature, t.to(cdt) / temperature
+    xs = transform_logits(x.to(cdt), 1.0, opts.softcap)
+    b, a = xs / temperature, transform_logits(t.to(cdt), 1.0, opts.softcap) / temperature
     ref_p, log_sp = row_stats(a)
     ref_q, log_sq = row_stats(b)
     logp, logq = log_softmax_from(a, ref_p, log_sp), log_softmax_from(b, ref_q, log_sq)
@@ -95,14 +99,16 @@ def distill_forward(x: Tensor, t: Tensor, labels: Optional[Tensor], divergence: 
 
 
 def distill_backward(x: Tensor, t: Tensor, labels: Optional[Tensor], stats: Tensor, dloss: Tensor,
-                     divergence: int, beta: float, temperature: float, ignore_index: int,
-                     ce_weight: float) -> Tensor:
-    """dL/dx (x's dtype) from the forward's stats and the per-row upstream gradient."""
+                     opts: KLOptions) -> Tensor:
+    """dL/dx (x's dtype) from the forward's stats and the per-row upstream gradient (through the
+    softcap by ``transform_grad``)."""
+    divergence, beta, temperature = DIVERGENCES.index(opts.divergence), opts.beta, opts.temperature
+    ignore_index, ce_weight = opts.ignore_index, opts.ce_weight
     cdt = stats.dtype
-    xs = x.to(cdt)
+    xs = transform_logits(x.to(cdt), 1.0, opts.softcap)
     ref_p, log_sp, ref_q, log_sq, ref_1, log_s1, extra = stats[:, :7].unbind(1)
     u = xs / temperature - ref_q[:, None]
-    v = t.to(cdt) / temperature - ref_p[:, None]
+    v = transform_logits(t.to(cdt), 1.0, opts.softcap) / temperature - ref_p[:, None]
     logq, logp = u - log_sq[:, None], v - log_sp[:, None]
     q = torch.exp(logq)
     if divergence == KL:
@@ -121,7 +127,7 @@ def distill_backward(x: Tensor, t: Tensor, labels: Optional[Tensor], stats: Tens
             onehot = torch.zeros_like(sm1).scatter_(1, torch.where(ok, labels, 0)[:, None], 1.0)
             dx = dx + g * ce_weight * (sm1 - onehot)
         dx = torch.where(ok[:, None], dx, torch.zeros_like(dx))
-    return dx.to(x.dtype)
+    return transform_grad(dx, xs, 1.0, opts.softcap).to(x.dtype)
 
 
 LOGQ_FLOOR = -1e4  # log-probabilities below it have exp() == 0 in float32 and float64: clamped there,
@@ -149,13 +155,15 @@ def block_buffer(x: Tensor) -> Tensor:
     return torch.empty(min(rows, step) * C, dtype=compute_dtype(x), device=x.device)
 
 
-def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float, entropy: bool,
+def logprobs_forward(x: Tensor, tokens: Tensor, opts: KLOptions,
                      scratch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(lp (R,), H (R,) or (0,), stats (R, 2) = (ref, log s)) of rows x (see kl/logprobs_kernels.py), in
     cache-sized row blocks: b = x / T, ref = safe max b, d = b - ref, s = sum e^d, lp = (b_y - ref) -
     log s, H = log s - sum(e^d d) / s (e^d d by an in-place product and torch's sum: a bmm dot
     product accumulated 2e-5 of error at C = 32000, torch's own fp32 entropy 5e-6). ``scratch``: x
-    may be overwritten (a chunk of logits the caller formed; no copy of fp32 rows)."""
+    may be overwritten (a chunk of logits the caller formed; no copy of fp32 rows). A softcap caps
+    each block first (``transform_logits``, one more block-sized temporary)."""
+    temperature, entropy, softcap = opts.temperature, opts.return_entropy, opts.softcap
     R, C = x.shape
     cdt = compute_dtype(x)
     lp, stats = x.new_empty((R,), dtype=cdt), x.new_empty((R, 2), dtype=cdt)
@@ -167,6 +175,8 @@ def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float, entropy: boo
         return lp, ent, stats
     buf = block_buffer(x) if entropy else None
     for s, work in (row_blocks(x) if scratch else copied_blocks(x)):
+        if softcap > 0:
+            work.copy_(transform_logits(work, 1.0, softcap))
         if temperature != 1.0:
             work.div_(temperature)
         ref = safe_ref(work.amax(1))
@@ -185,10 +195,11 @@ def logprobs_forward(x: Tensor, tokens: Tensor, temperature: float, entropy: boo
 
 
 def logprobs_backward(x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp: Tensor,
-                      dent: Optional[Tensor], temperature: float, out: Optional[Tensor] = None) -> Tensor:
+                      dent: Optional[Tensor], opts: KLOptions, out: Optional[Tensor] = None) -> Tensor:
     """dL/dx of rows x into ``out`` (x's dtype; may be x itself, then overwritten; a new tensor when
     None), in cache-sized row blocks: with log q = b - ref - log s, q = e^{log q},
-    dx = (dlp onehot - q (dlp + dent (log q + H))) / T."""
+    dx = (dlp onehot - q (dlp + dent (log q + H))) / T, through the softcap by ``transform_grad``."""
+    temperature, softcap = opts.temperature, opts.softcap
     cdt = stats.dtype
     out = torch.empty_like(x) if out is None else out
     inplace = out is x
@@ -199,6 +210,10 @@ def logprobs_backward(x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp
         c0 = -(dent.to(cdt) * ent.to(cdt) + dlp.to(cdt)) / temperature
     shift = stats[:, 0] + stats[:, 1]
     for s, work in (row_blocks(x) if inplace else copied_blocks(x)):
+        z = None
+        if softcap > 0:
+            z = transform_logits(work, 1.0, softcap)
+            work.copy_(z)
         if temperature != 1.0:
             work.div_(temperature)
         logq = work.sub_(shift[s, None])
@@ -208,6 +223,8 @@ def logprobs_backward(x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp
             q = torch.exp(logq.clamp_min_(LOGQ_FLOOR), out=buf[:logq.numel()].view(logq.shape))
             work = logq.mul_(c1[s, None]).add_(c0[s, None]).mul_(q)
         work.scatter_add_(1, tokens[s, None], g[s, None])
+        if z is not None:
+            work.copy_(transform_grad(work, z, 1.0, softcap))
         if not (inplace and x.dtype == cdt):
             out[s].copy_(work)
     return out

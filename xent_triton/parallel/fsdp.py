@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..core.loss_module import renamed_keywords
+from ..core.renames import renamed_keywords
 from ..linear.functional import linear_cross_entropy
 
 

@@ -1,0 +1,259 @@
+"""Custom ops of the KL family's linear forms (``kl/linear.py``): chunked over tokens, per chunk
+of ``chunk_size`` rows the logits (student and teacher) are formed by ``torch.mm`` into reused
+(chunk, C) buffers and the row launchers of ``kl/ops.py`` run on them; the backward recomputes the
+chunk's logits, writes their gradient over the student buffer (in place) and turns it into dX
+(written per chunk) and dW, db (fp32 accumulators). Nothing N x C exists beyond one chunk per model.
+The options cross each schema flattened by ``kl_flat`` (``LINEAR_DISTILL_FLAT``,
+``LINEAR_LOGPROBS_FLAT``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..core.inputs import target_range_check
+from ..core.runtime import compute_dtype, no_second_derivative, upstream_or_zeros
+from ..linear.chunked import accumulate_mm, logits_into, make_scratch
+from .ops import (
+    DISTILL_FLAT,
+    LOGPROBS_FLAT,
+    distill_backward_into,
+    distill_forward_rows,
+    logprobs_backward_into,
+    logprobs_forward_rows,
+    saved_entropy,
+    token_range_check,
+)
+from .options import KLOptions, kl_flat, kl_from_flat
+
+CHUNK_LOGITS = 1 << 24  # default chunk: about 16M logits per model buffer
+
+
+def chunked(opts: KLOptions, N: int, C: int) -> KLOptions:
+    """``opts`` with its chunk size resolved (0 = automatic: about CHUNK_LOGITS logits per chunk)."""
+    if opts.chunk_size:
+        return opts
+    return dataclasses.replace(opts, chunk_size=max(1, min(N, CHUNK_LOGITS // max(C, 1))))
+
+
+class Grads:
+    """The student's gradient buffers, allocated only for what autograd asks (a frozen head
+    - LoRA, RL with a fixed head - allocates no (C, D) or (C,) buffer): dX in x's dtype, dW and
+    db as fp32 / fp64 accumulators (``scratch`` from ``make_scratch``)."""
+
+    def __init__(self, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool):
+        acc = compute_dtype(x)
+        self.x_dtype, self.w_dtype = x.dtype, w.dtype
+        self.dx = x.new_empty(x.shape) if need_dx else None
+        self.dw = torch.zeros(w.shape, dtype=acc, device=x.device) if need_dw else None
+        self.db = torch.zeros((w.shape[0],), dtype=acc, device=x.device) if need_db else None
+        self.scratch = make_scratch(self.dw, x.dtype)
+
+    def add_chunk(self, dz: Tensor, x: Tensor, w: Tensor, r0: int, r1: int) -> None:
+        """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (16-bit products reach dW as in the
+        linear head: ``out_dtype`` GEMMs on CUDA, a block scratch on CPU)."""
+        if self.dx is not None:
+            torch.mm(dz, w, out=self.dx[r0:r1])
+        if self.dw is not None:
+            accumulate_mm(self.dw, dz.t(), x[r0:r1], False, self.scratch)
+        if self.db is not None:
+            self.db.add_(dz.sum(0, dtype=self.db.dtype))
+
+    def result(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(dX, dW, db) with a (0,) placeholder for each one not asked for."""
+        return (x.new_empty((0,)) if self.dx is None else self.dx,
+                x.new_empty((0,)) if self.dw is None else self.dw.to(self.w_dtype),
+                x.new_empty((0,)) if self.db is None else self.db.to(self.w_dtype))
+
+
+def needs(ctx, b: Optional[Tensor]) -> tuple[bool, bool, bool]:
+    return ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]
+
+
+def grads_or_none(grads, need, what: str) -> tuple:
+    return tuple(no_second_derivative(g, what) if n else None for g, n in zip(grads, need))
+
+
+def fake_grads(x: Tensor, w: Tensor, b: Optional[Tensor], need_dx: bool, need_dw: bool,
+               need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            w.new_empty(w.shape) if need_dw else x.new_empty((0,)),
+            w.new_empty((w.shape[0],)) if need_db else x.new_empty((0,)))
+
+
+LINEAR_DISTILL_FLAT = DISTILL_FLAT + ("chunk_size",)  # the schema's scalars, in order (kl_flat)
+LINEAR_LOGPROBS_FLAT = LOGPROBS_FLAT + ("chunk_size",)
+
+
+@torch.library.custom_op("xent_triton::linear_distillation_fwd", mutates_args=())
+def linear_distillation_fwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
+                            bt: Optional[Tensor], labels: Optional[Tensor], divergence: int, beta: float,
+                            temperature: float, ignore_index: int, ce_weight: float, softcap: float,
+                            chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, stats) of the logits xs wsᵀ + bs against xt wtᵀ + bt, chunk_size rows at a
+    time (scalars: ``LINEAR_DISTILL_FLAT``)."""
+    opts = kl_from_flat(LINEAR_DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap,
+                                              chunk_size))
+    N, C, chunk = xs.shape[0], ws.shape[0], chunk_size
+    if labels is not None:
+        target_range_check(labels, C, ignore_index)
+    loss = xs.new_empty((N,), dtype=compute_dtype(xs))
+    stats = xs.new_empty((N, 8), dtype=compute_dtype(xs))
+    zs = xs.new_empty((min(chunk, N), C))
+    zt = xt.new_empty((min(chunk, N), C))
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        n = r1 - r0
+        logits_into(zs[:n], xs[r0:r1], ws, bs)
+        logits_into(zt[:n], xt[r0:r1], wt, bt)
+        lo, st = distill_forward_rows(zs[:n], zt[:n], None if labels is None else labels[r0:r1], opts)
+        loss[r0:r1] = lo
+        stats[r0:r1] = st
+    return loss, stats
+
+
+@linear_distillation_fwd.register_fake
+def _(xs, ws, bs, xt, wt, bt, labels, *flat):
+    N, dt = xs.shape[0], compute_dtype(xs)
+    return xs.new_empty((N,), dtype=dt), xs.new_empty((N, 8), dtype=dt)
+
+
+@torch.library.custom_op("xent_triton::linear_distillation_bwd", mutates_args=())
+def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
+                            bt: Optional[Tensor], labels: Optional[Tensor], stats: Tensor, dloss: Tensor,
+                            divergence: int, beta: float, temperature: float, ignore_index: int,
+                            ce_weight: float, softcap: float, chunk_size: int, need_dx: bool, need_dw: bool,
+                            need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db) of the student; (0,) for each one not needed (and db without a bias)."""
+    opts = kl_from_flat(LINEAR_DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap,
+                                              chunk_size))
+    N, C, chunk = xs.shape[0], ws.shape[0], chunk_size
+    grads = Grads(xs, ws, need_dx, need_dw, need_db)
+    zs = xs.new_empty((min(chunk, N), C))
+    zt = xt.new_empty((min(chunk, N), C))
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        n = r1 - r0
+        logits_into(zs[:n], xs[r0:r1], ws, bs)
+        logits_into(zt[:n], xt[r0:r1], wt, bt)
+        distill_backward_into(zs[:n], zs[:n], zt[:n], None if labels is None else labels[r0:r1],
+                              stats[r0:r1], dloss[r0:r1], opts)
+        grads.add_chunk(zs[:n], xs, ws, r0, r1)
+    return grads.result(xs)
+
+
+@linear_distillation_bwd.register_fake
+def _(xs, ws, bs, xt, wt, bt, labels, stats, dloss, *flat_and_needs):
+    return fake_grads(xs, ws, bs, *flat_and_needs[-3:])
+
+
+def _ld_setup(ctx, inputs, output):
+    xs, ws, bs, xt, wt, bt, labels, *flat = inputs
+    ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, output[1])
+    ctx.flat = tuple(flat)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ld_backward(ctx, dloss, _dstats):
+    xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
+    dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, xs.device)
+    need = needs(ctx, bs)
+    grads = torch.ops.xent_triton.linear_distillation_bwd(xs, ws, bs, xt, wt, bt, labels, stats, dloss,
+                                                           *ctx.flat, *need)
+    # (dxs, dws, dbs), then None for xt, wt, bt, labels and each flattened option
+    return grads_or_none(grads, need, "linear_distillation_loss") + (None,) * (4 + len(LINEAR_DISTILL_FLAT))
+
+
+linear_distillation_fwd.register_autograd(_ld_backward, setup_context=_ld_setup)
+
+
+@torch.library.custom_op("xent_triton::linear_token_logprobs_fwd", mutates_args=())
+def linear_token_logprobs_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, temperature: float,
+                              softcap: float, return_entropy: bool,
+                              chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs, entropy or (0,), stats) of the logits x wᵀ + b, chunk_size rows at a time
+    (scalars: ``LINEAR_LOGPROBS_FLAT``)."""
+    opts = kl_from_flat(LINEAR_LOGPROBS_FLAT, (temperature, softcap, return_entropy, chunk_size))
+    N, C, chunk, entropy = x.shape[0], w.shape[0], chunk_size, return_entropy
+    token_range_check(tokens, C)
+    dt = compute_dtype(x)
+    lp, ent, stats = x.new_empty((N,), dtype=dt), x.new_empty((N if entropy else 0,), dtype=dt), \
+        x.new_empty((N, 2), dtype=dt)
+    z = x.new_empty((min(chunk, N), C))
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        logits_into(z[:r1 - r0], x[r0:r1], w, b)
+        lp[r0:r1], e, stats[r0:r1] = logprobs_forward_rows(z[:r1 - r0], tokens[r0:r1], opts, scratch=True)
+        if entropy:
+            ent[r0:r1] = e
+    return lp, ent, stats
+
+
+@linear_token_logprobs_fwd.register_fake
+def _(x, w, b, tokens, temperature, softcap, return_entropy, chunk_size):
+    N, dt = x.shape[0], compute_dtype(x)
+    return (x.new_empty((N,), dtype=dt), x.new_empty((N if return_entropy else 0,), dtype=dt),
+            x.new_empty((N, 2), dtype=dt))
+
+
+@torch.library.custom_op("xent_triton::linear_token_logprobs_bwd", mutates_args=())
+def linear_token_logprobs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, ent: Tensor,
+                              stats: Tensor, dlp: Tensor, dent: Optional[Tensor], temperature: float,
+                              softcap: float, return_entropy: bool, chunk_size: int, need_dx: bool,
+                              need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db); (0,) for each one not needed (and db without a bias)."""
+    opts = kl_from_flat(LINEAR_LOGPROBS_FLAT, (temperature, softcap, return_entropy, chunk_size))
+    N, C, chunk = x.shape[0], w.shape[0], chunk_size
+    grads = Grads(x, w, need_dx, need_dw, need_db)
+    z = x.new_empty((min(chunk, N), C))
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        zc = z[:r1 - r0]
+        logits_into(zc, x[r0:r1], w, b)
+        logprobs_backward_into(zc, zc, tokens[r0:r1], ent[r0:r1] if dent is not None else ent,
+                               stats[r0:r1], dlp[r0:r1], None if dent is None else dent[r0:r1], opts)
+        grads.add_chunk(zc, x, w, r0, r1)
+    return grads.result(x)
+
+
+@linear_token_logprobs_bwd.register_fake
+def _(x, w, b, tokens, ent, stats, dlp, dent, *flat_and_needs):
+    return fake_grads(x, w, b, *flat_and_needs[-3:])
+
+
+def _lt_setup(ctx, inputs, output):
+    x, w, b, tokens, *flat = inputs
+    ctx.save_for_backward(x, w, b, tokens, saved_entropy(output[1]), output[2])
+    ctx.flat = tuple(flat)
+    # an unused output's gradient stays None (entropy logged only: no entropy term in the backward)
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _lt_backward(ctx, dlp, dent, _dstats):
+    x, w, b, tokens, ent, stats = ctx.saved_tensors
+    dlp = upstream_or_zeros(dlp, stats.shape[0], stats.dtype, x.device)
+    need = needs(ctx, b)
+    entropy = ctx.flat[LINEAR_LOGPROBS_FLAT.index("return_entropy")]
+    grads = torch.ops.xent_triton.linear_token_logprobs_bwd(
+        x, w, b, tokens, ent, stats, dlp, dent if entropy else None, *ctx.flat, *need)
+    # (dx, dw, db), then None for tokens and each flattened option
+    return grads_or_none(grads, need, "linear_token_logprobs") + (None,) * (1 + len(LINEAR_LOGPROBS_FLAT))
+
+
+linear_token_logprobs_fwd.register_autograd(_lt_backward, setup_context=_lt_setup)
+
+
+def linear_logprobs_rows(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor,
+                         opts: KLOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs, entropy or (0,), stats (ref, log s)) of the (N, D) rows x against the head (w, b)
+    through ``linear_token_logprobs_fwd`` (differentiable; the options flattened here, at the
+    schema; chunk size resolved)."""
+    opts = chunked(opts, x.shape[0], w.shape[0])
+    return torch.ops.xent_triton.linear_token_logprobs_fwd(x, w, b, tokens,
+                                                           *kl_flat(opts, LINEAR_LOGPROBS_FLAT))
+
+
