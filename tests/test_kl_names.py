@@ -65,11 +65,11 @@ def test_old_keyword_warns_and_works(fn, renames, kind, old):
 def test_old_and_new_together_raise(fn, renames, kind, old):
     kw = _new_kwargs(renames, kind)
     kw[old] = kw[renames[old]]
-    with pytest.raises(TypeError, match=f"both '{old}' \\(deprecated\\) and its new name '{renames[old]}'"):
+    with pytest.raises(TypeError, match=f"both '{renames[old]}' and its deprecated name '{old}'"):
         fn(**kw)
 
 
 def test_new_by_position_and_old_by_keyword_raise():
     t = _tensors()["logits"]
-    with pytest.raises(TypeError, match="both 'labels'"):
+    with pytest.raises(TypeError, match="both 'target' and its deprecated name 'labels'"):
         xent_triton.distillation_loss(t["input"], t["teacher_input"], t["target"], labels=t["target"])
