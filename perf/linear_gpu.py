@@ -10,20 +10,27 @@ At the Llama-3 head (D = 4096, C = 128256, bf16) for N in (2048, 4096, 8192), ea
 * ``torch F.linear_cross_entropy`` where this torch has it, ``liger FLCE`` and ``quack`` where
   importable (reported ``missing`` otherwise).
 
-Timing: paired and interleaved: every iteration runs every provider once (order rotated), each
-timed by CUDA events; ``--iters`` (>= 20) iterations after ``--warmup``; reported: the median
-time, and the median of the per-iteration ratios to the floor of the same iteration (so clock
-drift and neighbours hit both alike). Also: peak extra memory, TFLOP/s of 6 N D C at the kept
-rows, and run-to-run determinism of xent (two runs' loss / dX / dW bitwise equal). The card,
+Timing: ``perf.measure.paired``: every iteration runs every provider once (order rotated), each
+timed by CUDA events (L2 flushed before); ``--iters`` (>= 20) iterations after ``--warmup``;
+reported: the median time, and the median of the per-iteration ratios to the floor of the same
+iteration (so clock drift and neighbours hit both alike). Also: peak extra memory
+(``perf.memory``), TFLOP/s of 6 N D C at the kept rows, and run-to-run determinism of xent (two
+runs' loss / dX / dW bitwise equal). The card,
 its SM / memory clocks (start and end), versions and the command go to DIR/linear_gpu_env.txt
 and every CSV row (DIR/linear_gpu.csv). Budget: about 1-3 minutes on an H100 / H200, compile
 included (the script stops adding cases after ``--budget-s``).
 
 Targets (issue 20): xent / floor <= 1.05 at 0 % ignored and <= 0.55 at 50 %.
+
+Also written: the dispatch table between the fused-epilogue head and the vendor-GEMM default
+(``linear_dispatch.csv``: per card and shape the faster of the two medians; commit it under
+perf/results/ once measured). Nothing reads it yet: the package default stays the vendor path and
+``xent_triton.linear.fused_head.linear_cross_entropy_fused`` is the explicit opt-in.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
 import subprocess
@@ -48,7 +55,7 @@ def providers(quiet: bool = False):
     import xent_triton
 
     out = {"xent default": lambda h, w, y: xent_triton.linear_cross_entropy(h, w, y)}
-    if DEV == "cuda":  # the fused-epilogue GEMM path (opt-in; perf/fused_dispatch.py)
+    if DEV == "cuda":  # the fused-epilogue GEMM path (opt-in; dispatch_rows below)
         from xent_triton.linear.fused_head import linear_cross_entropy_fused
         out["xent fused-epilogue"] = lambda h, w, y: linear_cross_entropy_fused(h, w, y)
     else:
@@ -139,7 +146,6 @@ def main(argv=None) -> int:
         f.write("\n".join(f"{k}: {v}" for k, v in stamp.items()) + "\n")
     write_csv(os.path.join(args.out, "linear_gpu.csv"), rows, stamp)
     print(f"wrote {args.out}/linear_gpu.csv ({len(rows)} rows) in {time.time() - t_start:.0f} s")
-    from perf.fused_dispatch import write_dispatch
     print(f"wrote {write_dispatch(rows, card, args.out)}")
     return 0 if ok else 1
 
@@ -147,6 +153,9 @@ def main(argv=None) -> int:
 def run_case(N, D, C, frac, x, w, y, provs, iters: int, warmup: int) -> list[dict]:
     """Paired, interleaved timings of the floor and every available provider at one (N, f)."""
     import torch
+
+    from perf.measure import paired, ratio
+    from perf.memory import peak_extra_bytes
 
     xd, wd = x.detach(), w.detach()
     zbuf = [torch.empty(N, C, device=DEV, dtype=torch.bfloat16)]  # the floor's logits / dZ
@@ -173,23 +182,15 @@ def run_case(N, D, C, frac, x, w, y, provs, iters: int, warmup: int) -> list[dic
             fns[name] = step(fn)
         except Exception as e:  # noqa: BLE001
             missing[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-    names = list(fns)
-    times = {n: [] for n in names}
-    for it in range(warmup + iters):
-        order = names[it % len(names):] + names[:it % len(names)]
-        for n in order:
-            t = elapsed_ms(fns[n])
-            if it >= warmup:
-                times[n].append(t)
+    times = {n: [t * 1e3 for t in ts] for n, ts in paired(fns, iters, warmup, DEV).items()}
     zbuf.clear()
     kept = int((y != -100).sum())
     out = []
-    for n in names:
-        ratios = [t / f for t, f in zip(times[n], times["cuBLAS floor"])]
+    for n in fns:
         med = statistics.median(times[n])
-        peak = peak_bytes(fns[n]) if n != "cuBLAS floor" else float("nan")
+        peak = peak_extra_bytes(fns[n], DEV) if n != "cuBLAS floor" else float("nan")
         out.append(dict(N=N, D=D, C=C, ignored=frac, kept=kept, provider=n, median_ms=round(med, 3),
-                        ratio_to_floor=round(statistics.median(ratios), 3),
+                        ratio_to_floor=round(ratio(times, n, "cuBLAS floor"), 3),
                         tflops_kept=round(6 * kept * D * C / med / 1e9, 1),
                         peak_extra_gb=round(peak / 1e9, 3), note=""))
         print(out[-1], flush=True)
@@ -201,35 +202,6 @@ def run_case(N, D, C, frac, x, w, y, provs, iters: int, warmup: int) -> list[dic
 
 
 DEV = "cuda"
-
-
-def elapsed_ms(fn) -> float:
-    """Time of one call: CUDA events (perf_counter in the CPU smoke run)."""
-    import torch
-
-    if DEV != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b)
-
-
-def peak_bytes(fn) -> float:
-    import torch
-
-    if DEV != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return float(torch.cuda.max_memory_allocated() - base)
 
 
 def determinism(x, w, y) -> bool:
@@ -245,6 +217,37 @@ def determinism(x, w, y) -> bool:
         res.append((loss.detach().clone(), x.grad.clone(), w.grad.clone()))
         x.grad = w.grad = None
     return all(torch.equal(a, b) for a, b in zip(*res))
+
+
+FUSED = "xent fused-epilogue"
+VENDOR = "xent default"
+DISPATCH_COLUMNS = ("card", "N", "D", "C", "ignored", "vendor_ms", "fused_ms", "path")
+
+
+def dispatch_rows(rows: list[dict], card: str) -> list[dict]:
+    """One row per shape that has a median for both the fused-epilogue and the vendor-GEMM path;
+    path = 'fused' or 'vendor', the faster."""
+    by: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("median_ms") in ("", None) or r["provider"] not in (FUSED, VENDOR):
+            continue
+        by.setdefault((r["N"], r["D"], r["C"], r["ignored"]), {})[r["provider"]] = float(r["median_ms"])
+    out = []
+    for (N, D, C, f), t in sorted(by.items()):
+        if FUSED in t and VENDOR in t:
+            out.append(dict(card=card, N=N, D=D, C=C, ignored=f, vendor_ms=t[VENDOR], fused_ms=t[FUSED],
+                            path="fused" if t[FUSED] < t[VENDOR] else "vendor"))
+    return out
+
+
+def write_dispatch(rows: list[dict], card: str, out_dir: str) -> str:
+    """``linear_dispatch.csv`` of ``dispatch_rows`` under ``out_dir``; returns its path."""
+    path = os.path.join(out_dir, "linear_dispatch.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=DISPATCH_COLUMNS)
+        w.writeheader()
+        w.writerows(dispatch_rows(rows, card))
+    return path
 
 
 if __name__ == "__main__":

@@ -28,11 +28,7 @@ def peak_extra_bytes(fn: Callable[[], object], device: str, collect: bool = True
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return memory_curve(prof)[0]
+    return cpu_phase(fn, collect=False)[0]
 
 
 def memory_curve(prof) -> tuple[int, int]:
@@ -60,14 +56,15 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def cpu_phase(fn: Callable[[], object], traffic=None) -> tuple[int, int, Optional[int]]:
+def cpu_phase(fn: Callable[[], object], traffic=None, collect: bool = True) -> tuple[int, int, Optional[int]]:
     """(peak extra bytes, net bytes still allocated at the end, bytes moved or None) of ``fn()`` on
     CPU; bytes moved when ``traffic`` (``perf.traffic``) is given."""
     from torch.profiler import ProfilerActivity, profile
 
     # Blocks allocated under an earlier profiler session and freed by a late garbage collection
     # would show up here as negative events and hide part of this phase's peak: collect first.
-    gc.collect()
+    if collect:
+        gc.collect()
     counted = traffic.count() if traffic is not None else contextlib.nullcontext(None)
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():  # kineto logs every start/stop on fd 2
