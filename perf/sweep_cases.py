@@ -98,10 +98,12 @@ def _status(e: Exception) -> str:
 
 
 def time_gpu_case(provs: list[Provider], kind: str, N: int, C: int, D: int, dtype: torch.dtype, mode: str,
-                  iters: int) -> dict[str, dict]:
-    """{provider: {'status', and when ok 'ms', 'ms_p20', 'ms_p80', 'peak_bytes'}} of one case."""
-    inputs, y = make_inputs(kind, N, C, D, dtype, "cuda")
-    g = torch.tensor(GRAD_SCALE, device="cuda")
+                  iters: int, device: str = "cuda") -> dict[str, dict]:
+    """{provider: {'status', and when ok 'ms', 'ms_p20', 'ms_p80', 'peak_bytes'}} of one case
+    (``device="cpu"``: the same on CPU tensors, to check the loop without a GPU)."""
+    cuda = device == "cuda"
+    inputs, y = make_inputs(kind, N, C, D, dtype, device)
+    g = torch.tensor(GRAD_SCALE, device=device)
     out: dict[str, dict] = {}
     groups = [[p] for p in provs] if mode == "bwd" else [provs]  # bwd: one held graph at a time
     for group in groups:
@@ -110,21 +112,23 @@ def time_gpu_case(provs: list[Provider], kind: str, N: int, C: int, D: int, dtyp
             try:
                 steps[p.name] = _gpu_step(p.make(), inputs, y, mode, g)
                 steps[p.name]()  # compile / autotune / warm
-                torch.cuda.synchronize()
+                if cuda:
+                    torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001 - a failing peer must not stop the sweep
                 steps.pop(p.name, None)
                 out[p.name] = {"status": _status(e)}
         try:
-            times = measure.paired(steps, iters, warmup=2, device="cuda") if steps else {}
+            times = measure.paired(steps, iters, warmup=2, device=device) if steps else {}
         except Exception as e:  # noqa: BLE001
             out.update({n: {"status": _status(e)} for n in steps})
             steps, times = {}, {}
         for n, step in steps.items():
             s = measure.summary(times[n])
             out[n] = {"status": "ok", "ms": s["median"] * 1e3, "ms_p20": s["p20"] * 1e3,
-                      "ms_p80": s["p80"] * 1e3, "peak_bytes": peak_extra_bytes(step, "cuda")}
+                      "ms_p80": s["p80"] * 1e3, "peak_bytes": peak_extra_bytes(step, device)}
         steps.clear()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     for t in inputs:
         t.grad = None
     return out
