@@ -150,7 +150,7 @@ def main() -> None:
     print(f"{'SFT' if args.sft else 'GRPO'} fields {outputs}: {N} tokens x hidden {args.hidden} x vocabulary "
           f"{args.vocab}, {args.dtype}, on {device}; float32 logits would be {logits / MiB:.1f} MiB")
     print(f"{'head':34}{'peak extra memory':>20}{'fwd+bwd median':>17}{'fwd GEMM passes':>17}"
-          f"   (median of {args.repeat} interleaved)")
+          f"   (median of {args.repeat} paired)")
     for name, (peak, seconds, passes, *_) in results.items():
         print(f"{name:34}{peak / MiB:16.1f} MiB{seconds * 1e3:14.1f} ms{passes:17.2f}")
     (_, _, _, lp_a, ent_a, top_a, g_a), (_, _, _, lp_b, ent_b, top_b, g_b) = results.values()
