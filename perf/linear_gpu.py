@@ -21,16 +21,10 @@ and every CSV row (DIR/linear_gpu.csv). Budget: about 1-3 minutes on an H100 / H
 included (the script stops adding cases after ``--budget-s``).
 
 Targets (issue 20): xent / floor <= 1.05 at 0 % ignored and <= 0.55 at 50 %.
-
-Also written: the dispatch table between the fused-epilogue head and the vendor-GEMM default
-(``linear_dispatch.csv``: per card and shape the faster of the two medians; commit it under
-perf/results/ once measured). Nothing reads it yet: the package default stays the vendor path and
-``xent_triton.linear.fused_head.linear_cross_entropy_fused`` is the explicit opt-in.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -55,7 +49,7 @@ def providers(quiet: bool = False):
     import xent_triton
 
     out = {"xent default": lambda h, w, y: xent_triton.linear_cross_entropy(h, w, y)}
-    if DEV == "cuda":  # the fused-epilogue GEMM path (opt-in; dispatch_rows below)
+    if DEV == "cuda":  # the fused-epilogue GEMM path (opt-in; perf/fused_dispatch.py)
         from xent_triton.linear.fused_head import linear_cross_entropy_fused
         out["xent fused-epilogue"] = lambda h, w, y: linear_cross_entropy_fused(h, w, y)
     else:
@@ -146,6 +140,7 @@ def main(argv=None) -> int:
         f.write("\n".join(f"{k}: {v}" for k, v in stamp.items()) + "\n")
     write_csv(os.path.join(args.out, "linear_gpu.csv"), rows, stamp)
     print(f"wrote {args.out}/linear_gpu.csv ({len(rows)} rows) in {time.time() - t_start:.0f} s")
+    from perf.fused_dispatch import write_dispatch
     print(f"wrote {write_dispatch(rows, card, args.out)}")
     return 0 if ok else 1
 
@@ -217,37 +212,6 @@ def determinism(x, w, y) -> bool:
         res.append((loss.detach().clone(), x.grad.clone(), w.grad.clone()))
         x.grad = w.grad = None
     return all(torch.equal(a, b) for a, b in zip(*res))
-
-
-FUSED = "xent fused-epilogue"
-VENDOR = "xent default"
-DISPATCH_COLUMNS = ("card", "N", "D", "C", "ignored", "vendor_ms", "fused_ms", "path")
-
-
-def dispatch_rows(rows: list[dict], card: str) -> list[dict]:
-    """One row per shape that has a median for both the fused-epilogue and the vendor-GEMM path;
-    path = 'fused' or 'vendor', the faster."""
-    by: dict[tuple, dict[str, float]] = {}
-    for r in rows:
-        if r.get("median_ms") in ("", None) or r["provider"] not in (FUSED, VENDOR):
-            continue
-        by.setdefault((r["N"], r["D"], r["C"], r["ignored"]), {})[r["provider"]] = float(r["median_ms"])
-    out = []
-    for (N, D, C, f), t in sorted(by.items()):
-        if FUSED in t and VENDOR in t:
-            out.append(dict(card=card, N=N, D=D, C=C, ignored=f, vendor_ms=t[VENDOR], fused_ms=t[FUSED],
-                            path="fused" if t[FUSED] < t[VENDOR] else "vendor"))
-    return out
-
-
-def write_dispatch(rows: list[dict], card: str, out_dir: str) -> str:
-    """``linear_dispatch.csv`` of ``dispatch_rows`` under ``out_dir``; returns its path."""
-    path = os.path.join(out_dir, "linear_dispatch.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=DISPATCH_COLUMNS)
-        w.writeheader()
-        w.writerows(dispatch_rows(rows, card))
-    return path
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def test_fused_head_workspace_bytes_per_logit(record_property):
 
 
 def test_dispatch_table_picks_the_faster_path():
-    from perf.linear_gpu import FUSED, VENDOR, dispatch_rows
+    from perf.fused_dispatch import FUSED, VENDOR, dispatch_rows
     rows = [dict(N=8, D=4, C=16, ignored=f, provider=p, median_ms=ms)
             for f, p, ms in ((0.0, VENDOR, 2.0), (0.0, FUSED, 1.5), (0.5, VENDOR, 1.0), (0.5, FUSED, 1.2),
                              (0.9, VENDOR, 1.0), (0.9, FUSED, ""), (0.0, "other", 0.1))]
