@@ -51,6 +51,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -76,13 +77,21 @@ def report(tmp_path_factory) -> list[sr.Row]:
     out = tmp_path_factory.mktemp("static_report")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(out / "triton_cache")  # fresh: CI compiles from scratch
-    proc = subprocess.run([sys.executable, "-m", "perf.static_report", "--workers", "2", "--quiet",
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1200)
+    # Its own session: on a timeout the whole group goes, the compile workers included (killing the
+    # CLI alone left its process pool compiling on).
+    proc = subprocess.Popen([sys.executable, "-m", "perf.static_report", "--workers", "2", "--quiet",
+                             "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"static report took over 1200 s (killed with its workers):\n{stdout}\n{stderr}")
     path = out / "static_report.json"
-    assert path.exists(), f"static report crashed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert path.exists(), f"static report crashed (rc={proc.returncode}):\n{stdout}\n{stderr}"
     rows = [sr.Row(**{k: v for k, v in r.items() if k in ROW_FIELDS}) for r in json.loads(path.read_text())]
-    print(proc.stdout)
+    print(stdout)
     return rows
 
 
