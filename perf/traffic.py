@@ -1,7 +1,7 @@
 """Bytes moved, FLOPs, launches and out-of-bounds lanes of PyTorch + Triton code, counted on the CPU.
 
     from perf import traffic         # the perf scripts; the tests as ``from harness import traffic``
-                                     # (tests/harness/traffic.py re-exports this module)
+                                     # (tests/harness/__init__.py re-exports this module)
     with traffic.count() as r:
         loss = xent_triton.cross_entropy(x, y)
         loss.backward()
