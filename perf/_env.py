@@ -18,8 +18,8 @@ def interpret_without_cuda() -> bool:
 
     ``TRITON_INTERPRET=1`` (unless the caller set it) must be in place before xent_triton is first
     imported: ``@triton.jit`` reads it when the kernels are defined. Call this before importing
-    xent_triton or a perf module that imports it (``perf.providers``, ``perf.measure``,
-    ``perf.report``, ``perf.plots``).
+    xent_triton or a perf module that imports it (``perf.providers``, ``perf.sweep_cases``,
+    ``perf.rows``, ``perf.report``, ``perf.plots``).
     """
     import torch
 

@@ -9,12 +9,12 @@ reference, and the peak extra memory of forward + backward (the logits' own byte
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from perf._env import interpret_without_cuda
+from perf.measure import paired
 from perf.memory import peak_extra_bytes
 
 MiB = 2 ** 20
@@ -28,12 +28,9 @@ def _run(name, fn, x, y, device, grad_scale):
         loss.backward(torch.tensor(grad_scale, device=device, dtype=loss.dtype))
         return loss
 
-    t0 = time.perf_counter()
-    loss = step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    grad = x.grad
+    held = {}
+    seconds = paired({name: lambda: held.update(loss=step())}, iters=1, warmup=0, device=device)[name][0]
+    loss, grad = held["loss"], x.grad
     x.grad = None
     peak = peak_extra_bytes(step, device)
     return name, loss.detach(), grad, peak, seconds

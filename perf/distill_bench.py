@@ -3,8 +3,8 @@
     python -m perf.distill_bench                 # N=16, C=32000, bf16 student and teacher
     python -m perf.distill_bench --rows 8 --classes 50257 --dtype fp32
 
-Per case, forward + backward: the bytes moved (the test harness's counter, tests/harness/traffic.py,
-Triton kernels under the interpreter) and the peak extra memory (profiler), as multiples of the
+Per case, forward + backward: the bytes moved (the traffic counter, ``perf/traffic.py``, Triton
+kernels under the interpreter) and the peak extra memory (``perf/memory.py``), as multiples of the
 student logits' bytes, for xent_triton and for torch's composition (``log_softmax`` of both models in
 fp32 and explicit sums, the way users write it). Liger's JSD is not run: it needs CUDA.
 Machine-independent figures; GPU timings belong to ``perf.sweep``.
@@ -12,7 +12,6 @@ Machine-independent figures; GPU timings belong to ``perf.sweep``.
 from __future__ import annotations
 
 import argparse
-import gc
 
 from perf._env import interpret_without_cuda
 
@@ -39,13 +38,12 @@ def torch_logprobs(x, tokens, temperature=1.0):
 
 
 def measure(fn, traffic):
-    """(bytes moved, peak extra bytes) of fn() (forward + backward)."""
+    """(bytes moved, peak extra bytes) of fn() (forward + backward), after one warm-up call."""
+    from perf.memory import cpu_phase
+
     fn()
-    gc.collect()
-    peak = traffic.peak_extra_bytes(fn)
-    with traffic.count() as r:
-        fn()
-    return r["bytes"], peak
+    peak, _, nbytes = cpu_phase(fn, traffic)
+    return nbytes, peak
 
 
 def main(argv=None) -> None:
@@ -58,7 +56,7 @@ def main(argv=None) -> None:
     import torch
 
     import xent_triton
-    from tests.harness import traffic
+    from perf import traffic
 
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
     N, C = a.rows, a.classes

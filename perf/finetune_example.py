@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 
 import torch
 
@@ -49,6 +48,7 @@ def _collate(rows: list[dict]) -> dict:
 def _train(model, args, data, device: str):
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
+    from perf.measure import paired
     from perf.memory import peak_extra_bytes
 
     with tempfile.TemporaryDirectory() as out_dir:
@@ -58,9 +58,10 @@ def _train(model, args, data, device: str):
             use_cpu=device == "cpu", disable_tqdm=True, seed=0, bf16=args.bf16)
         trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=_collate)
         trainer.remove_callback(PrinterCallback)  # the table below prints the losses
-        t0 = time.perf_counter()
-        peak = peak_extra_bytes(trainer.train, device)
-        seconds = time.perf_counter() - t0
+        held = {}  # one training run: its peak extra memory, timed
+        train = {"train": lambda: held.update(peak=peak_extra_bytes(trainer.train, device))}
+        seconds = paired(train, iters=1, warmup=0, device=device)["train"][0]
+        peak = held["peak"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return losses, peak, seconds
 

@@ -65,7 +65,7 @@ rc_linear=${PIPESTATUS[0]}
 
 echo "== reduced sweep (limit 250 s)"
 timeout 250 "$PY" -m perf.sweep --out "$OUT" --quick --modes fwdbwd nograd fwd bwd \
-    --time-budget 170 --rep-ms 50 2>&1 | tee "$OUT/sweep.log" | grep -v '^\[gpu sweep' | tail -20
+    --time-budget 170 --iters 10 2>&1 | tee "$OUT/sweep.log" | grep -v '^\[gpu sweep' | tail -20
 rc_sweep=${PIPESTATUS[0]}
 [ -f "$OUT/sweep.md" ] && cat "$OUT/sweep.md"
 if [ -f "$OUT/sweep.csv" ]; then  # peers may fail (recorded); our own kernels must not

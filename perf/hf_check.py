@@ -19,10 +19,17 @@ TEST_FILES = ("tests/test_hf_integration.py", "tests/test_trl_integration.py")
 
 
 class _Collector:
-    """pytest plugin: the outcome of every test id."""
+    """pytest plugin: the outcome of every test id, and the ``arch`` parameter of each (if any)."""
 
     def __init__(self) -> None:
         self.outcomes: dict[str, str] = {}
+        self.archs: dict[str, str] = {}
+
+    def pytest_collection_modifyitems(self, items) -> None:
+        for item in items:
+            spec = getattr(item, "callspec", None)
+            if spec is not None and isinstance(spec.params.get("arch"), str):
+                self.archs[item.nodeid] = spec.params["arch"]
 
     def pytest_runtest_logreport(self, report) -> None:
         if report.when == "call" or report.outcome != "passed":
@@ -31,14 +38,14 @@ class _Collector:
                 self.outcomes[report.nodeid] = report.outcome
 
 
-def _table(outcomes: dict[str, str], archs) -> list[str]:
-    """Per architecture: 'case/path' ids grouped by outcome, from the test ids; the rest under 'other'."""
+def _table(outcomes: dict[str, str], archs: dict[str, str]) -> list[str]:
+    """Per architecture (the tests' ``arch`` parameter): test ids grouped by outcome; tests without
+    one under 'other'."""
     rows: dict[str, dict[str, list[str]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     for nodeid, outcome in outcomes.items():
         m = re.search(r"::(test_\w+)(?:\[([^\]]+)\])?$", nodeid)
         test, params = m.groups() if m else (nodeid, None)
-        arch = (params or "").partition("-")[0]
-        rows[arch if arch in archs else "other"][outcome].append(f"{test}[{params}]" if params else test)
+        rows[archs.get(nodeid, "other")][outcome].append(f"{test}[{params}]" if params else test)
     lines = []
     for arch in sorted(rows):
         ok, bad = rows[arch].get("passed", []), [x for k, v in rows[arch].items() if k != "passed" for x in v]
@@ -59,11 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     counts = collections.Counter(collector.outcomes.values())
     print(f"\nHF/TRL integration, full matrix: {dict(counts)} in {seconds:.0f} s")
-    print("per architecture (all tests whose id starts with it):")
-    sys.path.insert(0, os.path.join(root, "tests"))
-    from hf_cases import ARCHS
-
-    for line in _table(collector.outcomes, ARCHS):
+    print("per architecture (the tests' arch parameter):")
+    for line in _table(collector.outcomes, collector.archs):
         print("  " + line)
     return int(rc)
 

@@ -10,11 +10,12 @@ At the Llama-3 head (D = 4096, C = 128256, bf16) for N in (2048, 4096, 8192), ea
 * ``torch F.linear_cross_entropy`` where this torch has it, ``liger FLCE`` and ``quack`` where
   importable (reported ``missing`` otherwise).
 
-Timing: paired and interleaved: every iteration runs every provider once (order rotated), each
-timed by CUDA events; ``--iters`` (>= 20) iterations after ``--warmup``; reported: the median
-time, and the median of the per-iteration ratios to the floor of the same iteration (so clock
-drift and neighbours hit both alike). Also: peak extra memory, TFLOP/s of 6 N D C at the kept
-rows, and run-to-run determinism of xent (two runs' loss / dX / dW bitwise equal). The card,
+Timing: ``perf.measure.paired``: every iteration runs every provider once (order rotated), each
+timed by CUDA events (L2 flushed before); ``--iters`` (>= 20) iterations after ``--warmup``;
+reported: the median time, and the median of the per-iteration ratios to the floor of the same
+iteration (so clock drift and neighbours hit both alike). Also: peak extra memory
+(``perf.memory``), TFLOP/s of 6 N D C at the kept rows, and run-to-run determinism of xent (two
+runs' loss / dX / dW bitwise equal). The card,
 its SM / memory clocks (start and end), versions and the command go to DIR/linear_gpu_env.txt
 and every CSV row (DIR/linear_gpu.csv). Budget: about 1-3 minutes on an H100 / H200, compile
 included (the script stops adding cases after ``--budget-s``).
@@ -148,6 +149,9 @@ def run_case(N, D, C, frac, x, w, y, provs, iters: int, warmup: int) -> list[dic
     """Paired, interleaved timings of the floor and every available provider at one (N, f)."""
     import torch
 
+    from perf.measure import paired, ratio
+    from perf.memory import peak_extra_bytes
+
     xd, wd = x.detach(), w.detach()
     zbuf = [torch.empty(N, C, device=DEV, dtype=torch.bfloat16)]  # the floor's logits / dZ
 
@@ -173,23 +177,15 @@ def run_case(N, D, C, frac, x, w, y, provs, iters: int, warmup: int) -> list[dic
             fns[name] = step(fn)
         except Exception as e:  # noqa: BLE001
             missing[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-    names = list(fns)
-    times = {n: [] for n in names}
-    for it in range(warmup + iters):
-        order = names[it % len(names):] + names[:it % len(names)]
-        for n in order:
-            t = elapsed_ms(fns[n])
-            if it >= warmup:
-                times[n].append(t)
+    times = {n: [t * 1e3 for t in ts] for n, ts in paired(fns, iters, warmup, DEV).items()}
     zbuf.clear()
     kept = int((y != -100).sum())
     out = []
-    for n in names:
-        ratios = [t / f for t, f in zip(times[n], times["cuBLAS floor"])]
+    for n in fns:
         med = statistics.median(times[n])
-        peak = peak_bytes(fns[n]) if n != "cuBLAS floor" else float("nan")
+        peak = peak_extra_bytes(fns[n], DEV) if n != "cuBLAS floor" else float("nan")
         out.append(dict(N=N, D=D, C=C, ignored=frac, kept=kept, provider=n, median_ms=round(med, 3),
-                        ratio_to_floor=round(statistics.median(ratios), 3),
+                        ratio_to_floor=round(ratio(times, n, "cuBLAS floor"), 3),
                         tflops_kept=round(6 * kept * D * C / med / 1e9, 1),
                         peak_extra_gb=round(peak / 1e9, 3), note=""))
         print(out[-1], flush=True)
@@ -201,35 +197,6 @@ def run_case(N, D, C, frac, x, w, y, provs, iters: int, warmup: int) -> list[dic
 
 
 DEV = "cuda"
-
-
-def elapsed_ms(fn) -> float:
-    """Time of one call: CUDA events (perf_counter in the CPU smoke run)."""
-    import torch
-
-    if DEV != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b)
-
-
-def peak_bytes(fn) -> float:
-    import torch
-
-    if DEV != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return float(torch.cuda.max_memory_allocated() - base)
 
 
 def determinism(x, w, y) -> bool:

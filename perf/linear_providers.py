@@ -1,6 +1,8 @@
 """Linear cross-entropy providers side by side, in one run (CPU): FLOPs counted (aten GEMMs +
-tl.dot), bytes moved and peak extra memory (the test harness's counter, Triton kernels under the
-interpreter), and plain-CPU wall time (torch ops, no interpreter) as ratios to torch eager.
+tl.dot) and bytes moved (``perf/traffic.py``, Triton kernels under the interpreter), peak extra
+memory (``perf/memory.py``), and plain-CPU wall time (torch ops, no interpreter; the providers
+timed paired and interleaved by ``perf.measure.paired``, min of ``--repeats``) as ratios to torch
+eager.
 
 Providers: torch eager (``F.linear`` + ``F.cross_entropy``), torch's ``F.linear_cross_entropy``
 (torch >= 2.13; default options), Liger's fused linear cross-entropy (Triton; runs under the
@@ -13,10 +15,8 @@ Run: ``python -m perf.linear_providers [--rows 256 --hidden 64 --classes 4096]``
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
-import time
 
 
 def providers(chunk: int):
@@ -48,25 +48,25 @@ def providers(chunk: int):
 
 def counted(fn, h, w, y) -> dict:
     """FLOPs, bytes and peak extra memory of forward + backward under the interpreter."""
-    from tests.harness import traffic
+    from perf import traffic
+    from perf.memory import peak_extra_bytes
 
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
     with traffic.count() as r:
         fn(hh, ww, y).backward()
     hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-    gc.collect()
-    peak = traffic.peak_extra_bytes(lambda: fn(hh, ww, y).backward())
-    return dict(flops=r["flops"], bytes=r["kernel_read"] + r["kernel_write"] + r["aten_bytes"], peak=peak)
+    peak = peak_extra_bytes(lambda: fn(hh, ww, y).backward(), "cpu")
+    return dict(flops=r["flops"], bytes=r["bytes"], peak=peak)
 
 
-def wall(fn, h, w, y, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        t0 = time.perf_counter()
+def step(fn, h, w, y):
+    """One forward + backward of ``fn`` on leaves that are copies of h, w (gradients dropped after)."""
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+
+    def run():
         fn(hh, ww, y).backward()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        hh.grad = ww.grad = None
+    return run
 
 
 def main() -> None:
@@ -78,10 +78,13 @@ def main() -> None:
     p.add_argument("--wall-rows", type=int, default=2048)
     p.add_argument("--wall-hidden", type=int, default=512)
     p.add_argument("--wall-classes", type=int, default=32000)
+    p.add_argument("--repeats", type=int, default=3, help="paired rounds of the plain-CPU timing")
     p.add_argument("--csv", help="also write the rows, stamped, to this CSV file")
     a = p.parse_args()
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (main() runs first)
     import torch
+
+    from perf.measure import paired
 
     torch.manual_seed(0)
     N, D, C = a.rows, a.hidden, a.classes
@@ -115,16 +118,19 @@ def main() -> None:
         h = torch.randn(N, D).to(dt)
         w = (torch.randn(C, D) / D ** 0.5).to(dt)
         y = torch.randint(0, C, (N,))
-        times = {}
+        steps = {}
         for name, fn in providers(a.chunk).items():
             if name.startswith("liger") or name == "CCE cce (Triton)":
                 continue  # Triton on CPU tensors needs the interpreter
             try:
-                times[name] = wall(fn, h, w, y)
+                steps[name] = step(fn, h, w, y)
+                steps[name]()  # warm (compiles); paired() warms once more
             except Exception as e:  # reported, not hidden
+                steps.pop(name, None)
                 print(f"  {name:32s} failed: {type(e).__name__}: {str(e)[:80]}")
+        times = {name: min(ts) for name, ts in paired(steps, a.repeats).items()}
         ref = times["torch eager"]
-        print(f"plain CPU, {dt}, N={N} D={D} C={C}: forward+backward seconds (min of 3), "
+        print(f"plain CPU, {dt}, N={N} D={D} C={C}: forward+backward seconds (min of {a.repeats}, paired), "
               "ratio to torch eager")
         for name, t in times.items():
             print(f"  {name:32s} {t:8.3f} s  {t / ref:5.2f}x")

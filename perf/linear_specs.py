@@ -1,11 +1,18 @@
-"""Static-compile specs of the linear head's kernels (see ``perf/kernel_specs.py`` for the registry,
-the variant machinery and how a spec is written): the fused linear cross-entropy forward, the chunk
-gradient kernels of ``linear/chunked.py`` and the fused-epilogue logits GEMM. Imported at the end of
-``perf.kernel_specs``, which it extends (``SPECS``).
+"""Static-compile specs of the linear head's kernels: the fused linear cross-entropy forward, the chunk
+gradient kernels of ``linear/chunked.py`` and the fused-epilogue logits GEMM (the registry is
+``perf/kernel_specs.py``; how a spec is written: ``perf/variants.py``).
 """
 from __future__ import annotations
 
-from perf.kernel_specs import _HPARAMS, SPECS, KernelSpec, Layout, Ptr, _lazy, launch
+from perf.variants import HPARAMS, JitKernel, KernelSpec, Layout, Ptr
+from xent_triton.core import launch
+
+# The kernels' modules (imported only when a variant is built).
+LINEAR_KERNELS = "xent_triton.linear.kernels"
+CHUNK_KERNELS = "xent_triton.linear.chunk_kernels"
+GEMM_KERNELS = "xent_triton.linear.gemm_kernels"
+
+SPECS: dict[str, KernelSpec] = {}
 
 
 # ------------------------------------------------------------- fused linear cross-entropy
@@ -49,7 +56,7 @@ def _linear_fwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> d
 _LIN_FLAGS = ("HAS_BIAS", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
 
 SPECS["linear_xent_fwd"] = KernelSpec(
-    "linear_xent_fwd", _lazy("linear_cross_entropy", "linear_xent_fwd_kernel"),
+    "linear_xent_fwd", JitKernel(LINEAR_KERNELS, "linear_xent_fwd_kernel"),
     _LIN_FLAGS + ("SKIP_IGNORED",), _linear_fwd_args, configs=_linear_configs)
 
 
@@ -61,7 +68,7 @@ def _chunk_common(dtype: str, flags: dict, layout: Layout) -> dict:
     return dict(z_ptr=z, stride_zr=layout.C, dz_ptr=Ptr(dtype), stride_dzr=layout.C, tgt_ptr=Ptr("i64"),
                 w_ptr=Ptr("fp32") if flags["HAS_WEIGHT"] else z,
                 wsum_ptr=Ptr("fp32") if flags["HAS_WEIGHT"] else z,
-                C=layout.C, n_classes=layout.C, **_HPARAMS)
+                C=layout.C, n_classes=layout.C, **HPARAMS)
 
 
 def _chunk_loss_grad_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
@@ -85,12 +92,13 @@ def _chunk_grad_args(dtype: str, flags: dict, config: dict, layout: Layout) -> d
 _CHUNK_FLAGS = ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
 
 SPECS["chunk_loss_grad"] = KernelSpec(
-    "chunk_loss_grad", _lazy("chunk_grad", "chunk_loss_grad_kernel"),
+    "chunk_loss_grad", JitKernel(CHUNK_KERNELS, "chunk_loss_grad_kernel"),
     _CHUNK_FLAGS + ("HAS_ZLOSS", "HAS_TOKEN_WEIGHT", "STATS"), _chunk_loss_grad_args,
     layouts=("c16", "odd"), stream_load="tl.load(z_row + cols",
     layout_options=lambda layout: launch.forward_compile_options(layout == "c16"))
 SPECS["chunk_grad"] = KernelSpec(
-    "chunk_grad", _lazy("chunk_grad", "chunk_grad_kernel"), _CHUNK_FLAGS + ("HAS_DLSE",), _chunk_grad_args,
+    "chunk_grad", JitKernel(CHUNK_KERNELS, "chunk_grad_kernel"), _CHUNK_FLAGS + ("HAS_DLSE",),
+    _chunk_grad_args,
     layouts=("c16", "odd"), stream_load="tl.load(z_row + cols")
 
 
@@ -123,7 +131,7 @@ def _gemm_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
 
 
 SPECS["logits_gemm"] = KernelSpec(
-    "logits_gemm", _lazy("logits_gemm", "logits_gemm_kernel"), _LIN_FLAGS, _gemm_args,
+    "logits_gemm", JitKernel(GEMM_KERNELS, "logits_gemm_kernel"), _LIN_FLAGS, _gemm_args,
     configs=_gemm_configs, layouts=("c16", "odd", "nd"), dtypes=("bf16", "fp16"), arch_ok=_gemm_arch_ok,
     ci_pick=lambda k: k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags))
 
@@ -137,7 +145,7 @@ def _dz_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
 
 
 SPECS["shifted_dz"] = KernelSpec(
-    "shifted_dz", _lazy("logits_gemm", "shifted_dz_kernel"), _CHUNK_FLAGS, _dz_args,
+    "shifted_dz", JitKernel(GEMM_KERNELS, "shifted_dz_kernel"), _CHUNK_FLAGS, _dz_args,
     configs=lambda dtype: [{"BLOCK_N": 256, "num_warps": 4}], layouts=("c16", "odd"),
     dtypes=("bf16", "fp16"),
     ci_pick=lambda k: k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from perf.report import HEADLINE_N, MODE_TITLES, GiB, _f, _order, _title
+from perf.rows import HEADLINE_N, MODE_TITLES, GiB, number, order, title
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 STYLES = ["-", "--", "-.", ":"]
@@ -51,7 +51,7 @@ def plots(rows: list[dict], out_dir: str, cuda: bool) -> list[str]:
         kr = [r for r in rows if r["kind"] == kind and r.get("status") == "ok"]
         if not kr:
             continue
-        names = _order(kr, kind)
+        names = order(kr, kind)
         modes = [m for m in MODE_TITLES if any(r["mode"] == m for r in kr)]
         dts = sorted({r["dtype"] for r in kr})
         Ns = sorted({int(r["N"]) for r in kr})
@@ -66,22 +66,22 @@ def plots(rows: list[dict], out_dir: str, cuda: bool) -> list[str]:
                     ax = axes[i][j]
                     sel = [r for r in kr if r["dtype"] == dt and r["mode"] == mode and int(r["N"]) == N]
                     for k, p in enumerate(names):
-                        pts = sorted((int(r["C"]), _f(r.get(col))) for r in sel if r["provider"] == p)
+                        pts = sorted((int(r["C"]), number(r.get(col))) for r in sel if r["provider"] == p)
                         pts = [(c, v / GiB if col == "peak_bytes" else v) for c, v in pts if v is not None]
                         if not pts:
                             continue
                         # later providers drawn smaller, so that coinciding lines stay visible
                         line, = ax.plot(*zip(*pts), marker=MARKERS[k % len(MARKERS)],
                                         ms=max(3.5, 9 - 1.5 * k), ls=STYLES[k % len(STYLES)],
-                                        lw=max(1.0, 2.2 - 0.3 * k), label=_title(p), alpha=0.85)
+                                        lw=max(1.0, 2.2 - 0.3 * k), label=title(p), alpha=0.85)
                         if not cuda and what == "traffic":
-                            mp = sorted((int(r["C"]), _f(r["model_bytes"]) / _f(r["logits_bytes"]))
-                                        for r in sel if r["provider"] == p and _f(r.get("model_bytes")))
+                            mp = sorted((int(r["C"]), number(r["model_bytes"]) / number(r["logits_bytes"]))
+                                        for r in sel if r["provider"] == p and number(r.get("model_bytes")))
                             if mp:
                                 ax.plot(*zip(*mp), ls="-", lw=7, color=line.get_color(), alpha=0.18)
                     if cuda and what == "time":
                         fl = sorted({(int(r["C"]),
-                                      _f(r.get("floor_ms_measured")) or _f(r.get("floor_ms_spec")))
+                                      number(r.get("floor_ms_measured")) or number(r.get("floor_ms_spec")))
                                      for r in sel})
                         fl = [(c, v) for c, v in fl if v]
                         if fl:

@@ -9,32 +9,13 @@ import csv
 import os
 from typing import Optional
 
+from perf.plots import plots
 from perf.providers import BY_NAME, ours
-
-MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward",
-               "nograd": "no-grad forward"}
-HEADLINE_N = 8192
-GiB = 2 ** 30
-
-
-def _f(v) -> Optional[float]:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _title(name: str) -> str:
-    return BY_NAME[name].title if name in BY_NAME else name
+from perf.rows import MODE_TITLES, GiB, number, order, title
 
 
 def _torch(kind: str) -> str:
     return "torch" if kind == "ce" else "torch_linear"
-
-
-def _order(rows, kind) -> list[str]:
-    names = {r["provider"] for r in rows if r["kind"] == kind}
-    return [p for p in BY_NAME if p in names]
 
 
 def _num(v: float, fmt: str) -> str:
@@ -62,7 +43,7 @@ def _header(meta: dict, cuda: bool) -> list[str]:
            f"- versions: torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}",
            f"- date: {meta['date']}; commit: `{meta['commit']}`",
            f"- command: `{meta['command']}` ({meta['seconds']:.0f} s)",
-           f"- providers: {', '.join(_title(p) for p in meta['providers'])}"]
+           f"- providers: {', '.join(title(p) for p in meta['providers'])}"]
     if meta.get("missing"):
         out.append(f"- not available here (not installed, or GPU only): {', '.join(meta['missing'])}")
     if not cuda:
@@ -73,7 +54,7 @@ def _header(meta: dict, cuda: bool) -> list[str]:
 
 
 def _cpu_tables(rows, kind) -> list[str]:
-    names = _order(rows, kind)
+    names = order(rows, kind)
     me = ours(kind)
     peers = [p for p in names if p != me]
     keys = sorted({(r["mode"], r["dtype"]) for r in rows if r["kind"] == kind},
@@ -87,17 +68,18 @@ def _cpu_tables(rows, kind) -> list[str]:
                 "fp32 accumulators, so these multiples of N·C·B depend on D/N.)"]
     out = note + [
         f"\n### Peak extra memory ÷ logits bytes ({kind}; range over C = {', '.join(map(str, Cs))})\n",
-        "| mode | dtype | " + " | ".join(_title(p) for p in names)
+        "| mode | dtype | " + " | ".join(title(p) for p in names)
         + (f" | {me} ÷ torch eager | {me} ÷ best peer |" if me in names else " |"),
         "|---|---|" + "---:|" * (len(names) + (2 if me in names else 0))]
     for mode, dt in keys:
-        cells = [_span([_f(get.get((p, mode, dt, C), {}).get("mem_x_logits")) for C in Cs]) for p in names]
+        cells = [_span([number(get.get((p, mode, dt, C), {}).get("mem_x_logits")) for C in Cs])
+                 for p in names]
         if me in names:
             vs_torch, vs_best = [], []
             for C in Cs:
-                m = _f(get.get((me, mode, dt, C), {}).get("mem_x_logits"))
-                t = _f(get.get((_torch(kind), mode, dt, C), {}).get("mem_x_logits"))
-                pv = [v for v in (_f(get.get((p, mode, dt, C), {}).get("mem_x_logits")) for p in peers)
+                m = number(get.get((me, mode, dt, C), {}).get("mem_x_logits"))
+                t = number(get.get((_torch(kind), mode, dt, C), {}).get("mem_x_logits"))
+                pv = [v for v in (number(get.get((p, mode, dt, C), {}).get("mem_x_logits")) for p in peers)
                       if v is not None]
                 vs_torch.append(_ratio(m, t))
                 vs_best.append(_ratio(m, min(pv) if pv else None))
@@ -106,14 +88,14 @@ def _cpu_tables(rows, kind) -> list[str]:
                       _span(vs_best, "{:.3f}").replace("n/a", tiny)]
         out.append(f"| {MODE_TITLES[mode]} | {dt} | " + " | ".join(cells) + " |")
     out += [f"\n### Bytes moved ÷ logits bytes ({kind}): measured by traffic.py (roofline model)\n",
-            "| mode | dtype | " + " | ".join(_title(p) for p in names) + " |",
+            "| mode | dtype | " + " | ".join(title(p) for p in names) + " |",
             "|---|---|" + "---:|" * len(names)]
     for mode, dt in keys:
         cells = []
         for p in names:
-            meas = _span([_f(get.get((p, mode, dt, C), {}).get("measured_x_logits")) for C in Cs])
-            mod = [_f(get[(p, mode, dt, C)]["model_bytes"]) for C in Cs if (p, mode, dt, C) in get]
-            lb = [_f(get[(p, mode, dt, C)]["logits_bytes"]) for C in Cs if (p, mode, dt, C) in get]
+            meas = _span([number(get.get((p, mode, dt, C), {}).get("measured_x_logits")) for C in Cs])
+            mod = [number(get[(p, mode, dt, C)]["model_bytes"]) for C in Cs if (p, mode, dt, C) in get]
+            lb = [number(get[(p, mode, dt, C)]["logits_bytes"]) for C in Cs if (p, mode, dt, C) in get]
             model = _span([m / b for m, b in zip(mod, lb) if m is not None and b])
             cells.append(f"{meas} ({model})")
         out.append(f"| {MODE_TITLES[mode]} | {dt} | " + " | ".join(cells) + " |")
@@ -121,7 +103,7 @@ def _cpu_tables(rows, kind) -> list[str]:
 
 
 def _gpu_tables(rows, kind) -> list[str]:
-    names, me = _order(rows, kind), ours(kind)
+    names, me = order(rows, kind), ours(kind)
     peers = [p for p in names if p != me]
     get = {(r["provider"], r["mode"], r["dtype"], int(r["N"]), int(r["C"])): r
            for r in rows if r["kind"] == kind}
@@ -132,16 +114,16 @@ def _gpu_tables(rows, kind) -> list[str]:
         cases = sorted({(int(r["N"]), int(r["C"])) for r in rows if r["kind"] == kind
                         and r["mode"] == mode and r["dtype"] == dt})
         out += [f"\n### {kind}: {MODE_TITLES[mode]}, {dt} — time in ms (median), peak extra memory in GiB\n",
-                "| N | C | floor ms | " + " | ".join(_title(p) for p in names)
+                "| N | C | floor ms | " + " | ".join(title(p) for p in names)
                 + f" | speedup vs torch | vs best peer | {me} % of floor | {me} GiB | mem ÷ torch"
                 " | mem ÷ best peer |",
                 "|---:|---:|---:|" + "---:|" * (len(names) + 6)]
         for N, C in cases:
             rs = {p: get.get((p, mode, dt, N, C), {}) for p in names}
-            ms = {p: _f(r.get("ms")) if r.get("status") == "ok" else None for p, r in rs.items()}
-            mem = {p: _f(r.get("peak_bytes")) if r.get("status") == "ok" else None for p, r in rs.items()}
+            ms = {p: number(r.get("ms")) if r.get("status") == "ok" else None for p, r in rs.items()}
+            mem = {p: number(r.get("peak_bytes")) if r.get("status") == "ok" else None for p, r in rs.items()}
             any_r = next((r for r in rs.values() if r), {})
-            floor = _f(any_r.get("floor_ms_measured")) or _f(any_r.get("floor_ms_spec"))
+            floor = number(any_r.get("floor_ms_measured")) or number(any_r.get("floor_ms_spec"))
 
             def cell(p):
                 r = rs[p]
@@ -190,8 +172,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                 providers=sorted({r["provider"] for r in rows}, key=list(BY_NAME).index), missing=[])
     with open(os.path.join(os.path.dirname(src), "sweep.md"), "w") as fh:
         fh.write(markdown(rows, meta, gpu))
-    from perf.plots import plots
-
     print(plots(rows, os.path.dirname(src), gpu))
 
 

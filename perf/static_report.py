@@ -1,8 +1,9 @@
 """Static GPU resource report: compile every kernel variant for sm_80 / sm_90 with no GPU.
 
-For each variant of ``perf.kernel_specs`` (kernel x logits dtype x flags x launch config x
-layout) and each target, ``triton.compile`` builds the cubin with triton's own ptxas (triton 3.9:
-CUDA 12.9 for sm_80, 13.x for sm_90; register counts can differ by a few with other versions);
+For each variant (``perf/variants.py``: kernel x logits dtype x flags x launch config x layout) of
+every kernel of the registry ``perf.kernel_specs`` and each target, ``triton.compile`` builds the
+cubin with triton's own ptxas (triton 3.9: CUDA 12.9 for sm_80, 13.x for sm_90; register counts
+can differ by a few with other versions);
 ``cuobjdump --dump-resource-usage`` gives registers, stack, shared and local bytes; when stack or
 local memory is used, the SASS's local stores / loads (STL / LDL) give the spill bytes. The LLVM
 IR's line info tells which global load is the kernel's streaming (logits) load and how wide it is
@@ -181,13 +182,14 @@ def compile_one(key, arch: int) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from perf import kernel_specs as ks
+    from perf import variants
+    from perf.kernel_specs import SPECS
 
     row = Row(key.kernel, key.dtype, key.layout, "+".join(k for k, v in key.flags if v) or "-",
               ",".join(f"{k}={v}" for k, v in key.config), arch)
     t0 = time.perf_counter()
     try:
-        v = ks.build(ks.SPECS[key.kernel], key)
+        v = variants.build(SPECS[key.kernel], key)
         src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=v.attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(v.options))
         name = compiled.metadata.name
@@ -197,7 +199,7 @@ def compile_one(key, arch: int) -> Row:
             row.spill_st, row.spill_ld = spill_bytes(compiled.asm["cubin"])
         if arch >= 90:
             row.wgmma = "yes" if "wgmma.mma_async" in compiled.asm["ptx"] else "no"
-        marker = ks.SPECS[key.kernel].stream_load
+        marker = SPECS[key.kernel].stream_load
         if marker:
             widths = stream_load_widths(compiled.asm["llir"], marker)
             if widths is not None:
@@ -225,8 +227,8 @@ def _init_worker(cache_dir: Optional[str]) -> None:
 def run(keys: list, archs=ARCHS, workers: int = 2, cache_dir: Optional[str] = None,
         progress: bool = False) -> list[Row]:
     """Compile every (variant, arch) in a pool of ``workers`` fresh processes; rows in input order."""
-    from perf import kernel_specs as ks
-    jobs = [(k, a) for k in keys for a in archs if ks.SPECS[k.kernel].arch_ok(k, a)]
+    from perf.kernel_specs import SPECS
+    jobs = [(k, a) for k in keys for a in archs if SPECS[k.kernel].arch_ok(k, a)]
     t0, rows = time.perf_counter(), []
 
     def note(row: Row) -> None:
@@ -249,12 +251,13 @@ def run(keys: list, archs=ARCHS, workers: int = 2, cache_dir: Optional[str] = No
 
 def select(full: bool, kernels: Optional[list[str]] = None, layouts: Optional[list[str]] = None) -> list:
     """Variant keys: the CI set, or the full cross-product, optionally filtered."""
-    from perf import kernel_specs as ks
+    from perf import variants
+    from perf.kernel_specs import SPECS
     keys = []
-    for name, spec in ks.SPECS.items():
+    for name, spec in SPECS.items():
         if kernels and name not in kernels:
             continue
-        gen = ks.full_variants(spec) if full else ks.ci_variants(spec)
+        gen = variants.full_variants(spec) if full else variants.ci_variants(spec)
         keys += [k for k in gen if not layouts or k.layout in layouts]
     return keys
 

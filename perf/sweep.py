@@ -4,12 +4,13 @@
     python -m perf.sweep --out perf/out --quick         # a few cases
     python -m perf.sweep --out perf/out --providers xent_triton torch --modes fwdbwd nograd
 
-GPU: time (do_bench median, 20/80 % quantiles) and peak extra memory of each provider, the device's
-measured copy bandwidth and bf16 matmul rate, and the roofline floor of each case
+GPU: time (median and 20/80 % quantiles of ``--iters`` paired, interleaved iterations: the providers
+of a case timed side by side, ``perf/sweep_cases.py``) and peak extra memory of each provider, the
+device's measured copy bandwidth and bf16 matmul rate, and the roofline floor of each case
 (``xent_triton.roofline``) at the datasheet peaks and at the measured ceilings.
-CPU: per provider the peak extra memory (profiler) and the bytes moved (the test harness's counter,
-``tests/harness/traffic.py``), measured at a small N (``--cpu-rows``) with the Triton kernels under
-the interpreter, reported as multiples of the logits' bytes (scale-free), beside the model's bytes.
+CPU: per provider the peak extra memory (profiler) and the bytes moved (the traffic counter,
+``perf/traffic.py``), measured at a small N (``--cpu-rows``) with the Triton kernels under the
+interpreter, reported as multiples of the logits' bytes (scale-free), beside the model's bytes.
 
 Writes ``sweep.csv`` (one row per provider x case x mode, stamped), ``sweep.md`` (tables with the
 speedup and memory ratio against torch eager and the best peer) and PNG plots under ``--out``.
@@ -27,7 +28,7 @@ import torch
 
 from perf._env import interpret_without_cuda, run_stamp
 
-# xent_triton and the perf modules that import it (measure, plots, providers, report) are imported
+# xent_triton and the perf modules that import it (sweep_cases, plots, providers, report) are imported
 # inside the functions, after main() has set TRITON_INTERPRET on a machine without CUDA.
 CUDA = torch.cuda.is_available()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,13 +36,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 TOKENS = [1024, 2048, 4096, 8192, 16384, 32768]
 VOCABS = [32000, 50257, 128256, 151936, 262144]
 QUICK_TOKENS, QUICK_VOCABS = [4096, 16384], [32000, 128256, 262144]
-FIELDS = ["device", "torch", "triton", "python", "date", "commit", "kind", "provider", "mode", "dtype",
-          "N", "C", "D", "status", "ms", "ms_p20", "ms_p80", "peak_bytes", "logits_bytes",
-          "mem_x_logits", "model_bytes", "measured_bytes", "measured_x_logits", "ideal_bytes",
-          "ideal_flops", "ideal_mma_flops", "floor_ms_spec", "floor_ms_measured", "bound",
-          "eff_GBps", "frac_copy_bw", "eff_TFLOPs", "frac_mm_rate", "copy_GBps", "mm_TFLOPs"]
-
-
 def stamp(argv: list[str]) -> dict:
     """Where and with what the figures were measured."""
     import platform as _platform
@@ -53,11 +47,11 @@ def stamp(argv: list[str]) -> dict:
 
 
 def load_traffic():
-    """The test harness's traffic counter (tests/harness/traffic.py), or None on CUDA / if unusable."""
+    """The traffic counter (``perf.traffic``), or None on CUDA / if unusable."""
     if CUDA:
         return None
     try:
-        from tests.harness import traffic
+        from perf import traffic
         return traffic
     except Exception as e:  # noqa: BLE001 - e.g. a triton whose interpreter it cannot hook
         print(f"traffic counter not usable ({e}); no measured bytes", file=sys.stderr)
@@ -98,6 +92,7 @@ def gpu_need_bytes(p, kind, N, C, D, B) -> float:
 
 def run_gpu(args, provs, base, write) -> None:
     from perf import measure as M
+    from perf import sweep_cases as S
     from xent_triton import roofline
 
     dev = roofline.device_for(base["device"])
@@ -106,56 +101,62 @@ def run_gpu(args, provs, base, write) -> None:
           f"{ceil['mm_flops'] / 1e12:.0f} TFLOP/s; datasheet: {dev}", file=sys.stderr)
     base = dict(base, copy_GBps=ceil["copy_Bps"] / 1e9, mm_TFLOPs=ceil["mm_flops"] / 1e12)
     # Modes outermost, in the order given: under --time-budget the first modes are complete.
-    plan = [((k, N, C, dt), p, m) for m in args.modes for k in args.kinds for dt in args.dtypes
-            for N in args.tokens for C in args.vocabs for p in provs if p.kind == k]
-    bar, t0 = M.Progress(len(plan), "gpu sweep"), time.time()
-    for (kind, N, C, dt), p, mode in plan:
+    cases = [(m, k, dt, N, C) for m in args.modes for k in args.kinds for dt in args.dtypes
+             for N in args.tokens for C in args.vocabs]
+    bar, t0 = S.Progress(len(cases), "gpu sweep"), time.time()
+    for mode, kind, dt, N, C in cases:
         B = DTYPES[dt].itemsize
-        row = dict(base, kind=kind, provider=p.name, mode=mode, dtype=dt, N=N, C=C,
-                   D=args.hidden if kind == "linear" else "")
-        row.update(model_fields(p, kind, N, C, args.hidden, B, mode, dev, ceil))
+        rows = {}
+        for p in (p for p in provs if p.kind == kind):
+            rows[p.name] = dict(base, kind=kind, provider=p.name, mode=mode, dtype=dt, N=N, C=C,
+                                D=args.hidden if kind == "linear" else "")
+            rows[p.name].update(model_fields(p, kind, N, C, args.hidden, B, mode, dev, ceil))
         free, _ = torch.cuda.mem_get_info()
-        if args.time_budget and time.time() - t0 > args.time_budget:
-            row["status"] = "skipped: time budget"
-        elif gpu_need_bytes(p, kind, N, C, args.hidden, B) > 0.9 * free:
-            row["status"] = "skipped: estimated OOM"
-        else:
-            try:
-                r = M.measure_gpu(p, kind, N, C, args.hidden, DTYPES[dt], mode, args.rep_ms)
-                row.update(r, status="ok", mem_x_logits=r["peak_bytes"] / row["logits_bytes"])
-                s = r["ms"] * 1e-3
-                row["eff_GBps"] = row["ideal_bytes"] / s / 1e9
-                row["frac_copy_bw"] = row["ideal_bytes"] / s / ceil["copy_Bps"]
-                if row["ideal_mma_flops"]:
-                    row["eff_TFLOPs"] = row["ideal_mma_flops"] / s / 1e12
-                    row["frac_mm_rate"] = row["ideal_mma_flops"] / s / ceil["mm_flops"]
-            except torch.cuda.OutOfMemoryError:
-                row["status"] = "oom"
-            except Exception as e:  # noqa: BLE001 - a failing peer must not stop the sweep
-                row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-            torch.cuda.empty_cache()
-        write(row)
-        bar.step(f"{p.name} {kind} {dt} N={N} C={C} {mode}: {row['status']}")
+        fit = []
+        for p in (p for p in provs if p.kind == kind):
+            if args.time_budget and time.time() - t0 > args.time_budget:
+                rows[p.name]["status"] = "skipped: time budget"
+            elif gpu_need_bytes(p, kind, N, C, args.hidden, B) > 0.9 * free:
+                rows[p.name]["status"] = "skipped: estimated OOM"
+            else:
+                fit.append(p)
+        got = S.time_gpu_case(fit, kind, N, C, args.hidden, DTYPES[dt], mode, args.iters) if fit else {}
+        for name, r in got.items():
+            row = rows[name]
+            row.update(r)
+            if r["status"] != "ok":
+                continue
+            row["mem_x_logits"] = r["peak_bytes"] / row["logits_bytes"]
+            s = r["ms"] * 1e-3
+            row["eff_GBps"] = row["ideal_bytes"] / s / 1e9
+            row["frac_copy_bw"] = row["ideal_bytes"] / s / ceil["copy_Bps"]
+            if row["ideal_mma_flops"]:
+                row["eff_TFLOPs"] = row["ideal_mma_flops"] / s / 1e12
+                row["frac_mm_rate"] = row["ideal_mma_flops"] / s / ceil["mm_flops"]
+        for row in rows.values():
+            write(row)
+        done = ", ".join(f"{n} {r['status']}" for n, r in rows.items())
+        bar.step(f"{kind} {dt} N={N} C={C} {mode}: {done}")
     bar.close()
 
 
 def run_cpu(args, provs, base, write) -> None:
-    from perf import measure as M
+    from perf import sweep_cases as S
 
     tr = load_traffic()
     N = args.cpu_rows
     cases = [(k, C, dt) for k in args.kinds for dt in args.dtypes for C in args.vocabs]
     plan = [(c, p) for c in cases for p in provs if p.kind == c[0]]
     warmed = set()
-    bar = M.Progress(len(plan), "cpu sweep")
+    bar = S.Progress(len(plan), "cpu sweep")
     for (kind, C, dt), p in plan:
         D = args.cpu_hidden
         B = DTYPES[dt].itemsize
         if p.triton and (p.name, dt) not in warmed:  # lazy init once, at a tiny shape
-            M.measure_cpu(p, kind, 4, 256, 16, DTYPES[dt], ["fwdbwd"], None, warm=False)
+            S.measure_cpu(p, kind, 4, 256, 16, DTYPES[dt], ["fwdbwd"], None, warm=False)
             warmed.add((p.name, dt))
         try:
-            res = M.measure_cpu(p, kind, N, C, D, DTYPES[dt], args.modes, tr, warm=not p.triton)
+            res = S.measure_cpu(p, kind, N, C, D, DTYPES[dt], args.modes, tr, warm=not p.triton)
             status = "ok"
         except Exception as e:  # noqa: BLE001
             res, status = {}, f"error: {type(e).__name__}: {e}"[:160]
@@ -194,7 +195,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=4096, help="D of the linear head on GPU")
     ap.add_argument("--cpu-rows", type=int, default=64, help="N measured on CPU (interpreter: keep small)")
     ap.add_argument("--cpu-hidden", type=int, default=256, help="D of the linear head on CPU")
-    ap.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per case")
+    ap.add_argument("--iters", type=int, default=20, help="GPU: paired iterations per case (median)")
     ap.add_argument("--time-budget", type=float, default=0, help="GPU: stop starting cases after S seconds")
     a = ap.parse_args(argv)
     a.tokens = a.tokens or (QUICK_TOKENS if a.quick else TOKENS)
@@ -213,6 +214,7 @@ def main(argv: list[str]) -> None:
     from perf import plots as plotting
     from perf import providers as P
     from perf import report
+    from perf.rows import FIELDS
 
     args = parse(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -10,14 +10,14 @@ Forward and backward of the per-token fields a trainer asks for, of ``tokens`` h
 ``per_token``. GRPO (default): log-probs and entropy, loss ``-(log_probs).sum() - 0.01 * entropy.sum()``.
 ``--sft``: log-probs, entropy and is_top1 (token accuracy), loss ``-log_probs.sum() / N`` (SFTTrainer's
 nll; the entropy and is_top1 only logged). Prints the peak memory above the inputs (CUDA allocator, or
-CPU profiler memory events), the median time of one step over ``--repeat`` steps run interleaved
-(TRL, xent, TRL, ...), the logits GEMM passes of each forward, and the largest differences.
+CPU profiler memory events), the median time of one step over ``--repeat`` steps run paired and
+interleaved (``perf.measure.paired``, after one warm-up step of each), the logits GEMM passes of each
+forward, and the largest differences.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from unittest import mock
 
 import torch
@@ -95,6 +95,7 @@ def main() -> None:
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
+    from perf.measure import paired
     from perf.memory import peak_extra_bytes
     from xent_triton.integrations.hf_trl import per_token
 
@@ -126,17 +127,14 @@ def main() -> None:
         loss(lp, ent).backward()
         return lp.detach(), ent.detach(), top1
 
-    times: dict[str, list[float]] = {name: [] for name in heads}
-    for _ in range(args.repeat):  # interleaved: both heads see the same machine state
-        for name in heads:
+    def timed(name):
+        def run():
             leaves[name][0].grad = leaves[name][1].grad = None
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
             step(name)
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+        return run
+
+    # paired: every iteration runs both heads, the order rotated (both see the same machine state)
+    times = paired({name: timed(name) for name in heads}, args.repeat, warmup=1, device=device)
     results = {}
     for name, head in heads.items():
         h, w = leaves[name]
@@ -152,7 +150,7 @@ def main() -> None:
     print(f"{'SFT' if args.sft else 'GRPO'} fields {outputs}: {N} tokens x hidden {args.hidden} x vocabulary "
           f"{args.vocab}, {args.dtype}, on {device}; float32 logits would be {logits / MiB:.1f} MiB")
     print(f"{'head':34}{'peak extra memory':>20}{'fwd+bwd median':>17}{'fwd GEMM passes':>17}"
-          f"   (median of {args.repeat} interleaved)")
+          f"   (median of {args.repeat} paired)")
     for name, (peak, seconds, passes, *_) in results.items():
         print(f"{name:34}{peak / MiB:16.1f} MiB{seconds * 1e3:14.1f} ms{passes:17.2f}")
     (_, _, _, lp_a, ent_a, top_a, g_a), (_, _, _, lp_b, ent_b, top_b, g_b) = results.values()

@@ -2,7 +2,7 @@
 
 Without CUDA the Triton kernels run under the interpreter (set before triton is imported), every
 output buffer is poisoned with NaN so that an unwritten element fails, and every test checks with
-the in-repo traffic harness (tests/harness/traffic.py) that no kernel lane fell outside its
+the in-repo traffic harness (perf/traffic.py) that no kernel lane fell outside its
 tensors. With CI=true on a CPU run, a skipped test of the headline files (bytes moved, peak memory,
 FLOPs) fails instead: those figures are what the project promises.
 """

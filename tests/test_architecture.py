@@ -244,3 +244,67 @@ def test_each_check_fails_on_an_injected_fixture(tmp_path, name):
     assert found, f"the {check} check missed the injected {name}"
     if check == "package":  # and the module graph alone would not have caught it
         assert find_cycle(module_graph(pkg)) is None
+
+
+def test_perf_imports_no_tests_and_has_no_cycle():
+    """perf/ (the lab: scripts and measurement helpers) imports no test code (tests/, its harness,
+    conftest), no perf module imports another's ``_private`` name, and perf's import graph (imports
+    inside functions included) is acyclic. The check is first run on made-up modules it must flag."""
+    def graph(sources: dict[str, str]) -> tuple[dict[str, set[str]], list[str]]:
+        edges: dict[str, set[str]] = {m: set() for m in sources}
+        bad = []
+        for mod, text in sources.items():
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, ast.Import):
+                    targets = [(a.name, []) for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = "perf" + (f".{node.module}" if node.module else "") if node.level else node.module
+                    targets = [(base or "", [a.name for a in node.names])]
+                else:
+                    continue
+                for target, names in targets:
+                    if target.split(".")[0] in ("tests", "harness", "conftest"):
+                        bad.append(f"{mod}:{node.lineno} imports {target}")
+                    if target in sources and target != "perf":
+                        edges[mod].add(target)
+                    for n in names:
+                        if f"{target}.{n}" in sources:
+                            edges[mod].add(f"{target}.{n}")
+                        elif target in sources and private(n):
+                            bad.append(f"{mod}:{node.lineno} imports {n} from {target}")
+        return edges, bad
+
+    def cycle(edges: dict[str, set[str]]) -> list[str]:
+        state: dict[str, int] = {}
+        stack: list[str] = []
+
+        def visit(m: str) -> list[str]:
+            state[m] = 1
+            stack.append(m)
+            for n in sorted(edges[m]):
+                if state.get(n) == 1:
+                    return stack[stack.index(n):] + [n]
+                found = visit(n) if n not in state else []
+                if found:
+                    return found
+            stack.pop()
+            state[m] = 2
+            return []
+
+        for m in sorted(edges):
+            found = visit(m) if m not in state else []
+            if found:
+                return found
+        return []
+
+    made_up = {"perf.a": "def f():\n    from perf import b\n",
+               "perf.b": "import perf.a\nfrom perf.a import _helper\nfrom tests.harness import traffic\n"}
+    edges, bad = graph(made_up)
+    assert cycle(edges) == ["perf.a", "perf.b", "perf.a"] and len(bad) == 2, (edges, bad)
+
+    sources = {("perf" if p.stem == "__init__" else f"perf.{p.stem}"): p.read_text()
+               for p in sorted((REPO / "perf").glob("*.py"))}
+    edges, bad = graph(sources)
+    assert not bad, "perf/ imports test code or private names:\n" + "\n".join(bad)
+    found = cycle(edges)
+    assert not found, "import cycle in perf/: " + " -> ".join(found)

@@ -1,5 +1,5 @@
 """Memory and FLOPs of the fused linear cross-entropy, measured with the in-repo traffic harness
-(tests/harness/traffic.py: aten mm / addmm FLOPs and interpreted tl.dot tiles).
+(perf/traffic.py: aten mm / addmm FLOPs and interpreted tl.dot tiles).
 
 FLOPs of forward + backward: the token-chunked default (reduction mean / sum) does exactly
 6·N·D·C = 3.0 × the 2·N·D·C of the logits GEMM, all of it in aten GEMMs (logits, dX, dW); a

@@ -1,4 +1,4 @@
-"""Global-memory traffic of the fused loss, counted by the in-repo harness (tests/harness/traffic.py)
+"""Global-memory traffic of the fused loss, counted by the in-repo harness (perf/traffic.py)
 under the interpreter.
 
 Budget (the design's 3x): forward + backward move at most 3.0x the logits' bytes (forward read,

@@ -1,7 +1,7 @@
 """Bytes moved, FLOPs, launches and out-of-bounds lanes of PyTorch + Triton code, counted on the CPU.
 
-    from harness import traffic      # under pytest (tests/ is on sys.path); tests.harness.traffic
-                                     # from the repository root (python -m perf.sweep)
+    from perf import traffic         # the perf scripts; the tests as ``from harness import traffic``
+                                     # (tests/harness/__init__.py re-exports this module)
     with traffic.count() as r:
         loss = xent_triton.cross_entropy(x, y)
         loss.backward()
@@ -12,7 +12,7 @@
     r["flops"]                           # 2*M*N*K per tl.dot tile and per aten mm/addmm/bmm/baddbmm
     r["launches"]                        # Triton kernel launches
     r["oob"]                             # [("load" | "store", lanes)] out of bounds in the block
-    traffic.peak_extra_bytes(fn)         # peak bytes aten allocates while fn() runs
+    traffic.peak_extra_bytes(fn)         # peak bytes aten allocates while fn() runs (perf/memory.py)
     traffic.oob_record(); traffic.clear_oob()   # out-of-bounds lanes of every launch since the clear
 
 How it counts. Triton kernels must run under triton's interpreter: ``TRITON_INTERPRET=1`` set before
@@ -70,9 +70,9 @@ def _missing_interpreter_attributes() -> list[str]:
 _MISSING = _missing_interpreter_attributes()
 if _MISSING:
     raise RuntimeError(
-        f"harness.traffic hooks triton's interpreter (triton.runtime.interpreter), but triton "
+        f"perf.traffic hooks triton's interpreter (triton.runtime.interpreter), but triton "
         f"{triton.__version__} has no {', '.join(_MISSING)}. Supported: triton {SUPPORTED_TRITON}. "
-        "Adapt tests/harness/traffic.py to this triton, or install a supported one.")
+        "Adapt perf/traffic.py to this triton, or install a supported one.")
 
 
 class _State:
@@ -175,8 +175,7 @@ def _install(state: _State) -> None:
     executor.__call__ = __call__
 
 
-# One state and one set of hooks per process, even if this file is imported under two names
-# (harness.traffic by the tests, tests.harness.traffic by the perf scripts).
+# One state and one set of hooks per process, even if this file were imported under two names.
 _STATE_ATTR = "_xent_triton_traffic_state"
 _S: _State = getattr(_interp.GridExecutor, _STATE_ATTR, None) or _State()
 if getattr(_interp.GridExecutor, _STATE_ATTR, None) is None:
@@ -284,19 +283,10 @@ def clear_oob() -> None:
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes aten allocates while ``fn()`` runs, above what was live before (CPU tensors).
+    """Peak bytes aten allocates while ``fn()`` runs, above what was live before (CPU tensors): the
+    profiler's allocation events summed in time order (``perf.memory.peak_extra_bytes`` on CPU,
+    without its garbage collection first: a block allocated before and freed during ``fn()``
+    counts negative; collect garbage first when that matters)."""
+    from perf.memory import peak_extra_bytes as measured
 
-    Sums the profiler's allocation events in time order: a block allocated before and freed during
-    ``fn()`` counts negative (collect garbage first when that matters).
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    level = peak = 0
-    for e in events:
-        level += e.nbytes()
-        peak = max(peak, level)
-    return peak
+    return measured(fn, "cpu", collect=False)
