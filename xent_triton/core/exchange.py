@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Any, Optional
 
 import torch
@@ -127,18 +128,20 @@ def localize_target(target: Tensor, shard: VocabShard, ignore_index: int) -> Ten
     return torch.where(target == ignore_index, torch.full_like(local, IGNORED), out)
 
 
-REDUCTION_CODES = {"none": 0.0, "mean": 1.0, "sum": 2.0}
+def option_code(v: Any) -> float:
+    """A field of ``LossOptions.flat()`` as a number of the agreement table: a string by its CRC-32
+    (the same on every process, unlike ``hash``), None as ``NOT_GIVEN``, a number as itself."""
+    if isinstance(v, str):
+        return float(zlib.crc32(v.encode()))
+    return NOT_GIVEN if v is None else v
 
 
 def agreement(weight: Any, opts: Any, **extra: float) -> dict:
     """name -> number of every option that must be the same on all ranks (``vocab_shard``'s
-    ``agree``): the class weights' length (-1: none), the reduction and the loss options of
-    ``opts`` (a ``LossOptions``), plus ``extra``."""
+    ``agree``): the class weights' length (-1: none), every field of ``opts`` (a ``LossOptions``,
+    by ``flat()``: a field added there joins the agreement), plus ``extra``."""
     wl = -1 if weight is None else (weight.numel() if isinstance(weight, Tensor) else -2)
-    return dict(weight_length=wl, reduction=REDUCTION_CODES.get(opts.reduction, -1),
-                ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-                lse_square_scale=opts.lse_square_scale, softcap=opts.softcap, logit_scale=opts.logit_scale,
-                empty_batch=float(opts.empty_batch == "zero"), **extra)
+    return dict(weight_length=wl, **{k: option_code(v) for k, v in opts.flat().items()}, **extra)
 
 
 def flags(unsupported: Optional[dict]) -> dict:
