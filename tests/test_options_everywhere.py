@@ -70,7 +70,7 @@ TABLE = [
     ("one-ce-smoothing", "ce", {}, dict(label_smoothing=2.0), ("ValueError", BAD)),
     ("one-lin-smoothing", "linear", {}, dict(label_smoothing=-1.0), ("ValueError", BAD)),
 ]
-VIAS = ["pg", "dtensor"]
+VIAS = ["pg", "dtensor", "dtensor-rows"]
 CASES = [(via, *row) for row in TABLE for via in VIAS]
 
 
