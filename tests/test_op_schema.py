@@ -6,6 +6,7 @@ at any op: a copy of the package with two fields added runs every op (a subproce
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import shutil
@@ -141,3 +142,49 @@ def test_a_new_option_field_needs_no_edit_at_any_op(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and "probe ok" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+# ----------------------------------------------------- validation under torch.compile(dynamic=True)
+def _heads(name: str):
+    g = torch.Generator().manual_seed(11)
+    x, h, w = torch.randn(7, 50, generator=g), torch.randn(7, 8, generator=g), torch.randn(50, 8, generator=g)
+    y = torch.randint(0, 50, (7,), generator=g)
+    if name == "ce":
+        return lambda **kw: xent_triton.cross_entropy(x, y, **kw)
+    return lambda **kw: xent_triton.linear_cross_entropy(h, w, y, **kw)
+
+
+BAD_UNDER_COMPILE = [("logit_scale", math.inf), ("logit_scale", math.nan), ("lse_square_scale", math.inf),
+                     ("lse_square_scale", -math.nan), ("label_smoothing", 2.0), ("softcap", -5.0)]
+
+
+@pytest.mark.parametrize("head", ["ce", "linear"])
+@pytest.mark.parametrize("name,value", [pytest.param(n, v, id=f"{n}={v}") for n, v in BAD_UNDER_COMPILE])
+def test_invalid_option_raises_under_compile_dynamic(head, name, value):
+    """The validation's finiteness check is traced by dynamo (comparisons, not math.isfinite): an
+    infinite / NaN option raises the same ValueError compiled as eagerly (it passed before)."""
+    loss = _heads(head)
+    compiled = torch.compile(lambda v: loss(**{name: v}), backend="eager", dynamic=True)
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        loss(**{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        compiled(value)
+
+
+def test_symbolic_ignore_index_is_never_forced():
+    """fullgraph, dynamic=True: ignore_index arrives symbolic, is validated and crosses the op schemas
+    (SymInt) without being forced: a new value runs the same graph, equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    cnt = CompileCounterWithBackend("aot_eager")
+    ce, lin = _heads("ce"), _heads("linear")
+
+    def both(ii):
+        return ce(ignore_index=ii, label_smoothing=0.1) + lin(ignore_index=ii, softcap=5.0)
+
+    compiled = torch.compile(both, backend=cnt, fullgraph=True, dynamic=True)
+    frames = []
+    for ii in (3, 4, 5):
+        assert torch.equal(compiled(ii), both(ii))
+        frames.append(cnt.frame_count)
+    assert frames[1] == frames[2], f"recompiled for a new ignore_index: {frames}"

@@ -14,8 +14,6 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .runtime import is_compiling
-
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -35,9 +33,9 @@ def _check_real(name: str, v, ok, requirement: str) -> None:
         raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
     if _symbolic(v):
         return
-    # under dynamo a dynamic float is traced symbolically: math.isfinite cannot be traced, the
-    # comparisons can (they become guards)
-    finite = True if is_compiling() else math.isfinite(v)
+    # comparisons, not math.isfinite: dynamo traces them (on a float it traces symbolically they
+    # become guards); NaN fails both
+    finite = -math.inf < v < math.inf
     if not (finite and ok(v)):
         raise ValueError(f"{name} must be {requirement}, got {v!r}")
 
