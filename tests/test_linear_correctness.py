@@ -280,17 +280,17 @@ def test_custom_ops_opcheck():
     x, w, b, y = make_inputs((8,), 32, 100, F32)
     x.requires_grad_()
     w.requires_grad_()
-    args = (x, w, b, y, None, -100, 0.1, 0.0, 1.0, True)
-    torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_fwd.default, args,
+    opts = LossOptions(label_smoothing=0.1)  # the options: keyword-only arguments of every op
+    args = (x, w, b, y, None, True, 0)
+    torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_fwd.default, args, opts.flat(),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    _, _, stats = linear_ops.forward_rows(x.detach(), w.detach(), b, y, None,
-                                          LossOptions(label_smoothing=0.1), True)
-    bargs = (x.detach(), w.detach(), b, y, None, stats, torch.rand(8), None, -100, 0.1, 0.0, 1.0,
-             True, True, False)
-    torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_bwd.default, bargs,
+    _, _, stats = linear_ops.forward_rows(x.detach(), w.detach(), b, y, None, opts, True)
+    bargs = (x.detach(), w.detach(), b, y, None, stats, torch.rand(8), None, True, True, False, 0)
+    torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_bwd.default, bargs, opts.flat(),
                           test_utils=("test_schema", "test_faketensor"))
-    cargs = (x, w, b, y, None, -100, 0.1, 3.0, 1.0, 1e-3, 0, False, 3, True, True, True, False)
-    torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_chunked.default, cargs,
+    copts = LossOptions(label_smoothing=0.1, softcap=3.0, lse_square_scale=1e-3)
+    cargs = (x, w, b, y, None, None, 3, True, True, True, True, False)
+    torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_chunked.default, cargs, copts.flat(),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -23,10 +23,13 @@ import torch.nn.functional as F
 from cases import BF16, F16, F32, F64, assert_rule
 from reference import cross_entropy_composed
 from spawn_group import assert_ranks_ok, cached_spawner, run_group
+from xent_triton.core.options import LossOptions
 
 WORKER = pathlib.Path(__file__).with_name("linear_vocab_parallel_worker.py")
 SPAWN_TIMEOUT_S = 240
-LAYOUT_FLOATS = 20  # the per-call layout / agreement all_gather: at most this many float64 per rank
+# the per-call layout / agreement all_gather: at most this many float64 per rank (layout 3, weight
+# length 1, one per LossOptions field, 8 of the head's own, 1 refused flag)
+LAYOUT_FLOATS = 13 + len(dataclasses.fields(LossOptions))
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """Issue 17 item 4: every option of ``cross_entropy`` / ``linear_cross_entropy`` is honoured on the
-``process_group`` and DTensor paths (the result equals the float64 single-device truth under the
-tolerance rule, and ``chunk_size`` / ``inplace_backward`` reach the code they size) or refused
+``process_group`` and DTensor paths (sharded on the classes, or on the rows only) (the result
+equals the float64 single-device truth under the tolerance rule, and ``chunk_size`` /
+``inplace_backward`` reach the code they size) or refused
 alike on every rank; an option given on ONE rank only raises the same error type on every rank
 (no rank is left waiting); ``chunk_size=-3`` and an integer ``grad_accum_dtype`` raise everywhere.
 
@@ -70,7 +71,7 @@ TABLE = [
     ("one-ce-smoothing", "ce", {}, dict(label_smoothing=2.0), ("ValueError", BAD)),
     ("one-lin-smoothing", "linear", {}, dict(label_smoothing=-1.0), ("ValueError", BAD)),
 ]
-VIAS = ["pg", "dtensor"]
+VIAS = ["pg", "dtensor", "dtensor-rows"]
 CASES = [(via, *row) for row in TABLE for via in VIAS]
 
 

@@ -30,10 +30,13 @@ from cases import (
     upstream,
 )
 from spawn_group import assert_ranks_ok, cached_spawner, run_group
+from xent_triton.core.options import LossOptions
 
 WORKER = pathlib.Path(__file__).with_name("vocab_parallel_worker.py")
 SPAWN_TIMEOUT_S = 240
-LAYOUT_FLOATS = 16  # the per-call layout / agreement all_gather: at most this many float64 per rank
+# the per-call layout / agreement all_gather: at most this many float64 per rank (layout 3, weight
+# length 1, one per LossOptions field, return_lse / soft_target / token_weight / 2 refused flags)
+LAYOUT_FLOATS = 9 + len(dataclasses.fields(LossOptions))
 
 
 @dataclasses.dataclass

@@ -13,7 +13,10 @@ Rules (docs/distributed.md, "DTensor"):
   module's forward, where FSDP has unsharded W: ``parallel.FusedLMHead``).
 * Shards follow ``torch.chunk`` (C = 50257 over 4: 12565 x 3 + 12562; C = 5 over 4 leaves a rank
   with no class: supported). The layout comes from the DTensor (no start is guessed); the one
-  per-call all_gather of ``core.exchange`` still checks that the options agree.
+  per-call all_gather of ``core.exchange`` still checks that the options agree. Without a
+  tensor-parallel dim, the options (and each rank's operand errors) are agreed on over the
+  batch-sharded mesh dims (one all_gather of a few float64 per dim and call, ``agree_rows``):
+  an option given on one rank only raises on every rank, none waits in the loss's reduction.
 * Returned loss (and lse): a DTensor on the input's mesh. ``mean`` / ``sum``: ``Replicate`` on
   every mesh dim, the loss over ALL tokens of the mesh (batch-sharded dims: one all-reduce of 4
   numbers). ``none``: the per-token losses, ``Shard`` on the batch dims as the input, ``Replicate``
@@ -31,9 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .exchange import flags, refuse_agreed
+from .exchange import agree_over, exchange_device, flags, refuse_agreed
 from .options import LossOptions
 from .reduction import reduce_rows
+from .runtime import is_compiling
 
 if TYPE_CHECKING:
     from typing_extensions import TypeGuard
@@ -142,10 +146,16 @@ def finish(loss_rows: Tensor, lse: Tensor, stats: Tensor, target: Tensor, opts: 
     return (loss, rows_dt(to_output(lse))) if return_lse else loss
 
 
-def refuse_local(what: str, unsupported: Optional[dict], options_error: Optional[BaseException]) -> None:
-    """Without a vocabulary-parallel dim (no agreement collective to join): raise this rank's
-    invalid option, then refuse unsupported ones."""
-    if options_error is not None:
-        raise options_error
-    if any(flags(unsupported).values()):
-        refuse_agreed(what, unsupported)
+def agree_rows(what: str, mesh: Any, batch: list[int], agree: dict, unsupported: Optional[dict],
+               local_error: Optional[BaseException], hint: Any) -> None:
+    """Without a vocabulary-parallel dim: the options agreement over the batch-sharded mesh dims
+    (``exchange.agree_over``, one all_gather of a few float64 per dim and one host read: their
+    ranks meet again in the loss's reduction and the weight-gradient all-reduce, so a rank that
+    raised alone would leave them waiting there), then the refused options, alike on every rank.
+    ``local_error``: this rank's invalid option or operand. No batch-sharded dim: no exchange."""
+    agree = dict(agree, **flags(unsupported))
+    groups = [mesh.get_group(i) for i in batch]
+    device = exchange_device(groups[0], hint) if groups else torch.device("cpu")
+    run = torch.compiler.disable(agree_over) if is_compiling() else agree_over  # collectives: eager
+    run(groups, device, agree, what, local_error)
+    refuse_agreed(what, unsupported)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Any, Optional
 
 import torch
@@ -40,23 +41,58 @@ def _number(v) -> float:
     return f if math.isfinite(f) else 0.0
 
 
+def check_agreement(rows: list[list[float]], names: tuple[str, ...], what: str) -> None:
+    """Every rank's (failed, *agreement values): the same ValueError on every rank (all read the
+    same table) when a rank failed its own validation or a value differs across the ranks."""
+    failed = [i for i, r in enumerate(rows) if r[0] != 0]
+    if failed:
+        raise ValueError(f"{what}: invalid inputs on group rank(s) {failed} (raised there with the reason); "
+                         "no rank enters the loss's collectives")
+    for i, name in enumerate(names):
+        vals = [r[1 + i] for r in rows]
+        if len(set(vals)) != 1:
+            raise ValueError(f"{what}: '{name}' differs across the ranks of the process group "
+                             f"(by group rank: {vals}); every rank must pass the same value")
+
+
+def gather_rows(group: Any, device: torch.device, values: list[float]) -> list[list[float]]:
+    """Every rank's ``values`` (float64), by group rank: one all_gather and one host read."""
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(table, mine, group=group)
+    return torch.stack(table).cpu().tolist()
+
+
+def agree_over(groups: list, device: torch.device, agree: dict, what: str,
+               local_error: Optional[BaseException] = None) -> None:
+    """The options agreement where no vocabulary layout is exchanged (a DTensor whose rows are
+    sharded and whose classes are not): one all_gather of (failed, *agree values) per group, in
+    turn, a failure seen in one carried into the next, so that every rank of their union raises
+    (its own ``local_error``, else ValueError) and none is left waiting in the loss's collectives."""
+    error: Optional[BaseException] = None
+    names = tuple(agree)
+    for group in groups:
+        failed = local_error is not None or error is not None
+        rows = gather_rows(group, device, [float(failed)] + [_number(agree[k]) for k in names])
+        try:
+            check_agreement(rows, names, what)
+        except ValueError as e:
+            error = error or e
+    if local_error is not None:
+        raise local_error
+    if error is not None:
+        raise error
+
+
 def layout_from_table(rows: list[list[float]], rank: int, names: tuple[str, ...], what: str,
                       allow_empty: bool = False) -> VocabShard:
     """Shard of ``rank`` from every rank's (C_local, start or NOT_GIVEN, failed, *agreement values);
     raises the same ValueError on every rank (all see the same table). ``allow_empty``: ranks
     with no class are fine (DTensor shards follow ``torch.chunk``: C = 5 over 4 ranks leaves one
     empty), as long as some rank holds a class."""
-    failed = [i for i, r in enumerate(rows) if r[2] != 0]
-    if failed:
-        raise ValueError(f"{what}: invalid inputs on group rank(s) {failed} (raised there with the reason); "
-                         "no rank enters the loss's collectives")
+    check_agreement([r[2:] for r in rows], names, what)
     sizes = [int(r[0]) for r in rows]
     starts = [r[1] for r in rows]
-    for i, name in enumerate(names):
-        vals = [r[3 + i] for r in rows]
-        if len(set(vals)) != 1:
-            raise ValueError(f"{what}: '{name}' differs across the ranks of the process group "
-                             f"(by group rank: {vals}); every rank must pass the same value")
     if min(sizes) < 0 or sum(sizes) < 1 or (min(sizes) < 1 and not allow_empty):
         raise ValueError(f"{what}: every rank must hold at least one class; local class counts by "
                          f"group rank: {sizes}")
@@ -99,14 +135,11 @@ def vocab_shard(group: Any, local_size: int, device: torch.device, vocab_start_i
         raise ValueError(f"{what} needs a process_group (None means: not vocabulary-parallel)")
     start = NOT_GIVEN if vocab_start_index is None else float(vocab_start_index)
     names = tuple(agree)
-    mine = torch.tensor([float(local_size), start, float(local_error is not None)]
-                        + [_number(agree[k]) for k in names], dtype=torch.float64, device=device)
-    table = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(table, mine, group=group)
+    rows = gather_rows(group, device, [float(local_size), start, float(local_error is not None)]
+                       + [_number(agree[k]) for k in names])
     if local_error is not None:
         raise local_error
-    return layout_from_table(torch.stack(table).cpu().tolist(), dist.get_rank(group), names, what,
-                             allow_empty)
+    return layout_from_table(rows, dist.get_rank(group), names, what, allow_empty)
 
 
 def exchange_device(group: Any, hint: Any) -> torch.device:
@@ -127,18 +160,20 @@ def localize_target(target: Tensor, shard: VocabShard, ignore_index: int) -> Ten
     return torch.where(target == ignore_index, torch.full_like(local, IGNORED), out)
 
 
-REDUCTION_CODES = {"none": 0.0, "mean": 1.0, "sum": 2.0}
+def option_code(v: Any) -> float:
+    """A field of ``LossOptions.flat()`` as a number of the agreement table: a string by its CRC-32
+    (the same on every process, unlike ``hash``), None as ``NOT_GIVEN``, a number as itself."""
+    if isinstance(v, str):
+        return float(zlib.crc32(v.encode()))
+    return NOT_GIVEN if v is None else v
 
 
 def agreement(weight: Any, opts: Any, **extra: float) -> dict:
     """name -> number of every option that must be the same on all ranks (``vocab_shard``'s
-    ``agree``): the class weights' length (-1: none), the reduction and the loss options of
-    ``opts`` (a ``LossOptions``), plus ``extra``."""
+    ``agree``): the class weights' length (-1: none), every field of ``opts`` (a ``LossOptions``,
+    by ``flat()``: a field added there joins the agreement), plus ``extra``."""
     wl = -1 if weight is None else (weight.numel() if isinstance(weight, Tensor) else -2)
-    return dict(weight_length=wl, reduction=REDUCTION_CODES.get(opts.reduction, -1),
-                ignore_index=opts.ignore_index, label_smoothing=opts.label_smoothing,
-                lse_square_scale=opts.lse_square_scale, softcap=opts.softcap, logit_scale=opts.logit_scale,
-                empty_batch=float(opts.empty_batch == "zero"), **extra)
+    return dict(weight_length=wl, **{k: option_code(v) for k, v in opts.flat().items()}, **extra)
 
 
 def flags(unsupported: Optional[dict]) -> dict:

@@ -1,6 +1,6 @@
-"""One frozen options object for every loss, its validation, input canonicalisation and the
-reduction. Carried unchanged from the public functions to the launchers (flattened to plain
-scalars only where it crosses a ``torch.library`` op schema).
+"""One frozen options object for every loss and its validation. Carried unchanged from the public
+functions to the launchers; flattened only where it crosses a ``torch.library`` op schema, by
+``LossOptions.flat`` (inverse: ``LossOptions.from_flat``; the schema side: ``core/op_schema.py``).
 
 Validation never forces a value that ``torch.compile(dynamic=True)`` made symbolic: numeric
 range checks run on plain Python numbers only.
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
-
-from .runtime import is_compiling
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -35,9 +33,9 @@ def check_real(name: str, v, ok, requirement: str) -> None:
         raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
     if _symbolic(v):
         return
-    # under dynamo a dynamic float is traced symbolically: math.isfinite cannot be traced, the
-    # comparisons can (they become guards)
-    finite = True if is_compiling() else math.isfinite(v)
+    # comparisons, not math.isfinite: dynamo traces them (on a float it traces symbolically they
+    # become guards); NaN fails both
+    finite = -math.inf < v < math.inf
     if not (finite and ok(v)):
         raise ValueError(f"{name} must be {requirement}, got {v!r}")
 
@@ -75,8 +73,9 @@ class LossOptions:
             softcap = 0.0
         else:
             check_real("softcap", softcap, lambda v: v > 0, "a positive finite float or None")
-        return LossOptions(ignore_index, reduction, label_smoothing, lse_square_scale, softcap,
-                           logit_scale, empty_batch)
+        return LossOptions(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                           lse_square_scale=lse_square_scale, softcap=softcap, logit_scale=logit_scale,
+                           empty_batch=empty_batch)
 
     @property
     def has_smoothing(self) -> bool:
@@ -91,15 +90,15 @@ class LossOptions:
         return dict(ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
                     softcap=self.softcap, logit_scale=self.logit_scale)
 
-    def flat(self) -> tuple:
-        """(ignore_index, label_smoothing, softcap, logit_scale): what crosses an op schema."""
-        return (self.ignore_index, self.label_smoothing, self.softcap, self.logit_scale)
+    def flat(self) -> dict[str, Any]:
+        """Every field by name: the one form in which the options cross a custom-op schema (its
+        keyword-only arguments, ``core/op_schema.py``); ``from_flat(**flat())`` is ``self``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    @staticmethod
-    def from_flat(ignore_index: int, label_smoothing: float, softcap: float,
-                  logit_scale: float) -> "LossOptions":
-        return LossOptions(ignore_index=ignore_index, label_smoothing=label_smoothing,
-                           softcap=softcap, logit_scale=logit_scale)
+    @classmethod
+    def from_flat(cls, **fields: Any) -> "LossOptions":
+        """The options an op received as its keyword-only arguments (``flat``'s inverse)."""
+        return cls(**fields)
 
 
 def make_options(deferred: bool, **kwargs) -> tuple[LossOptions, Optional[BaseException]]:

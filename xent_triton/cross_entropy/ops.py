@@ -13,13 +13,14 @@ Ops (one door: eager calls the same custom ops; overhead measured in docs/design
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..core import formulas_torch, launch, row_blocks
 from ..core.inputs import target_range_check
+from ..core.op_schema import input_grads, options_op
 from ..core.options import LossOptions
 from ..core.runtime import (
     alloc,
@@ -164,23 +165,29 @@ def soft_target_grad_torch(dtarget: Tensor, x: Tensor, weight: Optional[Tensor],
 
 
 # ------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("xent_triton::cross_entropy_fwd", mutates_args=())
-def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                      label_smoothing: float, softcap: float, logit_scale: float,
-                      inplace_backward: bool, with_stats: bool,
-                      skip_ignored: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+# Each op takes the options as keyword-only arguments, one per LossOptions field (core/op_schema.py).
+ROWS_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+BWD_ARGS = "Tensor x, Tensor target, Tensor? weight, Tensor stats, Tensor dloss, Tensor? dlse"
+
+
+@options_op("xent_triton::cross_entropy_fwd",
+            "Tensor x, Tensor target, Tensor? weight, bool inplace_backward, bool with_stats, "
+            "bool skip_ignored",
+            ROWS_RETURNS)
+def cross_entropy_fwd(x: Tensor, target: Tensor, weight: Optional[Tensor], inplace_backward: bool,
+                      with_stats: bool, skip_ignored: bool,
+                      **options: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, stats, entropy, predicted) of the (N, C, D) logits;
     ``inplace_backward`` is kept for the backward. Out-of-range class ids raise IndexError here on
     CPU (eager and compiled alike)."""
-    opts = LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale)
+    opts = LossOptions.from_flat(**options)
     if not target.is_floating_point():
-        target_range_check(target, x.shape[1], ignore_index)
+        target_range_check(target, x.shape[1], opts.ignore_index)
     return forward_rows(x, target, weight, opts, with_stats, skip_ignored)
 
 
 @cross_entropy_fwd.register_fake
-def _(x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward, with_stats,
-      skip_ignored=False):
+def _(x, target, weight, inplace_backward, with_stats, skip_ignored, **options):
     R = x.shape[0] * x.shape[2]
     dt = compute_dtype(x)
     k = R if with_stats else 0
@@ -188,58 +195,52 @@ def _(x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, in
             x.new_empty((k,), dtype=dt), x.new_empty((k,), dtype=torch.int64))
 
 
-@torch.library.custom_op("xent_triton::cross_entropy_bwd", mutates_args=())
+@options_op("xent_triton::cross_entropy_bwd", BWD_ARGS, "Tensor")
 def cross_entropy_bwd(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
-                      dloss: Tensor, dlse: Optional[Tensor], ignore_index: int,
-                      label_smoothing: float, softcap: float, logit_scale: float) -> Tensor:
+                      dloss: Tensor, dlse: Optional[Tensor], **options: Any) -> Tensor:
     """dL/dx as a new tensor with x's shape and dtype."""
     out = alloc(x.shape, x.dtype, x.device)
-    backward_into(out, x, target, weight, stats, dloss, dlse,
-                  LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale))
+    backward_into(out, x, target, weight, stats, dloss, dlse, LossOptions.from_flat(**options))
     return out
 
 
 @cross_entropy_bwd.register_fake
-def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap, logit_scale):
+def _(x, target, weight, stats, dloss, dlse, **options):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("xent_triton::cross_entropy_bwd_soft", mutates_args=())
+@options_op("xent_triton::cross_entropy_bwd_soft", BWD_ARGS, "(Tensor, Tensor)")
 def cross_entropy_bwd_soft(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
-                           dloss: Tensor, dlse: Optional[Tensor], ignore_index: int,
-                           label_smoothing: float, softcap: float,
-                           logit_scale: float) -> tuple[Tensor, Tensor]:
+                           dloss: Tensor, dlse: Optional[Tensor], **options: Any) -> tuple[Tensor, Tensor]:
     """(dL/dx, dL/dtarget) for a probability target that requires grad, from one pass."""
     out = alloc(x.shape, x.dtype, x.device)
     dt = alloc(target.shape, target.dtype, target.device)
-    backward_into(out, x, target, weight, stats, dloss, dlse,
-                  LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale), dtarget=dt)
+    backward_into(out, x, target, weight, stats, dloss, dlse, LossOptions.from_flat(**options), dtarget=dt)
     return out, dt
 
 
 @cross_entropy_bwd_soft.register_fake
-def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap, logit_scale):
+def _(x, target, weight, stats, dloss, dlse, **options):
     return x.new_empty(x.shape), target.new_empty(target.shape)
 
 
-@torch.library.custom_op("xent_triton::cross_entropy_bwd_inplace", mutates_args=("x",))
+@options_op("xent_triton::cross_entropy_bwd_inplace", BWD_ARGS.replace("Tensor x", "Tensor(a!) x"), "()",
+            mutates_args=("x",))
 def cross_entropy_bwd_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
-                              dloss: Tensor, dlse: Optional[Tensor], ignore_index: int,
-                              label_smoothing: float, softcap: float, logit_scale: float) -> None:
+                              dloss: Tensor, dlse: Optional[Tensor], **options: Any) -> None:
     """dL/dx written over x itself (x is consumed; its version counter is bumped)."""
-    backward_into(x, x, target, weight, stats, dloss, dlse,
-                  LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale))
+    backward_into(x, x, target, weight, stats, dloss, dlse, LossOptions.from_flat(**options))
 
 
 @cross_entropy_bwd_inplace.register_fake
-def _(x, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap, logit_scale):
+def _(x, target, weight, stats, dloss, dlse, **options):
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    x, target, weight, ignore_index, label_smoothing, softcap, logit_scale, inplace_backward = inputs[:8]
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    x, target, weight, inplace_backward = inputs[:4]
     ctx.save_for_backward(x, target, weight, output[2])
-    ctx.flat = (ignore_index, label_smoothing, softcap, logit_scale)
+    ctx.opts = LossOptions.from_flat(**keyword_only_inputs)
     ctx.inplace_backward = inplace_backward
     ctx.mark_non_differentiable(*output[2:])
     ctx.set_materialize_grads(False)  # an unused lse must not read as a zero gradient (extra bytes)
@@ -248,17 +249,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dloss, dlse, _dstats, _dent, _dpred):
     x, target, weight, stats = ctx.saved_tensors
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x.device)
+    flat = ctx.opts.flat()
     if target.is_floating_point() and ctx.needs_input_grad[1]:
-        dx, dt = torch.ops.xent_triton.cross_entropy_bwd_soft(x, target, weight, stats, dloss, dlse,
-                                                              *ctx.flat)
-        return (no_second_derivative(dx, "cross_entropy"), no_second_derivative(dt, "cross_entropy")) + \
-            (None,) * 8
+        dx, dt = torch.ops.xent_triton.cross_entropy_bwd_soft(x, target, weight, stats, dloss, dlse, **flat)
+        return input_grads(ctx, no_second_derivative(dx, "cross_entropy"),
+                           no_second_derivative(dt, "cross_entropy"))
     if ctx.inplace_backward:
-        torch.ops.xent_triton.cross_entropy_bwd_inplace(x, target, weight, stats, dloss, dlse, *ctx.flat)
+        torch.ops.xent_triton.cross_entropy_bwd_inplace(x, target, weight, stats, dloss, dlse, **flat)
         dx = x
     else:
-        dx = torch.ops.xent_triton.cross_entropy_bwd(x, target, weight, stats, dloss, dlse, *ctx.flat)
-    return (no_second_derivative(dx, "cross_entropy"),) + (None,) * 9
+        dx = torch.ops.xent_triton.cross_entropy_bwd(x, target, weight, stats, dloss, dlse, **flat)
+    return input_grads(ctx, no_second_derivative(dx, "cross_entropy"))
 
 
 cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -270,5 +271,5 @@ def cross_entropy_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts
     """(loss_rows, lse, stats, entropy, predicted) with autograd, through the
     ``xent_triton::cross_entropy_fwd`` op (entropy / predicted empty unless ``with_stats``;
     ``skip_ignored``: ignored rows' loss / lse / stats are 0 and their logits are not read)."""
-    return torch.ops.xent_triton.cross_entropy_fwd(x, target, weight, *opts.flat(), inplace_backward,
-                                                   with_stats, skip_ignored)
+    return torch.ops.xent_triton.cross_entropy_fwd(x, target, weight, inplace_backward, with_stats,
+                                                   skip_ignored, **opts.flat())

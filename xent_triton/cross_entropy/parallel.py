@@ -40,6 +40,7 @@ all-reduce; NCCL may hang until its timeout).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -57,6 +58,7 @@ from ..core.exchange import (
     vocab_shard,
 )
 from ..core.inputs import Canonical, canonical, check_token_weight, check_weight, target_range_check
+from ..core.op_schema import input_grads
 from ..core.options import LossOptions
 from ..core.partials import N_PARTIALS, combine
 from ..core.reduction import reduce_rows
@@ -170,15 +172,14 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         inplace = ctx.inplace_backward and not soft_grad  # dL/dt reads the logits x3
         out = x3 if inplace else alloc(x3.shape, x3.dtype, x3.device)
         if x3.shape[1] != 0:  # an empty shard has an empty gradient
-            shard_opts = LossOptions(ignore_index=IGNORED, label_smoothing=ctx.opts.label_smoothing,
-                                     softcap=ctx.opts.softcap, logit_scale=ctx.opts.logit_scale)
+            shard_opts = dataclasses.replace(ctx.opts, ignore_index=IGNORED)  # the localized target's
             with torch.no_grad():  # create_graph=True: values only, tied below to a raising node
                 backward_into(out, x3, tgt, w_local, stats, dloss, dlse, shard_opts, ctx.n_classes, wsum,
                               dtarget)
         if inplace:
             torch.autograd.graph.increment_version(x3)
-        return (no_second_derivative(out, "cross_entropy", anchor=x3),
-                no_second_derivative(dtarget, "cross_entropy", anchor=tgt)) + (None,) * 5
+        return input_grads(ctx, no_second_derivative(out, "cross_entropy", anchor=x3),
+                           no_second_derivative(dtarget, "cross_entropy", anchor=tgt))
 
 
 def vocab_parallel_cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor],

@@ -10,14 +10,15 @@ from ..core.dtensor import (
     ReduceGradOver,
     Replicate,
     Shard,
+    agree_rows,
     chunk_start,
     finish,
     full_tensor,
     is_dtensor,
     local_part,
     plan,
-    refuse_local,
 )
+from ..core.exchange import agreement
 from ..core.inputs import autocast_operands, check_linear_operands, check_weight, class_ids
 from ..core.options import LossOptions, check_chunking
 from ..core.runtime import compute_dtype
@@ -38,8 +39,9 @@ def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, li
         >>> h = distribute_tensor(hidden, mesh, [Replicate()])
         >>> loss = xent_triton.linear_cross_entropy(h, W, y)       # vocabulary parallel
 
-    ``chunk_size`` / ``grad_accum_dtype`` are validated on every rank and, on a vocabulary-parallel
-    mesh dim, agreed on (``options_error``: this rank's invalid option, raised after the agreement).
+    ``chunk_size`` / ``grad_accum_dtype`` are validated on every rank and agreed on (over the
+    vocabulary-parallel mesh dim, else the batch-sharded ones; ``options_error``: this rank's
+    invalid option, raised after the agreement, on every rank alike).
     """
     what = "linear_cross_entropy on DTensors"
     if not is_dtensor(input):
@@ -86,16 +88,22 @@ def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, li
             options_error=options_error, unsupported=unsupported, chunk_size=chunk_size,
             grad_accum_dtype=grad_accum_dtype)
     else:
-        refuse_local(what, unsupported, options_error)
-        x, W, b = autocast_operands(x, W, b)
-        check_linear_operands(x, W, b, tgt)
-        chunk, _ = check_chunking(chunk_size, grad_accum_dtype, W.dtype)  # per-token path: no dW
-        # accumulation across token chunks (one GEMM per vocabulary split), chunk sizes the splits
-        flat = class_ids(tgt, x.shape[:-1], "input's leading shape")
-        C, D = W.shape
+        local_error, chunk, accum_fp32, w_rows = options_error, 0, True, None
+        try:  # this rank's operand errors join the agreement: raised on every rank alike
+            x, W, b = autocast_operands(x, W, b)
+            check_linear_operands(x, W, b, tgt)
+            # the per-token path: no dW accumulation across token chunks (one GEMM per vocabulary
+            # split); chunk_size sizes the splits
+            chunk, accum_fp32 = check_chunking(chunk_size, grad_accum_dtype, W.dtype)
+            flat = class_ids(tgt, x.shape[:-1], "input's leading shape")
+            w_rows = check_weight(w, W.shape[0], x.device, x.dtype)
+        except (TypeError, ValueError, IndexError) as e:
+            local_error = local_error or e
+        agree = agreement(w, opts, bias=float(b is not None), return_lse=float(return_lse), chunk_size=chunk,
+                          grad_accum_fp32=float(accum_fp32))
+        agree_rows(what, mesh, batch, agree, unsupported, local_error, x)
         loss_rows, lse, stats = linear_cross_entropy_rows(
-            x.reshape(-1, D), W, b.contiguous() if b is not None else None, flat,
-            check_weight(w, C, x.device, x.dtype), opts,
+            x.reshape(-1, W.shape[1]), W, b.contiguous() if b is not None else None, flat, w_rows, opts,
             skip_ignored=not return_lse and opts.lse_square_scale == 0, chunk_size=chunk)
     out_shape = tuple(input.shape[:-1])
     return finish(loss_rows, lse.to(compute_dtype(x)), stats, flat, opts, lambda r: r.view(tgt.shape), mesh,

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..core.op_schema import input_grads
 from ..core.options import LossOptions
 from ..core.partials import combine
 from ..core.runtime import interpreting
@@ -110,7 +111,7 @@ class _FusedHead(torch.autograd.Function):
         gx = (dx.float() * s).to(dx.dtype)
         gw = (dw.float() * s).to(ctx.dtypes[0])
         gb = None if db is None else (db * s).to(ctx.dtypes[1])
-        return gx, gw, gb, None, None, None, None, None
+        return input_grads(ctx, gx, gw, gb)
 
 
 def linear_cross_entropy_fused(x: Tensor, w: Tensor, target: Tensor, *, bias: Optional[Tensor] = None,

@@ -21,7 +21,7 @@ Building blocks shared with the vocabulary-parallel head (``linear/parallel.py``
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -31,6 +31,7 @@ from ..core import launch
 from ..core.compaction import kept_rows
 from ..core.formulas_torch import transform_logits
 from ..core.inputs import target_range_check
+from ..core.op_schema import input_grads, options_op
 from ..core.options import LossOptions
 from ..core.partials import N_PARTIALS, combine
 from ..core.reduction import reduce_rows
@@ -178,52 +179,53 @@ def backward_rows(x, w, b, target, weight, stats, dloss, dlse, opts: LossOptions
 
 
 # ---------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("xent_triton::linear_cross_entropy_fwd", mutates_args=())
+# Each op takes the options as keyword-only arguments, one per LossOptions field (core/op_schema.py).
+HEAD_ARGS = "Tensor x, Tensor w, Tensor? b, Tensor target, Tensor? weight"
+
+
+@options_op("xent_triton::linear_cross_entropy_fwd", f"{HEAD_ARGS}, bool skip_ignored, SymInt chunk_size",
+            "(Tensor, Tensor, Tensor)")
 def linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
-                             weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
-                             softcap: float, logit_scale: float,
-                             skip_ignored: bool, chunk_size: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                             weight: Optional[Tensor], skip_ignored: bool, chunk_size: int,
+                             **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, stats); out-of-range class ids raise IndexError here on CPU.
     ``chunk_size`` (0: automatic) is kept for the backward's vocabulary splits."""
-    target_range_check(target, w.shape[0], ignore_index)
-    return forward_rows(x, w, b, target, weight,
-                        LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale),
-                        skip_ignored)
+    opts = LossOptions.from_flat(**options)
+    target_range_check(target, w.shape[0], opts.ignore_index)
+    return forward_rows(x, w, b, target, weight, opts, skip_ignored)
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_scale, skip_ignored,
-      chunk_size=0):
+def _(x, w, b, target, weight, skip_ignored, chunk_size, **options):
     N = x.shape[0]
     dt = compute_dtype(x)
     return x.new_empty((N,), dtype=dt), x.new_empty((N,), dtype=dt), x.new_empty((N, 3), dtype=dt)
 
 
-@torch.library.custom_op("xent_triton::linear_cross_entropy_bwd", mutates_args=())
+@options_op("xent_triton::linear_cross_entropy_bwd",
+            f"{HEAD_ARGS}, Tensor stats, Tensor dloss, Tensor? dlse, bool need_dx, bool need_dw, "
+            "bool need_db, SymInt chunk_size", "(Tensor, Tensor, Tensor)")
 def linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                              weight: Optional[Tensor], stats: Tensor, dloss: Tensor,
-                             dlse: Optional[Tensor], ignore_index: int, label_smoothing: float,
-                             softcap: float, logit_scale: float, need_dx: bool, need_dw: bool,
-                             need_db: bool, chunk_size: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+                             dlse: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool,
+                             chunk_size: int, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dW, db); a gradient that is not needed comes back as an empty (0,) tensor."""
-    grads = backward_rows(x, w, b, target, weight, stats, dloss, dlse,
-                          LossOptions.from_flat(ignore_index, label_smoothing, softcap, logit_scale),
+    grads = backward_rows(x, w, b, target, weight, stats, dloss, dlse, LossOptions.from_flat(**options),
                           (need_dx, need_dw, need_db), chunk_size)
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @linear_cross_entropy_bwd.register_fake
-def _(x, w, b, target, weight, stats, dloss, dlse, ignore_index, label_smoothing, softcap,
-      logit_scale, need_dx, need_dw, need_db, chunk_size=0):
+def _(x, w, b, target, weight, stats, dloss, dlse, need_dx, need_dw, need_db, chunk_size, **options):
     return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
             w.new_empty(w.shape) if need_dw else x.new_empty((0,)),
             b.new_empty(b.shape) if need_db else x.new_empty((0,)))
 
 
-def _setup_context(ctx, inputs, output):
-    x, w, b, target, weight, ignore_index, eps, softcap, logit_scale, _skip, chunk_size = inputs
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    x, w, b, target, weight, _skip, chunk_size = inputs
     ctx.save_for_backward(x, w, b, target, weight, output[2])
-    ctx.flat = (ignore_index, eps, softcap, logit_scale)
+    ctx.opts = LossOptions.from_flat(**keyword_only_inputs)
     ctx.chunk_size = chunk_size
     ctx.mark_non_differentiable(output[2])
     ctx.set_materialize_grads(False)  # an unused lse must not read as a zero gradient
@@ -233,11 +235,10 @@ def _backward(ctx, dloss, dlse, _dstats):
     x, w, b, target, weight, stats = ctx.saved_tensors
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, x.device)
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-    grads = torch.ops.xent_triton.linear_cross_entropy_bwd(x, w, b, target, weight, stats, dloss,
-                                                           dlse, *ctx.flat, *need, ctx.chunk_size)
-    dx, dw, db = (no_second_derivative(g, "linear_cross_entropy") if n else None
-                  for g, n in zip(grads, need))
-    return (dx, dw, db) + (None,) * 8
+    grads = torch.ops.xent_triton.linear_cross_entropy_bwd(x, w, b, target, weight, stats, dloss, dlse, *need,
+                                                           ctx.chunk_size, **ctx.opts.flat())
+    return input_grads(ctx, *(no_second_derivative(g, "linear_cross_entropy") if n else None
+                              for g, n in zip(grads, need)))
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -249,33 +250,27 @@ def linear_cross_entropy_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target:
                               ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss_rows, lse, stats) with autograd, through ``xent_triton::linear_cross_entropy_fwd``;
     ``chunk_size`` sizes the vocabulary splits of its backward."""
-    return torch.ops.xent_triton.linear_cross_entropy_fwd(x, w, b, target, weight, *opts.flat(),
-                                                          skip_ignored, int(chunk_size or 0))
+    return torch.ops.xent_triton.linear_cross_entropy_fwd(x, w, b, target, weight, skip_ignored,
+                                                          int(chunk_size or 0), **opts.flat())
 
 
 # ------------------------------------------------------------------ token-chunked custom op
-REDUCTION_CODES = {"mean": 0, "sum": 1}
-
-
-@torch.library.custom_op("xent_triton::linear_cross_entropy_chunked", mutates_args=())
+@options_op("xent_triton::linear_cross_entropy_chunked",
+            f"{HEAD_ARGS}, Tensor? token_weight, SymInt chunk_size, bool accum_fp32, bool need_dx, "
+            "bool need_dw, bool need_db, bool with_stats",
+            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def linear_cross_entropy_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
-                                 weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
-                                 softcap: float, logit_scale: float, lse_square_scale: float,
-                                 reduction: int, empty_batch_zero: bool, chunk_size: int,
-                                 accum_fp32: bool, need_dx: bool, need_dw: bool,
-                                 need_db: bool, token_weight: Optional[Tensor] = None,
-                                 with_stats: bool = False
+                                 weight: Optional[Tensor], token_weight: Optional[Tensor], chunk_size: int,
+                                 accum_fp32: bool, need_dx: bool, need_dw: bool, need_db: bool,
+                                 with_stats: bool, **options: Any
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss 0-d, scale 0-d, dX, dW, db, entropy, predicted) of the token-chunked head: the
-    reduced loss (fp32), the scale 1/denominator of a mean (1 for a sum), the gradients for an
-    upstream gradient of 1 before that scale (an empty (0,) tensor where not needed), and with
-    ``with_stats`` the per-row entropy (N,) and argmax (N,) int64 (else empty). ``token_weight``
-    (N,) scales each row's loss and gradients. ``chunk_size`` 0 = automatic."""
-    target_range_check(target, w.shape[0], ignore_index)
-    opts = LossOptions(ignore_index=ignore_index, reduction="mean" if reduction == 0 else "sum",
-                       label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
-                       softcap=softcap, logit_scale=logit_scale,
-                       empty_batch="zero" if empty_batch_zero else "nan")
+    """(loss 0-d, scale 0-d, dX, dW, db, entropy, predicted) of the token-chunked head (reduction
+    mean / sum): the reduced loss (fp32), the scale 1/denominator of a mean (1 for a sum), the
+    gradients for an upstream gradient of 1 before that scale (an empty (0,) tensor where not
+    needed), and with ``with_stats`` the per-row entropy (N,) and argmax (N,) int64 (else empty).
+    ``token_weight`` (N,) scales each row's loss and gradients. ``chunk_size`` 0 = automatic."""
+    opts = LossOptions.from_flat(**options)
+    target_range_check(target, w.shape[0], opts.ignore_index)
     loss_rows, lse, stats, scale, dx, dw, db, ent, pred = chunked_loss_and_grads(
         x, w, b, target, weight, opts, chunk_size if chunk_size > 0 else None, accum_fp32,
         (need_dx, need_dw, need_db), token_weight, with_stats)
@@ -286,9 +281,8 @@ def linear_cross_entropy_chunked(x: Tensor, w: Tensor, b: Optional[Tensor], targ
 
 
 @linear_cross_entropy_chunked.register_fake
-def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_scale, lse_square_scale,
-      reduction, empty_batch_zero, chunk_size, accum_fp32, need_dx, need_dw, need_db, token_weight=None,
-      with_stats=False):
+def _(x, w, b, target, weight, token_weight, chunk_size, accum_fp32, need_dx, need_dw, need_db, with_stats,
+      **options):
     cdt = compute_dtype(x)
     n = x.shape[0] if with_stats else 0
     return (x.new_empty((), dtype=cdt), x.new_empty((), dtype=cdt),
@@ -298,12 +292,12 @@ def _(x, w, b, target, weight, ignore_index, label_smoothing, softcap, logit_sca
             x.new_empty((n,), dtype=cdt), x.new_empty((n,), dtype=torch.int64))
 
 
-def _chunked_setup(ctx, inputs, output):
+def _chunked_setup(ctx, inputs, keyword_only_inputs, output):
     _, scale, dx, dw, db = output[:5]
-    x, w, b = inputs[:3]
+    x, w, b, _target, _weight, _tw, _chunk, _accum, need_dx, need_dw, need_db, _stats = inputs
     ctx.save_for_backward(scale, dx, dw, db)
     ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
-    ctx.need = inputs[14:17]
+    ctx.need = (need_dx, need_dw, need_db)
     # dX, dW, db stay differentiable outputs (never read by a user) so that, saved, they link a
     # backward with create_graph=True to x, w, b: the raising node of a second derivative sits on
     # that path (otherwise the gradient, formed in forward, is a constant and its derivative a
@@ -333,7 +327,7 @@ def scaled(t: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
 def _chunked_backward(ctx, g, *_):
     """dX, dW, db = saved x g / denominator (device scalar: no host sync), in the leaves' dtypes."""
     if g is None:  # (grads are not materialised) the loss took no gradient
-        return (None,) * 19
+        return input_grads(ctx)
     scale, dx, dw, db = ctx.saved_tensors
     s = g.to(scale.dtype) * scale
     grads = []
@@ -345,7 +339,7 @@ def _chunked_backward(ctx, g, *_):
             value = scaled(t.detach(), s, dt)
         grads.append(no_second_derivative(value, "linear_cross_entropy", anchor=t))
     del dx, dw, db
-    return (*grads,) + (None,) * 16  # token_weight: no gradient on this path (functional routes it)
+    return input_grads(ctx, *grads)  # token_weight: no gradient on this path (functional routes it)
 
 
 linear_cross_entropy_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
@@ -359,9 +353,8 @@ def linear_cross_entropy_scalar(x: Tensor, w: Tensor, b: Optional[Tensor], targe
     """(reduced mean / sum loss with autograd, entropy (N,), argmax (N,)) through
     ``xent_triton::linear_cross_entropy_chunked``; entropy / argmax empty unless ``with_stats``."""
     out = torch.ops.xent_triton.linear_cross_entropy_chunked(
-        x, w, b, target, weight, opts.ignore_index, opts.label_smoothing, opts.softcap, opts.logit_scale,
-        opts.lse_square_scale, REDUCTION_CODES[opts.reduction], opts.empty_batch == "zero",
-        int(chunk_size or 0), accum_fp32, *need, token_weight, with_stats)
+        x, w, b, target, weight, token_weight, int(chunk_size or 0), accum_fp32, *need, with_stats,
+        **opts.flat())
     return out[0], out[5], out[6]
 
 

@@ -52,6 +52,7 @@ from ..core.inputs import (
     class_ids,
     target_range_check,
 )
+from ..core.op_schema import input_grads
 from ..core.options import LossOptions, check_chunking
 from ..core.partials import combine
 from ..core.reduction import reduce_rows
@@ -107,8 +108,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                      db.to(b.dtype) if db is not None else None)
         # each gradient hangs off its own operand (saved input, in the graph under create_graph):
         # differentiating it again reaches the raising node, never a silent zero
-        return tuple(no_second_derivative(g, "linear_cross_entropy", anchor=t)
-                     for g, t in zip(grads, (x, w, b))) + (None,) * 8
+        return input_grads(ctx, *(no_second_derivative(g, "linear_cross_entropy", anchor=t)
+                                  for g, t in zip(grads, (x, w, b))))
 
 
 def vocab_parallel_linear_cross_entropy(
