@@ -122,8 +122,17 @@ def _gemm_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
                 logit_scale=1.0, softcap=30.0, num_progs=132)
 
 
+def _gemm_kernel(name: str):
+    """A loader for jit kernel ``name`` of ``xent_triton.linear.gemm_kernels`` (its module since the
+    by-op move; ``kernel_specs._lazy`` still names the old ``xent_triton.kernels`` package)."""
+    def load():
+        import importlib
+        return getattr(importlib.import_module("xent_triton.linear.gemm_kernels"), name)
+    return load
+
+
 SPECS["logits_gemm"] = KernelSpec(
-    "logits_gemm", _lazy("logits_gemm", "logits_gemm_kernel"), _LIN_FLAGS, _gemm_args,
+    "logits_gemm", _gemm_kernel("logits_gemm_kernel"), _LIN_FLAGS, _gemm_args,
     configs=_gemm_configs, layouts=("c16", "odd", "nd"), dtypes=("bf16", "fp16"), arch_ok=_gemm_arch_ok,
     ci_pick=lambda k: k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags))
 
@@ -137,7 +146,61 @@ def _dz_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
 
 
 SPECS["shifted_dz"] = KernelSpec(
-    "shifted_dz", _lazy("logits_gemm", "shifted_dz_kernel"), _CHUNK_FLAGS, _dz_args,
+    "shifted_dz", _gemm_kernel("shifted_dz_kernel"), _CHUNK_FLAGS, _dz_args,
     configs=lambda dtype: [{"BLOCK_N": 256, "num_warps": 4}], layouts=("c16", "odd"),
     dtypes=("bf16", "fp16"),
     ci_pick=lambda k: k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags))
+
+
+# ---------------------------------------- the fused head's dX / dW GEMMs (device row / reduction extent)
+# fused_epilogue.dx_gemm: dX (R, D) = s dZ (R, C) W (C, D); dw_gemm: dW (C, D) = s (acc + dZᵀ X) over
+# the first count rows, + db; "dw_gemm" writes w's dtype (one chunk, or the last), "dw_gemm_f32"
+# the fp32 partial sum of an earlier chunk (no scale there). R, C, D as the logits GEMM's layouts.
+def _bwd_configs(kernel: str):
+    """The configs ``bwd_config_for(arch, kernel)`` gives on sm_80 and sm_90 (``_bwd_arch_ok``)."""
+    def configs(dtype: str) -> list[dict]:
+        from xent_triton.linear.fused_epilogue import bwd_config_for
+        cfgs = {(c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages)
+                for c in (bwd_config_for(80, kernel), bwd_config_for(90, kernel))}
+        return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "DOT_UPCAST": False,
+                 "OUT_RNE": False, "num_warps": w, "num_stages": st} for m, n, k, g, w, st in sorted(cfgs)]
+    return configs
+
+
+def _bwd_arch_ok(key, arch: int) -> bool:
+    from xent_triton.linear.fused_epilogue import bwd_config_for
+    c, cfg = bwd_config_for(arch, key.kernel[:2]), dict(key.config)
+    return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]) == \
+        (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
+
+
+def _dx_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
+    R, C, D, _ = _linear_shape(layout)
+    return dict(a_ptr=Ptr(dtype), stride_am=C, stride_ak=1, b_ptr=Ptr(dtype), stride_bk=D, stride_bn=1,
+                out_ptr=Ptr(dtype), stride_om=D, stride_on=1, count_ptr=Ptr("i64"), scale_ptr=Ptr("fp32"),
+                M=R, N=D, K=C)
+
+
+def _dw_args(out_dtype=None):
+    def args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
+        R, C, D, _ = _linear_shape(layout)
+        return dict(a_ptr=Ptr(dtype), stride_ak=C, stride_am=1, b_ptr=Ptr(dtype), stride_bk=D, stride_bn=1,
+                    out_ptr=Ptr(out_dtype or dtype), stride_om=D, stride_on=1, acc_ptr=Ptr("fp32"),
+                    db_ptr=Ptr("fp32"), count_ptr=Ptr("i64"), scale_ptr=Ptr("fp32"), M=C, N=D, K=R)
+    return args
+
+
+def _ci_all_on(k) -> bool:
+    return k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags)
+
+
+_BWD = dict(layouts=("c16", "odd", "nd"), dtypes=("bf16", "fp16"), arch_ok=_bwd_arch_ok,
+            ci_pick=_ci_all_on)
+SPECS["dx_gemm"] = KernelSpec("dx_gemm", _gemm_kernel("dx_gemm_kernel"), ("HAS_SCALE",), _dx_args,
+                              configs=_bwd_configs("dx"), **_BWD)
+SPECS["dw_gemm"] = KernelSpec("dw_gemm", _gemm_kernel("dw_gemm_kernel"), ("HAS_ACC", "HAS_DB", "HAS_SCALE"),
+                              _dw_args(), configs=_bwd_configs("dw"), **_BWD)
+SPECS["dw_gemm_f32"] = KernelSpec("dw_gemm_f32", _gemm_kernel("dw_gemm_kernel"), ("HAS_ACC", "HAS_DB"),
+                                  _dw_args("fp32"), **dict(_BWD, configs=lambda dtype: [
+                                      dict(c, HAS_SCALE=False) for c in _bwd_configs("dw")(dtype)],
+                                      ci_pick=lambda k: False))  # dw_gemm's kernel: --full only
