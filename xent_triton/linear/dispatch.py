@@ -9,6 +9,8 @@ fused-epilogue GEMM family (``fused_head.py``: no host sync, 16-bit chunk buffer
   ``XENT_LINEAR_DISPATCH``; written by ``python -m perf.linear_gpu``) has rows for this card, D
   and C and the fused path was faster at every measured ignored fraction at the nearest measured N.
   No row (the committed table has none yet): the vendor path.
+* While torch.compile traces the call: the vendor path (its custom ops), whatever is requested
+  (the fused head is eager only: an autograd.Function launching Triton kernels directly).
 """
 from __future__ import annotations
 
@@ -76,14 +78,14 @@ def refusals(x: Tensor, w: Tensor, opts: LossOptions, *, accum_fp32: bool, need_
         why.append("token_weight")
     if not accum_fp32:
         why.append("grad_accum_dtype other than float32 (dW accumulates in fp32 across chunks)")
-    if is_compiling():
-        why.append("torch.compile (eager only: the fused head is not a custom op)")
     return why
 
 
 def use_fused(x: Tensor, w: Tensor, opts: LossOptions, **call) -> bool:
     """True when the fused head serves this call (module docstring); ValueError when it is forced
     and cannot."""
+    if is_compiling():  # traced by torch.compile: the vendor head's custom ops (no env / context reads)
+        return False
     path = requested_path()
     if path == "vendor":
         return False

@@ -20,6 +20,10 @@ sm_90), then the epilogue on the fp32 accumulator:
 The M extent is read from device memory (``count_ptr``: the compacted valid-token count, clamped
 to R), so ignored tokens cost no FLOPs and no host sync; rows >= count are neither computed nor
 written (their logits and partials stay as allocated: callers read only the first count rows).
+
+The fused head's backward GEMMs take the same device count: ``dx_gemm_kernel`` (dX = s dZ W, row
+extent = count, rows past it written as zeros) and ``dw_gemm_kernel`` (dW = s (acc + dZᵀ X),
+reduction extent = count, + db). Both accumulate in fp32 and write once in the output's dtype.
 """
 import triton
 import triton.language as tl
