@@ -139,6 +139,8 @@ def fused_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tens
             dw_gemm(z, xc[r0:r1], n, dw if last else acc, acc=acc if r0 > 0 else None, db=db,
                     scale=inv if last else None, config=bwd)
     del acc
+    if N == 0 and dw is not None:  # no chunk ran: zero gradients, as torch
+        dw.zero_()
     loss_rows = torch.empty_like(loss_c).index_copy_(0, order, loss_c)
     dx = torch.empty_like(x).index_copy_(0, order, dxc) if need_dx else None
     return loss_rows, den, inv, dx, dw if need_dw else None, db
