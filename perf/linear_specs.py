@@ -155,13 +155,15 @@ SPECS["shifted_dz"] = KernelSpec(
 # ---------------------------------------- the fused head's dX / dW GEMMs (device row / reduction extent)
 # fused_epilogue.dx_gemm: dX (R, D) = s dZ (R, C) W (C, D); dw_gemm: dW (C, D) = s (acc + dZᵀ X) over
 # the first count rows, + db; "dw_gemm" writes w's dtype (one chunk, or the last), "dw_gemm_f32"
-# the fp32 partial sum of an earlier chunk (no scale there). R, C, D as the logits GEMM's layouts.
+# the fp32 partial sum of an earlier chunk (no scale there). R, C, D as the logits GEMM's layouts:
+# c16 has 16-byte aligned rows (the launchers' aligned tiles), odd (C) and nd (D) do not.
 def _bwd_configs(kernel: str):
     """The configs ``bwd_config_for(arch, kernel)`` gives on sm_80 and sm_90 (``_bwd_arch_ok``)."""
     def configs(dtype: str) -> list[dict]:
         from xent_triton.linear.fused_epilogue import bwd_config_for
         cfgs = {(c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages)
-                for c in (bwd_config_for(80, kernel), bwd_config_for(90, kernel))}
+                for c in (bwd_config_for(arch, kernel, aligned) for arch in (80, 90)
+                          for aligned in (False, True))}
         return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "DOT_UPCAST": False,
                  "OUT_RNE": False, "num_warps": w, "num_stages": st} for m, n, k, g, w, st in sorted(cfgs)]
     return configs
@@ -169,7 +171,7 @@ def _bwd_configs(kernel: str):
 
 def _bwd_arch_ok(key, arch: int) -> bool:
     from xent_triton.linear.fused_epilogue import bwd_config_for
-    c, cfg = bwd_config_for(arch, key.kernel[:2]), dict(key.config)
+    c, cfg = bwd_config_for(arch, key.kernel[:2], key.layout == "c16"), dict(key.config)
     return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]) == \
         (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
 

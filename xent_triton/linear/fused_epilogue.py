@@ -64,21 +64,33 @@ BWD_SM80 = BwdConfig(128, 256, 64, 8, 8, 3)
 # dW: 128 x 256 spills 240-330 B on both targets (the fp32 accumulator of earlier chunks is loaded
 # into the epilogue beside the 128 x 256 fp32 tile); 128 x 128 x 64 / 8 warps does not.
 BWD_DW = BwdConfig(128, 128, 64, 8, 8, 3)
+# Rows not 16-byte aligned (C or D not a multiple of 8: no vector loads, an address per element):
+# the tiles above spill 8-350 B (static report --full, layouts odd / nd); these do not.
+BWD_UNALIGNED_DX = BwdConfig(128, 128, 32, 8, 8, 3)
+BWD_UNALIGNED_DW = BwdConfig(64, 128, 32, 8, 8, 3)
 INTERPRET_BWD = BwdConfig(32, 32, 32, 2, 1, 1)
 
 
-def bwd_config_for(arch: int, kernel: str = "dx") -> BwdConfig:
-    """The GPU tiles of the dX ("dx") or dW ("dw") GEMM for compute capability ``arch``."""
+def bwd_config_for(arch: int, kernel: str = "dx", aligned: bool = True) -> BwdConfig:
+    """The GPU tiles of the dX ("dx") or dW ("dw") GEMM for compute capability ``arch``;
+    ``aligned``: every operand's rows start 16-byte aligned."""
+    if not aligned:
+        return BWD_UNALIGNED_DW if kernel == "dw" else BWD_UNALIGNED_DX
     if kernel == "dw":
         return BWD_DW
     return BWD_16 if arch >= 90 else BWD_SM80
 
 
-def bwd_config(device: Optional[torch.device] = None, kernel: str = "dx") -> BwdConfig:
+def bwd_config(device: Optional[torch.device] = None, kernel: str = "dx", aligned: bool = True) -> BwdConfig:
     if interpreting() or device is None or device.type != "cuda":
         return INTERPRET_BWD
     major, minor = torch.cuda.get_device_capability(device)
-    return bwd_config_for(10 * major + minor, kernel)
+    return bwd_config_for(10 * major + minor, kernel, aligned)
+
+
+def _aligned(*ts: Optional[Tensor]) -> bool:
+    return all(t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in ts if t is not None)
 
 
 def gemm_config_for(arch: int) -> GemmConfig:
@@ -182,7 +194,7 @@ def dx_gemm(dz: Tensor, w: Tensor, count: Tensor, out: Tensor, scale: Optional[T
     """out (R, D) := scale · dz (R, C) @ w (C, D) for the rows < count (a device tensor, clamped to
     R); rows >= count := 0. fp32 accumulation, one write in out's dtype. No host sync."""
     _count_arg(count, "dx_gemm")
-    cfg = config or bwd_config(dz.device)
+    cfg = config or bwd_config(dz.device, "dx", _aligned(dz, w, out))
     (R, C), D = dz.shape, w.shape[1]
     if R == 0 or D == 0:
         return out
@@ -205,7 +217,7 @@ def dw_gemm(dz: Tensor, x: Tensor, count: Tensor, out: Tensor, *, acc: Optional[
     itself); one write in out's dtype. ``db`` (C,) fp32 := the column sums of the same rows
     (unscaled), added to db's own values when ``acc`` is given (a later chunk). No host sync."""
     _count_arg(count, "dw_gemm")
-    cfg = config or bwd_config(dz.device, "dw")
+    cfg = config or bwd_config(dz.device, "dw", _aligned(dz, x, out, acc))
     (R, C), D = dz.shape, x.shape[1]
     if acc is not None and (acc.dtype != torch.float32 or acc.stride() != out.stride()):
         raise ValueError("dw_gemm: acc must be fp32 with out's strides")
