@@ -1,8 +1,10 @@
 """The dispatch table between the fused-epilogue head and the vendor-GEMM default, from the rows of
 ``perf.linear_gpu`` (one GPU run): per (card, N, D, C, ignored fraction) the faster of the two
-medians. Written as ``linear_dispatch.csv`` beside ``linear_gpu.csv``; commit it under
-perf/results/ once measured. Nothing reads it yet: the package default stays the vendor path and
-``xent_triton.linear.fused_head.linear_cross_entropy_fused`` is the explicit opt-in.
+medians. Written as ``linear_dispatch.csv`` beside ``linear_gpu.csv``; commit it as
+perf/results/linear_dispatch.csv once measured: ``xent_triton/linear/dispatch.py`` reads it
+(``XENT_LINEAR_PATH=auto``, the default) and takes the fused path for a card / D / C only where
+it was faster at every measured ignored fraction at the nearest measured N. The committed file
+has no measured row yet (no GPU lent): the vendor path everywhere.
 """
 from __future__ import annotations
 

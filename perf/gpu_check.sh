@@ -5,7 +5,8 @@
 #   3. the linear head vs its paired-cuBLAS floor (python -m perf.linear_gpu: N 2048/4096/8192,
 #      D 4096, C 128256, bf16, 0 % and 50 % ignored, peers where importable; paired interleaved
 #      medians of 20 iterations; + a run-to-run determinism check) -> linear_gpu.csv, at most 150 s
-#      (no new case after 110 s; standalone it has a 240 s case budget);
+#      (no new case after 110 s; standalone it has a 240 s case budget); the vendor head and the
+#      fused-epilogue head (Triton logits / dX / dW GEMMs) paired -> linear_dispatch.csv;
 #   4. a reduced sweep with every installed provider (N 4096/16384, C 32000/128256/262144, bf16;
 #      forward+backward and no-grad forward first; new cases stop after 170 s) -> CSV, MD, PNG.
 # Everything lands under OUTDIR (env.txt, pytest.txt, sweep.log, sweep.csv, sweep.md, *.png).
@@ -62,6 +63,7 @@ rc_tests=${PIPESTATUS[0]}
 echo "== linear head vs the three cuBLAS GEMMs (limit 150 s)"
 timeout 150 "$PY" -m perf.linear_gpu --out "$OUT" --budget-s 110 2>&1 | tee "$OUT/linear_gpu.log" | tail -5
 rc_linear=${PIPESTATUS[0]}
+[ -f "$OUT/linear_dispatch.csv" ] && { echo "== dispatch table (commit as perf/results/linear_dispatch.csv)"; cat "$OUT/linear_dispatch.csv"; }
 
 echo "== reduced sweep (limit 250 s)"
 timeout 250 "$PY" -m perf.sweep --out "$OUT" --quick --modes fwdbwd nograd fwd bwd \

@@ -5,8 +5,11 @@ At the Llama-3 head (D = 4096, C = 128256, bf16) for N in (2048, 4096, 8192), ea
 
 * ``cuBLAS floor``: the three GEMMs of a dense head at the full N (X Wᵀ: N x C x D, dZ W:
   N x D x C, dZᵀ X: C x D x N), bf16 in / out, nothing else;
-* ``xent default``: ``xent_triton.linear_cross_entropy`` (default chunking; ignored tokens
-  compacted before the GEMMs);
+* ``xent default``: ``xent_triton.linear_cross_entropy`` on the vendor-GEMM head (forced:
+  default chunking; ignored tokens compacted before the GEMMs, one host sync);
+* ``xent fused-epilogue``: the same call forced onto the fused-epilogue head (Triton logits /
+  dX / dW GEMMs with the kept-token count as a device extent: no host sync); the two give
+  DIR/linear_dispatch.csv (``perf/fused_dispatch.py``), to commit under perf/results/;
 * ``torch F.linear_cross_entropy`` where this torch has it, ``liger FLCE`` and ``quack`` where
   importable (reported ``missing`` otherwise).
 
@@ -47,13 +50,23 @@ def providers(quiet: bool = False):
     import torch.nn.functional as F
 
     import xent_triton
+    from xent_triton.core.runtime import interpreting
+    from xent_triton.linear.dispatch import linear_path
 
-    out = {"xent default": lambda h, w, y: xent_triton.linear_cross_entropy(h, w, y)}
-    if DEV == "cuda":  # the fused-epilogue GEMM path (opt-in; perf/fused_dispatch.py)
-        from xent_triton.linear.fused_head import linear_cross_entropy_fused
-        out["xent fused-epilogue"] = lambda h, w, y: linear_cross_entropy_fused(h, w, y)
+    def forced(path):
+        def run(h, w, y):
+            with linear_path(path):  # the path is chosen in forward; backward follows it
+                return xent_triton.linear_cross_entropy(h, w, y)
+        return run
+
+    # "xent default" = the vendor-GEMM head, forced (whatever the dispatch table says), so that
+    # perf/fused_dispatch.py compares the two paths; "xent fused-epilogue" = the fused head with
+    # its Triton dX / dW GEMMs (no host sync), forced
+    out = {"xent default": forced("vendor")}
+    if DEV == "cuda" or interpreting():  # interpreter: the --cpu-smoke dry run
+        out["xent fused-epilogue"] = forced("fused")
     else:
-        out["xent fused-epilogue"] = "missing (CUDA only: its GEMM is a Triton kernel)"
+        out["xent fused-epilogue"] = "missing (CUDA or TRITON_INTERPRET=1: its GEMMs are Triton kernels)"
     if hasattr(F, "linear_cross_entropy"):
         out["torch F.linear_cross_entropy"] = lambda h, w, y: F.linear_cross_entropy(h, w, y)
     else:
@@ -97,7 +110,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=240.0, help="no new case starts after this")
     p.add_argument("--cpu-smoke", action="store_true",
-                   help="check the script itself on plain CPU tensors at a tiny shape (figures meaningless)")
+                   help="check the script itself on CPU tensors at a tiny shape (figures meaningless; "
+                   "with TRITON_INTERPRET=1 the fused-epilogue path runs under the interpreter)")
     args = p.parse_args(argv)
     if args.iters < 20:
         raise SystemExit("--iters must be >= 20 (median of paired iterations)")
@@ -105,7 +119,10 @@ def main(argv=None) -> int:
 
     global DEV
     if args.cpu_smoke:
-        DEV, args.ns, args.d, args.c = "cpu", "64", 32, 1000
+        from xent_triton.core.runtime import interpreting
+        # under the interpreter (the fused path's dry run) fewer class tiles: its dZ kernel runs
+        # one interpreted program per (row, 64 classes)
+        DEV, args.ns, args.d, args.c = "cpu", "64", 32, 128 if interpreting() else 1000
     elif not torch.cuda.is_available():
         raise SystemExit("perf.linear_gpu needs a CUDA device (or --cpu-smoke)")
     from perf._env import run_stamp, write_csv

@@ -149,3 +149,61 @@ SPECS["shifted_dz"] = KernelSpec(
     configs=lambda dtype: [{"BLOCK_N": 256, "num_warps": 4}], layouts=("c16", "odd"),
     dtypes=("bf16", "fp16"),
     ci_pick=lambda k: k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags))
+
+
+# ---------------------------------------- the fused head's dX / dW GEMMs (device row / reduction extent)
+# fused_epilogue.dx_gemm: dX (R, D) = s dZ (R, C) W (C, D); dw_gemm: dW (C, D) = s (acc + dZᵀ X) over
+# the first count rows, + db; "dw_gemm" writes w's dtype (one chunk, or the last), "dw_gemm_f32"
+# the fp32 partial sum of an earlier chunk (no scale there). R, C, D as the logits GEMM's layouts:
+# c16 has 16-byte aligned rows (the launchers' aligned tiles), odd (C) and nd (D) do not.
+def _bwd_configs(kernel: str):
+    """The configs ``bwd_config_for(arch, kernel)`` gives on sm_80 and sm_90 (``_bwd_arch_ok``)."""
+    def configs(dtype: str) -> list[dict]:
+        from xent_triton.linear.fused_epilogue import bwd_config_for
+        cfgs = {(c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages)
+                for c in (bwd_config_for(arch, kernel, aligned) for arch in (80, 90)
+                          for aligned in (False, True))}
+        return [{"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "DOT_UPCAST": False,
+                 "OUT_RNE": False, "num_warps": w, "num_stages": st} for m, n, k, g, w, st in sorted(cfgs)]
+    return configs
+
+
+def _bwd_arch_ok(key, arch: int) -> bool:
+    from xent_triton.linear.fused_epilogue import bwd_config_for
+    c, cfg = bwd_config_for(arch, key.kernel[:2], key.layout == "c16"), dict(key.config)
+    return (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"]) == \
+        (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
+
+
+def _dx_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
+    R, C, D, _ = _linear_shape(layout)
+    return dict(a_ptr=Ptr(dtype), stride_am=C, stride_ak=1, b_ptr=Ptr(dtype), stride_bk=D, stride_bn=1,
+                out_ptr=Ptr(dtype), stride_om=D, stride_on=1, count_ptr=Ptr("i64"), scale_ptr=Ptr("fp32"),
+                M=R, N=D, K=C)
+
+
+def _dw_args(out_dtype=None):
+    def args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
+        R, C, D, _ = _linear_shape(layout)
+        return dict(a_ptr=Ptr(dtype), stride_ak=C, stride_am=1, b_ptr=Ptr(dtype), stride_bk=D, stride_bn=1,
+                    out_ptr=Ptr(out_dtype or dtype), stride_om=D, stride_on=1, acc_ptr=Ptr("fp32"),
+                    db_ptr=Ptr("fp32"), count_ptr=Ptr("i64"), scale_ptr=Ptr("fp32"), M=C, N=D, K=R)
+    return args
+
+
+def _ci_all_on(k) -> bool:
+    return k.dtype == "bf16" and k.layout == "c16" and all(v for _, v in k.flags)
+
+
+_BWD = dict(layouts=("c16", "odd", "nd"), dtypes=("bf16", "fp16"), arch_ok=_bwd_arch_ok,
+            ci_pick=_ci_all_on)
+SPECS["dx_gemm"] = KernelSpec("dx_gemm", JitKernel(GEMM_KERNELS, "dx_gemm_kernel"), ("HAS_SCALE",), _dx_args,
+                              configs=_bwd_configs("dx"), **_BWD)
+SPECS["dw_gemm"] = KernelSpec("dw_gemm", JitKernel(GEMM_KERNELS, "dw_gemm_kernel"),
+                              ("HAS_ACC", "HAS_DB", "HAS_SCALE"), _dw_args(),
+                              configs=_bwd_configs("dw"), **_BWD)
+SPECS["dw_gemm_f32"] = KernelSpec("dw_gemm_f32", JitKernel(GEMM_KERNELS, "dw_gemm_kernel"),
+                                  ("HAS_ACC", "HAS_DB"), _dw_args("fp32"),
+                                  **dict(_BWD, configs=lambda dtype: [
+                                      dict(c, HAS_SCALE=False) for c in _bwd_configs("dw")(dtype)],
+                                      ci_pick=lambda k: False))  # dw_gemm's kernel: --full only

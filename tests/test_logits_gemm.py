@@ -121,3 +121,48 @@ def test_logits_gemm_interpreter_tiles_leave_tails():
     cfg = INTERPRET_GEMM
     assert all(K % cfg.block_k and C % cfg.block_n for _, K, C, *_ in CASES)
     assert any(min(n, R) % cfg.block_m and min(n, R) > cfg.block_m for R, _, _, _, n, *_ in CASES)
+
+
+# dX / dW GEMMs of the fused head (fused_epilogue.dx_gemm / dw_gemm): (R, C, D, dtype, count,
+# scale, acc (an earlier chunk's fp32 partial sum), db). Interpreter tiles 32 x 32 x 32: tails in
+# every extent; rows >= count of dZ and X are NaN (never read), dX rows >= count must come out 0.
+BWD_CASES = [
+    (45, 70, 37, torch.bfloat16, 30, 0.37, False, True),
+    (45, 70, 37, torch.float16, 45, None, True, True),
+    (33, 129, 50, torch.bfloat16, 0, 0.5, True, True),     # nothing kept: zeros / acc only
+    (20, 65, 40, torch.float16, 99, 2.0, False, False),    # count > R: clamped
+]
+
+
+@pytest.mark.parametrize("R,C,D,dtype,count,scale,with_acc,with_db", BWD_CASES)
+def test_dx_dw_gemms_match_float64(R, C, D, dtype, count, scale, with_acc, with_db):
+    from xent_triton.linear.fused_epilogue import dw_gemm, dx_gemm
+    g = torch.Generator().manual_seed(7)
+    n = min(count, R)
+    dz = torch.randn(R, C, generator=g).to(dtype)
+    x = torch.randn(R, D, generator=g).to(dtype)
+    w = (torch.randn(C, D, generator=g) / 4).to(dtype)
+    dz[n:] = float("nan")
+    x[n:] = float("nan")
+    dz, x, w = dz.to(DEV), x.to(DEV), w.to(DEV)
+    cnt = torch.tensor([count], device=DEV)
+    s = torch.tensor([scale], device=DEV) if scale is not None else None
+    k = 1.0 if scale is None else scale
+    dx = dx_gemm(dz, w, cnt, torch.full((R, D), float("nan"), dtype=dtype, device=DEV), scale=s)
+    assert torch.equal(dx[n:], torch.zeros_like(dx[n:]))
+    if n:
+        ref = k * (dz[:n].double() @ w.double())
+        assert_close_rule("dx", dx[:n], k * (dz[:n] @ w).double(), ref, dtype)
+    acc = torch.randn(C, D, generator=g).to(DEV) if with_acc else None
+    db0 = torch.randn(C, generator=g).to(DEV)
+    db = db0.clone() if with_db else None
+    dw = dw_gemm(dz, x, cnt, torch.full((C, D), float("nan"), dtype=dtype, device=DEV), acc=acc, db=db,
+                 scale=s)
+    prod = dz[:n].double().T @ x[:n].double()
+    ref = k * (prod + (acc.double() if with_acc else 0))
+    theirs = k * ((dz[:n].T @ x[:n]).double() + (acc.double() if with_acc else 0))
+    assert_close_rule("dw", dw, theirs, ref, dtype)
+    if with_db:
+        ref_db = dz[:n].double().sum(0) + (db0.double() if with_acc else 0)
+        assert_close_rule("db", db, dz[:n].float().sum(0).double() + (db0.double() if with_acc else 0),
+                          ref_db, torch.float32)

@@ -4,14 +4,13 @@
 
 Model, bf16, forward + backward, N tokens of which a fraction ``ignored`` is ignored (n kept):
 
-* logits GEMM (Triton, device M extent): 2 n D C FLOPs at ``triton_tflops`` (an assumption: a
-  range from 550 TFLOP/s to cuBLAS's own rate; the GPU script measures it);
-* dX = dZ W and dW = dZᵀ X (cuBLAS): 4 N D C FLOPs — on every row: their shapes are host values
-  and the path makes no host sync, so ignored rows are not skipped there;
-* bytes: the epilogue's 16-bit write (n C 2), the dZ kernel's read + write (N C 4; ignored rows
-  write only: counted as read too, the high side), partials (n C 20 / 256 written and read),
-  compaction gather / scatter (3 N D 2), the in-place dW scale (C D 4); exponentials (n C, MUFU)
-  assumed hidden under the MMAs.
+* the three GEMMs (Triton, device extents): logits X Wᵀ, dX = dZ W and dW = dZᵀ X, each
+  2 n D C FLOPs on the n kept rows only (the extents are the device count: no host sync) at
+  ``triton_tflops`` (an assumption: a range from 550 TFLOP/s to cuBLAS's own rate; the GPU
+  script measures it);
+* bytes: the epilogue's 16-bit write (n C 2), the dZ kernel's read + write of the kept rows
+  (n C 4), partials (n C 20 / 256 written and read), compaction gather / scatter (3 N D 2), the
+  in-place dW scale (C D 4); exponentials (n C, MUFU) assumed hidden under the MMAs.
 """
 from __future__ import annotations
 
@@ -24,11 +23,11 @@ def fused_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
     """{'floor_ms', 'fused_ms', 'ratio'} as (low, high) pairs (module docstring)."""
     n = round((1.0 - ignored) * N)
     ndc = N * D * C
-    byts = n * C * 2 + N * C * 4 + 2 * n * C * 20 / 256 + 3 * N * D * 2 + C * D * 4
+    byts = n * C * 2 + n * C * 4 + 2 * n * C * 20 / 256 + 3 * N * D * 2 + C * D * 4
     floors, fused = [], []
     for cub, tri in ((gemm_tflops[1], triton_tflops[1]), (gemm_tflops[0], triton_tflops[0])):
         floors.append(6 * ndc / (cub * 1e12) * 1e3)
-        t = 2 * n * D * C / (tri * 1e12) + 4 * ndc / (cub * 1e12) + byts / dev.bandwidth
+        t = 6 * n * D * C / (tri * 1e12) + byts / dev.bandwidth
         fused.append(t * 1e3)
     return {"floor_ms": tuple(round(v, 2) for v in floors), "fused_ms": tuple(round(v, 2) for v in fused),
             "ratio": tuple(round(f / fl, 3) for f, fl in zip(fused, floors))}

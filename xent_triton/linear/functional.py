@@ -23,7 +23,9 @@ from ..core.inputs import (
 from ..core.options import check_chunking, make_options
 from ..core.reduction import loss_stats, reduce_rows
 from ..core.runtime import compute_dtype
+from .dispatch import requested_path, use_fused
 from .dtensor import dtensor_linear_cross_entropy
+from .fused_head import fused_head
 from .ops import linear_cross_entropy_rows, linear_cross_entropy_scalar, stats_rows
 from .parallel import vocab_parallel_linear_cross_entropy
 
@@ -72,6 +74,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     vendor GEMMs form the gradients in the forward pass (6 N D C FLOPs; one (chunk_size, C)
     workspace); otherwise the fused partials kernel gives the loss (2 N D C, no workspace) and
     backward recomputes the logits by vocabulary splits (8 N D C in all). No atomics.
+    ``XENT_LINEAR_PATH=fused`` (or ``linear/dispatch.linear_path``) forces the fused-epilogue
+    GEMM head instead (no host sync; ``auto`` picks it only where the GPU script's dispatch table
+    measured it faster), ``vendor`` the default head.
 
     Args:
         input: hidden states (..., D), float16 / bfloat16 / float32 (float64 and CPU tensors
@@ -136,6 +141,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         process_group is not None or dtensor, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, lse_square_scale=lse_square_scale, softcap=softcap,
         logit_scale=logit_scale, empty_batch=empty_batch)
+    if (dtensor or process_group is not None) and requested_path() == "fused":  # alike on every rank
+        raise ValueError("XENT_LINEAR_PATH=fused: the fused-epilogue linear head does not support "
+                         "process_group / DTensor operands")
     if dtensor:  # layout from the placements (core/dtensor.py); refused and invalid options
         # join the options agreement first (core/exchange.py): no rank raises alone
         return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts,
@@ -166,6 +174,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     tw = check_token_weight(token_weight, Canonical(input, tgt, tuple(target.shape), C, None))
     tw_grad = tw is not None and tw.requires_grad and torch.is_grad_enabled()
     to_output = lambda r: r.view(target.shape)  # noqa: E731
+    if use_fused(x2, linear_weight, opts, accum_fp32=accum_fp32, need_grad=any(need), token_weight=tw,
+                 return_lse=return_lse, return_stats=return_stats):  # linear/dispatch.py
+        loss = fused_head(x2, linear_weight, bias, tgt, w, opts, chunk or None)
+        return to_output(loss) if opts.reduction == "none" else loss
     if opts.reduction != "none" and not return_lse and any(need) and not tw_grad:
         loss, ent, pred = linear_cross_entropy_scalar(x2, linear_weight, bias, tgt, w, opts, chunk,
                                                       accum_fp32, need, tw, return_stats)

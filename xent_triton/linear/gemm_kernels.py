@@ -20,6 +20,10 @@ sm_90), then the epilogue on the fp32 accumulator:
 The M extent is read from device memory (``count_ptr``: the compacted valid-token count, clamped
 to R), so ignored tokens cost no FLOPs and no host sync; rows >= count are neither computed nor
 written (their logits and partials stay as allocated: callers read only the first count rows).
+
+The fused head's backward GEMMs take the same device count: ``dx_gemm_kernel`` (dX = s dZ W, row
+extent = count, rows past it written as zeros) and ``dw_gemm_kernel`` (dW = s (acc + dZᵀ X),
+reduction extent = count, + db). Both accumulate in fp32 and write once in the output's dtype.
 """
 import triton
 import triton.language as tl
@@ -135,7 +139,9 @@ def shifted_dz_kernel(
     tile t, which holds z - ref_t in 16 bits (ref_t = safe_ref of the tile's partial m), as
     dL/dx for an upstream gradient of 1 (``linear/chunk_kernels.py``'s formulas; stats = (ref,
     log s, row weight) from ``combine``). z - ref = stored + (ref_t - ref): the rounding of the
-    buffer is relative to |z - ref_t|, small where p is large. Ignored rows: zeros, no reads."""
+    buffer is relative to |z - ref_t|, small where p is large. Ignored rows: neither read nor
+    written (the fused head's dX / dW GEMMs stop at the kept-row count; in its compacted order the
+    ignored rows are the last ones)."""
     r = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     y = tl.load(tgt_ptr + r)
@@ -160,5 +166,123 @@ def shifted_dz_kernel(
         else:
             dz -= coef_u
     dx = transform_grad(dz, zr + ref, logit_scale, softcap, HAS_SOFTCAP)
-    dx = tl.where(valid, dx, 0.0)
-    tl.store(z_row + cols, dx.to(z_row.dtype.element_ty), mask=cols < C)
+    tl.store(z_row + cols, dx.to(z_row.dtype.element_ty), mask=cols < c_active)
+
+
+@triton.jit
+def _rne_bf16(v):
+    """fp32 v rounded to the nearest bf16 (ties to even), still fp32: the CPU interpreter's
+    fp32 -> bf16 cast truncates, CUDA's rounds to nearest; applied first, the truncation is exact."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _grouped_tile(pid, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(tm, tn) of program pid over a tiles_m x tiles_n grid, GROUP_M row tiles at a time (the
+    programs running together share their B tiles in L2)."""
+    in_group = GROUP_M * tiles_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
+def dx_gemm_kernel(
+    a_ptr, stride_am, stride_ak, b_ptr, stride_bk, stride_bn, out_ptr, stride_om, stride_on,
+    count_ptr, scale_ptr, M, N, K,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_UPCAST: tl.constexpr, OUT_RNE: tl.constexpr,
+):
+    """out (M, N) = s · A (M, K) B (K, N) with a device M extent: rows < count (``count_ptr``,
+    clamped to M) are computed, rows in [count, M) are written as zeros (no loads, no tl.dot for a
+    tile past the count). The fused head's dX = dZ W (A = the 16-bit dZ chunk, B = W). fp32
+    accumulation; s = *scale_ptr (HAS_SCALE) on the accumulator; one write in out's dtype."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tm, tn = _grouped_tile(tl.program_id(0), tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    m_ext = tl.minimum(tl.load(count_ptr).to(tl.int32), M)  # device M extent: no host sync
+    rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = rows < m_ext
+    cmask = cols < N
+    a_blk = a_ptr + tl.cast(tm, tl.int64) * BLOCK_M * stride_am + \
+        (tl.arange(0, BLOCK_M)[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_blk = b_ptr + tl.cast(tn, tl.int64) * BLOCK_N * stride_bn + \
+        (offs_k[:, None] * stride_bk + tl.arange(0, BLOCK_N)[None, :] * stride_bn)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    k_ext = tl.where(tm * BLOCK_M < m_ext, K, 0)  # a tile past the count: no K loop, zeros
+    for k0 in range(0, k_ext, BLOCK_K):
+        kmask = k0 + offs_k < K
+        a = tl.load(a_blk, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_blk, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if DOT_UPCAST:  # CPU interpreter only: its bf16 dot multiplies raw bits
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_blk += BLOCK_K * stride_ak
+        b_blk += BLOCK_K * stride_bk
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
+    if OUT_RNE:  # CPU interpreter, bf16 out only (launcher)
+        acc = _rne_bf16(acc)
+    out = out_ptr + tl.cast(rows, tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & cmask[None, :])
+
+
+@triton.jit
+def dw_gemm_kernel(
+    a_ptr, stride_ak, stride_am, b_ptr, stride_bk, stride_bn, out_ptr, stride_om, stride_on,
+    acc_ptr, db_ptr, count_ptr, scale_ptr, M, N, K,
+    HAS_ACC: tl.constexpr, HAS_DB: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    OUT_RNE: tl.constexpr,
+):
+    """out (M, N) = s · (acc + Aᵀ B) with A (K, M), B (K, N) and a device reduction extent: only
+    the first count (``count_ptr``, clamped to K) rows of A and B are read. The fused head's dW =
+    dZᵀ X (A = the 16-bit dZ chunk, M = C classes; B = the compacted X, N = D). fp32 accumulation
+    in the GEMM; HAS_ACC adds the fp32 (M, N) ``acc_ptr`` (earlier chunks; out's strides); s = *scale_ptr
+    (HAS_SCALE); one write in out's dtype (fp32 for an intermediate chunk, the parameter dtype for
+    the last). HAS_DB: db (M,) fp32 (+)= Σ_k A[k, :] over the same rows, written by the tn = 0
+    programs (the bias gradient from the tiles the GEMM loads anyway)."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tm, tn = _grouped_tile(tl.program_id(0), tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    k_ext = tl.minimum(tl.load(count_ptr).to(tl.int32), K)  # device K extent: no host sync
+    rows = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rmask = rows < M
+    cmask = cols < N
+    a_blk = a_ptr + tl.cast(tm, tl.int64) * BLOCK_M * stride_am + \
+        (tl.arange(0, BLOCK_M)[:, None] * stride_am + offs_k[None, :] * stride_ak)
+    b_blk = b_ptr + tl.cast(tn, tl.int64) * BLOCK_N * stride_bn + \
+        (offs_k[:, None] * stride_bk + tl.arange(0, BLOCK_N)[None, :] * stride_bn)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    db = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, k_ext, BLOCK_K):
+        kmask = k0 + offs_k < k_ext
+        a = tl.load(a_blk, mask=rmask[:, None] & kmask[None, :], other=0.0)  # Aᵀ tile (M, K)
+        b = tl.load(b_blk, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if HAS_DB:
+            db += tl.sum(a.to(tl.float32), 1)
+        if DOT_UPCAST:  # CPU interpreter only: its bf16 dot multiplies raw bits
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_blk += BLOCK_K * stride_ak
+        b_blk += BLOCK_K * stride_bk
+    offs = tl.cast(rows, tl.int64)[:, None] * stride_om + cols[None, :] * stride_on
+    omask = rmask[:, None] & cmask[None, :]
+    if HAS_ACC:
+        acc += tl.load(acc_ptr + offs, mask=omask, other=0.0)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
+    if OUT_RNE:  # CPU interpreter, bf16 out only (launcher)
+        acc = _rne_bf16(acc)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    if HAS_DB:
+        dbmask = rows < tl.where(tn == 0, M, 0)  # a block mask from a scalar by comparison
+        if HAS_ACC:
+            db += tl.load(db_ptr + rows, mask=dbmask, other=0.0)
+        tl.store(db_ptr + rows, db, mask=dbmask)
