@@ -8,7 +8,7 @@
 #   4. the BUILT wheel installed (not editable) into a fresh venv, and .ci/wheel_smoke.py run with
 #      that venv's python from a temporary directory outside the repository, twice: the torch path
 #      and the Triton kernels under the interpreter;
-#   5. mypy on tests/typing_usage.py (a typed user's calls) against the INSTALLED wheel, from the same
+#   5. mypy on tests/harness/typing_usage.py (a typed user's calls) against the INSTALLED wheel, from the same
 #      directory: it reads the annotations only through the shipped py.typed (reuses the cache of
 #      .ci/run's mypy step for torch).
 # The fresh venv is made without pip and sees the CI venv's packages (torch, triton) through a .pth
@@ -36,5 +36,5 @@ cp .ci/wheel_smoke.py "$tmp/"
 cd "$tmp"
 "$tmp/venv/bin/python" -I wheel_smoke.py "$version"
 TRITON_INTERPRET=1 "$tmp/venv/bin/python" -I wheel_smoke.py "$version"
-cp "$repo/tests/typing_usage.py" "$tmp/"
+cp "$repo/tests/harness/typing_usage.py" "$tmp/"
 mypy --python-executable "$tmp/venv/bin/python" --cache-dir "$repo/.mypy_cache" typing_usage.py

@@ -1,6 +1,6 @@
 """The whole HF / TRL integration matrix (CI runs a subset): every architecture x case x path.
 
-    python -m perf.hf_check            # all of tests/test_hf_integration.py and tests/test_trl_integration.py
+    python -m perf.hf_check            # all of tests/integrations/test_{hf,trl}_integration.py
     python -m perf.hf_check -k gemma2  # extra pytest arguments pass through
 
 Runs the two test files with ``XENT_HF_ALL=1`` (the full matrix; on CPU the Triton kernels run under
@@ -15,7 +15,7 @@ import re
 import sys
 import time
 
-TEST_FILES = ("tests/test_hf_integration.py", "tests/test_trl_integration.py")
+TEST_FILES = ("tests/integrations/test_hf_integration.py", "tests/integrations/test_trl_integration.py")
 
 
 class _Collector:

@@ -11,6 +11,7 @@ teacher in another dtype is one more specialization of the same code).
 from __future__ import annotations
 
 from perf.variants import JitKernel, KernelSpec, Layout, Ptr, row_configs
+from xent_triton.core import launch
 
 # The kernels' modules (imported only when a variant is built).
 DISTILL_KERNELS = "xent_triton.kl.distill_kernels"
@@ -21,6 +22,12 @@ DIVERGENCES = (0, 1, 2)  # kl, reverse_kl, jsd (kl/ops.DIVERGENCES)
 def _divergence_configs(dtype: str) -> list[dict]:
     """Every row config x divergence, smallest block first (jsd, the most code, last)."""
     return [{**c, "DIVERGENCE": d} for c in row_configs(dtype) for d in DIVERGENCES]
+
+
+def _distill_fwd_configs(dtype: str) -> list[dict]:
+    """The forward's configs with its launch options (``launch.distill_forward_compile_options``)."""
+    return [{**c, **launch.distill_forward_compile_options(c["DIVERGENCE"] == 2)}
+            for c in _divergence_configs(dtype)]
 
 
 def _distill_common(dtype: str, flags: dict, layout: Layout) -> dict:
@@ -76,7 +83,7 @@ def _distill_valid(flags: dict) -> bool:
 SPECS: dict[str, KernelSpec] = {
     "distill_fwd": KernelSpec(
         "distill_fwd", JitKernel(DISTILL_KERNELS, "distill_fwd_kernel"), _DISTILL_FLAGS, _distill_fwd_args,
-        configs=_divergence_configs, layouts=("c16", "odd"), valid=_distill_valid,
+        configs=_distill_fwd_configs, layouts=("c16", "odd"), valid=_distill_valid,
         stream_load="tl.load(s_row + cols", ci_pick=_ci_pick),
     "distill_bwd": KernelSpec(
         "distill_bwd", JitKernel(DISTILL_KERNELS, "distill_bwd_kernel"), _DISTILL_FLAGS, _distill_bwd_args,

@@ -11,7 +11,7 @@ IR's line info tells which global load is the kernel's streaming (logits) load a
 
 Usage::
 
-    python -m perf.static_report                 # the CI set (see tests/test_static_compile.py)
+    python -m perf.static_report                 # the CI set (see tests/perf/test_static_compile.py)
     python -m perf.static_report --full          # the full cross-product (~0.3 s CPU a compile)
     python -m perf.static_report --out perf/out  # also writes static_report.{md,csv,json}
 

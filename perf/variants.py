@@ -223,7 +223,7 @@ def full_variants(spec: KernelSpec) -> Iterator[VariantKey]:
 
 
 def ci_variants(spec: KernelSpec) -> Iterator[VariantKey]:
-    """The reduced set (tests/test_static_compile.py explains why it covers the launcher's choices):
+    """The reduced set (tests/perf/test_static_compile.py explains why it covers the launcher's choices):
 
     * c16 layout, every dtype x config, flags all OFF, all ON, and all ON but each ``exclusive``
       flag (soft and hard targets are alternative paths: each has its own worst case);

@@ -7,8 +7,17 @@ tensors. With CI=true on a CPU run, a skipped test of the headline files (bytes 
 FLOPs) fails instead: those figures are what the project promises.
 """
 import os
+import pathlib
+import sys
 
 import torch
+
+# Tests live in folders that mirror the package (tests/core, tests/cross_entropy, ...); their shared
+# harness (cases, tolerances, references, spawned workers) is tests/harness: both on sys.path.
+_TESTS = pathlib.Path(__file__).resolve().parent
+for _p in (_TESTS / "harness", _TESTS):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

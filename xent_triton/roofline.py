@@ -1,7 +1,7 @@
 """Roofline model of the cross-entropy kernels: bytes and FLOPs per op as functions of shape.
 
 Everything here is arithmetic (no torch, no GPU): the sweep (``perf/sweep.py``) puts these figures
-beside measurements, ``tests/test_roofline.py`` checks them against the traffic the kernels really
+beside measurements, ``tests/package/test_roofline.py`` checks them against the traffic the kernels really
 request (``traffic.count()`` under the Triton interpreter).
 
 Modes: ``fwd`` (forward with grad enabled), ``bwd`` (backward alone), ``fwdbwd`` (both), ``nograd``
@@ -182,7 +182,8 @@ def bound(cost: Cost, dev: Device) -> str:
 
 
 # ------------------------------------------------------------------ linear head ESTIMATE (issue 20)
-GPU_WORKSPACE_BYTES = 3 << 29   # = linear/chunked.GPU_WORKSPACE_BYTES (checked by tests/test_roofline.py)
+# = linear/chunked.GPU_WORKSPACE_BYTES (checked by tests/package/test_roofline.py)
+GPU_WORKSPACE_BYTES = 3 << 29
 ACC_BYTES = 4                   # = linear/chunked.ACC_BYTES: the fp32 dW accumulator per C·D element
 CHUNK_BYTES_PER_LOGIT = 14      # fp32 logits written by the GEMM + chunk kernel (2 reads, 16-bit dZ write)
 SYNC_S = 30e-6                  # the compaction's one host sync (count of kept rows), upper figure

@@ -116,6 +116,18 @@ BWD_UNALIGNED_MAXNREG = 192
 FWD_UNALIGNED_MAXNREG = 128
 
 
+# The distillation forward with the JSD (the most live state: two online LSEs, the mixture terms)
+# and a softcap spilled 4 bytes at ptxas's own 80 registers (bf16, BLOCK_C 4096, 8 warps, sm_80;
+# static report): an explicit .maxnreg of 128 removes it. Every JSD forward takes it (occupancy: 2
+# programs of 8 warps per SM instead of 3; the JSD forward is one of two passes).
+JSD_FWD_MAXNREG = 128
+
+
+def distill_forward_compile_options(jsd: bool) -> dict:
+    """Extra compile options of the distillation forward (see JSD_FWD_MAXNREG)."""
+    return {"maxnreg": JSD_FWD_MAXNREG} if jsd else {}
+
+
 def backward_compile_options(vector_friendly: bool) -> dict:
     """Extra compile options of the backward kernel for a layout (see BWD_UNALIGNED_MAXNREG)."""
     return {} if vector_friendly else {"maxnreg": BWD_UNALIGNED_MAXNREG}

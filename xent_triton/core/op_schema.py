@@ -7,7 +7,7 @@ An op that takes the options declares only its own arguments; ``options_op`` app
 Keyword-only arguments take no gradient, so a backward returns one entry per positional input only:
 ``input_grads`` pads its gradients with None up to that count, read from ``ctx.needs_input_grad``
 (the same helper serves the eager ``autograd.Function``s). Adding a field to ``LossOptions`` thus
-needs no edit at any op (tests/test_op_schema.py).
+needs no edit at any op (tests/core/test_op_schema.py).
 """
 from __future__ import annotations
 

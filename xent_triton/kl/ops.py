@@ -76,6 +76,7 @@ def distill_forward_rows(x: Tensor, t: Tensor, labels: Optional[Tensor],
         stride_tc=t.stride(1), lbl_ptr=labels if labels is not None else x, loss_ptr=loss,
         stats_ptr=stats, C=C, **distill_scalars(opts), HAS_LABELS=labels is not None,
         HAS_CE=labels is not None and opts.ce_weight != 0, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        **launch.distill_forward_compile_options(opts.divergence == "jsd"),
     )
     return loss, stats
 

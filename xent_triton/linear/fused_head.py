@@ -17,7 +17,7 @@ path faster on a device and shape). Per call::
                                                in w's dtype (earlier ones into an fp32 (C, D))
 
 Every GEMM's extent is the device count: with a fraction f of the tokens ignored the FLOPs are
-(1 - f) 6 N D C up to tile padding (tests/test_fused_head.py counts them), with no device -> host
+(1 - f) 6 N D C up to tile padding (tests/linear/test_fused_head.py counts them), with no device -> host
 transfer in forward or backward. Workspace per chunk logit: 2 B (the 16-bit buffer, overwritten
 by dZ) + 20 B / 256 of partials (GPU tiles); + C D 4 B for the fp32 dW of a multi-chunk call.
 

@@ -1,0 +1,107 @@
+"""One spawned rank of tests/kl/test_kl_vocab_parallel.py: every case of one world size in ONE gloo
+group (``vocab_parallel_worker.main`` with this runner); collectives recorded per call.
+
+Usage: python kl_vocab_parallel_worker.py RANK WORLD INIT_FILE CASES_FILE OUT_DIR
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+import xent_triton
+from vocab_parallel_worker import Recorder, main
+
+
+def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
+    r, d = dist.get_rank(), case["data"]
+    sizes = case["sizes"]
+    start = sum(sizes[:r])
+    opts = dict(case["opts"], **case["rank_opts"].get(r, {}))
+    os.environ["TRITON_INTERPRET"] = "0" if case["torch_path"] else case["interpret"]
+    if case["fn"].startswith("linear"):
+        return run_linear(case, d, opts, start, sizes[r], rec, case["teacher_trim"].get(r, 0))
+    if case["dtensor"]:
+        return run_dtensor(case, d, opts, rec)
+    x = d["x"][..., start:start + sizes[r]].contiguous()
+    leaf = x.clone().requires_grad_()
+    rec.active = True
+    if case["module"]:  # the module forms, built with the same options
+        group = dist.group.WORLD
+        if case["fn"] == "logprobs":
+            res = xent_triton.TokenLogprobs(process_group=group, **opts)(leaf, d["ids"])
+        else:
+            t = d["t"][..., start:start + sizes[r]].contiguous()
+            res = xent_triton.DistillationLoss(process_group=group, **opts)(leaf, t, d["ids"])
+        outs = res if isinstance(res, tuple) else (res,)
+    elif case["fn"] == "logprobs":
+        res = xent_triton.token_logprobs(leaf, d["ids"], process_group=dist.group.WORLD, **opts)
+        outs = res if isinstance(res, tuple) else (res,)
+    else:
+        width = sizes[r] - case["teacher_trim"].get(r, 0)
+        t = d["t"][..., start:start + width].contiguous()
+        outs = (xent_triton.distillation_loss(leaf, t, d["ids"], process_group=dist.group.WORLD, **opts),)
+    fwd = rec.take()
+    torch.autograd.backward(list(outs), [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
+    bwd = rec.take()
+    rec.active = False
+    return {"outs": [o.detach() for o in outs], "grad": leaf.grad, "fwd": fwd, "bwd": bwd}
+
+
+def run_dtensor(case: dict, d: dict, opts: dict, rec: Recorder) -> dict:
+    """Logits (and teacher) distributed ``Shard(-1)`` on a 1-D mesh (the torch.chunk layout)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    leaf = distribute_tensor(d["x"].clone(), mesh, [Shard(-1)]).requires_grad_()
+    t = distribute_tensor(d["t"].clone(), mesh, [Shard(-1)])
+    rec.active = True
+    if case["fn"] == "logprobs":
+        res = xent_triton.token_logprobs(leaf, d["ids"], **opts)
+        outs = res if isinstance(res, tuple) else (res,)
+    else:
+        outs = (xent_triton.distillation_loss(leaf, t, d["ids"], **opts),)
+    fwd = rec.take()
+    torch.autograd.backward([o.to_local() for o in outs], [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
+    bwd = rec.take()
+    rec.active = False
+    return {"outs": [o.to_local().detach() for o in outs], "grad": leaf.grad.to_local(), "fwd": fwd,
+            "bwd": bwd, "placements": [str(o.placements) for o in outs]}
+
+
+def run_linear(case: dict, d: dict, opts: dict, start: int, size: int, rec: Recorder, trim: int) -> dict:
+    """The linear forms: this rank's head rows; hidden states (and their gradient) are replicated."""
+    h = d["h"].clone().requires_grad_()
+    w = d["w"][start:start + size].clone().requires_grad_()
+    b = d["b"][start:start + size].clone().requires_grad_()
+    group = dist.group.WORLD
+    rec.active = True
+    if case["fn"] == "linear_logprobs":
+        if case["module"]:
+            res = xent_triton.LinearTokenLogprobs(process_group=group, **opts)(h, w, d["ids"], b)
+        else:
+            res = xent_triton.linear_token_logprobs(h, w, d["ids"], linear_bias=b, process_group=group,
+                                                    **opts)
+        outs = res if isinstance(res, tuple) else (res,)
+    else:
+        wt = d["wt"][start:start + size - trim]
+        bt = d["bt"][start:start + size - trim]
+        if case["module"]:
+            crit = xent_triton.LinearDistillationLoss(process_group=group, **opts)
+            outs = (crit(h, w, d["ht"], wt, d["ids"], b, bt),)
+        else:
+            outs = (xent_triton.linear_distillation_loss(h, w, d["ht"], wt, d["ids"], linear_bias=b,
+                                                         teacher_linear_bias=bt, process_group=group,
+                                                         **opts),)
+    fwd = rec.take()
+    torch.autograd.backward(list(outs), [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
+    bwd = rec.take()
+    rec.active = False
+    return {"outs": [o.detach() for o in outs], "grad": h.grad, "dw": w.grad, "db": b.grad, "fwd": fwd,
+            "bwd": bwd}
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], runner=run_case)
