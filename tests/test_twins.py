@@ -129,8 +129,9 @@ def k_block_sums(z_ptr, a_ptr, v_ptr, idx_ptr, out_ptr, idx_out_ptr, C, col0, WH
     z = tl.load(z_ptr + r * C + offs, mask=mask, other=float("-inf"))
     v = v_ptr + 5 * r
     if WHICH == 0:
-        e, best, idx = fj.entropy_argmax_update(tl.load(v), tl.load(v + 1), tl.load(idx_ptr + r), tl.load(v + 2),
-                                                z, col0 + offs, tl.load(v + 3), tl.load(v + 4))
+        e, best, idx = fj.entropy_argmax_update(tl.load(v), tl.load(v + 1), tl.load(idx_ptr + r),
+                                                tl.load(v + 2), z, col0 + offs, tl.load(v + 3),
+                                                tl.load(v + 4))
         tl.store(out_ptr + 2 * r, e)
         tl.store(out_ptr + 2 * r + 1, best)
         tl.store(idx_out_ptr + r, idx)
@@ -204,8 +205,8 @@ def run_elementwise(which: int, name: str, C: int, seed: int, softcap: float, ep
     z = logit_rows(C, seed)
     z = torch.where(torch.isfinite(z), z, -50.0) if which != 4 else z  # a transform of -inf is -inf / NaN
     scale = 0.7
-    p0, p1, flag = {0: (0.0, 0.0, False), 1: (scale, softcap, softcap > 0), 2: (scale, softcap, softcap > 0),
-                    3: (eps, float(C), eps > 0), 4: (0.0, 0.0, False)}[which]
+    cap, off = (scale, softcap, softcap > 0), (0.0, 0.0, False)
+    p0, p1, flag = {0: off, 1: cap, 2: cap, 3: (eps, float(C), eps > 0), 4: off}[which]
     if which == 2:
         z = ft.transform_logits(z, scale, softcap)  # the backward gets transformed logits
     if which == 3:
@@ -304,24 +305,34 @@ def run_block_sums(which: int, name: str, C: int, seed: int):
                    ref_old, ref_new)
 
 
-CASES = {
-    "tanh_f32": lambda C, seed, cap, eps, tg: run_elementwise(0, "tanh_f32", C, seed, cap, eps),
-    "transform_logits": lambda C, seed, cap, eps, tg: run_elementwise(1, "transform_logits", C, seed, cap, eps),
-    "transform_grad": lambda C, seed, cap, eps, tg: run_elementwise(2, "transform_grad", C, seed, cap, eps),
-    "smoothed_target": lambda C, seed, cap, eps, tg: run_elementwise(3, "smoothed_target", C, seed, cap, eps),
-    "safe_ref": lambda C, seed, cap, eps, tg: run_elementwise(4, "safe_ref", C, seed, cap, eps),
-    "online_lse_update": lambda C, seed, cap, eps, tg: run_online_lse_update(C, seed, cap, eps),
-    "softmax_from_stats": lambda C, seed, cap, eps, tg: run_row_block(0, "softmax_from_stats", C, seed, eps),
-    "soft_target_grad": lambda C, seed, cap, eps, tg: run_row_block(1, "soft_target_grad", C, seed, eps),
-    "weight_total": lambda C, seed, cap, eps, tg: run_weight_total(C, seed, cap, eps),
-    "hard_target_coefficients": lambda C, seed, cap, eps, tg: run_row_scalars(0, "hard_target_coefficients", C,
-                                                                               seed, eps, tg),
-    "hard_target_loss": lambda C, seed, cap, eps, tg: run_row_scalars(1, "hard_target_loss", C, seed, eps, tg),
-    "finish_hard_rows": lambda C, seed, cap, eps, tg: run_row_scalars(2, "finish_hard_rows", C, seed, eps, tg),
-    "entropy_from_sums": lambda C, seed, cap, eps, tg: run_row_scalars(3, "entropy_from_sums", C, seed, eps, tg),
-    "entropy_argmax_update": lambda C, seed, cap, eps, tg: run_block_sums(0, "entropy_argmax_update", C, seed),
-    "weighted_sum_update": lambda C, seed, cap, eps, tg: run_block_sums(1, "weighted_sum_update", C, seed),
-}
+def run(kind: str, which: int):
+    """The case runner of one helper: (C, seed, softcap, eps, targets) -> None."""
+    def case(C, seed, cap, eps, targets):
+        name = NAMES[(kind, which)]
+        if kind == "elementwise":
+            run_elementwise(which, name, C, seed, cap, eps)
+        elif kind == "lse":
+            run_online_lse_update(C, seed, cap, eps)
+        elif kind == "row_block":
+            run_row_block(which, name, C, seed, eps)
+        elif kind == "weight_total":
+            run_weight_total(C, seed, cap, eps)
+        elif kind == "row_scalars":
+            run_row_scalars(which, name, C, seed, eps, targets)
+        else:
+            run_block_sums(which, name, C, seed)
+    return case
+
+
+NAMES = {("elementwise", 0): "tanh_f32", ("elementwise", 1): "transform_logits",
+         ("elementwise", 2): "transform_grad", ("elementwise", 3): "smoothed_target",
+         ("elementwise", 4): "safe_ref", ("lse", 0): "online_lse_update",
+         ("row_block", 0): "softmax_from_stats", ("row_block", 1): "soft_target_grad",
+         ("weight_total", 0): "weight_total", ("row_scalars", 0): "hard_target_coefficients",
+         ("row_scalars", 1): "hard_target_loss", ("row_scalars", 2): "finish_hard_rows",
+         ("row_scalars", 3): "entropy_from_sums", ("block_sums", 0): "entropy_argmax_update",
+         ("block_sums", 1): "weighted_sum_update"}
+CASES = {name: run(kind, which) for (kind, which), name in NAMES.items()}
 
 # (C, softcap, label smoothing, targets): C = 1, odd C; softcap off / on / -> infinity; all ignored
 EDGES = [(1, 0.0, 0.0, "mixed"), (37, 30.0, 0.1, "mixed"), (37, 1e30, 0.0, "all_ignored"),
