@@ -122,7 +122,7 @@ def k_row_scalars(v_ptr, y_ptr, out_ptr, ignore_index, eps, n_classes, w_total, 
 def k_block_sums(z_ptr, a_ptr, v_ptr, idx_ptr, out_ptr, idx_out_ptr, C, col0, WHICH: tl.constexpr,
                  BLOCK: tl.constexpr):
     """entropy_argmax_update (v = e, best, s_old, ref_old, ref_new) / weighted_sum_update
-    (v = acc, a_sum, -, ref_old, ref_new) of one block of each row."""
+    (v = acc, a_sum, -, ref_old, ref_new) / entropy_update (v = e, -, s_old, ...) of one block."""
     r = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < C
@@ -135,6 +135,10 @@ def k_block_sums(z_ptr, a_ptr, v_ptr, idx_ptr, out_ptr, idx_out_ptr, C, col0, WH
         tl.store(out_ptr + 2 * r, e)
         tl.store(out_ptr + 2 * r + 1, best)
         tl.store(idx_out_ptr + r, idx)
+    elif WHICH == 2:
+        e = fj.entropy_update(tl.load(v), tl.load(v + 2), z, tl.load(v + 3), tl.load(v + 4))
+        tl.store(out_ptr + 2 * r, e)
+        tl.store(out_ptr + 2 * r + 1, 0.0)
     else:
         a = tl.load(a_ptr + r * C + offs, mask=mask, other=0.0)
         acc, a_sum = fj.weighted_sum_update(tl.load(v), tl.load(v + 1), a, z, mask, tl.load(v + 3),
@@ -292,7 +296,7 @@ def run_block_sums(which: int, name: str, C: int, seed: int):
     best = torch.where(first, float("-inf"), m)
     idx = torch.where(first, 0, 3).to(torch.int64)
     col0 = 5
-    v = torch.stack([e0 if which == 0 else prev[:, 0], best if which == 0 else prev[:, 1].abs(), s,
+    v = torch.stack([e0 if which != 1 else prev[:, 0], best if which != 1 else prev[:, 1].abs(), s,
                      ref_old, ref_new], 1).contiguous()
     a = torch.rand(R, C, generator=torch.Generator().manual_seed(seed)) + 0.1
     out, idx_out = torch.empty(R, 2), torch.empty(R, dtype=torch.int64)
@@ -300,6 +304,8 @@ def run_block_sums(which: int, name: str, C: int, seed: int):
     if which == 0:
         twin_check(name, (out[:, 0], out[:, 1], idx_out), ft.entropy_argmax_update, e0, best, idx, s, z,
                    torch.arange(C) + col0, ref_old, ref_new)
+    elif which == 2:
+        twin_check(name, out[:, 0], ft.entropy_update, e0, s, z, ref_old, ref_new)
     else:
         twin_check(name, (out[:, 0], out[:, 1]), ft.weighted_sum_update, v[:, 0], v[:, 1], a, z, None,
                    ref_old, ref_new)
@@ -331,7 +337,7 @@ NAMES = {("elementwise", 0): "tanh_f32", ("elementwise", 1): "transform_logits",
          ("weight_total", 0): "weight_total", ("row_scalars", 0): "hard_target_coefficients",
          ("row_scalars", 1): "hard_target_loss", ("row_scalars", 2): "finish_hard_rows",
          ("row_scalars", 3): "entropy_from_sums", ("block_sums", 0): "entropy_argmax_update",
-         ("block_sums", 1): "weighted_sum_update"}
+         ("block_sums", 1): "weighted_sum_update", ("block_sums", 2): "entropy_update"}
 CASES = {name: run(kind, which) for (kind, which), name in NAMES.items()}
 
 # (C, softcap, label smoothing, targets): C = 1, odd C; softcap off / on / -> infinity; all ignored

@@ -82,13 +82,19 @@ def hard_target_coefficients(g: Tensor, h: Tensor, row_w: Tensor, valid: Tensor,
     return coef_p, coef_y, coef_u
 
 
-def entropy_argmax_update(e: Tensor, best: Tensor, best_idx: Tensor, s_old: Tensor, z: Tensor, cols: Tensor,
-                          ref_old: Tensor, ref_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Fold a block of logits z (rows, c) at columns ``cols`` (c,) into E = sum_j e^{z_j - ref}
-    (z_j - ref) and the running argmax (first index of the maximum), after ``online_lse_update``."""
+def entropy_update(e: Tensor, s_old: Tensor, z: Tensor, ref_old: Tensor, ref_new: Tensor) -> Tensor:
+    """Fold a block of logits z (rows, c) into E = sum_j e^{z_j - ref} (z_j - ref) after
+    ``online_lse_update`` moved the reference from ref_old to ref_new (s_old: the sum before)."""
     d = ref_old - ref_new
     p = torch.exp(z - ref_new[..., None])
-    e = torch.exp(d) * (e + d * s_old) + torch.where(p > 0, p * (z - ref_new[..., None]), 0.0).sum(-1)
+    return torch.exp(d) * (e + d * s_old) + torch.where(p > 0, p * (z - ref_new[..., None]), 0.0).sum(-1)
+
+
+def entropy_argmax_update(e: Tensor, best: Tensor, best_idx: Tensor, s_old: Tensor, z: Tensor, cols: Tensor,
+                          ref_old: Tensor, ref_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``entropy_update`` and the running argmax (first index of the maximum) of a block of logits
+    z (rows, c) at columns ``cols`` (c,)."""
+    e = entropy_update(e, s_old, z, ref_old, ref_new)
     blk_max = z.amax(-1)
     big = torch.full_like(z, 2147483647, dtype=best_idx.dtype)
     blk_idx = torch.where(z == blk_max[..., None], cols.to(best_idx.dtype), big).amin(-1)

@@ -114,14 +114,20 @@ def hard_target_coefficients(g, h, row_w, valid, label_smoothing, n_classes, w_t
 
 
 @triton.jit
-def entropy_argmax_update(e, best, best_idx, s_old, z, cols, ref_old, ref_new):
-    """Fold a block of logits z (masked lanes -inf) into E = sum_j e^{z_j - ref} (z_j - ref) and the
-    running argmax (first index of the maximum), after ``online_lse_update`` moved the reference
-    from ref_old to ref_new (s_old: the sum before that update). The entropy of the row is then
-    log s - E / s."""
+def entropy_update(e, s_old, z, ref_old, ref_new):
+    """Fold a block of logits z (masked lanes -inf) into E = sum_j e^{z_j - ref} (z_j - ref), after
+    ``online_lse_update`` moved the reference from ref_old to ref_new (s_old: the sum before that
+    update). The entropy of the row is then ``entropy_from_sums(log s, E, s)``."""
     d = ref_old - ref_new
     p = tl.exp2((z - ref_new) * LOG2E)
-    e = tl.exp2(d * LOG2E) * (e + d * s_old) + tl.sum(tl.where(p > 0, p * (z - ref_new), 0.0), 0)
+    return tl.exp2(d * LOG2E) * (e + d * s_old) + tl.sum(tl.where(p > 0, p * (z - ref_new), 0.0), 0)
+
+
+@triton.jit
+def entropy_argmax_update(e, best, best_idx, s_old, z, cols, ref_old, ref_new):
+    """``entropy_update`` and the running argmax (first index of the maximum) of a block of logits
+    z at columns ``cols`` (masked lanes -inf)."""
+    e = entropy_update(e, s_old, z, ref_old, ref_new)
     blk_max = tl.max(z, 0)
     blk_idx = tl.min(tl.where(z == blk_max, cols, 2147483647), 0)
     best_idx = tl.where(blk_max > best, blk_idx, best_idx)

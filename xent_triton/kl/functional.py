@@ -15,6 +15,7 @@ from torch import Tensor
 from ..core.dtensor import is_dtensor
 from ..core.inputs import class_ids
 from ..core.options import LossOptions
+from ..core.reduction import finish_sums, row_sums
 from ..core.runtime import is_compiling
 from .dtensor import dtensor_distillation_loss, dtensor_token_logprobs
 from .ops import DIVERGENCES
@@ -77,16 +78,8 @@ def reduce_tokens(loss_rows: Tensor, labels: Optional[Tensor], opts: LossOptions
     ``empty_batch="zero"``: a mean over no token is 0 (zero gradients, graph connected), else NaN."""
     if opts.reduction == "none":
         return loss_rows.view(shape)
-    total = loss_rows.sum()
-    if opts.reduction == "sum":
-        return total
-    if labels is None:
-        den = torch.full((), float(loss_rows.shape[0]), dtype=total.dtype, device=total.device)
-    else:
-        den = (labels != opts.ignore_index).sum().to(total.dtype)
-    if opts.empty_batch == "zero":
-        den = torch.where(den == 0, torch.ones_like(den), den)
-    return total / den
+    valid = torch.ones_like(loss_rows, dtype=torch.bool) if labels is None else labels != opts.ignore_index
+    return finish_sums(row_sums(loss_rows, valid.to(loss_rows.dtype), valid, None, opts), opts)
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
