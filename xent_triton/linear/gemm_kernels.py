@@ -25,14 +25,13 @@ import triton
 import triton.language as tl
 
 from ..core.formulas_triton import (
+    LOG2E,
     hard_target_coefficients,
-    online_lse_update,
     safe_ref,
     softmax_from_stats,
     transform_grad,
     transform_logits,
     weight_total,
-    weighted_sum_update,
 )
 
 
@@ -97,23 +96,27 @@ def logits_gemm_kernel(
             z = transform_logits(acc, logit_scale, softcap, HAS_SOFTCAP)
             z = tl.where(cmask[None, :], z, float("-inf"))
             z_out = z_ptr + tl.cast(rows, tl.int64)[:, None] * stride_zm + cols[None, :] * stride_zn
-            # fold this sub-tile into the row partials, from the fp32 accumulator (online LSE; the
-            # transposed tile puts the classes on axis 0, a layout permutation, no data movement)
-            zt = tl.trans(z)
-            m, s, ref_old, ref_new = online_lse_update(m, s, zt)
+            m_new = tl.maximum(m, tl.max(z, 1))
+            ref_new = safe_ref(m_new)
             if SHIFTED:  # z - ref of the tile (SUB_N = 1: the partial's own m): shifted_dz_kernel
                 tl.store(z_out, (z - ref_new[:, None]).to(z_ptr.dtype.element_ty),
                          mask=rmask[:, None] & cmask[None, :])
             else:
                 tl.store(z_out, z.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            # fold this sub-tile into the row partials, from the fp32 accumulator (online LSE)
+            ref_old = safe_ref(m)
+            s = s * tl.exp2((ref_old - ref_new) * LOG2E) + \
+                tl.sum(tl.exp2((z - ref_new[:, None]) * LOG2E), 1)
+            m = m_new
             z_y += tl.sum(tl.where(cols[None, :] == y_col[:, None], z, 0.0), 1)
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     a = tl.load(cw_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
                 else:
                     a = tl.where(cmask, 1.0, 0.0)
-                a_acc, a_sum = weighted_sum_update(a_acc, a_sum, a[:, None], zt, cmask[:, None], ref_old,
-                                                   ref_new)
+                a_acc = a_acc + (ref_old - ref_new) * a_sum + \
+                    tl.sum(a[None, :] * tl.where(cmask[None, :], z - ref_new[:, None], 0.0), 1)
+                a_sum += tl.sum(a, 0)
         out = part_ptr + (tl.cast(tn, tl.int64) * R + rows) * 5  # (S, R, 5): see xent_triton.core.partials
         tl.store(out, m, mask=rmask)
         tl.store(out + 1, s, mask=rmask)
