@@ -358,3 +358,27 @@ def test_every_helper_has_one_twin():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_helper_matches_twin(name, C, softcap, eps, targets):
     CASES[name](C, 1000 + C, softcap, eps, targets)
+
+
+@pytest.mark.parametrize("target", ["soft", "smooth"])
+def test_torch_path_rows_below_exp_range(target):
+    """Regression: the torch online log-sum-exp (the CPU path of a soft target, the vocabulary-parallel
+    torch path) scaled an empty sum by exp(0 - ref) = inf for rows whose logits are all below -88:
+    0 * inf = NaN. It now runs the kernels' twin ``online_lse_update`` (no shift before any logit)."""
+    from xent_triton.core.options import LossOptions
+    from xent_triton.cross_entropy import rows_torch
+
+    g = torch.Generator().manual_seed(7)
+    x = -200 + torch.randn(5, 37, 3, generator=g)
+    opts = LossOptions(label_smoothing=0.1)
+    if target == "soft":
+        t = torch.softmax(torch.randn(5, 37, 3, generator=g), 1)
+        ref = -(t.double() * torch.log_softmax(x.double(), 1)).sum(1).reshape(-1)
+        loss = rows_torch.forward_chunked(x, t, None, LossOptions())[0]
+    else:
+        from xent_triton.core.partials import chunked_partials, combine
+        y = torch.randint(0, 37, (15,), generator=g)
+        ref = torch.nn.functional.cross_entropy(x.double(), y.view(5, 3), reduction="none",
+                                                label_smoothing=0.1).reshape(-1)
+        loss = combine(chunked_partials(x, y, None, 37, opts), y, None, 37, opts)[0]
+    assert_close_rule("loss", loss, None, ref, torch.float32)
