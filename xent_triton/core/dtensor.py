@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .exchange import agree_over, exchange_device, flags, refuse_agreed
 from .options import LossOptions
-from .reduction import reduce_rows
+from .reduction import ce_row_sums, finish_sums, reduce_rows
 from .runtime import is_compiling
 
 if TYPE_CHECKING:
@@ -116,7 +116,8 @@ def chunk_start(n: int, parts: int, index: int) -> int:
 
 def finish(loss_rows: Tensor, lse: Tensor, stats: Tensor, target: Tensor, opts: LossOptions, to_output,
            mesh: Any, rows_pl: list, batch: list[int], out_shape: tuple, return_lse: bool):
-    """Reduce the per-row outputs of THIS rank's tokens over the whole mesh; DTensor results."""
+    """Reduce the per-row outputs of THIS rank's tokens over the whole mesh; DTensor results: the
+    single device's reduction (``core.reduction``) with the row sums all-reduced in between."""
     repl = [Replicate()] * mesh.ndim
     stride = torch.empty(out_shape, device="meta").stride()
 
@@ -126,23 +127,11 @@ def finish(loss_rows: Tensor, lse: Tensor, stats: Tensor, target: Tensor, opts: 
     if opts.reduction == "none" or not batch:
         loss = reduce_rows(loss_rows, lse, stats, target, opts, to_output)
         loss = rows_dt(loss) if opts.reduction == "none" else DTensor.from_local(loss, mesh, repl)
-    else:  # the local sums, summed over the batch-sharded mesh dims: one all-reduce of 4 numbers
-        soft = target.is_floating_point()
-        valid = torch.ones_like(lse, dtype=torch.bool) if soft else target != opts.ignore_index
-        zrows = opts.lse_square_scale * torch.where(valid, lse, torch.zeros_like(lse)) ** 2
-        den = (valid.to(lse.dtype) if soft else stats[:, 2].to(lse.dtype)).sum()
-        local = torch.stack([loss_rows.sum(), den, zrows.sum(), valid.sum().to(lse.dtype)])
+    else:  # the local row sums, summed over the batch-sharded mesh dims: one all-reduce of 4 numbers
+        local = ce_row_sums(loss_rows, lse, stats, target, opts)
         part = [Partial() if i in batch else Replicate() for i in range(mesh.ndim)]
         summed = DTensor.from_local(local, mesh, part).redistribute(mesh, repl).to_local()
-        ce, den, z, n_valid = summed.unbind()
-        if opts.reduction == "sum":
-            loss = ce + z
-        else:
-            if opts.empty_batch == "zero":
-                den = torch.where(den == 0, torch.ones_like(den), den)
-                n_valid = torch.where(n_valid == 0, torch.ones_like(n_valid), n_valid)
-            loss = ce / den + (z / n_valid if opts.lse_square_scale != 0 else 0.0)
-        loss = DTensor.from_local(loss, mesh, repl)
+        loss = DTensor.from_local(finish_sums(summed, opts), mesh, repl)
     return (loss, rows_dt(to_output(lse))) if return_lse else loss
 
 

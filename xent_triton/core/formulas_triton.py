@@ -1,6 +1,9 @@
-"""Triton jit helpers shared by every kernel: the logit transform, the online log-sum-exp, row
-addressing and the gradient coefficients. Each formula has its torch twin of the same name in
-``core/formulas_torch.py``.
+"""Triton jit helpers shared by every kernel: the logit transform and its chain rule, the online
+log-sum-exp, the hard-target row loss and its masking, the smoothing / soft-target sums, the entropy
+and the gradient coefficients. Each helper has exactly one torch twin of the same name in
+``core/formulas_torch.py`` (tests/test_twins.py runs every pair on the same inputs and fails on a
+helper without a twin); the table of formulas, helpers, twins and call sites is in docs/design.md.
+Row addressing (pointer math, no torch twin) lives in ``core/pointers_triton.py``.
 
 One source of truth for the numerics. All arithmetic is fp32; exponentials and logarithms go
 through ``exp2``/``log2`` with the named constants below (the hardware's native MUFU ops).
@@ -88,14 +91,6 @@ def softmax_from_stats(z, ref, log_s):
 
 
 @triton.jit
-def row_pointer(ptr, r, D, stride_n, stride_d):
-    """Rows are r = n * D + d over an (N, C, D) view; int64 so N*C past 2**31 is safe."""
-    n = r // D
-    d = r - n * D
-    return ptr + n * stride_n + d * stride_d
-
-
-@triton.jit
 def weight_total(wsum_ptr, n_classes, HAS_WEIGHT: tl.constexpr):
     """W = sum_j w_j: precomputed for class weights, n_classes without them."""
     if HAS_WEIGHT:
@@ -119,16 +114,77 @@ def hard_target_coefficients(g, h, row_w, valid, label_smoothing, n_classes, w_t
 
 
 @triton.jit
-def entropy_argmax_update(e, best, best_idx, s_old, z, cols, ref_old, ref_new):
-    """Fold a block of logits z (masked lanes -inf) into E = sum_j e^{z_j - ref} (z_j - ref) and the
-    running argmax (first index of the maximum), after ``online_lse_update`` moved the reference
-    from ref_old to ref_new (s_old: the sum before that update). The entropy of the row is then
-    log s - E / s."""
+def entropy_update(e, s_old, z, ref_old, ref_new):
+    """Fold a block of logits z (masked lanes -inf) into E = sum_j e^{z_j - ref} (z_j - ref), after
+    ``online_lse_update`` moved the reference from ref_old to ref_new (s_old: the sum before that
+    update). The entropy of the row is then ``entropy_from_sums(log s, E, s)``."""
     d = ref_old - ref_new
     p = tl.exp2((z - ref_new) * LOG2E)
-    e = tl.exp2(d * LOG2E) * (e + d * s_old) + tl.sum(tl.where(p > 0, p * (z - ref_new), 0.0), 0)
+    return tl.exp2(d * LOG2E) * (e + d * s_old) + tl.sum(tl.where(p > 0, p * (z - ref_new), 0.0), 0)
+
+
+@triton.jit
+def entropy_argmax_update(e, best, best_idx, s_old, z, cols, ref_old, ref_new):
+    """``entropy_update`` and the running argmax (first index of the maximum) of a block of logits
+    z at columns ``cols`` (masked lanes -inf)."""
+    e = entropy_update(e, s_old, z, ref_old, ref_new)
     blk_max = tl.max(z, 0)
     blk_idx = tl.min(tl.where(z == blk_max, cols, 2147483647), 0)
     best_idx = tl.where(blk_max > best, blk_idx, best_idx)
     best = tl.maximum(best, blk_max)
     return e, best, best_idx
+
+
+@triton.jit
+def smoothed_target(t, label_smoothing, n_classes, HAS_SMOOTHING: tl.constexpr):
+    """t' = (1 - eps) t + eps / C: a probability target under label smoothing."""
+    if HAS_SMOOTHING:
+        t = t * (1.0 - label_smoothing) + label_smoothing / n_classes
+    return t
+
+
+@triton.jit
+def weighted_sum_update(acc, a_sum, a, z, mask, ref_old, ref_new):
+    """Fold a block of coefficients a (0 on masked lanes) at logits z into A = sum_j a_j (z_j - ref)
+    and a_sum = sum_j a_j, after ``online_lse_update`` moved the reference from ref_old to ref_new
+    (the smoothing term of a hard target, a soft target's sums). Masked lanes (z = -inf) add 0."""
+    acc = acc + (ref_old - ref_new) * a_sum + tl.sum(a * tl.where(mask, z - ref_new, 0.0), 0)
+    a_sum = a_sum + tl.sum(a, 0)
+    return acc, a_sum
+
+
+@triton.jit
+def hard_target_loss(nll_y, smooth, w_y, label_smoothing, n_classes, HAS_SMOOTHING: tl.constexpr):
+    """loss = (1 - eps) w_y (lse - z_y) + eps / C sum_j w_j (lse - z_j), from nll_y = lse - z_y
+    (formed as (ref - z_y) + log s) and smooth = sum_j w_j (lse - z_j) (formed as W log s - A;
+    unused without smoothing). The row loss of every hard-target path."""
+    loss = (1.0 - label_smoothing) * w_y * nll_y
+    if HAS_SMOOTHING:
+        loss += label_smoothing / n_classes * smooth
+    return loss
+
+
+@triton.jit
+def finish_hard_rows(loss, w_y, y, ignore_index, n_classes):
+    """(loss, row weight) of a hard-target row: 0 for an ignored row, NaN for an out-of-range id
+    (it poisons the row and so a mean: no host sync), else (loss, w_y)."""
+    valid = y != ignore_index
+    ok = valid & (y >= 0) & (y < n_classes)
+    bad = valid & ~ok
+    row_w = tl.where(bad, float("nan"), tl.where(ok, w_y, 0.0))
+    loss = tl.where(bad, float("nan"), tl.where(ok, loss, 0.0))
+    return loss, row_w
+
+
+@triton.jit
+def soft_target_grad(g, z, ref, log_s, label_smoothing):
+    """dL/dt_j = g (1 - eps) (lse - z_j) (times w_j by the caller): the gradient of a probability
+    target that requires grad, with lse - z_j formed as (ref - z_j) + log s."""
+    return g * (1.0 - label_smoothing) * ((ref - z) + log_s)
+
+
+@triton.jit
+def entropy_from_sums(log_s, e, s):
+    """H = log s - E / s: the entropy of softmax(z) from s = sum_j e^{z_j - ref} and
+    E = sum_j e^{z_j - ref} (z_j - ref) (``entropy_argmax_update``)."""
+    return log_s - e / s

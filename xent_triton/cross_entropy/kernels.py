@@ -4,7 +4,7 @@ Math (per row; z = T(x) the transformed logits, lse = log sum_j e^{z_j}, p = sof
 weights, W = sum_j w_j, eps the smoothing over ``n_classes``; derivation in docs/math.md)::
 
     hard y : loss = (1-eps) w_y (lse - z_y) + eps/C sum_j w_j (lse - z_j)          (0 if ignored)
-             dL/dz_j = coef_p p_j - coef_y [j=y] - coef_u w_j     (common.hard_target_coefficients)
+             dL/dz_j = coef_p p_j - coef_y [j=y] - coef_u w_j     (formulas_triton.hard_target_coefficients)
     soft t : t' = (1-eps) t + eps/C, loss = sum_j w_j t'_j (lse - z_j)
              dL/dz_j = (g S + h) p_j - g w_j t'_j,  S = sum_j w_j t'_j
 
@@ -23,14 +23,21 @@ import triton.language as tl
 from ..core.formulas_triton import (
     LN2,
     entropy_argmax_update,
+    entropy_from_sums,
+    finish_hard_rows,
     hard_target_coefficients,
+    hard_target_loss,
     online_lse_update,
-    row_pointer,
+    safe_ref,
+    smoothed_target,
+    soft_target_grad,
     softmax_from_stats,
     transform_grad,
     transform_logits,
     weight_total,
+    weighted_sum_update,
 )
+from ..core.pointers_triton import row_pointer
 
 
 @triton.jit
@@ -62,15 +69,13 @@ def stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, C, n_classes,
         if SOFT_TARGET or HAS_SMOOTHING:
             if SOFT_TARGET:
                 a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SMOOTHING:
-                    a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
+                a = smoothed_target(a, label_smoothing, n_classes, HAS_SMOOTHING)
             else:
                 a = tl.full((BLOCK_C,), 1.0, tl.float32)
             if HAS_WEIGHT:
                 a = a * tl.load(w_ptr + cols, mask=mask, other=0.0)
             a = tl.where(mask, a, 0.0)
-            acc = acc + (ref_old - ref_new) * a_sum + tl.sum(a * tl.where(mask, z - ref_new, 0.0), 0)
-            a_sum = a_sum + tl.sum(a, 0)
+            acc, a_sum = weighted_sum_update(acc, a_sum, a, z, mask, ref_old, ref_new)
     return m, s, acc, a_sum, e, best_idx
 
 
@@ -112,38 +117,34 @@ def cross_entropy_fwd_kernel(
     m, s, acc, a_sum, e, best_idx = stream_row(x_row, stride_xc, t_row, stride_tc, w_ptr, c_stream, n_classes,
                                                label_smoothing, softcap, logit_scale, HAS_WEIGHT,
                                                HAS_SMOOTHING, SOFT_TARGET, HAS_SOFTCAP, BLOCK_C, STATS)
-    ref = tl.where(m == float("-inf"), 0.0, m)
+    ref = safe_ref(m)
     log_s = tl.where(kept, tl.log2(s) * LN2, 0.0)
     lse = ref + log_s
     if SOFT_TARGET:
         row_w = a_sum
         loss = a_sum * log_s - acc
     else:
-        valid = y != ignore_index
-        in_range = (y >= 0) & (y < C)
-        ok = valid & in_range
+        ok = (y != ignore_index) & (y >= 0) & (y < C)
         y_safe = tl.where(ok, y, 0)
         z_y = transform_logits(tl.load(x_row + y_safe * stride_xc), logit_scale, softcap, HAS_SOFTCAP)
         if HAS_WEIGHT:
             w_y = tl.load(w_ptr + y_safe)
         else:
             w_y = 1.0
-        loss = (1.0 - label_smoothing) * w_y * ((ref - z_y) + log_s)
         if HAS_SMOOTHING:
-            w_total = weight_total(wsum_ptr, n_classes, HAS_WEIGHT)
-            loss += label_smoothing / n_classes * (w_total * log_s - acc)
-        row_w = tl.where(ok, w_y, 0.0)
-        loss = tl.where(ok, loss, 0.0)
-        # An out-of-range target poisons its row (and so a mean) with NaN: no host sync needed.
-        row_w = tl.where(valid & ~in_range, float("nan"), row_w)
-        loss = tl.where(valid & ~in_range, float("nan"), loss)
+            smooth = weight_total(wsum_ptr, n_classes, HAS_WEIGHT) * log_s - acc
+        else:
+            smooth = 0.0
+        loss = hard_target_loss((ref - z_y) + log_s, smooth, w_y, label_smoothing, n_classes, HAS_SMOOTHING)
+        # an out-of-range target poisons its row (and so a mean) with NaN: no host sync needed
+        loss, row_w = finish_hard_rows(loss, w_y, y, ignore_index, C)
     tl.store(loss_ptr + r, loss)
     tl.store(lse_ptr + r, lse)
     tl.store(stats_ptr + 3 * r, ref)
     tl.store(stats_ptr + 3 * r + 1, log_s)
     tl.store(stats_ptr + 3 * r + 2, row_w)
     if STATS:  # entropy of softmax(z) and the argmax, from the same pass
-        tl.store(ent_ptr + r, log_s - e / s)
+        tl.store(ent_ptr + r, entropy_from_sums(log_s, e, s))
         tl.store(pred_ptr + r, best_idx.to(tl.int64))
 
 
@@ -214,12 +215,11 @@ def cross_entropy_bwd_kernel(
         if SOFT_TARGET:
             a = tl.load(t_row + cols.to(tl.int64) * stride_tc, mask=lmask, other=0.0).to(tl.float32)
             if SOFT_GRAD:
-                wt = g * (1.0 - label_smoothing) * ((ref - z) + log_s)
+                wt = soft_target_grad(g, z, ref, log_s, label_smoothing)
                 if HAS_WEIGHT:
                     wt = wt * tl.load(w_ptr + cols, mask=lmask, other=0.0)
                 tl.store(dt_row + cols.to(tl.int64) * stride_dtc, wt.to(dt_ptr.dtype.element_ty), mask=mask)
-            if HAS_SMOOTHING:
-                a = a * (1.0 - label_smoothing) + label_smoothing / n_classes
+            a = smoothed_target(a, label_smoothing, n_classes, HAS_SMOOTHING)
             if HAS_WEIGHT:
                 a = a * tl.load(w_ptr + cols, mask=lmask, other=0.0)
             dz -= g * a

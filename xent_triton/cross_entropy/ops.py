@@ -67,9 +67,9 @@ def entropy_argmax_torch(x: Tensor, opts: LossOptions) -> tuple[Tensor, Tensor]:
     for r0 in range(0, N, step):
         xs = x[r0:r0 + step]
         z = formulas_torch.transform_logits(xs.to(cdt), opts.logit_scale, opts.softcap).permute(0, 2, 1)
-        logp = torch.log_softmax(z, -1)
-        ent.append(-(logp.exp() * torch.where(logp.isfinite(), logp, 0.0)).sum(-1).reshape(-1))
-        pred.append(z.argmax(-1).reshape(-1))
+        h, idx = row_blocks.softmax_entropy_argmax(z)
+        ent.append(h.reshape(-1))
+        pred.append(idx.reshape(-1))
     if not ent:
         return x.new_empty((0,), dtype=cdt), x.new_empty((0,), dtype=torch.int64)
     return torch.cat(ent), torch.cat(pred)
@@ -153,12 +153,12 @@ def soft_target_grad_torch(dtarget: Tensor, x: Tensor, weight: Optional[Tensor],
     """dL/dt_j = g (1 - eps) w_j (lse - z_j) into ``dtarget`` (N, C, D), chunked torch."""
     N, C, D = x.shape
     cdt = compute_dtype(x)
-    lse = (stats[:, 0] + stats[:, 1]).to(cdt)
-    g = dloss.to(cdt) * (1 - opts.label_smoothing)
+    ref, log_s = stats[:, 0].to(cdt), stats[:, 1].to(cdt)
+    g = dloss.to(cdt)
     for c0 in range(0, C, row_blocks.CHUNK_C):
         c1 = min(C, c0 + row_blocks.CHUNK_C)
         z = formulas_torch.transform_logits(row_blocks.rows(x, c0, c1, cdt), opts.logit_scale, opts.softcap)
-        dt = g[:, None] * (lse[:, None] - z)
+        dt = formulas_torch.soft_target_grad(g, z, ref, log_s, opts.label_smoothing)
         if weight is not None:
             dt = dt * weight[c0:c1].to(cdt)[None, :]
         dtarget[:, c0:c1, :].copy_(dt.view(N, D, c1 - c0).permute(0, 2, 1))

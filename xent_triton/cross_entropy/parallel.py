@@ -46,7 +46,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..core import formulas_torch, launch, row_blocks
+from ..core import launch
 from ..core.exchange import (
     IGNORED,
     VocabShard,
@@ -60,7 +60,7 @@ from ..core.exchange import (
 from ..core.inputs import Canonical, canonical, check_token_weight, check_weight, target_range_check
 from ..core.op_schema import input_grads
 from ..core.options import LossOptions
-from ..core.partials import N_PARTIALS, combine
+from ..core.partials import N_PARTIALS, chunked_partials, combine
 from ..core.reduction import reduce_rows
 from ..core.runtime import (
     alloc,
@@ -72,34 +72,6 @@ from ..core.runtime import (
 )
 from ..cross_entropy.ops import backward_into, nd_c_strides
 from .parallel_kernels import vocab_parallel_fwd_kernel
-
-
-def partials_torch(x3: Tensor, tgt: Tensor, w: Optional[Tensor], n_classes: int,
-                   opts: LossOptions) -> Tensor:
-    """The kernel's partials with chunked torch ops (CPU without the interpreter, float64)."""
-    N, C, D = x3.shape
-    R, cdt, dev = N * D, compute_dtype(x3), x3.device
-    soft = tgt if tgt.is_floating_point() else None
-    eps, softcap, scale = opts.label_smoothing, opts.softcap, opts.logit_scale
-    m = torch.full((R,), float("-inf"), dtype=cdt, device=dev)
-    s, acc, a_sum = (torch.zeros(R, dtype=cdt, device=dev) for _ in range(3))
-    for c0 in range(0, C, row_blocks.CHUNK_C):
-        c1 = min(C, c0 + row_blocks.CHUNK_C)
-        z = formulas_torch.transform_logits(row_blocks.rows(x3, c0, c1, cdt), scale, softcap)
-        m_new = torch.maximum(m, z.amax(1))
-        ref_old, ref_new = formulas_torch.safe_ref(m), formulas_torch.safe_ref(m_new)
-        s = s * torch.exp(ref_old - ref_new) + torch.exp(z - ref_new[:, None]).sum(1)
-        if soft is not None or eps > 0:
-            a = formulas_torch.smooth_coef(soft, w, c0, c1, n_classes, eps, cdt, dev)
-            acc = acc + (ref_old - ref_new) * a_sum + (a * (z - ref_new[:, None])).sum(1)
-            a_sum = a_sum + a.sum(1)
-        m = m_new
-    zy = torch.zeros_like(s)
-    if soft is None:
-        owned = (tgt >= 0) & (tgt < C)
-        x_y = formulas_torch.target_gather(x3, torch.where(owned, tgt, torch.zeros_like(tgt)), cdt)
-        zy = torch.where(owned, formulas_torch.transform_logits(x_y, scale, softcap), zy)
-    return torch.stack([m, s, acc, a_sum, zy], dim=1).unsqueeze(0)
 
 
 def empty_partials(rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -121,7 +93,7 @@ def shard_partials(x3: Tensor, tgt: Tensor, w: Optional[Tensor], n_classes: int,
     if x3.shape[1] == 0:  # an empty shard: no kernel over zero classes
         return empty_partials(x3.shape[0] * x3.shape[2], compute_dtype(x3), x3.device)
     if not uses_triton(x3):
-        return partials_torch(x3, tgt, w, n_classes, opts)
+        return chunked_partials(x3, tgt, w, n_classes, opts)
     N, C, D = x3.shape
     R = N * D
     part = alloc((1, R, N_PARTIALS), torch.float32, x3.device)

@@ -23,7 +23,8 @@ single-device forward.
 import triton
 import triton.language as tl
 
-from ..core.formulas_triton import row_pointer, transform_logits
+from ..core.formulas_triton import transform_logits
+from ..core.pointers_triton import row_pointer
 from .kernels import stream_row
 
 

@@ -19,42 +19,26 @@ from ..core import row_blocks
 from ..core.formulas_torch import (
     finish_hard_rows,
     hard_target_coefficients,
+    hard_target_loss,
     safe_ref,
-    smooth_coef,
+    softmax_from_stats,
     transform_grad,
     transform_logits,
-    transformed,
+    weight_total,
 )
 from ..core.options import LossOptions
-from ..core.row_blocks import block_rows, block_samples, row_buffer, rows
+from ..core.partials import chunked_partials, combine
+from ..core.row_blocks import block_rows, block_samples, row_buffer, rows, smooth_coef, transformed
 from ..core.runtime import compute_dtype
 
 
 def forward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor],
                     opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """``forward_rows`` of class-probability targets (a float (N, C, D) ``target``) by the online
-    log-sum-exp over CHUNK_C-class chunks (hard targets take ``forward_hard_block``)."""
-    N, C, D = x3.shape
-    R, cdt, dev = N * D, compute_dtype(x3), x3.device
-    soft = target
-    eps, softcap, scale = opts.label_smoothing, opts.softcap, opts.logit_scale
-    m = torch.full((R,), float("-inf"), dtype=cdt, device=dev)
-    s = torch.zeros(R, dtype=cdt, device=dev)
-    acc = torch.zeros(R, dtype=cdt, device=dev)
-    a_sum = torch.zeros(R, dtype=cdt, device=dev)
-    for c0 in range(0, C, row_blocks.CHUNK_C):
-        c1 = min(C, c0 + row_blocks.CHUNK_C)
-        z = transform_logits(rows(x3, c0, c1, cdt), scale, softcap)
-        m_new = torch.maximum(m, z.amax(1))
-        ref_old, ref_new = safe_ref(m), safe_ref(m_new)
-        s = s * torch.exp(ref_old - ref_new) + torch.exp(z - ref_new[:, None]).sum(1)
-        a = smooth_coef(soft, weight, c0, c1, C, eps, cdt, dev)
-        acc = acc + (ref_old - ref_new) * a_sum + (a * (z - ref_new[:, None])).sum(1)
-        a_sum = a_sum + a.sum(1)
-        m = m_new
-    ref = safe_ref(m)
-    log_s = torch.log(s)
-    return a_sum * log_s - acc, ref + log_s, torch.stack([ref, log_s, a_sum], dim=1)
+    """``forward_rows`` of class-probability targets (a float (N, C, D) ``target``): the partials of
+    the whole vocabulary by the online log-sum-exp over CHUNK_C-class chunks, combined as one
+    vocabulary shard's (``core.partials``; hard targets take ``forward_hard_block``)."""
+    C = x3.shape[1]
+    return combine(chunked_partials(x3, target, weight, C, opts), target, weight, C, opts)
 
 
 def backward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
@@ -74,7 +58,7 @@ def backward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats
     for c0 in range(0, C, row_blocks.CHUNK_C):
         c1 = min(C, c0 + row_blocks.CHUNK_C)
         z = transform_logits(rows(x3, c0, c1, cdt), scale, softcap)
-        dz = coef_p[:, None] * torch.exp((z - ref[:, None]) - log_s[:, None])
+        dz = coef_p[:, None] * softmax_from_stats(z, ref, log_s)
         dz = dz - g[:, None] * smooth_coef(target, weight, c0, c1, n, eps, cdt, dev)
         dz = transform_grad(dz, z, scale, softcap)
         out[:, c0:c1, :].copy_(dz.view(N, D, c1 - c0).permute(0, 2, 1))
@@ -130,9 +114,11 @@ def forward_hard_block(z: Tensor, target: Tensor, weight: Optional[Tensor], opts
     ok = (target >= 0) & (target < C)
     y_safe = torch.where(ok, target, torch.zeros_like(target))
     w_y = weight.to(cdt)[y_safe] if weight is not None else torch.ones_like(ref)
-    loss = -(1 - eps) * w_y * logp.gather(1, y_safe[:, None]).squeeze(1)
+    # lse - z_y = -logp_y and sum_j w_j (lse - z_j) = -sum_j w_j logp_j (negations are exact)
+    smooth = None
     if eps > 0:
-        loss = loss - eps / C * (logp @ weight.to(cdt) if weight is not None else logp.sum(1))
+        smooth = -(logp @ weight.to(cdt) if weight is not None else logp.sum(1))
+    loss = hard_target_loss(-logp.gather(1, y_safe[:, None]).squeeze(1), smooth, w_y, eps, C)
     loss, row_w = finish_hard_rows(loss, w_y, target, opts.ignore_index, C)
     return loss, ref + log_s, torch.stack([ref, log_s, row_w], dim=1)
 
@@ -187,10 +173,8 @@ def backward_hard_block(xb: Tensor, target: Tensor, weight: Optional[Tensor], st
     g = dloss.to(cdt)
     h = dlse.to(cdt) if dlse is not None else torch.zeros_like(g)
     valid = target != opts.ignore_index
-    if weight_sum is not None:
-        wsum = weight_sum.to(cdt).reshape(())
-    else:
-        wsum = weight.to(cdt).sum() if weight is not None else nc
+    wsum = weight_total(weight_sum.to(cdt) if weight_sum is not None else
+                        (weight.to(cdt).sum() if weight is not None else None), nc)
     coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, opts.label_smoothing, nc, wsum)
     direct = D == 1 and out.dtype == cdt
     if direct:
@@ -211,9 +195,7 @@ def backward_hard_block(xb: Tensor, target: Tensor, weight: Optional[Tensor], st
             dz.addr_(coef_u, weight.to(cdt), alpha=-1)
         else:
             dz.sub_(coef_u[:, None])
-    if opts.has_softcap:
-        dz.mul_(t.div_(opts.softcap).square_().neg_().add_(1.0))
-    if opts.logit_scale != 1.0:
-        dz.mul_(opts.logit_scale)
+    if transform:  # t (a copy: transformed) is overwritten
+        transform_grad(dz, t, opts.logit_scale, opts.softcap, inplace=True)
     if not direct:
         out.copy_(dz.view(n, D, C).permute(0, 2, 1))

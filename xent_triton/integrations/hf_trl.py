@@ -19,6 +19,8 @@ from transformers.utils import ModelOutput
 
 import xent_triton
 
+from ..core.formulas_torch import transform_logits
+from ..core.row_blocks import softmax_entropy_argmax
 from ..kl.linear import linear_logprobs_rows
 from ..kl.options import make_kl
 from .hf_common import divide_by_items, head_operands
@@ -53,14 +55,12 @@ def _token_logprobs_takes(name: str) -> bool:
 
 
 def _transform(x: Tensor, softcap: Optional[float], scale: float) -> Tensor:
-    x = x.float() * scale
-    return softcap * torch.tanh(x / softcap) if softcap is not None else x
+    return transform_logits(x.float(), scale, softcap if softcap is not None else 0.0)
 
 
 def _entropy_rows(h: Tensor, w: Tensor, b: Optional[Tensor], softcap: Optional[float],
                   scale: float) -> Tensor:
-    lp = torch.log_softmax(_transform(torch.nn.functional.linear(h, w, b), softcap, scale), -1)
-    return -(lp.exp() * lp).sum(-1)
+    return softmax_entropy_argmax(_transform(torch.nn.functional.linear(h, w, b), softcap, scale), False)[0]
 
 
 def _chunked_entropy(h, w, b, softcap, scale) -> Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..core.dtensor import DTensor, Partial, Replicate, plan
 from ..core.inputs import class_ids
+from ..core.reduction import finish_sums, row_sums
 from .ops import distillation_rows, token_logprobs_rows, token_range_check
 from .options import KLOptions
 from .parallel import vocab_parallel_token_logprobs
@@ -90,17 +91,11 @@ def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional
     opts = chosen
     if opts.reduction == "none":
         return rows_dtensor(rows.reshape(student.shape[:-1]), mesh, rows_pl, student.shape[:-1])
-    valid = torch.ones_like(rows) if flat is None else (flat != opts.ignore_index).to(rows.dtype)
-    local = torch.stack([rows.sum(), valid.sum()])
-    if batch:  # the local sums over the batch-sharded mesh dims: one all-reduce of 2 numbers
+    valid = torch.ones_like(rows, dtype=torch.bool) if flat is None else flat != opts.ignore_index
+    local = row_sums(rows, valid.to(rows.dtype), valid, None, opts)  # the CE heads' one reduction
+    if batch:  # the local sums over the batch-sharded mesh dims: one all-reduce of 4 numbers
         part = [Partial() if i in batch else Replicate() for i in range(mesh.ndim)]
         repl = [Replicate()] * mesh.ndim
         local = DTensor.from_local(local, mesh, part).redistribute(mesh, repl).to_local()
-    total, den = local.unbind()
-    if opts.reduction == "sum":
-        loss = total
-    else:
-        if opts.empty_batch == "zero":
-            den = torch.where(den == 0, torch.ones_like(den), den)
-        loss = total / den
+    loss = finish_sums(local, opts)
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..core.dtensor import is_dtensor
 from ..core.inputs import class_ids
+from ..core.reduction import finish_sums, row_sums
 from ..core.renames import renamed_keywords
 from .dtensor import dtensor_distillation_loss, dtensor_token_logprobs
 from .names import LOGITS, LOGPROBS
@@ -73,23 +74,11 @@ def reduce_tokens(loss_rows: Tensor, target: Optional[Tensor], opts: KLOptions, 
     ``token_weight`` (R,) multiplies each token's loss and, for mean, its share of the denominator
     (sum of the weights of the non-ignored tokens), as the CE heads' ``reduce_rows``.
     ``empty_batch="zero"``: a mean over no token is 0 (zero gradients, graph connected), else NaN."""
-    if token_weight is not None:
-        loss_rows = loss_rows * token_weight.to(loss_rows.dtype)
     if opts.reduction == "none":
-        return loss_rows.view(shape)
-    total = loss_rows.sum()
-    if opts.reduction == "sum":
-        return total
-    if token_weight is not None:
-        tw = token_weight.to(total.dtype)
-        den = (tw if target is None else torch.where(target != opts.ignore_index, tw, 0.0)).sum()
-    elif target is None:
-        den = torch.full((), float(loss_rows.shape[0]), dtype=total.dtype, device=total.device)
-    else:
-        den = (target != opts.ignore_index).sum().to(total.dtype)
-    if opts.empty_batch == "zero":
-        den = torch.where(den == 0, torch.ones_like(den), den)
-    return total / den
+        rows = loss_rows if token_weight is None else loss_rows * token_weight.to(loss_rows.dtype)
+        return rows.view(shape)
+    valid = torch.ones_like(loss_rows, dtype=torch.bool) if target is None else target != opts.ignore_index
+    return finish_sums(row_sums(loss_rows, valid.to(loss_rows.dtype), valid, None, opts, token_weight), opts)
 
 
 @renamed_keywords(**LOGITS)

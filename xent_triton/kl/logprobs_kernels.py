@@ -20,7 +20,16 @@ logit) and writes 16 R; backward grid (R, splits) reads R C B and writes R C B. 
 import triton
 import triton.language as tl
 
-from ..core.formulas_triton import LN2, LOG2E, online_lse_update, safe_ref, transform_grad, transform_logits
+from ..core.formulas_triton import (
+    LN2,
+    LOG2E,
+    entropy_from_sums,
+    entropy_update,
+    online_lse_update,
+    safe_ref,
+    transform_grad,
+    transform_logits,
+)
 
 
 @triton.jit
@@ -46,9 +55,7 @@ def logprobs_fwd_kernel(
         s_old = s
         m, s, ref_old, ref_new = online_lse_update(m, s, b)
         if ENTROPY:
-            d = ref_old - ref_new
-            e = tl.exp2((b - ref_new) * LOG2E)
-            acc = tl.exp2(d * LOG2E) * (acc + d * s_old) + tl.sum(tl.where(e > 0, e * (b - ref_new), 0.0), 0)
+            acc = entropy_update(acc, s_old, b, ref_old, ref_new)
     ref = safe_ref(m)
     log_s = tl.log2(s) * LN2
     y = tl.load(tok_ptr + r)
@@ -58,7 +65,7 @@ def logprobs_fwd_kernel(
     lp = tl.where(in_range, (b_y - ref) - log_s, float("nan"))
     tl.store(lp_ptr + r, lp)
     if ENTROPY:
-        tl.store(ent_ptr + r, log_s - acc / s)
+        tl.store(ent_ptr + r, entropy_from_sums(log_s, acc, s))
     tl.store(stats_ptr + 2 * r, ref)
     tl.store(stats_ptr + 2 * r + 1, log_s)
 

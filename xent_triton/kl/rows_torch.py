@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..core.formulas_torch import entropy_from_sums, safe_ref, transform_grad, transform_logits
 from ..core.row_blocks import BLOCK_ELEMS
 from ..core.runtime import compute_dtype
-from ..cross_entropy.rows_torch import safe_ref, transform_grad, transform_logits
 from ..linear.chunk_torch import row_blocks
 from .options import DIVERGENCES, KLOptions
 
@@ -186,7 +186,7 @@ def logprobs_forward(x: Tensor, tokens: Tensor, opts: KLOptions,
             e = torch.exp(d.clamp_min_(LOGQ_FLOOR), out=buf[:d.numel()].view(d.shape))
             sum_e = e.sum(1)
             log_s = torch.log(sum_e)
-            ent[s] = log_s - e.mul_(d).sum(1) / sum_e
+            ent[s] = entropy_from_sums(log_s, e.mul_(d).sum(1), sum_e)
         else:
             log_s = torch.log(d.exp_().sum(1))
         lp[s] = (b_y - ref) - log_s

@@ -9,7 +9,7 @@ fp32-accurate logits (bf16 logits would round |z| ~ 60 by 0.25).
 Math (the core kernels' formulas, ``cross_entropy/kernels.py``; z = T(x) the transformed logits)::
 
     loss = (1-eps) w_y (lse - z_y) + eps/C sum_j w_j (lse - z_j)          (0 if ignored)
-    dL/dz_j = coef_p p_j - coef_y [j=y] - coef_u w_j   (common.hard_target_coefficients)
+    dL/dz_j = coef_p p_j - coef_y [j=y] - coef_u w_j   (formulas_triton.hard_target_coefficients)
     dL/dx_j = dL/dz_j T'(x_j)
 
 * ``chunk_loss_grad_kernel`` (grid (rows,)): one row per program over all C classes. Pass 1
@@ -33,12 +33,17 @@ import triton.language as tl
 from ..core.formulas_triton import (
     LN2,
     entropy_argmax_update,
+    entropy_from_sums,
+    finish_hard_rows,
     hard_target_coefficients,
+    hard_target_loss,
     online_lse_update,
+    safe_ref,
     softmax_from_stats,
     transform_grad,
     transform_logits,
     weight_total,
+    weighted_sum_update,
 )
 
 
@@ -92,8 +97,7 @@ def chunk_loss_grad_kernel(
     offs = tl.arange(0, BLOCK_C)
     y = tl.load(tgt_ptr + r)
     valid = y != ignore_index
-    in_range = (y >= 0) & (y < C)
-    ok = valid & in_range
+    ok = valid & (y >= 0) & (y < C)
     y_safe = tl.where(ok, y, 0)
     if STATS:
         c_valid = C  # the stats cover ignored rows too (the core's ``predicted``)
@@ -120,12 +124,11 @@ def chunk_loss_grad_kernel(
                 a = tl.load(w_ptr + cols, mask=lmask, other=0.0)
             else:
                 a = tl.where(lmask, 1.0, 0.0)
-            acc = acc + (ref_old - ref_new) * a_sum + tl.sum(a * tl.where(lmask, z - ref_new, 0.0), 0)
-            a_sum = a_sum + tl.sum(a, 0)
+            acc, a_sum = weighted_sum_update(acc, a_sum, a, z, lmask, ref_old, ref_new)
     if STATS:
-        tl.store(ent_ptr + r, tl.log2(s) * LN2 - e / s)
+        tl.store(ent_ptr + r, entropy_from_sums(tl.log2(s) * LN2, e, s))
         tl.store(pred_ptr + r, best_idx.to(tl.int64))
-    ref = tl.where(valid & (m != float("-inf")), m, 0.0)
+    ref = tl.where(valid, safe_ref(m), 0.0)
     log_s = tl.log2(tl.where(valid, s, 1.0)) * LN2  # ignored rows (read nothing without STATS): 0
     lse = ref + log_s
     z_y = transform_logits(tl.load(z_row + y_safe), logit_scale, softcap, HAS_SOFTCAP)
@@ -134,12 +137,9 @@ def chunk_loss_grad_kernel(
     else:
         w_y = 1.0
     w_total = weight_total(wsum_ptr, n_classes, HAS_WEIGHT)
-    loss = (1.0 - label_smoothing) * w_y * ((ref - z_y) + log_s)
-    if HAS_SMOOTHING:
-        loss += label_smoothing / n_classes * (w_total * log_s - acc)
-    bad = valid & ~in_range
-    row_w = tl.where(bad, float("nan"), tl.where(ok, w_y, 0.0))
-    loss = tl.where(bad, float("nan"), tl.where(ok, loss, 0.0))
+    loss = hard_target_loss((ref - z_y) + log_s, w_total * log_s - acc, w_y, label_smoothing, n_classes,
+                            HAS_SMOOTHING)
+    loss, row_w = finish_hard_rows(loss, w_y, y, ignore_index, C)
     lse = tl.where(valid, lse, 0.0)
     tl.store(loss_ptr + r, loss)
     tl.store(lse_ptr + r, lse)

@@ -18,9 +18,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..core.formulas_torch import finish_hard_rows, hard_target_coefficients, safe_ref, transform_logits
+from ..core.formulas_torch import (
+    entropy_from_sums,
+    finish_hard_rows,
+    hard_target_coefficients,
+    hard_target_loss,
+    safe_ref,
+    transform_grad,
+    weight_total,
+)
 from ..core.options import LossOptions
-from ..core.row_blocks import BLOCK_ELEMS
+from ..core.row_blocks import BLOCK_ELEMS, transformed
 from ..core.runtime import compute_dtype
 
 
@@ -36,12 +44,6 @@ def row_blocks(z: Tensor):
         yield s, z[s] if buf is None else buf[:(s.stop - s0) * C].view(-1, C).copy_(z[s])
 
 
-def transformed(work: Tensor, opts: LossOptions) -> Tensor:
-    if opts.logit_scale == 1.0 and not opts.has_softcap:
-        return work
-    return transform_logits(work, opts.logit_scale, opts.softcap)
-
-
 def finish_grad(e: Tensor, t: Tensor, out: Tensor, y_idx: Tensor, coef_y: Tensor, coef_u: Tensor,
                 weight: Optional[Tensor], opts: LossOptions) -> None:
     """e (= coef_p p) -> dL/dx in place, then into ``out`` (when they differ)."""
@@ -51,10 +53,7 @@ def finish_grad(e: Tensor, t: Tensor, out: Tensor, y_idx: Tensor, coef_y: Tensor
             e.addr_(coef_u.to(e.dtype), weight.to(e.dtype), alpha=-1)
         else:
             e.sub_(coef_u[:, None].to(e.dtype))
-    if opts.has_softcap:
-        e.mul_(t.div_(opts.softcap).square_().neg_().add_(1.0))
-    if opts.logit_scale != 1.0:
-        e.mul_(opts.logit_scale)
+    transform_grad(e, t, opts.logit_scale, opts.softcap, inplace=True)  # t: overwritten
     if e is not out:
         out.copy_(e)
 
@@ -82,7 +81,7 @@ def loss_grad_block(work, dz, target, weight, wsum, zcoef, opts: LossOptions, lo
     z_y = t.gather(1, y_safe[:, None]).squeeze(1)
     w_y = weight.to(t.dtype)[y_safe] if weight is not None else torch.ones_like(z_y)
     d = torch.sub(t, ref[:, None], out=work) if t is not work else work.sub_(ref[:, None])
-    w_total = wsum.to(t.dtype).reshape(()) if wsum is not None else C
+    w_total = weight_total(wsum.to(t.dtype) if wsum is not None else None, C)
     if eps > 0:
         acc = d @ weight.to(d.dtype) if weight is not None else d.sum(1)
     if pred is not None:
@@ -91,10 +90,9 @@ def loss_grad_block(work, dz, target, weight, wsum, zcoef, opts: LossOptions, lo
     s = e.sum(1)
     log_s = torch.log(s)
     if ent is not None:  # E = sum_j e^{d_j} d_j (xlogy: 0 where e underflows)
-        ent.copy_(log_s - torch.xlogy(e, e).sum(1) / s)
-    row_loss = (1 - eps) * w_y * ((ref - z_y) + log_s)
-    if eps > 0:
-        row_loss = row_loss + eps / C * (w_total * log_s - acc)
+        ent.copy_(entropy_from_sums(log_s, torch.xlogy(e, e).sum(1), s))
+    smooth = w_total * log_s - acc if eps > 0 else None
+    row_loss = hard_target_loss((ref - z_y) + log_s, smooth, w_y, eps, C)
     row_loss, row_w = finish_hard_rows(row_loss, w_y, target, opts.ignore_index, C)
     row_lse = torch.where(valid, ref + log_s, torch.zeros_like(ref))
     loss.copy_(row_loss)
@@ -127,7 +125,7 @@ def grad_block(work, dz, target, weight, wsum, stats, dloss, dlse, opts: LossOpt
     g = dloss.to(t.dtype)
     h = dlse.to(t.dtype) if dlse is not None else torch.zeros_like(g)
     valid = target != opts.ignore_index
-    w_total = wsum.to(t.dtype).reshape(()) if wsum is not None else n_classes
+    w_total = weight_total(wsum.to(t.dtype) if wsum is not None else None, n_classes)
     coef_p, coef_y, coef_u = hard_target_coefficients(g, h, row_w, valid, opts.label_smoothing, n_classes,
                                                       w_total)
     active = valid | (dlse is not None)

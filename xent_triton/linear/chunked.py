@@ -45,6 +45,7 @@ from torch import Tensor
 from ..core import launch
 from ..core.compaction import kept_rows, scatter_rows, take_rows
 from ..core.options import LossOptions
+from ..core.reduction import guard_empty, weight_sums
 from ..core.runtime import alloc, compute_dtype, uses_triton
 from .chunk_kernels import chunk_grad_kernel, chunk_loss_grad_kernel
 from .chunk_torch import grad_torch, loss_grad_torch
@@ -249,16 +250,9 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
     ok = valid & (target >= 0) & (target < C)
     y_safe = torch.where(ok, target, torch.zeros_like(target))
     w_y = weight[y_safe] if weight is not None else torch.ones(N, dtype=cdt, device=dev)
-    if tw is not None:
-        tw = tw.to(cdt).contiguous()
-        w_y = w_y * tw
-        n_valid = torch.where(valid, tw, torch.zeros_like(tw)).sum()
-    else:
-        n_valid = valid.sum().to(cdt)
-    den = torch.where(ok, w_y, torch.zeros_like(w_y)).sum()
-    if opts.empty_batch == "zero":
-        den = torch.where(den == 0, torch.ones_like(den), den)
-        n_valid = torch.where(n_valid == 0, torch.ones_like(n_valid), n_valid)
+    tw = tw.to(cdt).contiguous() if tw is not None else None
+    den, n_valid = weight_sums(torch.where(ok, w_y, torch.zeros_like(w_y)), valid, tw)  # the reduction's
+    den, n_valid = guard_empty(den, opts), guard_empty(n_valid, opts)
     mean = opts.reduction == "mean"
     zcoef = None
     if opts.lse_square_scale != 0:

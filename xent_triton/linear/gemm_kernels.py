@@ -32,6 +32,7 @@ from ..core.formulas_triton import (
     LOG2E,
     hard_target_coefficients,
     safe_ref,
+    softmax_from_stats,
     transform_grad,
     transform_logits,
     weight_total,
@@ -158,7 +159,7 @@ def shifted_dz_kernel(
     z_row = z_ptr + r * stride_zm
     zs = tl.load(z_row + cols, mask=cols < c_active, other=0.0).to(tl.float32)
     zr = zs + shift  # z - ref
-    dz = coef_p * tl.exp2((zr - log_s) * LOG2E)
+    dz = coef_p * softmax_from_stats(zr, 0.0, log_s)  # p = exp((z - ref) - log s) of the shifted row
     dz -= tl.where(cols == y - class_offset, coef_y, 0.0)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:

@@ -39,7 +39,7 @@ Memory beyond inputs and outputs: partials 20 bytes × splits per row; no N×C b
 import triton
 import triton.language as tl
 
-from ..core.formulas_triton import online_lse_update, transform_logits
+from ..core.formulas_triton import online_lse_update, transform_logits, weighted_sum_update
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def linear_xent_fwd_kernel(
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    a_sum = tl.zeros((), tl.float32)
+    a_sum = tl.zeros((1,), tl.float32)  # the same for every row (a_j depends on the class only)
     z_y = tl.zeros((BLOCK_N,), tl.float32)
     y_col = y - class_offset  # the target's column in this weight, or -1 when it holds none
     y_col = tl.where((y != ignore_index) & (y_col >= 0) & (y_col < C), y_col, -1)
@@ -131,9 +131,7 @@ def linear_xent_fwd_kernel(
                 a = tl.load(cw_ptr + c0 + offs_v, mask=cmask, other=0.0)
             else:
                 a = tl.where(cmask, 1.0, 0.0)
-            acc = acc + (ref_old - ref_new) * a_sum + \
-                tl.sum(a[:, None] * tl.where(cmask[:, None], z - ref_new[None, :], 0.0), 0)
-            a_sum = a_sum + tl.sum(a, 0)
+            acc, a_sum = weighted_sum_update(acc, a_sum, a[:, None], z, cmask[:, None], ref_old, ref_new)
     out = part_ptr + (split * N + rows) * 5  # partials layout (splits, N, 5): see xent_triton.core.partials
     tl.store(out, m, mask=rmask)
     tl.store(out + 1, s, mask=rmask)

@@ -29,12 +29,12 @@ from torch import Tensor
 
 from ..core import launch
 from ..core.compaction import kept_rows
-from ..core.formulas_torch import transform_logits
 from ..core.inputs import target_range_check
 from ..core.op_schema import input_grads, options_op
 from ..core.options import LossOptions
 from ..core.partials import N_PARTIALS, combine
 from ..core.reduction import reduce_rows
+from ..core.row_blocks import softmax_entropy_argmax, transformed
 from ..core.runtime import (
     alloc,
     compute_dtype,
@@ -375,9 +375,5 @@ def stats_rows(x: Tensor, w: Tensor, b: Optional[Tensor], opts: LossOptions,
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
             z = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg).to(cdt)
-            t = transform_logits(z, opts.logit_scale, opts.softcap) if opts.logit_scale != 1.0 or \
-                opts.has_softcap else z
-            pred[r0:r1] = t.argmax(1)
-            logp = torch.log_softmax(t, 1)
-            ent[r0:r1] = -(logp.exp() * torch.where(logp.isfinite(), logp, 0.0)).sum(1)
+            ent[r0:r1], pred[r0:r1] = softmax_entropy_argmax(transformed(z, opts))
     return ent, pred
