@@ -1,7 +1,7 @@
 """CPU paths vs torch eager, forward + backward, in ONE process: ``python -m perf.cpu_speed``.
 
 Plain CPU tensors WITHOUT ``TRITON_INTERPRET`` (what a laptop user runs): both heads take their
-torch paths (``fallback.forward_rows`` / ``backward_rows`` for the core cross-entropy, the
+torch paths (``rows_torch.forward_rows_torch`` / ``backward_rows_torch`` for the core cross-entropy, the
 token-chunked GEMM algorithm of ``linear/chunked.py`` for the linear head). For each case and
 dtype it prints the time ratio (min of ``--repeats`` rounds, each running torch and ours back to
 back) and the peak-extra-memory ratio (CPU profiler memory events) against torch eager::

@@ -1,4 +1,5 @@
-"""The truth and the fallback: ``reference.cross_entropy_composed`` and ``forward_rows``/``backward_rows``.
+"""The truth and the torch path: ``reference.cross_entropy_composed`` and
+``forward_rows_torch``/``backward_rows_torch``.
 
 1. ``cross_entropy_composed`` equals ``F.cross_entropy`` itself (loss and gradient, float64) whenever
    the extras are off, and its extras match the formulas of cross_entropy/kernels.py written out by
@@ -122,7 +123,7 @@ def test_composed_extras_match_formula(device, shape, kw, opts, reduction):
     torch.testing.assert_close(lse, lse_want, rtol=1e-12, atol=1e-12)
 
 
-# --- 2a. forward_rows / backward_rows against the composed truth ----------------------------------------
+# --- 2a. forward_rows_torch / backward_rows_torch against the composed truth --------------------------
 ROWS = [
     pytest.param((32, 1000), {}, {}, 64, id="N32-C1000-chunk64"),
     pytest.param((32, 1000), dict(weight=True, ignore_index=5), dict(label_smoothing=0.1), 64,
@@ -168,7 +169,7 @@ def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, ch
     ls, zl = opts.get("label_smoothing", 0.0), 0.0
     sc, scale = opts.get("softcap", 0.0), opts.get("logit_scale", 1.0)
     ropts = LossOptions.make(ignore_index=ign, label_smoothing=ls, softcap=sc or None, logit_scale=scale)
-    loss, lse, stats = rows_torch.forward_rows(x3, tgt, wk, ropts)
+    loss, lse, stats = rows_torch.forward_rows_torch(x3, tgt, wk, ropts)
     cdt = F64 if dtype == F64 else F32
     assert loss.dtype == lse.dtype == stats.dtype == cdt and stats.shape == (x3.shape[0] * x3.shape[2], 3)
 
@@ -202,7 +203,7 @@ def test_rows_fallback_matches_composed(device, monkeypatch, shape, kw, opts, ch
     for inplace in (False, True):
         out = x3.clone() if inplace else torch.full_like(x3, float("nan"))
         src = out if inplace else x3
-        rows_torch.backward_rows(src, tgt, wk, stats, g, h, ropts, out)
+        rows_torch.backward_rows_torch(src, tgt, wk, stats, g, h, ropts, out)
         grad = out.reshape(x.shape) if x.dim() != 2 else out[..., 0]
         assert_rule("rows grad" + (" inplace" if inplace else ""), grad, theirs["grad"], truth["grad"], dtype)
         if h is None and not y.is_floating_point():

@@ -284,7 +284,7 @@ def test_custom_ops_opcheck():
     args = (x, w, b, y, None, True, 0)
     torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_fwd.default, args, opts.flat(),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    _, _, stats = linear_ops.forward_rows(x.detach(), w.detach(), b, y, None, opts, True)
+    _, _, stats = linear_ops.linear_forward_rows(x.detach(), w.detach(), b, y, None, opts, True)
     bargs = (x.detach(), w.detach(), b, y, None, stats, torch.rand(8), None, True, True, False, 0)
     torch.library.opcheck(torch.ops.xent_triton.linear_cross_entropy_bwd.default, bargs, opts.flat(),
                           test_utils=("test_schema", "test_faketensor"))
@@ -300,7 +300,7 @@ def test_vocabulary_shards_combine_to_the_full_result():
     x, w, b, y = make_inputs((70,), 64, 3000, F32)
     cw = torch.rand(3000) + 0.5
     opts = LossOptions(label_smoothing=0.1, softcap=3.0)
-    loss, lse, stats = linear_ops.forward_rows(x, w, b, y, cw, opts, False)
+    loss, lse, stats = linear_ops.linear_forward_rows(x, w, b, y, cw, opts, False)
     cuts = [0, 1300, 3000]  # shard 0 ends mid-tile
     parts = [linear_ops.forward_partials(x, w[c0:c1], b[c0:c1], y, cw[c0:c1], opts, False, class_offset=c0)
              for c0, c1 in zip(cuts, cuts[1:])]

@@ -91,9 +91,9 @@ def test_out_of_range_target_on_the_kernel_path_is_nan_only_where_it_must(bad):
     x, w, b = torch.randn(N, D), torch.randn(C, D), torch.randn(C)
     y = _with(torch.randint(0, C, (N,)), 3, bad)
     opts = LossOptions(label_smoothing=0.1)
-    loss, lse, stats = linear_ops.forward_rows(x, w, b, y, None, opts, True)
+    loss, lse, stats = linear_ops.linear_forward_rows(x, w, b, y, None, opts, True)
     assert torch.isnan(loss[3]) and torch.isfinite(torch.cat([loss[:3], loss[4:]])).all()
     assert torch.isfinite(lse).all()
-    dx, dw, db = linear_ops.backward_rows(x, w, b, y, None, stats, torch.full((N,), 0.5), None, opts,
+    dx, dw, db = linear_ops.linear_backward_rows(x, w, b, y, None, stats, torch.full((N,), 0.5), None, opts,
                                           (True, True, True))
     assert torch.isnan(dx[3]).all() and torch.isnan(dw).all() and torch.isnan(db).all()

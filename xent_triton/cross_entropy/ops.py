@@ -85,7 +85,7 @@ def forward_rows(x: Tensor, target: Tensor, weight: Optional[Tensor], opts: Loss
     R = N * D
     if not uses_triton(x):
         dt = compute_dtype(x)
-        loss, lse, stats = (t.to(dt) for t in rows_torch.forward_rows(x, target, weight, opts))
+        loss, lse, stats = (t.to(dt) for t in rows_torch.forward_rows_torch(x, target, weight, opts))
         if with_stats:
             ent, pred = entropy_argmax_torch(x, opts)
         else:
@@ -122,7 +122,8 @@ def backward_into(out: Tensor, x: Tensor, target: Tensor, weight: Optional[Tenso
     override C and sum(weight) in the smoothing terms (a vocabulary shard passes the global ones).
     ``dtarget`` ((N, C, D), soft targets only): also dL/dt, written by the same pass."""
     if not uses_triton(x):
-        rows_torch.backward_rows(x, target, weight, stats, dloss, dlse, opts, out, n_classes, weight_sum)
+        rows_torch.backward_rows_torch(x, target, weight, stats, dloss, dlse, opts, out, n_classes,
+                                       weight_sum)
         if dtarget is not None:
             soft_target_grad_torch(dtarget, x, weight, stats, dloss, opts)
         return

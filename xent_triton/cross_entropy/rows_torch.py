@@ -1,6 +1,6 @@
 """The CE kernels' contracts in plain torch ops: the CPU path.
 
-``forward_rows`` / ``backward_rows`` run when Triton cannot (CPU tensors without
+``forward_rows_torch`` / ``backward_rows_torch`` run when Triton cannot (CPU tensors without
 ``TRITON_INTERPRET=1``, float64 logits). They walk bounded blocks of rows (about ``BLOCK_ELEMS``
 logits each, so temporaries never grow with N): hard targets take whole rows with torch's
 vectorised ops (max, exp, sum, scatter; the gradient formed in ``out`` itself when it can be),
@@ -34,7 +34,7 @@ from ..core.runtime import compute_dtype
 
 def forward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor],
                     opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
-    """``forward_rows`` of class-probability targets (a float (N, C, D) ``target``): the partials of
+    """``forward_rows_torch`` of class-probability targets (a float (N, C, D) ``target``): the partials of
     the whole vocabulary by the online log-sum-exp over CHUNK_C-class chunks, combined as one
     vocabulary shard's (``core.partials``; hard targets take ``forward_hard_block``)."""
     C = x3.shape[1]
@@ -44,9 +44,9 @@ def forward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor],
 def backward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                      dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
                      n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None) -> Tensor:
-    """``backward_rows`` of class-probability targets, chunk by chunk of CHUNK_C classes (hard
+    """``backward_rows_torch`` of class-probability targets, chunk by chunk of CHUNK_C classes (hard
     targets take ``backward_hard_block``). ``weight_sum`` is unused here (the soft target's
-    coefficients carry the class weights); kept for ``backward_rows``' one call shape."""
+    coefficients carry the class weights); kept for ``backward_rows_torch``' one call shape."""
     N, C, D = x3.shape
     n = n_classes if n_classes is not None else C
     cdt, dev = compute_dtype(x3), x3.device
@@ -65,7 +65,7 @@ def backward_chunked(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats
     return out
 
 
-def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor],
+def forward_rows_torch(x3: Tensor, target: Tensor, weight: Optional[Tensor],
                  opts: LossOptions) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss, lse and stats (ref, log s, row weight) of an (N, C, D) logits view: the
     contract of ``cross_entropy_fwd_kernel``, in bounded row blocks (module docstring).
@@ -74,7 +74,7 @@ def forward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor],
     Returns float32 tensors (float64 for float64 logits) of shapes (R,), (R,), (R, 3).
 
     Example:
-        >>> loss, lse, stats = forward_rows(torch.randn(8, 100, 1), torch.randint(0, 100, (8,)), None,
+        >>> loss, lse, stats = forward_rows_torch(torch.randn(8, 100, 1), torch.randint(0, 100, (8,)), None,
         ...                                 LossOptions())
     """
     N, C, D = x3.shape
@@ -123,7 +123,7 @@ def forward_hard_block(z: Tensor, target: Tensor, weight: Optional[Tensor], opts
     return loss, ref + log_s, torch.stack([ref, log_s, row_w], dim=1)
 
 
-def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
+def backward_rows_torch(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: Tensor,
                   dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
                   n_classes: Optional[int] = None, weight_sum: Optional[Tensor] = None) -> Tensor:
     """dL/dx written into ``out`` (an (N, C, D) tensor; may be ``x3`` itself), in bounded row
@@ -134,8 +134,8 @@ def backward_rows(x3: Tensor, target: Tensor, weight: Optional[Tensor], stats: T
 
     Example:
         >>> x = torch.randn(8, 100, 1); y = torch.randint(0, 100, (8,))
-        >>> _, _, st = forward_rows(x, y, None, LossOptions())
-        >>> g = backward_rows(x, y, None, st, torch.full((8,), 0.125), None, LossOptions(),
+        >>> _, _, st = forward_rows_torch(x, y, None, LossOptions())
+        >>> g = backward_rows_torch(x, y, None, st, torch.full((8,), 0.125), None, LossOptions(),
         ...                   torch.empty_like(x))
     """
     N, C, D = x3.shape
@@ -160,7 +160,7 @@ def backward_hard_block(xb: Tensor, target: Tensor, weight: Optional[Tensor], st
                         dloss: Tensor, dlse: Optional[Tensor], opts: LossOptions, out: Tensor,
                         n_classes: Optional[int], weight_sum: Optional[Tensor],
                         buf: Optional[Tensor] = None) -> None:
-    """One (n, C, D) block of ``backward_rows`` for hard targets, formed in ``out`` when it can,
+    """One (n, C, D) block of ``backward_rows_torch`` for hard targets, formed in ``out`` when it can,
     else in ``buf`` (a flat compute-dtype buffer) and copied out. Inactive rows have all
     coefficients 0, so their gradient is 0 x p = 0 with no extra pass."""
     n, C, D = xb.shape

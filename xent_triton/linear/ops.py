@@ -136,7 +136,7 @@ def partials_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     return part
 
 
-def forward_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+def linear_forward_rows(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
                  opts: LossOptions, skip_ignored: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss, lse and the stats for backward: float32 (float64 for float64 inputs)."""
     part = forward_partials(x, w, b, target, weight, opts, skip_ignored)
@@ -169,7 +169,7 @@ def backward_accumulate(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tenso
                               n_classes, wsum, chunk_size or None)
 
 
-def backward_rows(x, w, b, target, weight, stats, dloss, dlse, opts: LossOptions,
+def linear_backward_rows(x, w, b, target, weight, stats, dloss, dlse, opts: LossOptions,
                   need: tuple[bool, bool, bool], chunk_size: int = 0):
     """(dX, dW, db) in the dtypes of x, w, b (None where not needed)."""
     dx, dw, db = backward_accumulate(x, w, b, target, weight, stats, dloss, dlse, opts, need,
@@ -192,7 +192,7 @@ def linear_cross_entropy_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: 
     ``chunk_size`` (0: automatic) is kept for the backward's vocabulary splits."""
     opts = LossOptions.from_flat(**options)
     target_range_check(target, w.shape[0], opts.ignore_index)
-    return forward_rows(x, w, b, target, weight, opts, skip_ignored)
+    return linear_forward_rows(x, w, b, target, weight, opts, skip_ignored)
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -210,8 +210,9 @@ def linear_cross_entropy_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: 
                              dlse: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool,
                              chunk_size: int, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dW, db); a gradient that is not needed comes back as an empty (0,) tensor."""
-    grads = backward_rows(x, w, b, target, weight, stats, dloss, dlse, LossOptions.from_flat(**options),
-                          (need_dx, need_dw, need_db), chunk_size)
+    opts = LossOptions.from_flat(**options)
+    need = (need_dx, need_dw, need_db)
+    grads = linear_backward_rows(x, w, b, target, weight, stats, dloss, dlse, opts, need, chunk_size)
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
