@@ -11,7 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import xent_triton
 from vocab_parallel_worker import Recorder, main
@@ -71,34 +71,66 @@ def run_dtensor(case: dict, d: dict, opts: dict, rec: Recorder) -> dict:
             "bwd": bwd, "placements": [str(o.placements) for o in outs]}
 
 
+def placed(full: torch.Tensor, mesh, shard: bool, grad: bool = False) -> DTensor:
+    """``full`` as a DTensor on a 1-D mesh: ``Shard(0)`` in the torch.chunk layout, or Replicate."""
+    pl, local = ([Shard(0)], None) if shard else ([Replicate()], full)
+    if shard:  # torch.chunk's rows of this rank (none past the last chunk)
+        step = -(-full.shape[0] // mesh.size())
+        lo = min(full.shape[0], mesh.get_local_rank() * step)
+        local = full[lo:min(full.shape[0], lo + step)]
+    t = DTensor.from_local(local.clone(), mesh, pl, shape=full.shape, stride=full.stride())
+    return t.requires_grad_() if grad else t
+
+
+def dtensor_heads(d: dict, trim: int) -> dict:
+    """The linear forms' operands as DTensors (hidden Replicate, heads Shard(0)); ``trim`` > 0:
+    this rank's teacher head is Replicate (a layout mismatch on one rank)."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    return dict(h=placed(d["h"], mesh, False, True), w=placed(d["w"], mesh, True, True),
+                b=placed(d["b"], mesh, True, True), ht=placed(d["ht"], mesh, False),
+                wt=placed(d["wt"], mesh, not trim, True), bt=placed(d["bt"], mesh, not trim))
+
+
 def run_linear(case: dict, d: dict, opts: dict, start: int, size: int, rec: Recorder, trim: int) -> dict:
-    """The linear forms: this rank's head rows; hidden states (and their gradient) are replicated."""
-    h = d["h"].clone().requires_grad_()
-    w = d["w"][start:start + size].clone().requires_grad_()
-    b = d["b"][start:start + size].clone().requires_grad_()
-    group = dist.group.WORLD
+    """The linear forms: this rank's head rows; hidden states (and their gradient) are replicated.
+    DTensor cases: every operand a DTensor (``dtensor_heads``); the teacher head requires grad and
+    must get none (the teacher is a constant)."""
+    if case["dtensor"]:
+        ops = dtensor_heads(d, trim)
+        h, w, b, ht, wt, bt = (ops[k] for k in ("h", "w", "b", "ht", "wt", "bt"))
+        group = {}
+    else:
+        h = d["h"].clone().requires_grad_()
+        w = d["w"][start:start + size].clone().requires_grad_()
+        b = d["b"][start:start + size].clone().requires_grad_()
+        ht, wt, bt = d["ht"], d["wt"][start:start + size - trim], d["bt"][start:start + size - trim]
+        group = dict(process_group=dist.group.WORLD)
     rec.active = True
     if case["fn"] == "linear_logprobs":
         if case["module"]:
-            res = xent_triton.LinearTokenLogprobs(process_group=group, **opts)(h, w, d["ids"], b)
+            res = xent_triton.LinearTokenLogprobs(**group, **opts)(h, w, d["ids"], b)
         else:
-            res = xent_triton.linear_token_logprobs(h, w, d["ids"], bias=b, process_group=group, **opts)
+            res = xent_triton.linear_token_logprobs(h, w, d["ids"], bias=b, **group, **opts)
         outs = res if isinstance(res, tuple) else (res,)
     else:
-        wt = d["wt"][start:start + size - trim]
-        bt = d["bt"][start:start + size - trim]
         if case["module"]:
-            crit = xent_triton.LinearDistillationLoss(process_group=group, **opts)
-            outs = (crit(h, w, d["ht"], wt, d["ids"], b, bt),)
+            crit = xent_triton.LinearDistillationLoss(**group, **opts)
+            outs = (crit(h, w, ht, wt, d["ids"], b, bt),)
         else:
-            outs = (xent_triton.linear_distillation_loss(h, w, d["ht"], wt, d["ids"], student_bias=b,
-                                                         teacher_bias=bt, process_group=group, **opts),)
+            outs = (xent_triton.linear_distillation_loss(h, w, ht, wt, d["ids"], student_bias=b,
+                                                         teacher_bias=bt, **group, **opts),)
     fwd = rec.take()
-    torch.autograd.backward(list(outs), [u.to(o.dtype) for o, u in zip(outs, d["ups"])])
+    local = [o.to_local() if isinstance(o, DTensor) else o for o in outs]
+    torch.autograd.backward(local, [u.to(o.dtype) for o, u in zip(local, d["ups"])])
     bwd = rec.take()
     rec.active = False
-    return {"outs": [o.detach() for o in outs], "grad": h.grad, "dw": w.grad, "db": b.grad, "fwd": fwd,
-            "bwd": bwd}
+    grads = [t.grad.to_local() if isinstance(t, DTensor) else t.grad for t in (h, w, b)]
+    out = {"outs": [o.detach() for o in local], "grad": grads[0], "dw": grads[1], "db": grads[2], "fwd": fwd,
+           "bwd": bwd}
+    if case["dtensor"]:
+        out["placements"] = [str(o.placements) for o in outs]
+        out["teacher_grad"] = wt.grad
+    return out
 
 
 if __name__ == "__main__":

@@ -82,6 +82,23 @@ CASES = [
     KC("mod-llp-w4-ent", 4, [4, 4, 4, 4], "linear_logprobs", dict(return_entropy=True), module=True),
     KC("mod-lrkl-w2-sum", 2, [7, 7], "linear_distill", dict(divergence="reverse_kl", reduction="sum"),
        labels=True, module=True),
+    # the linear forms on DTensors: hidden Replicate, heads Shard(0) (sizes = the torch.chunk layout)
+    KC("dt-llp-w2-ent", 2, [7, 6], "linear_logprobs", dict(temperature=0.7, return_entropy=True),
+       dtensor=True),
+    KC("dt-llp-w4-even-bf16", 4, [4, 4, 4, 4], "linear_logprobs", dict(temperature=1.5), dtype=BF16,
+       dtensor=True),
+    KC("dt-llp-w4-empty-ent-torch", 4, [2, 2, 1, 0], "linear_logprobs", dict(return_entropy=True),
+       torch_path=True, dtensor=True),
+    KC("dt-lkl-w2-mean-ce", 2, [7, 6], "linear_distill", dict(divergence="kl", ce_weight=0.3,
+                                                               temperature=2.0), labels=True, dtensor=True),
+    KC("dt-ljsd-w4-empty-none", 4, [2, 2, 1, 0], "linear_distill", dict(divergence="jsd", beta=0.3,
+                                                                       reduction="none"), labels=True,
+       dtensor=True),
+    KC("dt-lrkl-w4-uneven-sum-bf16", 4, [4, 4, 4, 1], "linear_distill", dict(divergence="reverse_kl",
+                                                                             reduction="sum"), dtype=BF16,
+       dtensor=True),
+    KC("dt-ljsd-w2-torch", 2, [7, 6], "linear_distill", dict(divergence="jsd", ce_weight=0.5), labels=True,
+       torch_path=True, dtensor=True),
     # errors: one rank differs; every rank must raise (ValueError), none may hang
     KC("err-w2-lp-temperature", 2, [4, 9], rank_opts={1: dict(temperature=2.0)}, error=True),
     KC("err-w2-lp-bad-temperature", 2, [4, 9], rank_opts={0: dict(temperature=-1.0)}, error=True),
@@ -92,6 +109,12 @@ CASES = [
     KC("err-w4-llp-temperature", 4, [4, 4, 4, 4], "linear_logprobs", rank_opts={2: dict(temperature=0.5)},
        error=True),
     KC("err-w4-lp-entropy", 4, [5, 0, 4, 4], rank_opts={3: dict(return_entropy=True)}, error=True),
+    KC("err-dt-w2-llp-temperature", 2, [7, 6], "linear_logprobs", rank_opts={1: dict(temperature=2.0)},
+       error=True, dtensor=True),
+    KC("err-dt-w4-ld-teacher-layout", 4, [4, 4, 4, 1], "linear_distill", teacher_trim={2: 1}, error=True,
+       dtensor=True),  # DTensor: that rank's teacher head is Replicate, the others' Shard(0)
+    KC("err-dt-w4-ld-divergence", 4, [2, 2, 1, 0], "linear_distill", rank_opts={0: dict(divergence="jsd")},
+       error=True, dtensor=True),
 ]
 OK_CASES = [c for c in CASES if not c.error]
 
@@ -167,6 +190,7 @@ def run_composed(d: dict, c: KC, dtype: torch.dtype) -> tuple[list, list]:
 def expected_calls(c: KC) -> list:
     """(name, op, bytes) of the forward's collectives (fp32 statistics; float64 divergence sums)."""
     lin = int(c.fn.startswith("linear"))  # + whether the input needs a gradient, in the agreement
+    lin += int(lin and c.dtensor)  # + the mesh dims that shard the tokens (DTensor linear forms)
     if c.fn.endswith(LP):
         k = 3 if c.opts.get("return_entropy") else 2
         return [("all_gather", "", 8 * (5 + lin)), ("all_reduce", "max", 4 * R),
@@ -202,6 +226,7 @@ def test_matches_full_vocabulary(case: KC, results):
             assert torch.equal(a, b), "ranks disagree"
     if case.dtensor:  # DTensor results, replicated over the TP mesh dim
         assert all(p == "(Replicate(),)" for p in res[0]["placements"]), res[0]["placements"]
+        assert all(o.get("teacher_grad", None) is None for o in res), "the teacher is a constant"
     ref, ref_grads = run_composed(d, case, F64)
     own, own_grads = run_composed(d, case, case.dtype)
     for i, (a, t, r) in enumerate(zip(res[0]["outs"], own, ref)):

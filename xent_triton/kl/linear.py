@@ -19,7 +19,9 @@ from torch import Tensor
 
 from ..linear.chunked import accumulate_mm, logits_into, make_scratch
 from ..options import class_ids, target_range_check
+from ..parallel.dtensor import is_dtensor
 from ..runtime import compute_dtype, no_second_derivative, upstream_or_zeros
+from .dtensor import dtensor_linear_distillation_loss, dtensor_linear_token_logprobs
 from .functional import check_real, distill_options, reduce_tokens
 from .ops import (
     distill_backward_into,
@@ -220,13 +222,18 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         >>> ht, wt = torch.randn(8, 96), torch.randn(1000, 96)
         >>> linear_distillation_loss(hs, ws, ht, wt, divergence="jsd", chunk_size=4).backward()
     """
-    if process_group is not None or vocab_start_index is not None:
+    dtensor = is_dtensor(student_hidden) or is_dtensor(student_weight)
+    if dtensor or process_group is not None or vocab_start_index is not None:
         chosen, error = None, None  # a rank's error is raised after the layout exchange, on every rank
         try:
             chosen = distill_options(divergence, beta, temperature, reduction, ce_weight, labels is not None,
                                      ignore_index, empty_batch)
         except (TypeError, ValueError) as e:
             error = e
+        if dtensor:  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_linear_distillation_loss(student_hidden, student_weight, teacher_hidden,
+                                                    teacher_weight, labels, student_bias, teacher_bias,
+                                                    chosen, chunk_size, error)
         per_token, lbl = vocab_parallel_linear_distillation_rows(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
             teacher_bias, chosen, process_group, vocab_start_index, error)
@@ -364,12 +371,16 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
         >>> lp = linear_token_logprobs(h, W, torch.randint(0, 1000, (2, 5)), temperature=0.7)
         >>> lp.sum().backward()
     """
-    if process_group is not None or vocab_start_index is not None:
+    dtensor = is_dtensor(hidden) or is_dtensor(weight)
+    if dtensor or process_group is not None or vocab_start_index is not None:
         error = None  # a rank's error is raised after the layout exchange, on every rank
         try:
             temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
         except (TypeError, ValueError) as e:
             error = e
+        if dtensor:  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
+                                                 chunk_size, error)
         return vocab_parallel_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
                                                     process_group, vocab_start_index, error)
     hidden, weight, bias = check_head(("hidden", "weight", "bias"), hidden, weight, bias)

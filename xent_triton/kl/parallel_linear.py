@@ -15,32 +15,16 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..options import autocast_operands
-from ..runtime import compute_dtype
+from ..parallel.layout import ReduceGradOver
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
 
 STUDENT = ("student_hidden", "student_weight", "student_bias")
 TEACHER = ("teacher_hidden", "teacher_weight", "teacher_bias")
-
-
-class ReduceInputGrad(torch.autograd.Function):
-    """Identity forward; backward: the gradient summed over ``group`` (in fp32 / float64)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Any) -> Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        acc = g.to(compute_dtype(g)).contiguous()
-        dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=ctx.group)
-        return acc.to(g.dtype), None
 
 
 def check_shard_head(names: tuple[str, str, str], h: Tensor, w: Tensor, b: Optional[Tensor],
@@ -64,14 +48,15 @@ def check_shard_head(names: tuple[str, str, str], h: Tensor, w: Tensor, b: Optio
 
 def shard_logits(h: Tensor, w: Tensor, b: Optional[Tensor], group: Any, reduce_dx: bool) -> Tensor:
     if reduce_dx:
-        h = ReduceInputGrad.apply(h, group)
+        h = ReduceGradOver.apply(h, [group])
     return F.linear(h, w, b)
 
 
 def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor,
                                          bias: Optional[Tensor], temperature: float, return_entropy: bool,
                                          process_group: Any, vocab_start_index: Optional[int] = None,
-                                         error: Optional[BaseException] = None
+                                         error: Optional[BaseException] = None,
+                                         extra_agree: Optional[dict] = None, chunk_size: Optional[int] = None
                                          ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``linear_token_logprobs`` with ``weight`` / ``bias`` this rank's class shard (called by it;
     ``temperature`` validated there, ``error`` its validation error, raised on every rank)."""
@@ -83,7 +68,8 @@ def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens:
         error = error or e
     needs_dx = float(isinstance(hidden, Tensor) and hidden.requires_grad)
     return vocab_parallel_token_logprobs(logits, tokens, temperature, return_entropy, process_group,
-                                         vocab_start_index, dict(input_requires_grad=needs_dx), error)
+                                         vocab_start_index,
+                                         dict(input_requires_grad=needs_dx, **(extra_agree or {})), error)
 
 
 def vocab_parallel_linear_distillation_rows(student_hidden: Tensor, student_weight: Tensor,
@@ -91,7 +77,9 @@ def vocab_parallel_linear_distillation_rows(student_hidden: Tensor, student_weig
                                             labels: Optional[Tensor], student_bias: Optional[Tensor],
                                             teacher_bias: Optional[Tensor], chosen: Optional[tuple],
                                             process_group: Any, vocab_start_index: Optional[int] = None,
-                                            error: Optional[BaseException] = None
+                                            error: Optional[BaseException] = None,
+                                            extra_agree: Optional[dict] = None,
+                                            chunk_size: Optional[int] = None
                                             ) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token ``linear_distillation_loss`` (R,) and the flat labels with both heads this rank's
     class shard (same layout); the caller reduces. ``chosen`` / ``error``: as
@@ -113,4 +101,4 @@ def vocab_parallel_linear_distillation_rows(student_hidden: Tensor, student_weig
         error = error or e
     needs_dx = float(isinstance(student_hidden, Tensor) and student_hidden.requires_grad)
     return vocab_parallel_distillation_rows(xs, xt, labels, chosen, process_group, vocab_start_index,
-                                            dict(input_requires_grad=needs_dx), error)
+                                            dict(input_requires_grad=needs_dx, **(extra_agree or {})), error)

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..cross_entropy.ops import cross_entropy_rows
@@ -45,7 +44,7 @@ from ..options import (
 )
 from ..runtime import compute_dtype
 from .cross_entropy import vocab_parallel_rows
-from .layout import flags, refuse_agreed
+from .layout import ReduceGradOver, flags, refuse_agreed
 from .linear import vocab_parallel_linear_rows
 
 if TYPE_CHECKING:
@@ -98,23 +97,6 @@ def plan(t: "DTensor", class_dim: Optional[int], what: str) -> tuple[Optional[in
             raise ValueError(f"{what}: placement {p} on mesh dim {i} is not supported (Partial values: "
                              "reduce them first)")
     return tp, rows, batch
-
-
-class ReduceGradOver(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over ``groups`` (all-reduce, in place on a copy)."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, groups: list) -> Tensor:
-        ctx.groups = groups
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        if ctx.groups:
-            g = g.contiguous().clone()
-            for group in ctx.groups:
-                dist.all_reduce(g, group=group)
-        return g, None
 
 
 def _chunk_start(n: int, parts: int, index: int) -> int:
@@ -200,23 +182,12 @@ def dtensor_cross_entropy(input: "DTensor", target: Any, weight: Any, opts: Loss
                   rows_pl, batch, out_shape, return_lse)
 
 
-def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
-                                 weight: Any, opts: LossOptions, *, return_lse: bool = False,
-                                 reduce_input_grad: bool = True, unsupported: Optional[dict] = None,
-                                 options_error: Optional[BaseException] = None,
-                                 chunk_size: Optional[int] = None, grad_accum_dtype: Any = None):
-    """``linear_cross_entropy`` when the hidden states and/or the head weight are DTensors.
-
-    Example:
-        >>> mesh = init_device_mesh("cuda", (4,))
-        >>> W = distribute_tensor(full_W, mesh, [Shard(0)])        # ColwiseParallel head
-        >>> h = distribute_tensor(hidden, mesh, [Replicate()])
-        >>> loss = xent_triton.linear_cross_entropy(h, W, y)       # vocabulary parallel
-
-    ``chunk_size`` / ``grad_accum_dtype`` are validated on every rank and, on a vocabulary-parallel
-    mesh dim, agreed on (``options_error``: this rank's invalid option, raised after the agreement).
-    """
-    what = "linear_cross_entropy on DTensors"
+def head_plan(input: Any, linear_weight: Any, linear_bias: Any,
+              what: str) -> tuple[Any, Optional[int], list, list[int]]:
+    """(mesh, TP mesh dim or None, per-token output placements, batch-sharded mesh dims) of a
+    linear head with DTensor operands (the module's rules): W ``Shard(0)`` on the TP dim, hidden
+    states replicated there; raises for any other combination (a plain hidden with a DTensor W is
+    an FSDP2 parameter read outside its module's forward)."""
     if not is_dtensor(input):
         raise TypeError(
             f"{what}: linear_weight is a DTensor ({linear_weight.placements}) but the hidden states are "
@@ -243,6 +214,27 @@ def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, li
                          f"dim {tp}")
     if is_dtensor(linear_bias) and list(linear_bias.placements) != list(linear_weight.placements):
         raise ValueError(f"{what}: the bias must be placed like the weight ({linear_weight.placements})")
+    return mesh, tp, rows_pl, batch
+
+
+def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
+                                 weight: Any, opts: LossOptions, *, return_lse: bool = False,
+                                 reduce_input_grad: bool = True, unsupported: Optional[dict] = None,
+                                 options_error: Optional[BaseException] = None,
+                                 chunk_size: Optional[int] = None, grad_accum_dtype: Any = None):
+    """``linear_cross_entropy`` when the hidden states and/or the head weight are DTensors.
+
+    Example:
+        >>> mesh = init_device_mesh("cuda", (4,))
+        >>> W = distribute_tensor(full_W, mesh, [Shard(0)])        # ColwiseParallel head
+        >>> h = distribute_tensor(hidden, mesh, [Replicate()])
+        >>> loss = xent_triton.linear_cross_entropy(h, W, y)       # vocabulary parallel
+
+    ``chunk_size`` / ``grad_accum_dtype`` are validated on every rank and, on a vocabulary-parallel
+    mesh dim, agreed on (``options_error``: this rank's invalid option, raised after the agreement).
+    """
+    what = "linear_cross_entropy on DTensors"
+    mesh, tp, rows_pl, batch = head_plan(input, linear_weight, linear_bias, what)
     # W / b replicated over a batch-sharded mesh dim saw only this rank's tokens: their gradient is
     # summed over that dim in backward (one all-reduce of the local shard, the data-parallel
     # gradient reduction), so that it comes back with W's own placements; the input's gradient
