@@ -14,10 +14,55 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import xent_triton
+import xent_triton.kl.parallel_distill
 from vocab_parallel_worker import Recorder, main
+
+xent_triton.kl.parallel_distill.TERMS_BLOCK = 16  # the jsd terms in several row blocks per case
+
+
+def run_memory(case: dict) -> dict:
+    """Peak extra bytes of one forward + backward on this rank's shard (``traffic.peak_extra_bytes``,
+    after a warm-up step and a gc): (N, C_local) fp32 logits or a (C_local, D) head shard."""
+    import gc
+
+    from harness import traffic
+
+    N, C, D, fn = case["N"], case["C_local"], case["D"], case["fn"]
+    group = dict(process_group=dist.group.WORLD)
+    own = torch.Generator().manual_seed(100 + dist.get_rank())  # this rank's shard
+    ids = torch.randint(0, C * dist.get_world_size(), (N,), generator=torch.Generator().manual_seed(5))
+    if fn.startswith("linear"):
+        h = torch.randn(N, D, generator=own).requires_grad_()
+        w = (torch.randn(C, D, generator=own) / 4).requires_grad_()
+        ht, wt = torch.randn(N, D, generator=own), torch.randn(C, D, generator=own) / 4
+        leaves = (h, w)
+    else:
+        x = (3 * torch.randn(N, C, generator=own)).requires_grad_()
+        t = 3 * torch.randn(N, C, generator=own)
+        leaves = (x,)
+
+    def step() -> None:
+        if fn == "logprobs":
+            outs = xent_triton.token_logprobs(x, ids, **group, **case["opts"])
+        elif fn == "distill":
+            outs = xent_triton.distillation_loss(x, t, ids, **group, **case["opts"])
+        elif fn == "linear_logprobs":
+            outs = xent_triton.linear_token_logprobs(h, w, ids, **group, **case["opts"])
+        else:
+            outs = xent_triton.linear_distillation_loss(h, w, ht, wt, ids, **group, **case["opts"])
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward([o.sum() * 0.5 for o in outs])
+        for leaf in leaves:
+            leaf.grad = None
+
+    step()
+    gc.collect()
+    return {"peak": traffic.peak_extra_bytes(step)}
 
 
 def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
+    if "C_local" in case:
+        return run_memory(case)
     r, d = dist.get_rank(), case["data"]
     sizes = case["sizes"]
     start = sum(sizes[:r])

@@ -64,10 +64,13 @@ CASES = [
     KC("rkl-w4-even-mean", 4, [4, 4, 4, 4], "distill", dict(divergence="reverse_kl"), labels=True),
     KC("jsd-w4-uneven-ce", 4, [3, 5, 0, 5], "distill", dict(divergence="jsd", beta=0.7, ce_weight=0.2,
                                                              reduction="none"), labels=True),
-    KC("llp-w2-uneven-ent", 2, [4, 9], "linear_logprobs", dict(temperature=0.7, return_entropy=True)),
+    KC("llp-w2-uneven-ent", 2, [4, 9], "linear_logprobs", dict(temperature=0.7, return_entropy=True,
+                                                                chunk_size=4)),
     KC("llp-w4-empty-torch", 4, [5, 0, 4, 4], "linear_logprobs", dict(temperature=1.5), torch_path=True),
-    KC("ljsd-w2-empty-ce", 2, [0, 13], "linear_distill", dict(divergence="jsd", ce_weight=0.4), labels=True),
+    KC("ljsd-w2-empty-ce", 2, [0, 13], "linear_distill", dict(divergence="jsd", ce_weight=0.4, chunk_size=4),
+       labels=True),
     KC("lkl-w4-uneven-none", 4, [3, 5, 0, 5], "linear_distill", dict(divergence="kl", temperature=2.0,
+                                                                      chunk_size=5,
                                                                       reduction="none"), labels=True),
     KC("lrkl-w4-even-bf16", 4, [4, 4, 4, 4], "linear_distill", dict(divergence="reverse_kl"), dtype=BF16),
     KC("dt-lp-w2-ent", 2, [7, 6], opts=dict(temperature=0.8, return_entropy=True), dtensor=True),
@@ -89,9 +92,10 @@ CASES = [
        dtensor=True),
     KC("dt-llp-w4-empty-ent-torch", 4, [2, 2, 1, 0], "linear_logprobs", dict(return_entropy=True),
        torch_path=True, dtensor=True),
-    KC("dt-lkl-w2-mean-ce", 2, [7, 6], "linear_distill", dict(divergence="kl", ce_weight=0.3,
+    KC("dt-lkl-w2-mean-ce", 2, [7, 6], "linear_distill", dict(divergence="kl", ce_weight=0.3, chunk_size=4,
                                                                temperature=2.0), labels=True, dtensor=True),
     KC("dt-ljsd-w4-empty-none", 4, [2, 2, 1, 0], "linear_distill", dict(divergence="jsd", beta=0.3,
+                                                                       chunk_size=2,
                                                                        reduction="none"), labels=True,
        dtensor=True),
     KC("dt-lrkl-w4-uneven-sum-bf16", 4, [4, 4, 4, 1], "linear_distill", dict(divergence="reverse_kl",
@@ -201,12 +205,39 @@ def expected_calls(c: KC) -> list:
             ("all_reduce", "sum", 4 * R * (4 if ce else 2)), ("all_reduce", "sum", 8 * R * (3 if jsd else 1))]
 
 
+# Peak memory per rank (world 2, the Triton path under the interpreter): N tokens, C_local classes per
+# shard, fp32. Budget: the gradient(s) + the chunk buffers of the linear forms + PER_ROW bytes per token
+# (O(N): per-row statistics, the O(N) collectives' buffers), and for jsd the temporaries of one row
+# block of its terms (the worker sets TERMS_BLOCK = 16 logits: one row per block here).
+MEM_N, MEM_C, MEM_D, MEM_CHUNK = 16, 512, 16, 4
+PER_ROW = 1024
+MEM_CASES = [
+    ("mem-kl-ce", "distill", dict(divergence="kl", ce_weight=0.3, temperature=2.0)),
+    ("mem-jsd", "distill", dict(divergence="jsd")),
+    ("mem-llp-ent", "linear_logprobs", dict(return_entropy=True, chunk_size=MEM_CHUNK)),
+    ("mem-ljsd-ce", "linear_distill", dict(divergence="jsd", ce_weight=0.2, chunk_size=MEM_CHUNK)),
+]
+
+
+def mem_budget(fn: str, opts: dict) -> int:
+    N, C, D = MEM_N, MEM_C, MEM_D
+    if fn.startswith("linear"):  # per model one (chunk, C) buffer (twice live at most: forward and
+        # backward), fp32 dW, dX, db (the accumulators are the gradients; dX's all-reduced copy is O(N))
+        models = 2 if fn == "linear_distill" else 1
+        return 2 * models * MEM_CHUNK * C * 4 + (C * D + N * D + C) * 4 + PER_ROW * N
+    block = 16 * C * 8 if opts.get("divergence") == "jsd" else 0  # one row of the jsd terms' temporaries
+    return N * C * 4 + block + PER_ROW * N
+
+
 def _spawn(world: int, tmp: pathlib.Path) -> tuple[dict, dict]:
     built = {c.id: _build(c, i) for i, c in enumerate(CASES) if c.world == world}
     specs = [dict(id=c.id, groups=[list(range(world))], sizes=c.sizes, fn=c.fn, opts=c.opts,
                   rank_opts=c.rank_opts, teacher_trim=c.teacher_trim, torch_path=c.torch_path,
                   dtensor=c.dtensor, module=c.module, data=built[c.id])
              for c in CASES if c.world == world]
+    if world == 2:
+        specs += [dict(id=i, groups=[[0, 1]], fn=fn, opts=o, N=MEM_N, C_local=MEM_C, D=MEM_D)
+                  for i, fn, o in MEM_CASES]
     return run_group(WORKER, world, specs, tmp, SPAWN_TIMEOUT_S), built
 
 
@@ -259,3 +290,22 @@ def test_mismatch_raises_on_every_rank(case: KC, results):
     res = results(case.world)[0][case.id]
     for r, o in enumerate(res):
         assert o.get("error") == "ValueError", f"rank {r}: {o}"
+
+
+@pytest.mark.parametrize("cid, fn, opts", MEM_CASES, ids=[m[0] for m in MEM_CASES])
+def test_peak_memory_per_rank(cid: str, fn: str, opts: dict, results, record_property):
+    """Peak extra bytes of forward + backward on each rank <= ``mem_budget``: no N x C_local
+    temporaries beyond the gradient (logits) or one chunk per model (linear forms)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("peak_extra_bytes measures CPU allocations of the interpreted kernels")
+    res = results(2)[0][cid]
+    assert_ranks_ok(res)
+    budget = mem_budget(fn, opts)
+    for r, o in enumerate(res):
+        peak = o["peak"]
+        record_property(f"peak_rank{r}", peak)
+        print(f"\n{cid} rank {r}: peak {peak} B = {peak / (MEM_N * MEM_C):.3f} B per token per local class "
+              f"(budget {budget / (MEM_N * MEM_C):.3f})")
+        assert peak <= budget, f"rank {r}: peak {peak} B > budget {budget} B"

@@ -12,6 +12,14 @@ all-reduce of 2 numbers over the batch-sharded dims). Gradients come back with t
 placements. Tokens / labels: a DTensor (its local part is used) or a plain tensor holding THIS
 rank's tokens' global ids. The options arrive validated (``functional``): ``error`` is this
 rank's validation error, raised on every rank of the TP group after the layout exchange.
+
+The linear forms (``linear_token_logprobs``, ``linear_distillation_loss``) follow the CE linear
+head's DTensor rules (``parallel/dtensor.head_plan``): the head weight (and bias) ``Shard(0)`` on
+the TP mesh dim, the hidden states replicated there (``Shard`` of a leading dim elsewhere = other
+tokens); the teacher's hidden states / head / bias placed as the student's. The hidden states'
+gradient comes back replicated over the TP dim (summed there in backward), the head's with its
+placements (summed over batch-sharded mesh dims it is replicated on). The TP group also agrees on
+which mesh dims shard the tokens (a rank placed otherwise raises on every rank).
 """
 from __future__ import annotations
 

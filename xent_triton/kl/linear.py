@@ -211,7 +211,8 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
             logits, as ``F.linear``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
         process_group, vocab_start_index: vocabulary parallelism with class-sharded heads
-            (``kl/parallel_linear.py``; chunk_size is not used there).
+            (``kl/parallel_linear.py``, chunked over tokens as here). DTensor hidden states and
+            heads (W ``Shard(0)`` over the classes: vocabulary parallel, ``kl/dtensor.py``).
 
     Returns:
         The float32 loss (float64 for float64 hidden states); gradients reach student_hidden,
@@ -236,7 +237,7 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
                                                     chosen, chunk_size, error)
         per_token, lbl = vocab_parallel_linear_distillation_rows(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-            teacher_bias, chosen, process_group, vocab_start_index, error)
+            teacher_bias, chosen, process_group, vocab_start_index, error, chunk_size=chunk_size)
         assert chosen is not None  # else the call above raised the error, on every rank
         return reduce_tokens(per_token, lbl, chosen[4], student_hidden.shape[:-1])
     student_hidden, student_weight, student_bias = check_head(STUDENT, student_hidden, student_weight,
@@ -359,7 +360,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             ``hidden.shape[:-1]`` in [0, C). temperature, return_entropy: as in ``token_logprobs``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
         process_group, vocab_start_index: vocabulary parallelism with a class-sharded head
-            (``kl/parallel_linear.py``; chunk_size is not used there).
+            (``kl/parallel_linear.py``, chunked over tokens as here). DTensor hidden states and
+            head (W ``Shard(0)`` over the classes: vocabulary parallel, ``kl/dtensor.py``).
 
     Returns:
         float32 log-probs (tokens' shape), or (log-probs, entropy); gradients reach hidden, weight
@@ -382,7 +384,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             return dtensor_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
                                                  chunk_size, error)
         return vocab_parallel_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
-                                                    process_group, vocab_start_index, error)
+                                                    process_group, vocab_start_index, error,
+                                                    chunk_size=chunk_size)
     hidden, weight, bias = check_head(("hidden", "weight", "bias"), hidden, weight, bias)
     temperature = check_real("temperature", temperature, lambda v: v > 0, "a positive finite float")
     tok = class_ids(tokens, hidden.shape[:-1], "hidden's leading shape")
