@@ -68,6 +68,8 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
     start = sum(sizes[:r])
     opts = dict(case["opts"], **case["rank_opts"].get(r, {}))
     os.environ["TRITON_INTERPRET"] = "0" if case["torch_path"] else case["interpret"]
+    if case["mesh"]:
+        return run_mesh(case, d, opts)
     if case["fn"].startswith("linear"):
         return run_linear(case, d, opts, start, sizes[r], rec, case["teacher_trim"].get(r, 0))
     if case["dtensor"]:
@@ -134,6 +136,48 @@ def dtensor_heads(d: dict, trim: int) -> dict:
     return dict(h=placed(d["h"], mesh, False, True), w=placed(d["w"], mesh, True, True),
                 b=placed(d["b"], mesh, True, True), ht=placed(d["ht"], mesh, False),
                 wt=placed(d["wt"], mesh, not trim, True), bt=placed(d["bt"], mesh, not trim))
+
+
+PLACE = {"S": Shard(0), "C": Shard(-1), "R": Replicate()}
+
+
+def run_mesh(case: dict, d: dict, opts: dict) -> dict:
+    """The KL family on a mesh of ``case["mesh"]``: logits / hidden states / heads placed per mesh dim
+    (``h_pl`` / ``w_pl``: "S" = Shard(0), "C" = Shard(-1), "R" = Replicate); the full outputs and
+    the full gradients."""
+    mesh = init_device_mesh("cpu", tuple(case["mesh"]))
+
+    def put(full: torch.Tensor, pls, grad: bool = False) -> DTensor:
+        t = distribute_tensor(full.clone(), mesh, [PLACE[p] for p in pls])
+        return t.requires_grad_() if grad else t
+
+    ids = d["ids"]
+    if ids is not None and "S" in case["h_pl"]:  # this rank's tokens (the hidden states' local rows)
+        ids = distribute_tensor(ids, mesh, [Shard(0) if p == "S" else Replicate() for p in case["h_pl"]])
+    if not case["fn"].startswith("linear"):  # logits (and teacher) placed by h_pl
+        x, t = put(d["x"], case["h_pl"], True), put(d["t"], case["h_pl"])
+        if case["fn"] == "logprobs":
+            res = xent_triton.token_logprobs(x, ids, **opts)
+            outs = res if isinstance(res, tuple) else (res,)
+        else:
+            outs = (xent_triton.distillation_loss(x, t, ids, **opts),)
+        leaves, teacher = [x], t
+    else:
+        h, w = put(d["h"], case["h_pl"], True), put(d["w"], case["w_pl"], True)
+        b = put(d["b"], case["w_pl"], True)
+        ht, wt, bt = put(d["ht"], case["h_pl"]), put(d["wt"], case["w_pl"], True), put(d["bt"], case["w_pl"])
+        if case["fn"] == "linear_logprobs":
+            res = xent_triton.linear_token_logprobs(h, w, ids, bias=b, **opts)
+            outs = res if isinstance(res, tuple) else (res,)
+        else:
+            outs = (xent_triton.linear_distillation_loss(h, w, ht, wt, ids, student_bias=b, teacher_bias=bt,
+                                                         **opts),)
+        leaves, teacher = [h, w, b], wt
+    ups = [u.to(o.dtype) if u.dim() == 0 else distribute_tensor(u, mesh, o.placements).to_local()
+           for o, u in zip(outs, d["ups"])]
+    torch.autograd.backward([o.to_local() for o in outs], ups)
+    return {"outs": [o.full_tensor().detach() for o in outs],
+            "grads": [leaf.grad.full_tensor() for leaf in leaves], "teacher_grad": teacher.grad}
 
 
 def run_linear(case: dict, d: dict, opts: dict, start: int, size: int, rec: Recorder, trim: int) -> dict:

@@ -43,6 +43,10 @@ class KC:
     error: bool = False  # every rank must raise ValueError
     module: bool = False  # through the module form (TokenLogprobs, DistillationLoss, Linear...)
     dtensor: bool = False  # logits (and teacher) as DTensors Shard(-1): sizes = the torch.chunk layout
+    mesh: tuple = ()  # the linear forms on a mesh of this shape: hidden / head placements h_pl / w_pl
+    h_pl: tuple = ()  # per mesh dim: "S" (Shard(0): tokens, or classes for the head), "C" (Shard(-1):
+    # the logits' classes) or "R"
+    w_pl: tuple = ()
 
 
 LP = "logprobs"
@@ -120,7 +124,26 @@ CASES = [
     KC("err-dt-w4-ld-divergence", 4, [2, 2, 1, 0], "linear_distill", rank_opts={0: dict(divergence="jsd")},
        error=True, dtensor=True),
 ]
-OK_CASES = [c for c in CASES if not c.error]
+# DTensor meshes with token-sharded dims: checked on the full tensors
+MESH_CASES = [
+    KC("mesh-lp-w4-dp2-tp2-ent", 4, [7, 6], opts=dict(temperature=0.7, return_entropy=True), mesh=(2, 2),
+       h_pl=("S", "C")),
+    KC("mesh-jsd-w4-tp2-dp2-ce", 4, [7, 6], "distill", dict(divergence="jsd", ce_weight=0.2), labels=True,
+       mesh=(2, 2), h_pl=("C", "S")),
+    KC("mesh-kl-w4-dp2-tp2-none", 4, [7, 6], "distill", dict(reduction="none", temperature=2.0),
+       labels=True, mesh=(2, 2), h_pl=("S", "C")),
+    KC("mesh-llp-w2-dp-only", 2, [13], "linear_logprobs", dict(temperature=0.8, return_entropy=True),
+       mesh=(2,), h_pl=("S",), w_pl=("R",)),  # no TP dim: the single-device op on the local tokens
+    KC("mesh-lkl-w4-dp2-tp2-ce", 4, [7, 6], "linear_distill", dict(divergence="kl", ce_weight=0.3,
+                                                                  temperature=2.0, chunk_size=2),
+       labels=True, mesh=(2, 2), h_pl=("S", "R"), w_pl=("R", "S")),
+    KC("mesh-ljsd-w4-dp2-tp2-none", 4, [7, 6], "linear_distill", dict(divergence="jsd", reduction="none"),
+       labels=True, mesh=(2, 2), h_pl=("S", "R"), w_pl=("R", "S")),
+    KC("mesh-llp-w4-tp2-dp2", 4, [7, 6], "linear_logprobs", dict(return_entropy=True),
+       mesh=(2, 2), h_pl=("R", "S"), w_pl=("S", "R")),
+]
+CASES += MESH_CASES
+OK_CASES = [c for c in CASES if not c.error and not c.mesh]
 
 
 def _build(c: KC, seed: int) -> dict:
@@ -233,7 +256,8 @@ def _spawn(world: int, tmp: pathlib.Path) -> tuple[dict, dict]:
     built = {c.id: _build(c, i) for i, c in enumerate(CASES) if c.world == world}
     specs = [dict(id=c.id, groups=[list(range(world))], sizes=c.sizes, fn=c.fn, opts=c.opts,
                   rank_opts=c.rank_opts, teacher_trim=c.teacher_trim, torch_path=c.torch_path,
-                  dtensor=c.dtensor, module=c.module, data=built[c.id])
+                  dtensor=c.dtensor, module=c.module, data=built[c.id], mesh=c.mesh, h_pl=c.h_pl,
+                  w_pl=c.w_pl)
              for c in CASES if c.world == world]
     if world == 2:
         specs += [dict(id=i, groups=[[0, 1]], fn=fn, opts=o, N=MEM_N, C_local=MEM_C, D=MEM_D)
@@ -283,6 +307,24 @@ def test_collectives_per_call(case: KC, results):
         assert o["fwd"] == expected_calls(case)
         dx = [("all_reduce", "sum", 4 * R * D)] if case.fn.startswith("linear") else []
         assert o["bwd"] == dx
+
+
+@pytest.mark.parametrize("case", MESH_CASES, ids=lambda c: c.id)
+def test_dtensor_linear_meshes(case: KC, results):
+    """Token-sharded mesh dims (with or without a TP dim), logits and linear forms: every rank's
+    full outputs and full gradients (``full_tensor``; a head's summed over the token-sharded dims)
+    vs float64 truth."""
+    res_all, data = results(case.world)
+    res, d = res_all[case.id], data[case.id]
+    assert_ranks_ok(res)
+    ref, ref_grads = run_composed(d, case, F64)
+    own, own_grads = run_composed(d, case, case.dtype)
+    for r, o in enumerate(res):
+        for i, (a, t, ref_i) in enumerate(zip(o["outs"], own, ref)):
+            assert_close_rule(f"rank {r} output {i}", a, t, ref_i, case.dtype)
+        for name, g, t, ref_g in zip(("dX", "dW", "db"), o["grads"], own_grads, ref_grads):
+            assert_close_rule(f"rank {r} {name}", g, t, ref_g, case.dtype)
+        assert o["teacher_grad"] is None, "the teacher is a constant"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.error], ids=lambda c: c.id)

@@ -23,7 +23,7 @@ which mesh dims shard the tokens (a rank placed otherwise raises on every rank).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -47,9 +47,11 @@ def chunk_start(n: int, parts: int, index: int) -> int:
     return min(n, index * -(-n // parts))
 
 
-def rows_dtensor(r: Tensor, mesh: Any, rows_pl: list, shape: torch.Size) -> "DTensor":
+def rows_dtensor(r: Tensor, local_shape: torch.Size, mesh: Any, rows_pl: list,
+                 shape: torch.Size) -> "DTensor":
+    """Per-token values of THIS rank's tokens (``local_shape``) as a DTensor of the global ``shape``."""
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(r, mesh, rows_pl, shape=shape, stride=stride)
+    return DTensor.from_local(r.reshape(local_shape), mesh, rows_pl, shape=shape, stride=stride)
 
 
 def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, return_entropy: bool,
@@ -70,7 +72,7 @@ def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, r
         res = vocab_parallel_token_logprobs(x, tok, temperature, return_entropy, mesh.get_group(tp), start,
                                             None, error)
         outs = res if return_entropy else (res,)
-    outs = tuple(rows_dtensor(o.reshape(logits.shape[:-1]), mesh, rows_pl, logits.shape[:-1]) for o in outs)
+    outs = tuple(rows_dtensor(o, x.shape[:-1], mesh, rows_pl, logits.shape[:-1]) for o in outs)
     return outs if return_entropy else outs[0]
 
 
@@ -97,14 +99,14 @@ def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional
         start = chunk_start(student.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
         rows, flat = vocab_parallel_distillation_rows(x, t, lbl, chosen, mesh.get_group(tp), start, None,
                                                       error)
-    return mesh_loss(rows, flat, chosen[4], mesh, rows_pl, batch, student.shape[:-1])
+    return mesh_loss(rows, flat, chosen[4], mesh, rows_pl, batch, x.shape[:-1], student.shape[:-1])
 
 
 def mesh_loss(rows: Tensor, flat: Optional[Tensor], opts: Any, mesh: Any, rows_pl: list, batch: list,
-              shape: torch.Size) -> "DTensor":
+              local_shape: torch.Size, shape: torch.Size) -> "DTensor":
     """The per-token losses of THIS rank's tokens reduced over the whole mesh (a DTensor)."""
     if opts.reduction == "none":
-        return rows_dtensor(rows.reshape(shape), mesh, rows_pl, shape)
+        return rows_dtensor(rows, local_shape, mesh, rows_pl, shape)
     valid = torch.ones_like(rows) if flat is None else (flat != opts.ignore_index).to(rows.dtype)
     local = torch.stack([rows.sum(), valid.sum()])
     if batch:  # the local sums over the batch-sharded mesh dims: one all-reduce of 2 numbers
@@ -138,11 +140,12 @@ def mesh_agreement(batch: list) -> dict:
 
 def dtensor_linear_token_logprobs(input: "DTensor", linear_weight: Any, target: Any, linear_bias: Any,
                                   temperature: float, return_entropy: bool, chunk_size: Optional[int],
-                                  error: Optional[BaseException] = None):
+                                  error: Optional[BaseException], local: Callable):
     """``linear_token_logprobs`` with DTensor hidden states and head (``parallel/dtensor.py``'s
     rules for the CE linear head): W ``Shard(0)`` on the TP mesh dim = vocabulary parallel there
     (``kl/parallel_linear.py``); outputs as ``dtensor_token_logprobs``'. ``error``: this rank's
-    invalid option, raised on every rank of the TP group after the layout exchange."""
+    invalid option, raised on every rank of the TP group after the layout exchange. ``local``: the
+    single-device ``linear_token_logprobs`` (no TP mesh dim: it runs on the local parts)."""
     what = "linear_token_logprobs on DTensors"
     mesh, tp, rows_pl, batch = head_plan(input, linear_weight, linear_bias, what)
     x, tok = input.to_local(), local_part(target)
@@ -150,9 +153,8 @@ def dtensor_linear_token_logprobs(input: "DTensor", linear_weight: Any, target: 
     if tp is None:
         if error is not None:
             raise error
-        from .linear import linear_token_logprobs  # the single-device op (it dispatches here)
-        res = linear_token_logprobs(x, w, tok, bias=b, temperature=temperature,
-                                    return_entropy=return_entropy, chunk_size=chunk_size)
+        res = local(x, w, tok, bias=b, temperature=temperature, return_entropy=return_entropy,
+                    chunk_size=chunk_size)
     else:
         start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
         res = vocab_parallel_linear_token_logprobs(x, w, tok, b, temperature, return_entropy,
@@ -160,7 +162,7 @@ def dtensor_linear_token_logprobs(input: "DTensor", linear_weight: Any, target: 
                                                    chunk_size)
     outs = res if return_entropy else (res,)
     shape = input.shape[:-1]
-    outs = tuple(rows_dtensor(o.reshape(shape), mesh, rows_pl, shape) for o in outs)
+    outs = tuple(rows_dtensor(o, x.shape[:-1], mesh, rows_pl, shape) for o in outs)
     return outs if return_entropy else outs[0]
 
 
@@ -186,11 +188,13 @@ def teacher_locals(input: "DTensor", linear_weight: "DTensor", teacher_input: An
 def dtensor_linear_distillation_loss(input: "DTensor", linear_weight: Any, teacher_input: Any,
                                      teacher_linear_weight: Any, target: Any, linear_bias: Any,
                                      teacher_linear_bias: Any, chosen: Optional[tuple],
-                                     chunk_size: Optional[int], error: Optional[BaseException] = None):
+                                     chunk_size: Optional[int], error: Optional[BaseException],
+                                     local: Callable):
     """``linear_distillation_loss`` with DTensor hidden states and heads: the student head's
     placements decide (``dtensor_linear_token_logprobs``); the teacher's hidden states, head and
     bias must be placed as the student's (a teacher laid out otherwise on one rank raises on every
-    rank of the TP group); the loss as ``dtensor_distillation_loss``'. The teacher is a constant."""
+    rank of the TP group); the loss as ``dtensor_distillation_loss``'. The teacher is a constant.
+    ``local``: the single-device ``linear_distillation_loss`` (no TP mesh dim)."""
     what = "linear_distillation_loss on DTensors"
     mesh, tp, rows_pl, batch = head_plan(input, linear_weight, linear_bias, what)
     ht = wt = bt = None
@@ -204,16 +208,15 @@ def dtensor_linear_distillation_loss(input: "DTensor", linear_weight: Any, teach
     if tp is None:
         if error is not None:
             raise error
-        from .linear import linear_distillation_loss  # the single-device op (it dispatches here)
         div = {v: k for k, v in DIVERGENCES.items()}[chosen[0]]
         opts = chosen[4]
-        rows = linear_distillation_loss(x, w, ht, wt, lbl, student_bias=b, teacher_bias=bt, divergence=div,
-                                        beta=chosen[1], temperature=chosen[2], ignore_index=opts.ignore_index,
-                                        reduction="none", ce_weight=chosen[3], chunk_size=chunk_size)
+        rows = local(x, w, ht, wt, lbl, student_bias=b, teacher_bias=bt, divergence=div, beta=chosen[1],
+                     temperature=chosen[2], ignore_index=opts.ignore_index, reduction="none",
+                     ce_weight=chosen[3], chunk_size=chunk_size)
         flat = None if lbl is None else lbl.reshape(-1)
     else:
         start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
         rows, flat = vocab_parallel_linear_distillation_rows(
             x, w, ht, wt, lbl, b, bt, chosen, mesh.get_group(tp), start, error, mesh_agreement(batch),
             chunk_size)
-    return mesh_loss(rows.reshape(-1), flat, chosen[4], mesh, rows_pl, batch, input.shape[:-1])
+    return mesh_loss(rows.reshape(-1), flat, chosen[4], mesh, rows_pl, batch, x.shape[:-1], input.shape[:-1])

@@ -17,10 +17,11 @@ from typing import Any, Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from ..linear.chunked import accumulate_mm, logits_into, make_scratch
+from ..linear.chunked import logits_into
 from ..options import class_ids, target_range_check
 from ..parallel.dtensor import is_dtensor
 from ..runtime import compute_dtype, no_second_derivative, upstream_or_zeros
+from .chunks import Grads, chunk_rows, rows
 from .dtensor import dtensor_linear_distillation_loss, dtensor_linear_token_logprobs
 from .functional import check_real, distill_options, reduce_tokens
 from .ops import (
@@ -38,46 +39,6 @@ from .parallel_linear import (
     vocab_parallel_linear_distillation_rows,
     vocab_parallel_linear_token_logprobs,
 )
-
-CHUNK_LOGITS = 1 << 24  # default chunk: about 16M logits per model buffer
-
-
-def chunk_rows(chunk_size: Optional[int], N: int, C: int) -> int:
-    if chunk_size is None:
-        return max(1, min(N, CHUNK_LOGITS // max(C, 1)))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
-
-
-class Grads:
-    """The student's gradient buffers, allocated only for what autograd asks (a frozen head
-    - LoRA, RL with a fixed head - allocates no (C, D) or (C,) buffer): dX in x's dtype, dW and
-    db as fp32 / fp64 accumulators (``scratch`` from ``make_scratch``)."""
-
-    def __init__(self, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool):
-        acc = compute_dtype(x)
-        self.x_dtype, self.w_dtype = x.dtype, w.dtype
-        self.dx = x.new_empty(x.shape) if need_dx else None
-        self.dw = torch.zeros(w.shape, dtype=acc, device=x.device) if need_dw else None
-        self.db = torch.zeros((w.shape[0],), dtype=acc, device=x.device) if need_db else None
-        self.scratch = make_scratch(self.dw, x.dtype)
-
-    def add_chunk(self, dz: Tensor, x: Tensor, w: Tensor, r0: int, r1: int) -> None:
-        """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (16-bit products reach dW as in the
-        linear head: ``out_dtype`` GEMMs on CUDA, a block scratch on CPU)."""
-        if self.dx is not None:
-            torch.mm(dz, w, out=self.dx[r0:r1])
-        if self.dw is not None:
-            accumulate_mm(self.dw, dz.t(), x[r0:r1], False, self.scratch)
-        if self.db is not None:
-            self.db.add_(dz.sum(0, dtype=self.db.dtype))
-
-    def result(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(dX, dW, db) with a (0,) placeholder for each one not asked for."""
-        return (x.new_empty((0,)) if self.dx is None else self.dx,
-                x.new_empty((0,)) if self.dw is None else self.dw.to(self.w_dtype),
-                x.new_empty((0,)) if self.db is None else self.db.to(self.w_dtype))
 
 
 def needs(ctx, b: Optional[Tensor]) -> tuple[bool, bool, bool]:
@@ -185,11 +146,6 @@ def check_head(names: tuple[str, str, str], h: Tensor, w: Tensor,
 
 
 
-def rows(h: Tensor) -> Tensor:
-    """(N, D) rows of (..., D) hidden states (D = 0 too, where -1 would be ambiguous)."""
-    return h.reshape(h.shape[:-1].numel(), h.shape[-1])
-
-
 def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                              teacher_weight: Tensor, labels: Optional[Tensor] = None, *,
                              student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
@@ -234,7 +190,7 @@ def linear_distillation_loss(student_hidden: Tensor, student_weight: Tensor, tea
         if dtensor:  # the layout comes from the placements (kl/dtensor.py)
             return dtensor_linear_distillation_loss(student_hidden, student_weight, teacher_hidden,
                                                     teacher_weight, labels, student_bias, teacher_bias,
-                                                    chosen, chunk_size, error)
+                                                    chosen, chunk_size, error, linear_distillation_loss)
         per_token, lbl = vocab_parallel_linear_distillation_rows(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
             teacher_bias, chosen, process_group, vocab_start_index, error, chunk_size=chunk_size)
@@ -382,7 +338,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, *, bia
             error = e
         if dtensor:  # the layout comes from the placements (kl/dtensor.py)
             return dtensor_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
-                                                 chunk_size, error)
+                                                 chunk_size, error, linear_token_logprobs)
         return vocab_parallel_linear_token_logprobs(hidden, weight, tokens, bias, temperature, return_entropy,
                                                     process_group, vocab_start_index, error,
                                                     chunk_size=chunk_size)

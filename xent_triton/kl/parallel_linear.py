@@ -8,7 +8,7 @@ logits-level code (``kl/parallel.py``'s ``logprobs_local``, ``kl/parallel_distil
 ``distill_local``) keeps O(1) values per row; then the same O(N) forward collectives combine them
 (jsd forms the chunks' logits a second time for its terms under the global normalisation). The
 backward forms each chunk's logits again, writes their gradient over the buffer and turns it into
-dX rows and fp32 dW, db (``kl/linear.Grads``). Nothing N x C_local exists beyond one chunk per model.
+dX rows and fp32 dW, db (``kl/chunks.Grads``). Nothing N x C_local exists beyond one chunk per model.
 
 The input gradient is summed over the group in backward by one ``all_reduce(SUM)`` of fp32
 (float64 for float64) dX (N x D) (``parallel.layout.ReduceGradOver``), as the CE linear head
@@ -27,6 +27,7 @@ from ..linear.chunked import logits_into
 from ..options import autocast_operands, class_ids, target_range_check
 from ..parallel.layout import ReduceGradOver, VocabShard, exchange_device, vocab_shard
 from ..runtime import compute_dtype, is_compiling, no_second_derivative
+from .chunks import Grads, chunk_rows, rows
 from .ops import token_range_check
 from .parallel import localize, logprobs_combine, logprobs_local, logprobs_shard_backward_into
 from .parallel_distill import (
@@ -65,13 +66,6 @@ def chunks(N: int, chunk: int):
         yield r0, min(N, r0 + chunk)
 
 
-def linear_helpers():
-    """``kl/linear.py``'s chunk size rule and gradient buffers (it imports this module: imported
-    when called)."""
-    from .linear import Grads, chunk_rows, rows
-    return Grads, chunk_rows, rows
-
-
 class VocabParallelLinearLogprobs(torch.autograd.Function):
     """forward: the shard pass chunk by chunk + MAX + SUM all-reduces (O(N)); backward: local."""
 
@@ -95,7 +89,6 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
     def backward(ctx, dlp, dent):
         x, w, b, loc, ent, stats = ctx.saved_tensors
         temperature, chunk = ctx.flat
-        Grads = linear_helpers()[0]
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         grads = Grads(x, w, *need)
         N, C = x.shape[0], w.shape[0]
@@ -150,7 +143,6 @@ class VocabParallelLinearDistill(torch.autograd.Function):
     def backward(ctx, dloss):
         xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
         shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, chunk = ctx.flat
-        Grads = linear_helpers()[0]
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
         grads = Grads(xs, ws, *need)
         N, C = xs.shape[0], ws.shape[0]
@@ -170,7 +162,6 @@ class VocabParallelLinearDistill(torch.autograd.Function):
 
 def reduced_input(h: Tensor, group: Any, needs_dx: bool) -> Tensor:
     """(N, D) rows of the hidden states, their gradient summed over ``group`` in backward."""
-    rows = linear_helpers()[2]
     return rows(ReduceGradOver.apply(h, [group]) if needs_dx else h)
 
 
@@ -192,7 +183,6 @@ def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens:
 
 def _linear_logprobs(hidden, weight, tokens, bias, temperature, return_entropy, group, vocab_start_index,
                      error, extra_agree, chunk_size):
-    chunk_rows = linear_helpers()[1]
     C_local, chunk, tok = 0, 1, None
     try:
         hidden, weight, bias = check_shard_head(("hidden", "weight", "bias"), hidden, weight, bias)
@@ -236,7 +226,6 @@ def vocab_parallel_linear_distillation_rows(student_hidden: Tensor, student_weig
 
 def _linear_distill(hs, ws, ht, wt, labels, bs, bt, chosen, group, vocab_start_index, error, extra_agree,
                     chunk_size):
-    chunk_rows = linear_helpers()[1]
     C_local, chunk, lbl = 0, 1, None
     try:
         hs, ws, bs = check_shard_head(STUDENT, hs, ws, bs)
@@ -261,7 +250,6 @@ def _linear_distill(hs, ws, ht, wt, labels, bs, bt, chosen, group, vocab_start_i
     div, beta, temperature, ce_weight, opts = chosen  # not None: vocab_shard raised its error otherwise
     if lbl is not None:
         target_range_check(lbl, shard.n_classes, opts.ignore_index)
-    rows = linear_helpers()[2]
     loss = VocabParallelLinearDistill.apply(
         reduced_input(hs, group, needs_dx), ws, bs, rows(ht.detach()), wt.detach(),
         None if bt is None else bt.detach(), lbl, shard, group, div, beta, temperature, opts.ignore_index,
