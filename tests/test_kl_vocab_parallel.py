@@ -117,13 +117,16 @@ CASES = [
     KC("err-w4-llp-temperature", 4, [4, 4, 4, 4], "linear_logprobs", rank_opts={2: dict(temperature=0.5)},
        error=True),
     KC("err-w4-lp-entropy", 4, [5, 0, 4, 4], rank_opts={3: dict(return_entropy=True)}, error=True),
-    # softcap / token_weight are refused under vocabulary parallelism: on every rank, one rank or all
+    # softcap / token_weight are agreed on: one rank passing another (or none), or a bad weight, raises
     KC("err-w2-lp-softcap-one", 2, [4, 9], rank_opts={1: dict(softcap=5.0)}, error=True),
-    KC("err-w2-distill-softcap-all", 2, [7, 7], "distill", dict(softcap=5.0), error=True),
+    KC("err-w2-distill-softcap-differs", 2, [7, 7], "distill", dict(softcap=5.0),
+       rank_opts={1: dict(softcap=6.0)}, error=True),
     KC("err-w4-ldistill-tw-one", 4, [4, 4, 4, 4], "linear_distill",
        rank_opts={0: dict(token_weight=torch.ones(2, 3))}, error=True),
     KC("err-w2-llp-softcap-one", 2, [7, 7], "linear_logprobs", rank_opts={0: dict(softcap=5.0)}, error=True),
     KC("err-w2-dt-lp-softcap-one", 2, [7, 6], rank_opts={1: dict(softcap=5.0)}, dtensor=True, error=True),
+    KC("err-w2-lp-tw-shape-one", 2, [4, 9], opts=dict(token_weight=torch.ones(2, 3)),
+       rank_opts={1: dict(token_weight=torch.ones(3, 2))}, error=True),
     KC("err-dt-w2-llp-temperature", 2, [7, 6], "linear_logprobs", rank_opts={1: dict(temperature=2.0)},
        error=True, dtensor=True),
     KC("err-dt-w4-ld-teacher-layout", 4, [4, 4, 4, 1], "linear_distill", teacher_trim={2: 1}, error=True,
@@ -132,6 +135,31 @@ CASES = [
        error=True, dtensor=True),
 ]
 # DTensor meshes with token-sharded dims: checked on the full tensors
+# softcap (each shard caps its own logits, before the temperature) and token_weight (on the per-row
+# results) under process_group and DTensor, world 2, uneven shards; TW: random positive weights
+TW = torch.rand(2, 3, generator=torch.Generator().manual_seed(7)) + 0.25
+CAP = dict(softcap=4.0, token_weight=TW)
+CASES += [
+    KC("cap-lp-w2-uneven-ent", 2, [4, 9], opts=dict(CAP, temperature=0.7, return_entropy=True)),
+    KC("cap-lp-w2-uneven-torch", 2, [5, 8], opts=dict(CAP, temperature=1.3), torch_path=True),
+    KC("cap-kl-w2-uneven-ce", 2, [4, 9], "distill", dict(CAP, divergence="kl", ce_weight=0.3,
+                                                          temperature=2.0), labels=True),
+    KC("cap-rkl-w2-empty-none", 2, [0, 13], "distill", dict(CAP, divergence="reverse_kl", reduction="none"),
+       labels=True),
+    KC("cap-jsd-w2-uneven-ce-torch", 2, [5, 8], "distill", dict(CAP, divergence="jsd", ce_weight=0.4,
+                                                                 temperature=0.5), labels=True,
+       torch_path=True),
+    KC("cap-llp-w2-uneven-ent", 2, [4, 9], "linear_logprobs", dict(CAP, return_entropy=True, chunk_size=4)),
+    KC("cap-ljsd-w2-uneven-ce", 2, [4, 9], "linear_distill", dict(CAP, divergence="jsd", ce_weight=0.3,
+                                                                   chunk_size=4), labels=True),
+    KC("dt-cap-lp-w2-ent", 2, [7, 6], opts=dict(CAP, temperature=0.8, return_entropy=True), dtensor=True),
+    KC("dt-cap-kl-w2-ce-sum", 2, [7, 6], "distill", dict(CAP, ce_weight=0.3, reduction="sum"), labels=True,
+       dtensor=True),
+    KC("dt-cap-llp-w2-torch", 2, [7, 6], "linear_logprobs", dict(CAP, temperature=0.7), torch_path=True,
+       dtensor=True),
+    KC("dt-cap-lrkl-w2-ce", 2, [7, 6], "linear_distill", dict(CAP, divergence="reverse_kl", ce_weight=0.3,
+                                                               chunk_size=4), labels=True, dtensor=True),
+]
 MESH_CASES = [
     KC("mesh-lp-w4-dp2-tp2-ent", 4, [7, 6], opts=dict(temperature=0.7, return_entropy=True), mesh=(2, 2),
        h_pl=("S", "C")),
@@ -181,13 +209,17 @@ def _build(c: KC, seed: int) -> dict:
 def composed(x: torch.Tensor, d: dict, c: KC) -> list:
     """The single-device torch composition (in x's dtype) on the full vocabulary."""
     o = {**dict(temperature=1.0, divergence="kl", beta=0.5, ce_weight=0.0, reduction="mean"), **c.opts}
+    cap = o.get("softcap")
+    tw = o.get("token_weight")
+    x = cap * torch.tanh(x / cap) if cap else x
     logq = F.log_softmax(x / o["temperature"], -1)
     if c.fn.endswith(LP):
         out = [logq.gather(-1, d["ids"][..., None])[..., 0]]
         if o.get("return_entropy"):
             out.append(-(logq.exp() * logq).sum(-1))
-        return out
+        return out if tw is None else [v * tw.to(v.dtype) for v in out]
     t = F.linear(d["ht"], d["wt"], d["bt"]) if c.fn.startswith("linear") else d["t"]
+    t = cap * torch.tanh(t.to(x.dtype) / cap) if cap else t
     logp = F.log_softmax(t.to(x.dtype) / o["temperature"], -1)
     p, q = logp.exp(), logq.exp()
     if o["divergence"] == "kl":
@@ -204,7 +236,9 @@ def composed(x: torch.Tensor, d: dict, c: KC) -> list:
         ce = F.cross_entropy(x.reshape(R, -1), torch.where(ok, d["ids"], 0).reshape(R), reduction="none")
         loss = o["ce_weight"] * ce.view(ROWS) + (1 - o["ce_weight"]) * div
     loss = torch.where(ok, loss, torch.zeros_like(loss))
-    red = {"none": loss, "sum": loss.sum(), "mean": loss.sum() / ok.sum()}[o["reduction"]]
+    w = ok.to(loss.dtype) if tw is None else torch.where(ok, tw.to(loss.dtype), 0.0)
+    loss = loss if tw is None else loss * tw.to(loss.dtype)
+    red = {"none": loss, "sum": loss.sum(), "mean": loss.sum() / w.sum()}[o["reduction"]]
     return [red]
 
 
@@ -227,11 +261,11 @@ def expected_calls(c: KC) -> list:
     lin += int(lin and c.dtensor)  # + the mesh dims that shard the tokens (DTensor linear forms)
     if c.fn.endswith(LP):
         k = 3 if c.opts.get("return_entropy") else 2
-        return [("all_gather", "", 8 * (5 + lin)), ("all_reduce", "max", 4 * R),
+        return [("all_gather", "", 8 * (7 + lin)), ("all_reduce", "max", 4 * R),
                 ("all_reduce", "sum", 4 * R * k)]
     ce = c.labels and c.opts.get("ce_weight", 0) > 0
     jsd = c.opts.get("divergence") == "jsd"
-    return [("all_gather", "", 8 * (11 + lin)), ("all_reduce", "max", 4 * R * (3 if ce else 2)),
+    return [("all_gather", "", 8 * (13 + lin)), ("all_reduce", "max", 4 * R * (3 if ce else 2)),
             ("all_reduce", "sum", 4 * R * (4 if ce else 2)), ("all_reduce", "sum", 8 * R * (3 if jsd else 1))]
 
 

@@ -36,6 +36,7 @@ from .options import KLOptions
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
 from .parallel_linear import vocab_parallel_linear_distillation_rows, vocab_parallel_linear_token_logprobs
+from .weights import agree_token_weight, parallel_token_weight, weighted
 
 
 def local_part(t: Any) -> Any:
@@ -56,31 +57,37 @@ def rows_dtensor(r: Tensor, local_shape: torch.Size, mesh: Any, rows_pl: list,
 
 
 def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, return_entropy: bool,
-                           error: Optional[BaseException] = None):
-    """``token_logprobs`` of DTensor logits (..., C)."""
+                           error: Optional[BaseException] = None, softcap: float = 0.0,
+                           token_weight: Any = None):
+    """``token_logprobs`` of DTensor logits (..., C); ``softcap`` validated (0.0: none);
+    ``token_weight``: a DTensor placed as the tokens or a plain tensor of THIS rank's tokens."""
     tp, rows_pl, _batch = plan(logits, logits.dim() - 1, "token_logprobs on a DTensor")
     mesh, x, tok = logits.device_mesh, logits.to_local(), local_part(tokens)
+    tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
         if error is not None:
             raise error
         ids = class_ids(tok, x.shape[:-1], "input's leading shape")
         token_range_check(ids, x.shape[-1])
-        opts = KLOptions(temperature=temperature, return_entropy=bool(return_entropy))
+        opts = KLOptions(temperature=temperature, return_entropy=bool(return_entropy), softcap=softcap)
         lp, ent, _ = token_logprobs_rows(x.reshape(ids.numel(), x.shape[-1]), ids, opts)
         outs = (lp, ent) if return_entropy else (lp,)
     else:
         start = chunk_start(logits.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
         res = vocab_parallel_token_logprobs(x, tok, temperature, return_entropy, mesh.get_group(tp), start,
-                                            None, error)
+                                            agree_token_weight(token_weight), error, softcap)
         outs = res if return_entropy else (res,)
+    outs = weighted(tuple(o.reshape(-1) for o in outs), tw)
     outs = tuple(rows_dtensor(o, x.shape[:-1], mesh, rows_pl, logits.shape[:-1]) for o in outs)
     return outs if return_entropy else outs[0]
 
 
 def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional[Any],
-                              chosen: Optional[KLOptions], error: Optional[BaseException] = None):
+                              chosen: Optional[KLOptions], error: Optional[BaseException] = None,
+                              token_weight: Any = None):
     """``distillation_loss`` of DTensor student / teacher logits on the same mesh and placements;
-    ``chosen``: the validated ``KLOptions`` (None with ``error``)."""
+    ``chosen``: the validated ``KLOptions`` (None with ``error``); ``token_weight`` as
+    ``dtensor_token_logprobs``'."""
     what = "distillation_loss on DTensors"
     if not isinstance(teacher, DTensor) or teacher.device_mesh != student.device_mesh \
             or list(teacher.placements) != list(student.placements):
@@ -88,6 +95,7 @@ def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional
                          f"placements ({student.placements}): student and teacher share one layout")
     tp, rows_pl, batch = plan(student, student.dim() - 1, what)
     mesh, x, t, lbl = student.device_mesh, student.to_local(), teacher.to_local(), local_part(labels)
+    tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
         if error is not None:
             raise error
@@ -100,15 +108,20 @@ def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional
         rows, flat = vocab_parallel_distillation_rows(x, t, lbl, chosen, mesh.get_group(tp), start, None,
                                                       error)
     assert chosen is not None  # else the calls above raised the error, on every rank
-    return mesh_loss(rows, flat, chosen, mesh, rows_pl, batch, x.shape[:-1], student.shape[:-1])
+    return mesh_loss(rows, flat, chosen, mesh, rows_pl, batch, x.shape[:-1], student.shape[:-1], tw)
 
 
 def mesh_loss(rows: Tensor, flat: Optional[Tensor], opts: KLOptions, mesh: Any, rows_pl: list, batch: list,
-              local_shape: torch.Size, shape: torch.Size) -> "DTensor":
-    """The per-token losses of THIS rank's tokens reduced over the whole mesh (a DTensor)."""
+              local_shape: torch.Size, shape: torch.Size, tw: Optional[Tensor] = None) -> "DTensor":
+    """The per-token losses of THIS rank's tokens reduced over the whole mesh (a DTensor); ``tw``:
+    their (R,) token weights (each loss and, for mean, its share of the denominator)."""
+    if tw is not None:
+        rows = rows.reshape(-1) * tw.to(rows.dtype)
     if opts.reduction == "none":
         return rows_dtensor(rows, local_shape, mesh, rows_pl, shape)
     valid = torch.ones_like(rows) if flat is None else (flat != opts.ignore_index).to(rows.dtype)
+    if tw is not None:
+        valid = valid * tw.to(rows.dtype)
     local = torch.stack([rows.sum(), valid.sum()])
     if batch:  # the local sums over the batch-sharded mesh dims: one all-reduce of 2 numbers
         part = [Partial() if i in batch else Replicate() for i in range(mesh.ndim)]
@@ -141,7 +154,8 @@ def mesh_agreement(batch: list) -> dict:
 
 def dtensor_linear_token_logprobs(input: "DTensor", linear_weight: Any, target: Any, linear_bias: Any,
                                   temperature: float, return_entropy: bool, chunk_size: int,
-                                  error: Optional[BaseException], local: Callable):
+                                  error: Optional[BaseException], local: Callable, softcap: float = 0.0,
+                                  token_weight: Any = None):
     """``linear_token_logprobs`` with DTensor hidden states and head (``core/dtensor.py``'s
     rules for the CE linear head): W ``Shard(0)`` on the TP mesh dim = vocabulary parallel there
     (``kl/parallel_linear.py``); outputs as ``dtensor_token_logprobs``'. ``error``: this rank's
@@ -152,17 +166,20 @@ def dtensor_linear_token_logprobs(input: "DTensor", linear_weight: Any, target: 
     mesh, tp, rows_pl, batch = head_plan(input, linear_weight, linear_bias, what)
     x, tok = input.to_local(), local_part(target)
     w, b = head_locals(mesh, batch, linear_weight, linear_bias)
+    tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
         if error is not None:
             raise error
         res = local(x, w, tok, linear_bias=b, temperature=temperature, return_entropy=return_entropy,
-                    chunk_size=chunk_size or None)
+                    softcap=softcap or None, chunk_size=chunk_size or None)
     else:
         start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
+        agree = dict(mesh_agreement(batch), **agree_token_weight(token_weight))
         res = vocab_parallel_linear_token_logprobs(x, w, tok, b, temperature, return_entropy,
-                                                   mesh.get_group(tp), start, error, mesh_agreement(batch),
-                                                   chunk_size)
+                                                   mesh.get_group(tp), start, error, agree, chunk_size,
+                                                   softcap)
     outs = res if return_entropy else (res,)
+    outs = weighted(tuple(o.reshape(-1) for o in outs), tw)
     shape = input.shape[:-1]
     outs = tuple(rows_dtensor(o, x.shape[:-1], mesh, rows_pl, shape) for o in outs)
     return outs if return_entropy else outs[0]
@@ -190,12 +207,14 @@ def teacher_locals(input: "DTensor", linear_weight: "DTensor", teacher_input: An
 def dtensor_linear_distillation_loss(input: "DTensor", linear_weight: Any, teacher_input: Any,
                                      teacher_linear_weight: Any, target: Any, linear_bias: Any,
                                      teacher_linear_bias: Any, chosen: Optional[KLOptions],
-                                     error: Optional[BaseException], local: Callable):
+                                     error: Optional[BaseException], local: Callable,
+                                     token_weight: Any = None):
     """``linear_distillation_loss`` with DTensor hidden states and heads: the student head's
     placements decide (``dtensor_linear_token_logprobs``); the teacher's hidden states, head and
     bias must be placed as the student's (a teacher laid out otherwise on one rank raises on every
     rank of the TP group); the loss as ``dtensor_distillation_loss``'. The teacher is a constant.
-    ``local``: the single-device ``linear_distillation_loss`` (no TP mesh dim)."""
+    ``local``: the single-device ``linear_distillation_loss`` (no TP mesh dim); ``token_weight`` as
+    ``dtensor_token_logprobs``'."""
     what = "linear_distillation_loss on DTensors"
     mesh, tp, rows_pl, batch = head_plan(input, linear_weight, linear_bias, what)
     ht = wt = bt = None
@@ -206,6 +225,7 @@ def dtensor_linear_distillation_loss(input: "DTensor", linear_weight: Any, teach
         error = error or e
     x, lbl = input.to_local(), local_part(target)
     w, b = head_locals(mesh, batch, linear_weight, linear_bias)
+    tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
         if error is not None:
             raise error
@@ -213,11 +233,13 @@ def dtensor_linear_distillation_loss(input: "DTensor", linear_weight: Any, teach
         assert opts is not None  # else make_kl raised: error
         rows = local(x, w, ht, wt, lbl, linear_bias=b, teacher_linear_bias=bt, divergence=opts.divergence,
                      beta=opts.beta, temperature=opts.temperature, ignore_index=opts.ignore_index,
-                     reduction="none", ce_weight=opts.ce_weight, chunk_size=opts.chunk_size or None)
+                     reduction="none", ce_weight=opts.ce_weight, softcap=opts.softcap or None,
+                     chunk_size=opts.chunk_size or None)
         flat = None if lbl is None else lbl.reshape(-1)
     else:
         start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
         rows, flat = vocab_parallel_linear_distillation_rows(
             x, w, ht, wt, lbl, b, bt, chosen, mesh.get_group(tp), start, error, mesh_agreement(batch))
     assert chosen is not None  # else the calls above raised the error, on every rank
-    return mesh_loss(rows.reshape(-1), flat, chosen, mesh, rows_pl, batch, x.shape[:-1], input.shape[:-1])
+    return mesh_loss(rows.reshape(-1), flat, chosen, mesh, rows_pl, batch, x.shape[:-1], input.shape[:-1],
+                     tw)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..core.exchange import IGNORED, VocabShard, exchange_device, localize_target, vocab_shard
+from ..core.formulas_torch import transform_grad, transform_logits
 from ..core.inputs import class_ids, target_range_check
 from ..core.options import REDUCTIONS
 from ..core.row_blocks import BLOCK_ELEMS
@@ -36,14 +37,15 @@ from .rows_torch import JSD, KL, REVERSE_KL, mixture_excess, mixture_gaps
 TERMS_BLOCK = BLOCK_ELEMS  # logits per row block of the jsd terms' torch pass (its temporaries)
 
 
-def kernel_opts(divergence: int, beta: float, temperature: float, ignore_index: int,
-                ce_weight: float) -> KLOptions:
-    """The single-device launchers' ``KLOptions`` of a shard's scalars (no softcap)."""
-    return kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, 0.0))
+def kernel_opts(divergence: int, beta: float, temperature: float, ignore_index: int, ce_weight: float,
+                softcap: float) -> KLOptions:
+    """The single-device launchers' ``KLOptions`` of a shard's scalars (softcap 0.0: none; being
+    elementwise, each shard caps its own logits with the same kernels)."""
+    return kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap))
 
 
 def distill_local(x2: Tensor, t2: Tensor, loc: Optional[Tensor], divergence: int, beta: float,
-                  temperature: float, use_ce: bool) -> Tensor:
+                  temperature: float, use_ce: bool, softcap: float = 0.0) -> Tensor:
     """Per row of a shard (R, 8) in the compute dtype: (ref_p, log s_p, ref_q, log s_q, ref_1,
     log s_1, inner, x_y) over THIS shard's classes, by the single-device streaming forward
     (``distill_forward_rows`` without labels: the kernel's per-row stats, or its torch twin) and,
@@ -58,7 +60,7 @@ def distill_local(x2: Tensor, t2: Tensor, loc: Optional[Tensor], divergence: int
         return out
     # jsd: the kl kernel (one pass) for the stats alone
     div, st = distill_forward_rows(x2, t2, None, kernel_opts(KL if divergence == JSD else divergence, beta,
-                                                             temperature, -100, 0.0))
+                                                             temperature, -100, 0.0, softcap))
     out[:, :4] = st[:, :4].to(cdt)
     if divergence == KL:
         out[:, 6] = div.to(cdt)
@@ -69,12 +71,13 @@ def distill_local(x2: Tensor, t2: Tensor, loc: Optional[Tensor], divergence: int
             out[:, 4:6] = out[:, 2:4]
         else:
             safe = torch.where(loc >= 0, loc, torch.zeros_like(loc))
-            out[:, 4:6] = logprobs_forward_rows(x2, safe, KLOptions(temperature=1.0))[2].to(cdt)
-        out[:, 7] = owner_gather(x2, loc).to(cdt)
+            out[:, 4:6] = logprobs_forward_rows(x2, safe, KLOptions(softcap=softcap))[2].to(cdt)
+        out[:, 7] = transform_logits(owner_gather(x2, loc).to(cdt), 1.0, softcap)
     return out
 
 
-def jsd_terms(x2: Tensor, t2: Tensor, stats: Tensor, beta: float, temperature: float) -> Tensor:
+def jsd_terms(x2: Tensor, t2: Tensor, stats: Tensor, beta: float, temperature: float,
+              softcap: float = 0.0) -> Tensor:
     """(R, 3) float64: this shard's sum p (log p - log m), sum q (log q - log m) and H = sum q h
     under the GLOBAL (ref, log S) of ``stats`` (columns 0-3), by torch ops on row blocks of about
     ``TERMS_BLOCK`` logits (temporaries of one block, not R x C_local)."""
@@ -87,8 +90,10 @@ def jsd_terms(x2: Tensor, t2: Tensor, stats: Tensor, beta: float, temperature: f
     for r0 in range(0, R, step):
         r1 = min(R, r0 + step)
         st = stats[r0:r1]
-        logp = rows_torch.log_softmax_from(t2[r0:r1].to(cdt) / temperature, st[:, 0], st[:, 1])
-        logq = rows_torch.log_softmax_from(x2[r0:r1].to(cdt) / temperature, st[:, 2], st[:, 3])
+        a = transform_logits(t2[r0:r1].to(cdt), 1.0, softcap) / temperature
+        b = transform_logits(x2[r0:r1].to(cdt), 1.0, softcap) / temperature
+        logp = rows_torch.log_softmax_from(a, st[:, 0], st[:, 1])
+        logq = rows_torch.log_softmax_from(b, st[:, 2], st[:, 3])
         p, q = torch.exp(logp), torch.exp(logq)
         zero = torch.zeros_like(p)
         gap_p, gap_q = mixture_gaps(logp, logq, beta)
@@ -157,7 +162,7 @@ def distill_combine(local: Tensor, loc: Optional[Tensor], labels: Optional[Tenso
 def distill_shard_backward_into(out: Tensor, x2: Tensor, t2: Tensor, labels: Optional[Tensor],
                                 shard: VocabShard, stats: Tensor, dloss: Tensor, divergence: int,
                                 beta: float, temperature: float, ignore_index: int, ce_weight: float,
-                                use_ce: bool) -> None:
+                                use_ce: bool, softcap: float = 0.0) -> None:
     """dL/dx of a shard's logits x2 into ``out`` (may be x2) from the global stats: the single-device
     backward kernel with shard-local labels (``localize_target``: another shard's label never
     matches a column), or the torch twin plus the CE term (the torch path: R x C_local temporaries)."""
@@ -167,18 +172,18 @@ def distill_shard_backward_into(out: Tensor, x2: Tensor, t2: Tensor, labels: Opt
     if both_triton(x2, t2):
         lbl = None if labels is None else localize_target(labels, shard, ignore_index)
         distill_backward_into(out, x2, t2, lbl, stats, dloss.to(stats.dtype),
-                              kernel_opts(divergence, beta, temperature, IGNORED, ce_weight))
+                              kernel_opts(divergence, beta, temperature, IGNORED, ce_weight, softcap))
         return
     ok = stats[:, 7] > 0
     g = torch.where(ok, dloss.to(stats.dtype), torch.zeros_like(stats[:, 7]))
-    dx = rows_torch.distill_backward(x2, t2, None, stats, g, kernel_opts(divergence, beta, temperature,
-                                                                         ignore_index, ce_weight)
-                                     ).to(stats.dtype)
+    opts = kernel_opts(divergence, beta, temperature, ignore_index, ce_weight, softcap)
+    dx = rows_torch.distill_backward(x2, t2, None, stats, g, opts).to(stats.dtype)
     if use_ce:  # g alpha (softmax(x)_j - [j = label]), the softmax from the global (ref_1, log s_1)
         loc = localize(labels, shard)
-        sm1 = torch.exp(rows_torch.log_softmax_from(x2.to(stats.dtype), stats[:, 4], stats[:, 5]))
+        xs = transform_logits(x2.to(stats.dtype), 1.0, softcap)
+        sm1 = torch.exp(rows_torch.log_softmax_from(xs, stats[:, 4], stats[:, 5]))
         onehot = torch.arange(C, device=x2.device)[None, :] == loc[:, None]
-        dx = dx + (g * ce_weight)[:, None] * (sm1 - onehot.to(sm1.dtype))
+        dx = dx + transform_grad((g * ce_weight)[:, None] * (sm1 - onehot.to(sm1.dtype)), xs, 1.0, softcap)
     out.copy_(dx)
 
 
@@ -187,27 +192,28 @@ class VocabParallelDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: Tensor, t2: Tensor, labels: Optional[Tensor], shard: VocabShard, group: Any,
-                divergence: int, beta: float, temperature: float, ignore_index: int, ce_weight: float):
+                divergence: int, beta: float, temperature: float, ignore_index: int, ce_weight: float,
+                softcap: float):
         use_ce = labels is not None and ce_weight != 0
         loc = localize(labels, shard) if labels is not None else None
-        local = distill_local(x2, t2, loc, divergence, beta, temperature, use_ce)
+        local = distill_local(x2, t2, loc, divergence, beta, temperature, use_ce, softcap)
         loss, stats = distill_combine(local, loc, labels, group, divergence, beta, ignore_index, ce_weight,
-                                      use_ce, lambda st: jsd_terms(x2, t2, st, beta, temperature))
+                                      use_ce, lambda st: jsd_terms(x2, t2, st, beta, temperature, softcap))
         ctx.save_for_backward(x2, t2, labels, stats)
-        ctx.flat = (shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce)
+        ctx.flat = (shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, softcap)
         ctx.set_materialize_grads(False)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         x2, t2, labels, stats = ctx.saved_tensors
-        shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce = ctx.flat
-        none = (None,) * 9
+        shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, softcap = ctx.flat
+        none = (None,) * 10
         if dloss is None:
             return (no_second_derivative(torch.zeros_like(x2), "distillation_loss"),) + none
         out = alloc(x2.shape, x2.dtype, x2.device)
         distill_shard_backward_into(out, x2, t2, labels, shard, stats, dloss, divergence, beta, temperature,
-                                    ignore_index, ce_weight, use_ce)
+                                    ignore_index, ce_weight, use_ce, softcap)
         return (no_second_derivative(out, "distillation_loss"),) + none
 
 
@@ -233,7 +239,7 @@ def vocab_parallel_distillation_rows(student_logits: Tensor, teacher_logits: Ten
 
 
 AGREED = ("divergence", "beta", "temperature", "ce_weight", "reduction", "ignore_index", "empty_batch",
-          "labels")
+          "labels", "softcap", "token_weight")
 
 
 def distill_agreement(chosen: Optional[KLOptions], has_labels: bool, extra_agree: dict) -> dict:
@@ -245,7 +251,8 @@ def distill_agreement(chosen: Optional[KLOptions], has_labels: bool, extra_agree
                                              opts.ce_weight)
         values = (div, beta if div == JSD else 0.0, temperature, ce_weight,
                   float(REDUCTIONS.index(opts.reduction)), opts.ignore_index,
-                  float(opts.empty_batch == "zero"), float(has_labels))
+                  float(opts.empty_batch == "zero"), float(has_labels), opts.softcap,
+                  float(opts.has_token_weight))
     else:
         values = (0.0,) * len(AGREED)
     return dict(zip(AGREED, values), **extra_agree)
@@ -278,5 +285,5 @@ def _distill(student_logits, teacher_logits, labels, chosen, process_group, voca
     rows = student_logits.shape[:-1].numel()
     loss_rows = VocabParallelDistill.apply(
         student_logits.reshape(rows, C_local), teacher_logits.detach().reshape(rows, C_local), lbl, shard,
-        process_group, div, opts.beta, opts.temperature, opts.ignore_index, opts.ce_weight)
+        process_group, div, opts.beta, opts.temperature, opts.ignore_index, opts.ce_weight, opts.softcap)
     return loss_rows, lbl

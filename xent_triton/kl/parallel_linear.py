@@ -77,24 +77,24 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, shard: VocabShard,
-                group: Any, temperature: float, entropy: bool, chunk: int):
+                group: Any, temperature: float, entropy: bool, chunk: int, softcap: float):
         N, C = x.shape[0], w.shape[0]
         loc = localize(tokens, shard)
         local = torch.zeros((N, 4), dtype=compute_dtype(x), device=x.device)
         z = x.new_empty((min(chunk, N), C))
         for r0, r1 in chunks(N, chunk):
             zc = logits_into(z[:r1 - r0], x[r0:r1], w, b)
-            local[r0:r1] = logprobs_local(zc, loc[r0:r1], temperature, entropy, scratch=True)
+            local[r0:r1] = logprobs_local(zc, loc[r0:r1], temperature, entropy, scratch=True, softcap=softcap)
         lp, ent, stats = logprobs_combine(local, loc, tokens, shard.n_classes, group, entropy)
         ctx.save_for_backward(x, w, b, loc, ent, stats)
-        ctx.flat = (temperature, chunk)
+        ctx.flat = (temperature, chunk, softcap)
         ctx.set_materialize_grads(False)
         return lp, ent
 
     @staticmethod
     def backward(ctx, dlp, dent):
         x, w, b, loc, ent, stats = ctx.saved_tensors
-        temperature, chunk = ctx.flat
+        temperature, chunk, softcap = ctx.flat
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         grads = Grads(x, w, *need)
         N, C = x.shape[0], w.shape[0]
@@ -103,10 +103,10 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
             zc = logits_into(z[:r1 - r0], x[r0:r1], w, b)
             logprobs_shard_backward_into(zc, zc, loc[r0:r1], ent[r0:r1] if dent is not None else ent,
                                          stats[r0:r1], None if dlp is None else dlp[r0:r1],
-                                         None if dent is None else dent[r0:r1], temperature)
+                                         None if dent is None else dent[r0:r1], temperature, softcap)
             grads.add_chunk(zc, x, w, r0, r1)
         return tuple(no_second_derivative(g, "linear_token_logprobs") if n else None
-                     for g, n in zip(grads.result(x), need)) + (None,) * 6
+                     for g, n in zip(grads.result(x), need)) + (None,) * 7
 
 
 class VocabParallelLinearDistill(torch.autograd.Function):
@@ -117,7 +117,7 @@ class VocabParallelLinearDistill(torch.autograd.Function):
     def forward(ctx, xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
                 bt: Optional[Tensor], labels: Optional[Tensor], shard: VocabShard, group: Any,
                 divergence: int, beta: float, temperature: float, ignore_index: int, ce_weight: float,
-                chunk: int):
+                chunk: int, softcap: float):
         N, C = xs.shape[0], ws.shape[0]
         use_ce = labels is not None and ce_weight != 0
         loc = localize(labels, shard) if labels is not None else None
@@ -130,25 +130,25 @@ class VocabParallelLinearDistill(torch.autograd.Function):
         local = torch.zeros((N, 8), dtype=compute_dtype(xs), device=xs.device)
         for r0, r1 in chunks(N, chunk):
             local[r0:r1] = distill_local(*logits(r0, r1), None if loc is None else loc[r0:r1], divergence,
-                                         beta, temperature, use_ce)
+                                         beta, temperature, use_ce, softcap)
 
         def terms(st: Tensor) -> Tensor:  # jsd: the chunks' logits again, under the global stats
             out = torch.empty((N, 3), dtype=torch.float64, device=xs.device)
             for r0, r1 in chunks(N, chunk):
-                out[r0:r1] = jsd_terms(*logits(r0, r1), st[r0:r1], beta, temperature)
+                out[r0:r1] = jsd_terms(*logits(r0, r1), st[r0:r1], beta, temperature, softcap)
             return out
 
         loss, stats = distill_combine(local, loc, labels, group, divergence, beta, ignore_index, ce_weight,
                                       use_ce, terms)
         ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, stats)
-        ctx.flat = (shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, chunk)
+        ctx.flat = (shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, chunk, softcap)
         ctx.set_materialize_grads(False)
         return loss
 
     @staticmethod
     def backward(ctx, dloss):
         xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
-        shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, chunk = ctx.flat
+        shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, chunk, softcap = ctx.flat
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
         grads = Grads(xs, ws, *need)
         N, C = xs.shape[0], ws.shape[0]
@@ -160,10 +160,10 @@ class VocabParallelLinearDistill(torch.autograd.Function):
             ztc = logits_into(zt[:r1 - r0], xt[r0:r1], wt, bt)
             distill_shard_backward_into(zsc, zsc, ztc, None if labels is None else labels[r0:r1], shard,
                                         stats[r0:r1], dloss[r0:r1], divergence, beta, temperature,
-                                        ignore_index, ce_weight, use_ce)
+                                        ignore_index, ce_weight, use_ce, softcap)
             grads.add_chunk(zsc, xs, ws, r0, r1)
         return tuple(no_second_derivative(g, "linear_distillation_loss") if n else None
-                     for g, n in zip(grads.result(xs), need)) + (None,) * 12
+                     for g, n in zip(grads.result(xs), need)) + (None,) * 13
 
 
 def reduced_input(h: Tensor, group: Any, needs_dx: bool) -> Tensor:
@@ -175,21 +175,21 @@ def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens:
                                          bias: Optional[Tensor], temperature: float, return_entropy: bool,
                                          process_group: Any, vocab_start_index: Optional[int] = None,
                                          error: Optional[BaseException] = None,
-                                         extra_agree: Optional[dict] = None, chunk_size: int = 0
-                                         ) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                                         extra_agree: Optional[dict] = None, chunk_size: int = 0,
+                                         softcap: float = 0.0) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``linear_token_logprobs`` with ``weight`` / ``bias`` this rank's class shard (called by it;
     ``temperature`` validated there, ``error`` its validation error, raised on every rank;
     ``extra_agree``: more values every rank must share; ``chunk_size``: tokens per chunk, 0 =
-    automatic, validated by ``make_kl``)."""
+    automatic, validated by ``make_kl``; ``softcap``: 0.0 none, agreed on)."""
     args = (hidden, weight, tokens, bias, temperature, return_entropy, process_group, vocab_start_index,
-            error, extra_agree or {}, chunk_size)
+            error, extra_agree or {}, chunk_size, softcap)
     if is_compiling():  # collectives inside an eager autograd.Function: a graph break
         return torch.compiler.disable(_linear_logprobs)(*args)
     return _linear_logprobs(*args)
 
 
 def _linear_logprobs(hidden, weight, tokens, bias, temperature, return_entropy, group, vocab_start_index,
-                     error, extra_agree, chunk_size):
+                     error, extra_agree, chunk_size, softcap):
     C_local, chunk, tok = 0, 1, None
     try:
         hidden, weight, bias = check_shard_head(STUDENT, hidden, weight, bias)
@@ -201,12 +201,13 @@ def _linear_logprobs(hidden, weight, tokens, bias, temperature, return_entropy, 
     needs_dx = isinstance(hidden, Tensor) and hidden.requires_grad
     agree = dict(temperature=temperature if error is None else 0.0,
                  return_entropy=float(bool(return_entropy)), input_requires_grad=float(needs_dx),
-                 **extra_agree)
+                 softcap=softcap if error is None else 0.0, **extra_agree)
     shard = vocab_shard(group, C_local, exchange_device(group, hidden), vocab_start_index, agree,
                         "vocab-parallel linear_token_logprobs", True, error)
     token_range_check(tok, shard.n_classes)
     lp, ent = VocabParallelLinearLogprobs.apply(reduced_input(hidden, group, needs_dx), weight, bias, tok,
-                                                shard, group, temperature, bool(return_entropy), chunk)
+                                                shard, group, temperature, bool(return_entropy), chunk,
+                                                softcap)
     shape = hidden.shape[:-1]
     return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)
 
@@ -259,5 +260,5 @@ def _linear_distill(hs, ws, ht, wt, labels, bs, bt, chosen, group, vocab_start_i
     loss = VocabParallelLinearDistill.apply(
         reduced_input(hs, group, needs_dx), ws, bs, rows(ht.detach()), wt.detach(),
         None if bt is None else bt.detach(), lbl, shard, group, DIVERGENCES.index(opts.divergence), opts.beta,
-        opts.temperature, opts.ignore_index, opts.ce_weight, chunk)
+        opts.temperature, opts.ignore_index, opts.ce_weight, chunk, opts.softcap)
     return loss, lbl
