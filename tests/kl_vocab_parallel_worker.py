@@ -151,9 +151,11 @@ def run_mesh(case: dict, d: dict, opts: dict) -> dict:
         t = distribute_tensor(full.clone(), mesh, [PLACE[p] for p in pls])
         return t.requires_grad_() if grad else t
 
-    ids = d["ids"]
+    ids, tokens_pl = d["ids"], [Shard(0) if p == "S" else Replicate() for p in case["h_pl"]]
     if ids is not None and "S" in case["h_pl"]:  # this rank's tokens (the hidden states' local rows)
-        ids = distribute_tensor(ids, mesh, [Shard(0) if p == "S" else Replicate() for p in case["h_pl"]])
+        ids = distribute_tensor(ids, mesh, tokens_pl)
+    if "token_weight" in opts:  # a DTensor placed as the tokens
+        opts = dict(opts, token_weight=distribute_tensor(opts["token_weight"], mesh, tokens_pl))
     if not case["fn"].startswith("linear"):  # logits (and teacher) placed by h_pl
         x, t = put(d["x"], case["h_pl"], True), put(d["t"], case["h_pl"])
         if case["fn"] == "logprobs":

@@ -176,6 +176,11 @@ MESH_CASES = [
        labels=True, mesh=(2, 2), h_pl=("S", "R"), w_pl=("R", "S")),
     KC("mesh-llp-w4-tp2-dp2", 4, [7, 6], "linear_logprobs", dict(return_entropy=True),
        mesh=(2, 2), h_pl=("R", "S"), w_pl=("S", "R")),
+    # softcap + token_weight (a DTensor placed as the tokens): the mean over the whole mesh
+    KC("mesh-cap-kl-w4-dp2-tp2-ce", 4, [7, 6], "distill", dict(CAP, ce_weight=0.3), labels=True,
+       mesh=(2, 2), h_pl=("S", "C")),
+    KC("mesh-cap-llp-w2-dp-only", 2, [13], "linear_logprobs", dict(CAP, return_entropy=True),
+       mesh=(2,), h_pl=("S",), w_pl=("R",)),
 ]
 CASES += MESH_CASES
 OK_CASES = [c for c in CASES if not c.error and not c.mesh]
