@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .exchange import agree_over, exchange_device, flags, refuse_agreed
@@ -92,21 +91,39 @@ def plan(t: "DTensor", class_dim: Optional[int], what: str) -> tuple[Optional[in
     return tp, rows, batch
 
 
-class ReduceGradOver(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over ``groups`` (all-reduce, in place on a copy)."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, groups: list) -> Tensor:
-        ctx.groups = groups
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        if ctx.groups:
-            g = g.contiguous().clone()
-            for group in ctx.groups:
-                dist.all_reduce(g, group=group)
-        return g, None
+def head_plan(input: Any, linear_weight: Any, linear_bias: Any,
+              what: str) -> tuple[Any, Optional[int], list, list[int]]:
+    """(mesh, TP mesh dim or None, per-token output placements, batch-sharded mesh dims) of a
+    linear head with DTensor operands (the module's rules): W ``Shard(0)`` on the TP dim, hidden
+    states replicated there; raises for any other combination (a plain hidden with a DTensor W is
+    an FSDP2 parameter read outside its module's forward). Used by the CE and the KL heads."""
+    if not is_dtensor(input):
+        raise TypeError(
+            f"{what}: linear_weight is a DTensor ({linear_weight.placements}) but the hidden states are "
+            "a plain tensor. A Shard(0) weight read outside its module's forward is an FSDP2 parameter "
+            "still sharded (never tensor parallelism): compute the loss inside the FSDP-wrapped "
+            "module's forward, where the weight is unsharded (xent_triton.parallel.FusedLMHead). For "
+            "tensor parallelism pass the hidden states as a DTensor on the weight's mesh.")
+    if not is_dtensor(linear_weight):
+        raise TypeError(f"{what}: the hidden states are a DTensor but linear_weight is a plain tensor; "
+                        "make the weight a DTensor on the same mesh (Replicate, or Shard(0) for TP)")
+    mesh = input.device_mesh
+    if linear_weight.device_mesh != mesh or (is_dtensor(linear_bias) and linear_bias.device_mesh != mesh):
+        raise ValueError(f"{what}: the hidden states, the weight and the bias must be on the same mesh")
+    tp = None
+    for i, p in enumerate(linear_weight.placements):
+        if isinstance(p, Shard) and p.dim % 2 == 0:
+            tp = i
+        elif not isinstance(p, Replicate):
+            raise ValueError(f"{what}: linear_weight placement {p} on mesh dim {i}: only Shard(0) (the "
+                             "vocabulary) and Replicate are supported")
+    _, rows_pl, batch = plan(input, None, what)
+    if tp is not None and tp in batch:
+        raise ValueError(f"{what}: the hidden states must be replicated over the vocabulary-parallel mesh "
+                         f"dim {tp}")
+    if is_dtensor(linear_bias) and list(linear_bias.placements) != list(linear_weight.placements):
+        raise ValueError(f"{what}: the bias must be placed like the weight ({linear_weight.placements})")
+    return mesh, tp, rows_pl, batch
 
 
 def chunk_start(n: int, parts: int, index: int) -> int:

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .runtime import compute_dtype
+
 IGNORED = -1  # localized target of an ignored row (what the kernels get as ignore_index)
 FOREIGN = -2  # localized target of a row whose class lives in another shard (or out of range)
 NOT_GIVEN = -(2.0 ** 52)  # vocab_start_index=None in the gathered table
@@ -148,6 +150,29 @@ def exchange_device(group: Any, hint: Any) -> torch.device:
         return hint.device
     backend = str(dist.get_backend(group)) if group is not None else ""
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
+class ReduceGradOver(torch.autograd.Function):
+    """Identity forward; backward: the gradient summed over each group of ``groups`` (an all-reduce
+    of a copy in the compute dtype: fp32 for 16-bit gradients, float64 for float64; one cast back).
+
+    The input gradient of a class-sharded head (every shard's logits read the same hidden states:
+    Megatron's ``copy_to_tensor_model_parallel_region``), and the data-parallel gradient of a head
+    replicated over batch-sharded mesh dims (``core/dtensor.py``). No group: the identity."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, groups: list) -> Tensor:
+        ctx.groups = list(groups)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        if not ctx.groups:
+            return g, None
+        acc = g.to(dtype=compute_dtype(g), memory_format=torch.contiguous_format, copy=True)
+        for group in ctx.groups:
+            dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=group)
+        return acc.to(g.dtype), None
 
 
 def localize_target(target: Tensor, shard: VocabShard, ignore_index: int) -> Tensor:

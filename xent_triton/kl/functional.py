@@ -21,6 +21,7 @@ from .ops import distillation_rows, token_logprobs_rows
 from .options import KLOptions, make_kl
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
+from .weights import agree_token_weight, check_token_weight, parallel_token_weight, weighted, weighted_outputs
 
 
 def check_logits(name: str, x: Tensor) -> None:
@@ -32,40 +33,13 @@ def check_logits(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} has no classes (C = 0)")
 
 
-def check_token_weight(token_weight: Optional[Tensor], shape, device: torch.device) -> Optional[Tensor]:
-    """Per-position weights of the target's shape (the logits' leading shape) as (R,) rows; as the
-    CE heads' ``token_weight`` (TypeError / ValueError naming it)."""
-    if token_weight is None:
-        return None
-    if not isinstance(token_weight, Tensor) or not token_weight.is_floating_point():
-        raise TypeError("token_weight must be a floating-point tensor")
-    if tuple(token_weight.shape) != tuple(shape):
-        raise ValueError(f"token_weight must have the target's shape {tuple(shape)}, "
-                         f"got {tuple(token_weight.shape)}")
-    if token_weight.device != device:
-        raise ValueError(f"token_weight is on {token_weight.device} but input is on {device}")
-    return token_weight.reshape(-1)
-
-
-def refuse_parallel(opts: Optional[KLOptions], error: Optional[BaseException]) -> Optional[BaseException]:
-    """Under ``process_group`` / DTensor the KL family refuses ``softcap`` and ``token_weight``: the
-    error joins this rank's validation error, raised on EVERY rank after the layout / options
-    exchange (a rank that alone passes one never leaves the others waiting)."""
-    if error is None and opts is not None and (opts.has_softcap or opts.has_token_weight):
-        return ValueError("softcap and token_weight are not supported with process_group= or DTensor "
-                          "operands (vocabulary parallelism) in the KL family")
-    return error
-
-
 def deferred_kl(**kwargs) -> tuple[Optional[KLOptions], Optional[BaseException]]:
-    """``make_kl(**kwargs)`` for the vocabulary-parallel paths: (options, None), or (None, its error
-    or the refusal of ``refuse_parallel``) to be raised on every rank after the exchange."""
+    """``make_kl(**kwargs)`` for the vocabulary-parallel paths: (options, None), or (None, its error)
+    to be raised on every rank after the exchange."""
     try:
-        opts = make_kl(**kwargs)
+        return make_kl(**kwargs), None
     except (TypeError, ValueError) as e:
         return None, e
-    error = refuse_parallel(opts, None)
-    return (None, error) if error is not None else (opts, None)
 
 
 def reduce_tokens(loss_rows: Tensor, target: Optional[Tensor], opts: KLOptions, shape,
@@ -119,7 +93,8 @@ def distillation_loss(input: Tensor, teacher_input: Tensor, target: Optional[Ten
         process_group: vocabulary parallelism (``kl/parallel_distill.py``): both logits are this
             rank's class slice on the same layout, ``target`` global ids; every rank returns the
             full-vocabulary loss. vocab_start_index: this rank's first class (None: rank order).
-            ``softcap`` / ``token_weight`` are refused there (ValueError on every rank).
+            ``softcap`` caps each shard's logits; ``token_weight`` (the same on every rank, of
+            the target's shape) weighs the per-token losses; both agreed on by every rank.
 
     Returns:
         The float32 loss (float64 for a float64 student). The gradient reaches the student only.
@@ -137,11 +112,12 @@ def distillation_loss(input: Tensor, teacher_input: Tensor, target: Optional[Ten
     if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
         if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
-            return dtensor_distillation_loss(input, teacher_input, target, opts, error)
+            return dtensor_distillation_loss(input, teacher_input, target, opts, error, token_weight)
+        tw, error = parallel_token_weight(token_weight, input, error)
         rows, lbl = vocab_parallel_distillation_rows(input, teacher_input, target, opts,
                                                      process_group, vocab_start_index, None, error)
         assert opts is not None  # else the call above raised the error, on every rank
-        return reduce_tokens(rows, lbl, opts, input.shape[:-1])
+        return reduce_tokens(rows, lbl, opts, input.shape[:-1], tw)
     check_logits("input", input)
     check_logits("teacher_input", teacher_input)
     if teacher_input.shape != input.shape:
@@ -156,11 +132,6 @@ def distillation_loss(input: Tensor, teacher_input: Tensor, target: Optional[Ten
     loss_rows, _stats = distillation_rows(input.reshape(-1, C), teacher_input.detach().reshape(-1, C), lbl,
                                           opts)
     return reduce_tokens(loss_rows, lbl, opts, input.shape[:-1], tw)
-
-
-def weighted(values: tuple[Tensor, ...], tw: Optional[Tensor]) -> tuple[Tensor, ...]:
-    """Per-token outputs times their ``token_weight`` (unchanged without one)."""
-    return values if tw is None else tuple(v * tw.to(v.dtype) for v in values)
 
 
 # Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
@@ -194,7 +165,7 @@ def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
             entropy) is multiplied by its weight (its gradient too).
         process_group: vocabulary parallelism (``kl/parallel.py``): ``input`` is this rank's
             class slice, ``target`` global ids; every rank returns the full-vocabulary values.
-            ``softcap`` / ``token_weight`` are refused there (ValueError on every rank).
+            ``softcap`` caps each shard's logits; ``token_weight``: the same on every rank.
         vocab_start_index: this rank's first class (None on every rank: shards in rank order).
 
     Returns:
@@ -212,11 +183,13 @@ def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
                    has_token_weight=token_weight is not None)
     if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
-        T = opts.temperature if opts is not None else temperature
+        T, cap = (opts.temperature, opts.softcap) if opts is not None else (temperature, 0.0)
         if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
-            return dtensor_token_logprobs(input, target, T, return_entropy, error)
-        return vocab_parallel_token_logprobs(input, target, T, return_entropy, process_group,
-                                             vocab_start_index, None, error)
+            return dtensor_token_logprobs(input, target, T, return_entropy, error, cap, token_weight)
+        tw, error = parallel_token_weight(token_weight, input, error)
+        res = vocab_parallel_token_logprobs(input, target, T, return_entropy, process_group,
+                                            vocab_start_index, agree_token_weight(token_weight), error, cap)
+        return weighted_outputs(res, tw)
     check_logits("input", input)
     opts = make_kl(**options)
     C = input.shape[-1]

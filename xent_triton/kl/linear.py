@@ -16,10 +16,12 @@ from typing import Any, Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
+from ..core.dtensor import is_dtensor
 from ..core.inputs import class_ids
 from ..core.renames import renamed_keywords
-from .functional import check_token_weight, deferred_kl, reduce_tokens, weighted
-from .linear_ops import LINEAR_DISTILL_FLAT, chunked, linear_logprobs_rows
+from .dtensor import dtensor_linear_distillation_loss, dtensor_linear_token_logprobs
+from .functional import deferred_kl, reduce_tokens
+from .linear_ops import LINEAR_DISTILL_FLAT, chunked, linear_logprobs_rows, rows
 from .names import LINEAR_DISTILL, LINEAR_LOGPROBS
 from .options import kl_flat, make_kl
 from .parallel_linear import (
@@ -29,6 +31,7 @@ from .parallel_linear import (
     vocab_parallel_linear_distillation_rows,
     vocab_parallel_linear_token_logprobs,
 )
+from .weights import agree_token_weight, check_token_weight, parallel_token_weight, weighted, weighted_outputs
 
 
 def check_head(names: tuple[str, str, str], h: Tensor, w: Tensor,
@@ -40,11 +43,6 @@ def check_head(names: tuple[str, str, str], h: Tensor, w: Tensor,
     return h, w, b
 
 
-
-
-def rows(h: Tensor) -> Tensor:
-    """(N, D) rows of (..., D) hidden states (D = 0 too, where -1 would be ambiguous)."""
-    return h.reshape(h.shape[:-1].numel(), h.shape[-1])
 
 
 @renamed_keywords(**LINEAR_DISTILL)
@@ -73,8 +71,9 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
             logits, as ``F.linear``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
         process_group, vocab_start_index: vocabulary parallelism with class-sharded heads
-            (``kl/parallel_linear.py``; chunk_size is not used there; softcap / token_weight are
-            refused there, on every rank).
+            (``kl/parallel_linear.py``, chunked over tokens as here; softcap / token_weight as
+            here, agreed on by every rank). DTensor hidden states and heads (W ``Shard(0)`` over
+            the classes: vocabulary parallel, ``kl/dtensor.py``).
 
     Returns:
         The float32 loss (float64 for float64 hidden states); gradients reach input,
@@ -89,13 +88,20 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
                    has_target=target is not None, ignore_index=ignore_index, reduction=reduction,
                    empty_batch=empty_batch, softcap=softcap, chunk_size=chunk_size,
                    has_token_weight=token_weight is not None)
-    if process_group is not None or vocab_start_index is not None:
+    dtensor = is_dtensor(input) or is_dtensor(linear_weight)
+    if dtensor or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
+        if dtensor:  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_linear_distillation_loss(input, linear_weight, teacher_input,
+                                                    teacher_linear_weight, target, linear_bias,
+                                                    teacher_linear_bias, opts, error,
+                                                    linear_distillation_loss, token_weight)
+        tw, error = parallel_token_weight(token_weight, input, error)
         per_token, lbl = vocab_parallel_linear_distillation_rows(
             input, linear_weight, teacher_input, teacher_linear_weight, target, linear_bias,
             teacher_linear_bias, opts, process_group, vocab_start_index, error)
         assert opts is not None  # else the call above raised the error, on every rank
-        return reduce_tokens(per_token, lbl, opts, input.shape[:-1])
+        return reduce_tokens(per_token, lbl, opts, input.shape[:-1], tw)
     input, linear_weight, linear_bias = check_head(STUDENT, input, linear_weight, linear_bias)
     teacher_input, teacher_linear_weight, teacher_linear_bias = check_head(
         TEACHER, teacher_input, teacher_linear_weight, teacher_linear_bias)
@@ -152,8 +158,9 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
             temperature), token_weight: as in ``token_logprobs``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
         process_group, vocab_start_index: vocabulary parallelism with a class-sharded head
-            (``kl/parallel_linear.py``; chunk_size is not used there; softcap / token_weight are
-            refused there, on every rank).
+            (``kl/parallel_linear.py``, chunked over tokens as here; softcap / token_weight as
+            here, agreed on by every rank). DTensor hidden states and heads (W ``Shard(0)`` over
+            the classes: vocabulary parallel, ``kl/dtensor.py``).
 
     Returns:
         float32 log-probs (target's shape), or (log-probs, entropy); gradients reach input,
@@ -167,11 +174,19 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
     """
     options = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
                    chunk_size=chunk_size, has_token_weight=token_weight is not None)
-    if process_group is not None or vocab_start_index is not None:
+    dtensor = is_dtensor(input) or is_dtensor(linear_weight)
+    if dtensor or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
-        T = opts.temperature if opts is not None else temperature
-        return vocab_parallel_linear_token_logprobs(input, linear_weight, target, linear_bias, T,
-                                                    return_entropy, process_group, vocab_start_index, error)
+        T, cap = (opts.temperature, opts.softcap) if opts is not None else (temperature, 0.0)
+        chunk = opts.chunk_size if opts is not None else 0
+        if dtensor:  # the layout comes from the placements (kl/dtensor.py)
+            return dtensor_linear_token_logprobs(input, linear_weight, target, linear_bias, T, return_entropy,
+                                                 chunk, error, linear_token_logprobs, cap, token_weight)
+        tw, error = parallel_token_weight(token_weight, input, error)
+        res = vocab_parallel_linear_token_logprobs(input, linear_weight, target, linear_bias, T,
+                                                   return_entropy, process_group, vocab_start_index, error,
+                                                   agree_token_weight(token_weight), chunk, cap)
+        return weighted_outputs(res, tw)
     input, linear_weight, linear_bias = check_head(STUDENT, input, linear_weight, linear_bias)
     opts = make_kl(**options)
     tok = class_ids(target, input.shape[:-1], "input's leading shape")

@@ -69,6 +69,11 @@ class Grads:
                 x.new_empty((0,)) if self.db is None else self.db.to(self.w_dtype))
 
 
+def rows(h: Tensor) -> Tensor:
+    """(N, D) rows of (..., D) hidden states (D = 0 too, where -1 would be ambiguous)."""
+    return h.reshape(h.shape[:-1].numel(), h.shape[-1])
+
+
 def needs(ctx, b: Optional[Tensor]) -> tuple[bool, bool, bool]:
     return ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]
 

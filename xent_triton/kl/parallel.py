@@ -18,10 +18,10 @@ never matches a column).
 
 ``distillation_loss``: ``all_reduce(MAX)`` of the row maxima of teacher / T, student / T (and the
 student at T = 1 when ce_weight > 0): 2-3 R floats; ``all_reduce(SUM)`` of the rescaled sums (and
-the owner's label logit): 2-4 R floats; ``all_reduce(SUM)`` of the shard's divergence terms (1-2 R
-floats). The backward is local given those statistics (the per-row K of reverse_kl / jsd
-included). The shard is processed with torch ops in the compute dtype (float32, float64 for a
-float64 student): N x C_local temporaries, not the streaming kernels.
+the owner's label logit): 2-4 R floats; ``all_reduce(SUM)`` of the shard's divergence terms (1 R
+float64; 3 R for jsd). The backward is local given those statistics (the per-row W / H of
+reverse_kl / jsd included). Both run the single-device streaming kernels on the shard
+(``kl/parallel_distill.py``): no N x C_local temporaries beside the gradient.
 
 Never an N x C collective. Not checked: that tokens / labels and row counts agree across ranks
 (gloo raises a size mismatch in the all-reduce; NCCL may hang). ``torch.compile``: runs eagerly.
@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..core.exchange import FOREIGN, VocabShard, exchange_device, vocab_shard
+from ..core.formulas_torch import transform_grad, transform_logits
 from ..core.inputs import class_ids
 from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative, uses_triton
 from . import rows_torch
@@ -77,75 +78,103 @@ def global_ref(m_local: Tensor, group: Any) -> Tensor:
 # ------------------------------------------------------------------------------- token_logprobs
 
 
+def logprobs_local(z: Tensor, loc: Tensor, temperature: float, entropy: bool,
+                   scratch: bool = False, softcap: float = 0.0) -> Tensor:
+    """Per row of a shard's logits z (R, C_local): (ref, log s, H or 0, b_y or 0) of b = cap(z) / T
+    over this shard (one streaming pass: ``logprobs_forward_rows``), b_y the owned token's b; the
+    softcap is elementwise, so each shard caps its own logits (0.0: none). ``scratch``: the torch
+    path may overwrite z (the linear form's own chunk buffer)."""
+    R, C = z.shape
+    cdt = compute_dtype(z)
+    out = torch.zeros((R, 4), dtype=cdt, device=z.device)
+    if C == 0:  # an empty shard contributes nothing: log s = -inf
+        out[:, 1] = NEG_INF
+        return out
+    out[:, 3] = transform_logits(owner_gather(z, loc).to(cdt), 1.0, softcap) / temperature
+    safe = torch.where(loc >= 0, loc, torch.zeros_like(loc))
+    opts = KLOptions(temperature=temperature, return_entropy=entropy, softcap=softcap)
+    _lp, ent, st = logprobs_forward_rows(z, safe, opts, scratch)
+    out[:, :2] = st.to(cdt)
+    if entropy:
+        out[:, 2] = ent.to(cdt)
+    return out
+
+
+def logprobs_combine(local: Tensor, loc: Tensor, tokens: Tensor, n_classes: int, group: Any,
+                     entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The full-vocabulary (log-probs, entropy or (0,), stats (ref_g, log S)) from every shard's
+    ``logprobs_local`` rows: ``all_reduce(MAX)`` of R floats, ``all_reduce(SUM)`` of 2-3 R."""
+    ref_l, log_s_l, ent_l, b_y = local.unbind(1)
+    live = log_s_l > NEG_INF
+    ref_g = global_ref(torch.where(live, ref_l, torch.full_like(ref_l, NEG_INF)), group)
+    w = torch.where(live, torch.exp(ref_l - ref_g + log_s_l), torch.zeros_like(ref_l))
+    cols = [w, torch.where(loc >= 0, b_y - ref_g, torch.zeros_like(b_y))]
+    if entropy:  # s_r e^{ref_r - ref_g} (E_r[b] - ref_g), E_r[b] - ref_r = log s_r - H_r
+        cols.append(torch.where(live, w * (log_s_l - ent_l + ref_l - ref_g), torch.zeros_like(w)))
+    pack = torch.stack(cols)
+    dist.all_reduce(pack, op=dist.ReduceOp.SUM, group=group)
+    log_S = torch.log(pack[0])
+    lp = pack[1] - log_S
+    lp = torch.where((tokens >= 0) & (tokens < n_classes), lp, torch.full_like(lp, float("nan")))
+    ent = log_S - pack[2] / pack[0] if entropy else lp.new_empty((0,))
+    return lp, ent, torch.stack([ref_g, log_S], dim=1).contiguous()
+
+
+def logprobs_shard_backward_into(out: Tensor, x2: Tensor, loc: Tensor, ent: Tensor, stats: Tensor,
+                                 dlp: Optional[Tensor], dent: Optional[Tensor], temperature: float,
+                                 softcap: float = 0.0) -> None:
+    """dL/dx of a shard's logits x2 (R, C_local) into ``out`` (may be x2) from the global stats:
+    the single-device backward kernel (a localized token never matches another shard's column),
+    or torch ops on the rows (the torch path: R x C_local temporaries)."""
+    R, C = x2.shape
+    if C == 0 or R == 0:
+        return
+    if dlp is None:
+        dlp = torch.zeros((), dtype=stats.dtype, device=x2.device).expand(R)
+    T = temperature
+    if uses_triton(x2):
+        dlp32 = dlp.to(stats.dtype).contiguous()
+        dent32 = dent.to(stats.dtype).contiguous() if dent is not None else None
+        logprobs_backward_into(out, x2, loc, ent.contiguous(), stats, dlp32, dent32,
+                               KLOptions(temperature=T, softcap=softcap))
+        return
+    xs = transform_logits(x2.to(stats.dtype), 1.0, softcap)
+    logq = (xs / T - stats[:, :1]) - stats[:, 1:]
+    q = torch.exp(logq)
+    onehot = (torch.arange(C, device=x2.device)[None, :] == loc[:, None]).to(q.dtype)
+    dx = dlp.to(q.dtype)[:, None] * (onehot - q)
+    if dent is not None:
+        dx = dx - dent.to(q.dtype)[:, None] * torch.where(q > 0, q * (logq + ent[:, None]),
+                                                          torch.zeros_like(q))
+    out.copy_(transform_grad(dx / T, xs, 1.0, softcap))
+
+
 class VocabParallelLogprobs(torch.autograd.Function):
     """forward: shard pass + MAX + SUM all-reduces (O(R)); backward: local."""
 
     @staticmethod
     def forward(ctx, x2: Tensor, tokens: Tensor, shard: VocabShard, group: Any, temperature: float,
-                entropy: bool):
-        R, C = x2.shape
-        cdt = compute_dtype(x2)
+                entropy: bool, softcap: float):
         loc = localize(tokens, shard)
-        if C == 0:  # an empty shard contributes nothing
-            ref_l = torch.zeros(R, dtype=cdt, device=x2.device)
-            log_s_l = torch.full((R,), NEG_INF, dtype=cdt, device=x2.device)
-            ent_l = torch.zeros(R, dtype=cdt, device=x2.device)
-        else:
-            safe = torch.where(loc >= 0, loc, torch.zeros_like(loc))
-            _lp, ent_l, st = logprobs_forward_rows(x2, safe, KLOptions(temperature=temperature,
-                                                                         return_entropy=entropy))
-            ref_l, log_s_l = st[:, 0].to(cdt), st[:, 1].to(cdt)
-            ent_l = ent_l.to(cdt) if entropy else None
-        live = log_s_l > NEG_INF
-        ref_g = global_ref(torch.where(live, ref_l, torch.full_like(ref_l, NEG_INF)), group)
-        w = torch.where(live, torch.exp(ref_l - ref_g + log_s_l), torch.zeros_like(ref_l))
-        b_y = owner_gather(x2, loc).to(cdt) / temperature
-        cols = [w, torch.where(loc >= 0, b_y - ref_g, torch.zeros_like(b_y))]
-        if entropy:  # s_r e^{ref_r - ref_g} (E_r[b] - ref_g), E_r[b] - ref_r = log s_r - H_r
-            cols.append(torch.where(live, w * (log_s_l - ent_l + ref_l - ref_g), torch.zeros_like(w)))
-        pack = torch.stack(cols)
-        dist.all_reduce(pack, op=dist.ReduceOp.SUM, group=group)
-        log_S = torch.log(pack[0])
-        lp = pack[1] - log_S
-        lp = torch.where((tokens >= 0) & (tokens < shard.n_classes), lp, torch.full_like(lp, float("nan")))
-        ent = log_S - pack[2] / pack[0] if entropy else lp.new_empty((0,))
-        stats = torch.stack([ref_g, log_S], dim=1).contiguous()
+        local = logprobs_local(x2, loc, temperature, entropy, softcap=softcap)  # the kernel path reads x2
+        lp, ent, stats = logprobs_combine(local, loc, tokens, shard.n_classes, group, entropy)
         ctx.save_for_backward(x2, loc, ent, stats)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.softcap = temperature, softcap
         ctx.set_materialize_grads(False)
         return lp, ent
 
     @staticmethod
     def backward(ctx, dlp, dent):
         x2, loc, ent, stats = ctx.saved_tensors
-        R, C = x2.shape
-        if dlp is None:
-            dlp = torch.zeros((), dtype=stats.dtype, device=x2.device).expand(R)
         out = alloc(x2.shape, x2.dtype, x2.device)
-        if C == 0 or R == 0:
-            return (no_second_derivative(out, "token_logprobs"),) + (None,) * 5
-        T = ctx.temperature
-        if uses_triton(x2):
-            dlp32 = dlp.to(stats.dtype).contiguous()
-            dent32 = dent.to(stats.dtype).contiguous() if dent is not None else None
-            logprobs_backward_into(out, x2, loc, ent.contiguous(), stats, dlp32, dent32,
-                                   KLOptions(temperature=T))
-        else:
-            logq = (x2.to(stats.dtype) / T - stats[:, :1]) - stats[:, 1:]
-            q = torch.exp(logq)
-            onehot = (torch.arange(C, device=x2.device)[None, :] == loc[:, None]).to(q.dtype)
-            dx = dlp.to(q.dtype)[:, None] * (onehot - q)
-            if dent is not None:
-                dx = dx - dent.to(q.dtype)[:, None] * torch.where(q > 0, q * (logq + ent[:, None]),
-                                                                  torch.zeros_like(q))
-            out.copy_(dx / T)
-        return (no_second_derivative(out, "token_logprobs"),) + (None,) * 5
+        logprobs_shard_backward_into(out, x2, loc, ent, stats, dlp, dent, ctx.temperature, ctx.softcap)
+        return (no_second_derivative(out, "token_logprobs"),) + (None,) * 6
 
 
 def vocab_parallel_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, return_entropy: bool,
                                   process_group: Any, vocab_start_index: Optional[int] = None,
                                   extra_agree: Optional[dict] = None,
-                                  options_error: Optional[BaseException] = None):
+                                  options_error: Optional[BaseException] = None, softcap: float = 0.0):
     """``token_logprobs`` over a class shard (``token_logprobs(..., process_group=)`` calls it).
 
     ``logits``: this rank's (..., C_local) slice; ``tokens``: GLOBAL ids. Returns the
@@ -153,17 +182,18 @@ def vocab_parallel_token_logprobs(logits: Tensor, tokens: Tensor, temperature: f
     logits). Validation errors on any rank are raised on every rank after the layout exchange.
     ``temperature``: validated by the caller, which passes its error as ``options_error`` instead
     of raising (this rank's own validation error, raised after the exchange; the linear form's:
-    the head's operands too); ``extra_agree``: more values that must agree across ranks.
+    the head's operands too); ``extra_agree``: more values that must agree across ranks;
+    ``softcap``: validated by the caller (0.0: none), agreed on.
     """
     args = (logits, tokens, temperature, return_entropy, process_group, vocab_start_index, extra_agree or {},
-            options_error)
+            options_error, softcap)
     if is_compiling():
         return torch.compiler.disable(_token_logprobs)(*args)
     return _token_logprobs(*args)
 
 
 def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, vocab_start_index,
-                    extra_agree, options_error):
+                    extra_agree, options_error, softcap):
     local_error, tok, C_local = options_error, None, 0
     try:
         check_shard_logits("input", logits)
@@ -172,11 +202,12 @@ def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, 
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange: no rank hangs
         local_error = local_error or e
     agree = dict(temperature=temperature if local_error is None else 0.0,
-                 return_entropy=float(bool(return_entropy)), **extra_agree)
+                 return_entropy=float(bool(return_entropy)), softcap=softcap if local_error is None else 0.0,
+                 **extra_agree)
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, logits), vocab_start_index,
                         agree, "vocab-parallel token_logprobs", True, local_error)
     token_range_check(tok, shard.n_classes)
     lp, ent = VocabParallelLogprobs.apply(logits.reshape(tok.numel(), C_local), tok, shard, process_group,
-                                          temperature, bool(return_entropy))
+                                          temperature, bool(return_entropy), softcap)
     shape = logits.shape[:-1]
     return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)

@@ -7,18 +7,15 @@ from typing import Any, Optional
 
 from ..core.dtensor import (
     Partial,
-    ReduceGradOver,
-    Replicate,
-    Shard,
     agree_rows,
     chunk_start,
     finish,
     full_tensor,
+    head_plan,
     is_dtensor,
     local_part,
-    plan,
 )
-from ..core.exchange import agreement
+from ..core.exchange import ReduceGradOver, agreement
 from ..core.inputs import autocast_operands, check_linear_operands, check_weight, class_ids
 from ..core.options import LossOptions, check_chunking
 from ..core.runtime import compute_dtype
@@ -44,32 +41,7 @@ def dtensor_linear_cross_entropy(input: Any, linear_weight: Any, target: Any, li
     invalid option, raised after the agreement, on every rank alike).
     """
     what = "linear_cross_entropy on DTensors"
-    if not is_dtensor(input):
-        raise TypeError(
-            f"{what}: linear_weight is a DTensor ({linear_weight.placements}) but the hidden states are "
-            "a plain tensor. A Shard(0) weight read outside its module's forward is an FSDP2 parameter "
-            "still sharded (never tensor parallelism): compute the loss inside the FSDP-wrapped "
-            "module's forward, where the weight is unsharded (xent_triton.parallel.FusedLMHead). For "
-            "tensor parallelism pass the hidden states as a DTensor on the weight's mesh.")
-    if not is_dtensor(linear_weight):
-        raise TypeError(f"{what}: the hidden states are a DTensor but linear_weight is a plain tensor; "
-                        "make the weight a DTensor on the same mesh (Replicate, or Shard(0) for TP)")
-    mesh = input.device_mesh
-    if linear_weight.device_mesh != mesh or (is_dtensor(linear_bias) and linear_bias.device_mesh != mesh):
-        raise ValueError(f"{what}: the hidden states, the weight and the bias must be on the same mesh")
-    tp = None
-    for i, p in enumerate(linear_weight.placements):
-        if isinstance(p, Shard) and p.dim % 2 == 0:
-            tp = i
-        elif not isinstance(p, Replicate):
-            raise ValueError(f"{what}: linear_weight placement {p} on mesh dim {i}: only Shard(0) (the "
-                             "vocabulary) and Replicate are supported")
-    _, rows_pl, batch = plan(input, None, what)
-    if tp is not None and tp in batch:
-        raise ValueError(f"{what}: the hidden states must be replicated over the vocabulary-parallel mesh "
-                         f"dim {tp}")
-    if is_dtensor(linear_bias) and list(linear_bias.placements) != list(linear_weight.placements):
-        raise ValueError(f"{what}: the bias must be placed like the weight ({linear_weight.placements})")
+    mesh, tp, rows_pl, batch = head_plan(input, linear_weight, linear_bias, what)
     # W / b replicated over a batch-sharded mesh dim saw only this rank's tokens: their gradient is
     # summed over that dim in backward (one all-reduce of the local shard, the data-parallel
     # gradient reduction), so that it comes back with W's own placements; the input's gradient
