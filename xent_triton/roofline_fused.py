@@ -10,12 +10,19 @@ Model, bf16, forward + backward, N tokens of which a fraction ``ignored`` is ign
   and the path makes no host sync, so ignored rows are not skipped there;
 * bytes: the epilogue's 16-bit write (n C 2), the dZ kernel's read + write (N C 4; ignored rows
   write only: counted as read too, the high side), partials (n C 20 / 256 written and read),
-  compaction gather / scatter (3 N D 2), the in-place dW scale (C D 4); exponentials (n C, MUFU)
-  assumed hidden under the MMAs.
+  compaction gather / scatter (3 N D 2); dW: one chunk (N <= ``fused_head.DEFAULT_CHUNK_ROWS``)
+  is written by one GEMM in bf16, several accumulate in fp32 (high end only: the read-modify-write
+  of every chunk after the first, C D 8 each; the low end assumes it overlapped); the backward
+  scales the saved dX / dW OUT of place through fp32 (``_FusedHead.backward``: ``.float()``,
+  ``* s``, ``.to``): 20 bytes per bf16 element (2 + 4 read and written, 4 + 2), 14 for the fp32
+  accumulator; exponentials (n C, MUFU) assumed hidden under the MMAs. The GEMMs' own operand
+  traffic is inside their rates, as in ``roofline.linear_head_estimate``.
 """
 from __future__ import annotations
 
 from .roofline import DEVICES, Device, linear_head_estimate
+
+DEFAULT_CHUNK_ROWS = 4096  # = linear/fused_head.DEFAULT_CHUNK_ROWS (checked by tests/test_roofline.py)
 
 
 def fused_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
@@ -24,11 +31,14 @@ def fused_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
     """{'floor_ms', 'fused_ms', 'ratio'} as (low, high) pairs (module docstring)."""
     n = round((1.0 - ignored) * N)
     ndc = N * D * C
-    byts = n * C * 2 + N * C * 4 + 2 * n * C * 20 / 256 + 3 * N * D * 2 + C * D * 4
+    chunks = -(-N // DEFAULT_CHUNK_ROWS)
+    scale = N * D * 20 + C * D * (20 if chunks == 1 else 14)   # backward: out-of-place fp32 scaling
+    byts = n * C * 2 + N * C * 4 + 2 * n * C * 20 / 256 + 3 * N * D * 2 + scale
+    rmw = (chunks - 1) * C * D * 8
     floors, fused = [], []
-    for cub, tri in ((gemm_tflops[1], triton_tflops[1]), (gemm_tflops[0], triton_tflops[0])):
+    for cub, tri, extra in ((gemm_tflops[1], triton_tflops[1], 0), (gemm_tflops[0], triton_tflops[0], rmw)):
         floors.append(6 * ndc / (cub * 1e12) * 1e3)
-        t = 2 * n * D * C / (tri * 1e12) + 4 * ndc / (cub * 1e12) + byts / dev.bandwidth
+        t = 2 * n * D * C / (tri * 1e12) + 4 * ndc / (cub * 1e12) + (byts + extra) / dev.bandwidth
         fused.append(t * 1e3)
     return {"floor_ms": tuple(round(v, 2) for v in floors), "fused_ms": tuple(round(v, 2) for v in fused),
             "ratio": tuple(round(f / fl, 3) for f, fl in zip(fused, floors))}
