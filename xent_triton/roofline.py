@@ -311,3 +311,36 @@ def linear_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
     out["ours_ms"] = (round(ours[0], 2), round(ours[1], 2))
     out["ratio"] = (round(ours[0] / floors[0], 3), round(ours[1] / floors[1], 3))
     return out
+
+
+HEADLINE = [  # (label, kind, N, D, C, B, mode, provider, per_token): docs/performance.md's table
+    ("N=8192, C=128256, bf16", "ce", 8192, 0, 128256, 2, "fwdbwd", "xent_triton", False),
+    ("same, no-grad fwd", "ce", 8192, 0, 128256, 2, "nograd", "xent_triton", False),
+    ("same, fp32", "ce", 8192, 0, 128256, 4, "fwdbwd", "xent_triton", False),
+    ("N=8192, C=262144, bf16", "ce", 8192, 0, 262144, 2, "fwdbwd", "xent_triton", False),
+    ("N=16384, C=151936, bf16", "ce", 16384, 0, 151936, 2, "fwdbwd", "xent_triton", False),
+    ("N=8192, C=32000, bf16", "ce", 8192, 0, 32000, 2, "fwdbwd", "xent_triton", False),
+    ("torch eager, N=8192, C=128256, bf16", "ce", 8192, 0, 128256, 2, "fwdbwd", "torch", False),
+    ("torch eager .float(), same", "ce", 8192, 0, 128256, 2, "fwdbwd", "torch_float", False),
+    ("linear head default (token chunks), N=8192, D=4096, C=128256, bf16", "linear", 8192, 4096, 128256, 2,
+     "fwdbwd", "xent_triton", False),
+    ("linear head per-token (reduction none), same", "linear", 8192, 4096, 128256, 2, "fwdbwd",
+     "xent_triton", True),
+    ("torch F.linear + .float() CE, same", "linear", 8192, 4096, 128256, 2, "fwdbwd", "torch_float", False),
+]
+
+
+def main() -> None:
+    """Print the roofline floors of the headline cases (docs/performance.md) at the datasheet peaks."""
+    names = ("H100 SXM", "H200", "A100")
+    print(f"{'case':70} {'mode':7} {'GB':>7} {'TFLOP':>6} " + " ".join(f"{n:>9}" for n in names) + "  bound")
+    for label, kind, N, D, C, B, mode, provider, per_token in HEADLINE:
+        c = (cross_entropy_cost(N, C, B, mode, provider) if kind == "ce" else
+             linear_cross_entropy_cost(N, D, C, B, mode, provider, per_token=per_token))
+        ms = " ".join(f"{time_floor(c, DEVICES[n]) * 1e3:7.2f}ms" for n in names)
+        print(f"{label:70} {mode:7} {c.bytes / 1e9:7.2f} {c.mma_flops / 1e12:6.1f} {ms}  "
+              f"{bound(c, DEVICES['H200'])}")
+
+
+if __name__ == "__main__":
+    main()
