@@ -44,9 +44,11 @@ the designs of today, on CUDA (the GPU's chunking, ``chunked.token_rows``):
 * no-grad forward: the fused partials kernel (2P).
 
 Bytes count each GEMM's operands and result once (the ideal-reuse floor of a vendor GEMM); the
-interpreter's traffic counter counts aten GEMMs the same way (``tests/test_roofline.py`` checks
-the model's FLOPs exactly and its bytes within 2 % on fp32 operands, whose CPU run has no
-upcast copies). The materialising torch head is F.linear (2P, writes the logits) + the eager
+interpreter's traffic counter counts aten GEMMs the same way, plus an ``out=`` result as an
+argument (``tests/test_roofline.py`` checks the model's FLOPs exactly and the token-chunked
+path's bytes within 2 % on fp32 operands, whose CPU run has no upcast copies; the per-token and
+no-grad bytes are a floor, O(N) eager ops not modelled).
+The materialising torch head is F.linear (2P, writes the logits) + the eager
 cross-entropy above + the dX, dW products (4P, reading the logits' gradient twice): 6P.
 ``linear_head_memory`` is the peak extra memory of the default head (formula checked against the
 profiler's peaks per C*D element by ``tests/test_roofline.py``).
