@@ -63,13 +63,13 @@ def model_fields(p, kind, N, C, D, B, mode, dev, ceil) -> dict:
     from perf import providers as P
     from xent_triton import roofline
 
+    ign = P.ignored_fraction(N)  # make_inputs ignores every 10th token, for both kinds
     if kind == "ce":
-        ign = P.ignored_fraction(N)
         ideal = roofline.cross_entropy_cost(N, C, B, mode, ignored=ign)
         own = roofline.cross_entropy_cost(N, C, B, mode, p.model, ignored=ign) if p.model else None
     else:
-        ideal = roofline.linear_cross_entropy_cost(N, D, C, B, mode)
-        own = roofline.linear_cross_entropy_cost(N, D, C, B, mode, p.model) if p.model else None
+        ideal = roofline.linear_cross_entropy_cost(N, D, C, B, mode, ignored=ign)
+        own = roofline.linear_cross_entropy_cost(N, D, C, B, mode, p.model, ignored=ign) if p.model else None
     f = {"logits_bytes": N * C * B, "ideal_bytes": int(ideal.bytes), "ideal_flops": int(ideal.flops),
          "ideal_mma_flops": int(ideal.mma_flops), "model_bytes": int(own.bytes) if own else ""}
     if dev is not None:

@@ -26,15 +26,32 @@ backward writes zeros once): 2x + 4x = 6x with ``gather_full=False``. The ``.flo
 transformers on low-precision logits adds an fp32 copy each way and runs everything in fp32:
 per element B + 4*4 forward, 6*4 + B backward (bf16: 9x + 13x = 22x the bf16 logits).
 
-Linear head ``xent_triton.linear_cross_entropy`` (X (N, D), W (C, D), P = N*D*C): 2P tensor FLOPs
-forward, 6P backward (logit tile recomputed, dX and dW products) = 8P; bytes under the ideal-reuse
-assumption (each operand crosses DRAM once per pass, tiles reused from L2/SRAM): forward X and W;
-backward X and W read, the fp32 gradients of dX and dW written once (atomics resolved in L2) and,
-for 16-bit inputs, read back and written in the input dtype (4 + B per element). The real kernels
-re-read parts of the dW accumulator and traffic.py also counts their zero-fill and L2-resident
-atomics (see ``linear/kernels.py``): this is a floor, not a count. The
-materialising torch head is F.linear (2P, writes the logits) + the eager cross-entropy above +
-the dX, dW products (4P, reading the logits' gradient twice): 6P.
+Linear head ``xent_triton.linear_cross_entropy`` (X (N, D), W (C, D), P = N*D*C; ``linear/chunked.py``),
+the designs of today, on CUDA (the GPU's chunking, ``chunked.token_rows``):
+
+* token-chunked default (``mean`` / ``sum``, no ``return_lse``): the forward does all 6P, in
+  vendor GEMMs (logits 2P, dX 2P, dW 2P per chunk of rows); per kept logit it moves 12 + 3B bytes
+  (fp32 logits written by the GEMM 4, read twice by the chunk kernel 8, dZ written B and read by
+  the dX and dW GEMMs 2B); per chunk W is read twice (logits and dX GEMMs); dW is written once in
+  the parameter dtype when the kept rows fit ONE chunk, else accumulated in fp32 (the first chunk
+  writes, each later one reads and writes C*D*4) and converted once (C*D*(4 + B)). The backward
+  only scales dX and dW in place (read + write). Ignored rows are compacted away first (gather of
+  X, scatter of dX: ~3 N D B bytes): the GEMMs and the chunk kernel see the n kept rows only;
+* per-token (``reduction="none"``, ``return_lse``; ``per_token=True``): forward = the fused
+  partials kernel (2P, X and W read once under ideal tile reuse), backward = recompute by
+  vocabulary splits (6P: logits, dX += dZ_s W_s into an fp32 accumulator, dW_s written once),
+  8 + 3B bytes per logit (fp32 logits written and read once, dZ written and read twice);
+* no-grad forward: the fused partials kernel (2P).
+
+Bytes count each GEMM's operands and result once (the ideal-reuse floor of a vendor GEMM); the
+interpreter's traffic counter counts aten GEMMs the same way, plus an ``out=`` result as an
+argument (``tests/package/test_roofline.py`` checks the model's FLOPs exactly and the token-chunked
+path's bytes within 2 % on fp32 operands, whose CPU run has no upcast copies; the per-token and
+no-grad bytes are a floor, O(N) eager ops not modelled).
+The materialising torch head is F.linear (2P, writes the logits) + the eager
+cross-entropy above + the dX, dW products (4P, reading the logits' gradient twice): 6P.
+``linear_head_memory`` is the peak extra memory of the default head (formula checked against the
+profiler's peaks per C*D element by ``tests/package/test_roofline.py``).
 
 Time floor = max(bytes / bandwidth, tensor FLOPs / tensor rate, FLOPs / fp32 rate, exps / MUFU rate).
 """
@@ -131,29 +148,6 @@ def cross_entropy_cost(N: int, C: int, B: int, mode: str, provider: str = "xent_
     raise ValueError(f"no cost model for provider {provider!r}; known: {CE_PROVIDERS}")
 
 
-def linear_cross_entropy_cost(N: int, D: int, C: int, B: int, mode: str,
-                              provider: str = "xent_triton") -> Cost:
-    """Cost of cross-entropy of X W^T (X (N, D), W (C, D)); see the module docstring.
-
-    ``provider``: ``xent_triton`` (fused, ideal reuse) or ``torch`` / ``torch_float`` (F.linear
-    then that cross-entropy, then the two gradient GEMMs).
-    """
-    _check(mode)
-    P = N * D * C
-    ops_ = (N + C) * D                                # operand elements (X and W)
-    if provider == "xent_triton":
-        per = Cost(0, FLOPS_PER_LOGIT * N * C, 0, N * C)
-        fwd = per + Cost(ops_ * B + N * (FWD_ROW_BYTES + 20), mma_flops=2 * P)
-        cast = ops_ * (4 + B) if B < 4 else 0         # low precision: read fp32 sums, write B
-        bwd = per + Cost(ops_ * B + ops_ * 4 + cast + N * BWD_ROW_BYTES, mma_flops=6 * P)
-        return _compose(mode, fwd, bwd)
-    logits = N * C * B
-    gemm_f = Cost(ops_ * B + logits, mma_flops=2 * P)
-    gemm_b = Cost(2 * logits + 2 * ops_ * B, mma_flops=4 * P)  # dX = G W, dW = G^T X
-    ce = {m: cross_entropy_cost(N, C, B, m, provider) for m in ("fwd", "bwd")}
-    return _compose(mode, gemm_f + ce["fwd"], ce["bwd"] + gemm_b)
-
-
 def logits_bytes(N: int, C: int, B: int) -> int:
     return N * C * B
 
@@ -181,12 +175,112 @@ def bound(cost: Cost, dev: Device) -> str:
     return max(t, key=t.get)
 
 
-# ------------------------------------------------------------------ linear head ESTIMATE (issue 20)
+# ----------------------------------------------------- linear head ESTIMATE (issue 20, linear/chunked.py)
 # = linear/chunked.GPU_WORKSPACE_BYTES (checked by tests/package/test_roofline.py)
 GPU_WORKSPACE_BYTES = 3 << 29
+GPU_MIN_ROWS = 1024             # = linear/chunked.GPU_MIN_ROWS
 ACC_BYTES = 4                   # = linear/chunked.ACC_BYTES: the fp32 dW accumulator per C·D element
-CHUNK_BYTES_PER_LOGIT = 14      # fp32 logits written by the GEMM + chunk kernel (2 reads, 16-bit dZ write)
+CHUNK_BYTES_PER_LOGIT = 14      # bf16: fp32 logits written by the GEMM, read twice, 16-bit dZ written
 SYNC_S = 30e-6                  # the compaction's one host sync (count of kept rows), upper figure
+
+
+def workspace_per_logit(B: int) -> int:
+    """CUDA workspace bytes per chunk logit: fp32 logits + a B-byte dZ (fp32: dZ in place)."""
+    return 4 + (B if B < 4 else 0)
+
+
+def _chunk_rows(n: int, C: int, B: int, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return max(1, min(n, chunk_size))
+    rows = max(GPU_MIN_ROWS, GPU_WORKSPACE_BYTES // max(1, C * workspace_per_logit(B)))
+    return max(1, min(n, max(128, rows // 128 * 128)))
+
+
+def token_chunking(n: int, D: int, C: int, B: int, chunk_size: Optional[int] = None) -> tuple[int, int]:
+    """(rows per chunk, chunks) of the token-chunked head over n kept rows on CUDA, as
+    ``chunked.token_rows``: the workspace budget's rows, or all n rows in ONE chunk when that
+    workspace is at most the budget + the C·D·4 bytes of fp32 accumulator it does without."""
+    rows = _chunk_rows(n, C, B, chunk_size)
+    if chunk_size is None and rows < n and \
+            n * C * workspace_per_logit(B) <= GPU_WORKSPACE_BYTES + C * D * ACC_BYTES:
+        rows = n
+    return rows, (-(-n // rows) if n else 0)
+
+
+def split_columns(n: int, C: int, B: int, chunk_size: Optional[int] = None) -> int:
+    """Classes per vocabulary split of the per-token recompute backward (``chunked.split_cols``)."""
+    cols = max(128, _chunk_rows(n, C, B, chunk_size) * C // max(1, n) // 128 * 128)
+    return max(1, min(C, cols))
+
+
+def _dw_bytes(C: int, D: int, B: int, chunks: int, accum_fp32: bool) -> int:
+    """Traffic of dW beyond its GEMMs' operands: one chunk writes it once in the parameter dtype;
+    several read-modify-write the accumulator (fp32, converted once at the end, or B bytes)."""
+    if chunks <= 1:
+        return C * D * B
+    acc = ACC_BYTES if accum_fp32 else B
+    return C * D * acc * (2 * chunks - 1) + (C * D * (acc + B) if acc != B else 0)
+
+
+def linear_cross_entropy_cost(N: int, D: int, C: int, B: int, mode: str, provider: str = "xent_triton",
+                              *, ignored: float = 0.0, per_token: bool = False,
+                              chunk_size: Optional[int] = None, accum_fp32: bool = True) -> Cost:
+    """Cost of cross-entropy of X W^T (X (N, D), W (C, D)); see the module docstring.
+
+    ``provider``: ``xent_triton`` (today's head: token-chunked, or ``per_token=True`` the fused
+    forward + recompute backward) or ``torch`` / ``torch_float`` (F.linear then that
+    cross-entropy, then the two gradient GEMMs). ``ignored``: fraction of the tokens ignored
+    (compacted away by ours). ``chunk_size`` / ``accum_fp32``: the head's options.
+    """
+    _check(mode)
+    P = N * D * C
+    ops_ = (N + C) * D                                # operand elements (X and W)
+    if provider != "xent_triton":
+        logits = N * C * B
+        gemm_f = Cost(ops_ * B + logits, mma_flops=2 * P)
+        gemm_b = Cost(2 * logits + 2 * ops_ * B, mma_flops=4 * P)  # dX = G W, dW = G^T X
+        ce = {m: cross_entropy_cost(N, C, B, m, provider) for m in ("fwd", "bwd")}
+        return _compose(mode, gemm_f + ce["fwd"], ce["bwd"] + gemm_b)
+    n = round((1.0 - ignored) * N)
+    p = n * D * C
+    compact = 3 * N * D * B if n < N else 0
+    rows_out = N * (FWD_ROW_BYTES + B)
+    nograd = Cost(ops_ * B + rows_out, FLOPS_PER_LOGIT * n * C, 2 * p, n * C)
+    if per_token:
+        splits = -(-C // split_columns(n, C, B, chunk_size)) if n else 0
+        fwd = nograd
+        bwd = Cost(n * C * (8 + 3 * B) + 2 * splits * n * D * B + 3 * C * D * B + compact
+                   + n * D * (ACC_BYTES * (2 * splits - 1) + ACC_BYTES + B) + N * BWD_ROW_BYTES,
+                   FLOPS_PER_LOGIT * n * C, 6 * p, n * C)
+        return _compose(mode, fwd, bwd, nograd)
+    rows, chunks = token_chunking(n, D, C, B, chunk_size)
+    fwd = Cost(n * C * (12 + 3 * B) + 2 * chunks * C * D * B + 3 * n * D * B + compact + rows_out
+               + _dw_bytes(C, D, B, chunks, accum_fp32), 2 * FLOPS_PER_LOGIT * n * C, 6 * p, 2 * n * C)
+    bwd = Cost(2 * (N + C) * D * B)                   # dX and dW scaled in place by g / denominator
+    return _compose(mode, fwd, bwd, nograd)
+
+
+def linear_head_memory(N: int, D: int, C: int, B: int, *, ignored: float = 0.0,
+                       chunk_size: Optional[int] = None, accum_fp32: bool = True) -> dict:
+    """Peak extra bytes of the default (token-chunked) head's forward + backward on CUDA, beyond
+    the inputs, O(N) omitted: {'rows', 'chunks', 'workspace', 'dw', 'dx', 'peak'}.
+
+    One chunk: workspace n·C·(4 + B) + dW C·D·B + dX N·D·B (the GEMM writes dW once in the
+    parameter dtype). Several: the workspace and the fp32 accumulator C·D·4 live together, then
+    the accumulator and its conversion to the parameter dtype C·D·B:
+    max(workspace + C·D·4, C·D·(4 + B)) + dX. The backward scales in place: adds nothing."""
+    n = round((1.0 - ignored) * N)
+    rows, chunks = token_chunking(n, D, C, B, chunk_size)
+    ws = rows * C * workspace_per_logit(B)
+    dx = N * D * B
+    if chunks <= 1:
+        dw = C * D * B
+        peak = ws + dw + dx
+    else:
+        acc = ACC_BYTES if accum_fp32 else B
+        dw = C * D * (acc + (B if acc != B else 0))
+        peak = max(ws + C * D * acc, dw) + dx
+    return {"rows": rows, "chunks": chunks, "workspace": ws, "dw": dw, "dx": dx, "peak": peak}
 
 
 def linear_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
@@ -205,11 +299,7 @@ def linear_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
     compaction: gather of the kept rows and scatter of dX (~3 N D 2 bytes) and one host sync.
     Returns {'rows_per_chunk', 'chunks', 'floor_ms': (lo, hi), 'ours_ms': (lo, hi), 'ratio': (lo, hi)}."""
     n = round((1.0 - ignored) * N)
-    per_logit = 6  # fp32 logits + bf16 dZ
-    budget_rows = max(1024, GPU_WORKSPACE_BYTES // (C * per_logit)) // 128 * 128
-    one = n * C * per_logit <= GPU_WORKSPACE_BYTES + C * D * ACC_BYTES
-    rows = n if one or budget_rows >= n else budget_rows
-    chunks = max(1, -(-n // rows))
+    rows, chunks = token_chunking(n, D, C, 2)
     cd = C * D
     fixed = n * C * CHUNK_BYTES_PER_LOGIT + cd * 4 + (cd * 6 if chunks > 1 else 0)
     fixed += 3 * N * D * 2 if n < N else 0
@@ -224,3 +314,36 @@ def linear_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
     out["ours_ms"] = (round(ours[0], 2), round(ours[1], 2))
     out["ratio"] = (round(ours[0] / floors[0], 3), round(ours[1] / floors[1], 3))
     return out
+
+
+HEADLINE = [  # (label, kind, N, D, C, B, mode, provider, per_token): docs/performance.md's table
+    ("N=8192, C=128256, bf16", "ce", 8192, 0, 128256, 2, "fwdbwd", "xent_triton", False),
+    ("same, no-grad fwd", "ce", 8192, 0, 128256, 2, "nograd", "xent_triton", False),
+    ("same, fp32", "ce", 8192, 0, 128256, 4, "fwdbwd", "xent_triton", False),
+    ("N=8192, C=262144, bf16", "ce", 8192, 0, 262144, 2, "fwdbwd", "xent_triton", False),
+    ("N=16384, C=151936, bf16", "ce", 16384, 0, 151936, 2, "fwdbwd", "xent_triton", False),
+    ("N=8192, C=32000, bf16", "ce", 8192, 0, 32000, 2, "fwdbwd", "xent_triton", False),
+    ("torch eager, N=8192, C=128256, bf16", "ce", 8192, 0, 128256, 2, "fwdbwd", "torch", False),
+    ("torch eager .float(), same", "ce", 8192, 0, 128256, 2, "fwdbwd", "torch_float", False),
+    ("linear head default (token chunks), N=8192, D=4096, C=128256, bf16", "linear", 8192, 4096, 128256, 2,
+     "fwdbwd", "xent_triton", False),
+    ("linear head per-token (reduction none), same", "linear", 8192, 4096, 128256, 2, "fwdbwd",
+     "xent_triton", True),
+    ("torch F.linear + .float() CE, same", "linear", 8192, 4096, 128256, 2, "fwdbwd", "torch_float", False),
+]
+
+
+def main() -> None:
+    """Print the roofline floors of the headline cases (docs/performance.md) at the datasheet peaks."""
+    names = ("H100 SXM", "H200", "A100")
+    print(f"{'case':70} {'mode':7} {'GB':>7} {'TFLOP':>6} " + " ".join(f"{n:>9}" for n in names) + "  bound")
+    for label, kind, N, D, C, B, mode, provider, per_token in HEADLINE:
+        c = (cross_entropy_cost(N, C, B, mode, provider) if kind == "ce" else
+             linear_cross_entropy_cost(N, D, C, B, mode, provider, per_token=per_token))
+        ms = " ".join(f"{time_floor(c, DEVICES[n]) * 1e3:7.2f}ms" for n in names)
+        print(f"{label:70} {mode:7} {c.bytes / 1e9:7.2f} {c.mma_flops / 1e12:6.1f} {ms}  "
+              f"{bound(c, DEVICES['H200'])}")
+
+
+if __name__ == "__main__":
+    main()

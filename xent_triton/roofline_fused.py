@@ -9,12 +9,20 @@ Model, bf16, forward + backward, N tokens of which a fraction ``ignored`` is ign
   ``triton_tflops`` (an assumption: a range from 550 TFLOP/s to cuBLAS's own rate; the GPU
   script measures it);
 * bytes: the epilogue's 16-bit write (n C 2), the dZ kernel's read + write of the kept rows
-  (n C 4), partials (n C 20 / 256 written and read), compaction gather / scatter (3 N D 2), the
-  in-place dW scale (C D 4); exponentials (n C, MUFU) assumed hidden under the MMAs.
+  (n C 4), partials (n C 20 / 256 written and read), compaction gather / scatter (3 N D 2); dW:
+  one chunk (N <= ``fused_head.DEFAULT_CHUNK_ROWS``) is written by one GEMM in bf16, several
+  accumulate in fp32 (high end only: the read-modify-write of every chunk after the first, C D 8
+  each, whatever its kept-row count; the low end assumes it overlapped); the backward scales the
+  saved bf16 dX / dW IN place (``_FusedHead.backward`` -> ``linear.ops.scaled``: ``mul_``), a
+  read + write of (N + C) D 2 bytes each; exponentials (n C, MUFU) assumed hidden under the MMAs.
+  The GEMMs' own operand traffic is inside their rates, as in ``roofline.linear_head_estimate``.
 """
 from __future__ import annotations
 
 from .roofline import DEVICES, Device, linear_head_estimate
+
+# = linear/fused_head.DEFAULT_CHUNK_ROWS (checked by tests/package/test_roofline.py)
+DEFAULT_CHUNK_ROWS = 4096
 
 
 def fused_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
@@ -23,11 +31,14 @@ def fused_head_estimate(N: int, D: int, C: int, ignored: float, dev: Device,
     """{'floor_ms', 'fused_ms', 'ratio'} as (low, high) pairs (module docstring)."""
     n = round((1.0 - ignored) * N)
     ndc = N * D * C
-    byts = n * C * 2 + n * C * 4 + 2 * n * C * 20 / 256 + 3 * N * D * 2 + C * D * 4
+    chunks = -(-N // DEFAULT_CHUNK_ROWS)
+    scale = (N + C) * D * 4                     # backward: in-place scaling of the saved bf16 dX, dW
+    byts = n * C * 2 + n * C * 4 + 2 * n * C * 20 / 256 + 3 * N * D * 2 + scale
+    rmw = (chunks - 1) * C * D * 8
     floors, fused = [], []
-    for cub, tri in ((gemm_tflops[1], triton_tflops[1]), (gemm_tflops[0], triton_tflops[0])):
+    for cub, tri, extra in ((gemm_tflops[1], triton_tflops[1], 0), (gemm_tflops[0], triton_tflops[0], rmw)):
         floors.append(6 * ndc / (cub * 1e12) * 1e3)
-        t = 6 * n * D * C / (tri * 1e12) + byts / dev.bandwidth
+        t = 6 * n * D * C / (tri * 1e12) + (byts + extra) / dev.bandwidth
         fused.append(t * 1e3)
     return {"floor_ms": tuple(round(v, 2) for v in floors), "fused_ms": tuple(round(v, 2) for v in fused),
             "ratio": tuple(round(f / fl, 3) for f, fl in zip(fused, floors))}

@@ -1,5 +1,5 @@
 """The torch twins of the jit helpers of ``core/formulas_triton.py``: one twin per helper, of the
-same name, the same formula in plain torch ops, in the same order of operations (tests/test_twins.py
+same name, the same formula in plain torch ops, in the same order of operations (tests/core/test_twins.py
 runs every pair on the same inputs and fails on a helper without a twin or a twin without a helper).
 
 Shapes: a jit helper sees one row (a block of lanes on axis 0, per-row scalars); its twin sees a

@@ -1,7 +1,7 @@
 """Triton jit helpers shared by every kernel: the logit transform and its chain rule, the online
 log-sum-exp, the hard-target row loss and its masking, the smoothing / soft-target sums, the entropy
 and the gradient coefficients. Each helper has exactly one torch twin of the same name in
-``core/formulas_torch.py`` (tests/test_twins.py runs every pair on the same inputs and fails on a
+``core/formulas_torch.py`` (tests/core/test_twins.py runs every pair on the same inputs and fails on a
 helper without a twin); the table of formulas, helpers, twins and call sites is in docs/design.md.
 Row addressing (pointer math, no torch twin) lives in ``core/pointers_triton.py``.
 
