@@ -146,7 +146,7 @@ def mesh_agreement(batch: list) -> dict:
     return dict(batch_mesh_dims=float(sum(1 << i for i in batch)))
 
 
-def dtensor_linear_token_logprobs(input: "DTensor", linear_weight: Any, target: Any, linear_bias: Any,
+def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
                                   temperature: float, return_entropy: bool, chunk_size: int,
                                   error: Optional[BaseException], local: Callable, softcap: float = 0.0,
                                   token_weight: Any = None):
@@ -198,7 +198,7 @@ def teacher_locals(input: "DTensor", linear_weight: "DTensor", teacher_input: An
     return teacher_input.to_local().detach(), teacher_linear_weight.to_local().detach(), bt
 
 
-def dtensor_linear_distillation_loss(input: "DTensor", linear_weight: Any, teacher_input: Any,
+def dtensor_linear_distillation_loss(input: Any, linear_weight: Any, teacher_input: Any,
                                      teacher_linear_weight: Any, target: Any, linear_bias: Any,
                                      teacher_linear_bias: Any, chosen: Optional[KLOptions],
                                      error: Optional[BaseException], local: Callable,

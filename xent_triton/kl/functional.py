@@ -106,7 +106,8 @@ def distillation_loss(input: Tensor, teacher_input: Tensor, target: Optional[Ten
         >>> t = torch.randn(4, 7, 32000)
         >>> distillation_loss(s, t, divergence="jsd", temperature=2.0, softcap=30.0).backward()
     """
-    options = dict(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
+    options: dict[str, Any] = dict(
+                   divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
                    has_target=target is not None, ignore_index=ignore_index, reduction=reduction,
                    empty_batch=empty_batch, softcap=softcap, has_token_weight=token_weight is not None)
     if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
@@ -179,7 +180,7 @@ def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
         >>> lp, ent = token_logprobs(logits, ids, temperature=0.7, return_entropy=True)
         >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
     """
-    options = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+    options: dict[str, Any] = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
                    has_token_weight=token_weight is not None)
     if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
@@ -199,4 +200,4 @@ def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
     shape = input.shape[:-1]
     outs = weighted((lp, ent) if opts.return_entropy else (lp,), tw)
     outs = tuple(o.view(shape) for o in outs)
-    return outs if opts.return_entropy else outs[0]
+    return (outs[0], outs[1]) if opts.return_entropy else outs[0]

@@ -84,7 +84,8 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
         >>> ht, wt = torch.randn(8, 96), torch.randn(1000, 96)
         >>> linear_distillation_loss(hs, ws, ht, wt, divergence="jsd", chunk_size=4).backward()
     """
-    options = dict(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
+    options: dict[str, Any] = dict(
+                   divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
                    has_target=target is not None, ignore_index=ignore_index, reduction=reduction,
                    empty_batch=empty_batch, softcap=softcap, chunk_size=chunk_size,
                    has_token_weight=token_weight is not None)
@@ -172,7 +173,7 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
         >>> lp = linear_token_logprobs(h, W, torch.randint(0, 1000, (2, 5)), temperature=0.7)
         >>> lp.sum().backward()
     """
-    options = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+    options: dict[str, Any] = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
                    chunk_size=chunk_size, has_token_weight=token_weight is not None)
     dtensor = is_dtensor(input) or is_dtensor(linear_weight)
     if dtensor or process_group is not None or vocab_start_index is not None:
@@ -196,4 +197,4 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
     shape = input.shape[:-1]
     outs = weighted((lp, ent) if opts.return_entropy else (lp,), tw)
     outs = tuple(o.view(shape) for o in outs)
-    return outs if opts.return_entropy else outs[0]
+    return (outs[0], outs[1]) if opts.return_entropy else outs[0]
