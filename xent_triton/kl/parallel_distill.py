@@ -29,8 +29,8 @@ from ..core.options import REDUCTIONS
 from ..core.row_blocks import BLOCK_ELEMS
 from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative
 from . import rows_torch
-from .ops import DISTILL_FLAT, both_triton, distill_backward_into, distill_forward_rows, logprobs_forward_rows
-from .options import DIVERGENCES, KLOptions, kl_from_flat
+from .ops import both_triton, distill_backward_into, distill_forward_rows, logprobs_forward_rows
+from .options import DIVERGENCES, KLOptions
 from .parallel import check_shard_logits, localize, owner_gather
 from .rows_torch import JSD, KL, REVERSE_KL, mixture_excess, mixture_gaps
 
@@ -41,7 +41,8 @@ def kernel_opts(divergence: int, beta: float, temperature: float, ignore_index: 
                 softcap: float) -> KLOptions:
     """The single-device launchers' ``KLOptions`` of a shard's scalars (softcap 0.0: none; being
     elementwise, each shard caps its own logits with the same kernels)."""
-    return kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap))
+    return KLOptions(divergence=DIVERGENCES[divergence], beta=beta, temperature=temperature,
+                     ignore_index=ignore_index, ce_weight=ce_weight, softcap=softcap)
 
 
 def distill_local(x2: Tensor, t2: Tensor, loc: Optional[Tensor], divergence: int, beta: float,
