@@ -1,5 +1,6 @@
-"""Issue 17 "one options schema": ``LossOptions`` reaches every custom op as keyword-only
-arguments, one per field, by name (``core/op_schema.py``), flattened by ``LossOptions.flat`` alone;
+"""Issue 17 "one options schema": ``LossOptions`` (the KL family: its subclass ``KLOptions``) reaches
+every custom op as keyword-only arguments, one per field, by name (``core/op_schema.py``), flattened
+by ``flat`` alone;
 the backward's None gradients are counted from the op, never by hand. Adding a field needs no edit
 at any op: a copy of the package with two fields added runs every op (a subprocess).
 """
@@ -21,16 +22,17 @@ import xent_triton
 from xent_triton.core.exchange import agreement
 from xent_triton.core.op_schema import input_grads, options_schema
 from xent_triton.core.options import LossOptions
+from xent_triton.kl.options import KLOptions, make_kl
 
 OPTIONS_OPS = {"cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_soft",
                "cross_entropy_bwd_inplace", "linear_cross_entropy_fwd", "linear_cross_entropy_bwd",
                "linear_cross_entropy_chunked"}
-# the KL family's ops still take their own scalars: branch kl5 moves them onto LossOptions (then
-# they join OPTIONS_OPS and this set empties)
-NOT_YET = {"distillation_fwd", "distillation_bwd", "token_logprobs_fwd", "token_logprobs_bwd",
-           "linear_distillation_fwd", "linear_distillation_bwd", "linear_token_logprobs_fwd",
-           "linear_token_logprobs_bwd"}
+# the KL family's ops take every KLOptions field (LossOptions' first, then the KL ones)
+KL_OPS = {"distillation_fwd", "distillation_bwd", "token_logprobs_fwd", "token_logprobs_bwd",
+          "linear_distillation_fwd", "linear_distillation_bwd", "linear_token_logprobs_fwd",
+          "linear_token_logprobs_bwd"}
 FIELDS = [f.name for f in dataclasses.fields(LossOptions)]
+KL_FIELDS = [f.name for f in dataclasses.fields(KLOptions)]
 
 
 def _schemas() -> dict:
@@ -38,21 +40,25 @@ def _schemas() -> dict:
     return {n: getattr(torch.ops.xent_triton, n).default._schema for n in names}
 
 
-def test_every_op_takes_the_options_as_keyword_only_fields():
-    """Every xent_triton op takes exactly the fields of LossOptions, keyword-only, by name, in field
-    order, with the types of ``options_schema()``; no field is passed positionally."""
+@pytest.mark.parametrize("cls,ops", [(LossOptions, OPTIONS_OPS), (KLOptions, KL_OPS)],
+                         ids=["LossOptions", "KLOptions"])
+def test_every_op_takes_the_options_as_keyword_only_fields(cls, ops):
+    """Every xent_triton op takes exactly the fields of its options class (LossOptions; the KL
+    family: KLOptions), keyword-only, by name, in field order, with the types of
+    ``options_schema(cls)``; no field is passed positionally."""
     schemas = _schemas()
-    assert OPTIONS_OPS | NOT_YET == set(schemas), "an op outside both tables: add it to one"
-    typed = [tuple(a.split()) for a in options_schema().split(", ")]
-    assert [n for _, n in typed] == FIELDS
-    for name in sorted(OPTIONS_OPS):
+    assert OPTIONS_OPS | KL_OPS == set(schemas), "an op outside both tables: add it to one"
+    fields = [f.name for f in dataclasses.fields(cls)]
+    typed = [tuple(a.split()) for a in options_schema(cls).split(", ")]
+    assert [n for _, n in typed] == fields
+    for name in sorted(ops):
         args = schemas[name].arguments
         kw = [(str(a.type), a.name) for a in args if a.kwarg_only]
-        assert [n for _, n in kw] == FIELDS, f"{name}: keyword-only {kw}"
+        assert [n for _, n in kw] == fields, f"{name}: keyword-only {kw}"
         assert [n for _, n in kw] == [n for _, n in typed] and all(
             t == s.replace("SymInt", "int") or t == s for (t, _), (s, _) in zip(kw, typed)), (name, kw, typed)
         positional = [a.name for a in args if not a.kwarg_only]
-        assert not set(positional) & set(FIELDS), f"{name}: an option passed positionally: {positional}"
+        assert not set(positional) & set(fields), f"{name}: an option passed positionally: {positional}"
 
 
 def test_flat_is_the_one_form_and_round_trips():
@@ -63,6 +69,18 @@ def test_flat_is_the_one_form_and_round_trips():
     assert LossOptions.from_flat(**flat) == opts
     assert {k: v for k, v in agreement(None, opts).items() if k in FIELDS}.keys() == flat.keys(), \
         "every field joins the options agreement of the vocabulary-parallel paths"
+
+
+def test_kl_flat_round_trips():
+    """KLOptions.from_flat (the classmethod, on the subclass) rebuilds every field, the KL ones
+    (divergence a str, accum_fp32) included."""
+    opts = make_kl(divergence="jsd", beta=0.3, temperature=0.7, ce_weight=0.25, ignore_index=5,
+                   reduction="sum", empty_batch="zero", softcap=9.0, return_entropy=True, chunk_size=3,
+                   has_token_weight=True, grad_accum_dtype=torch.bfloat16, weight_dtype=torch.bfloat16)
+    flat = opts.flat()
+    assert list(flat) == KL_FIELDS and flat["divergence"] == "jsd" and flat["accum_fp32"] is False
+    back = KLOptions.from_flat(**flat)
+    assert type(back) is KLOptions and back == opts
 
 
 class _Ctx:
@@ -83,6 +101,7 @@ import xent_triton
 from tolerances import assert_close_rule
 from xent_triton.core.exchange import agreement
 from xent_triton.core.options import LossOptions
+from xent_triton.kl.options import KLOptions, make_kl
 for name in {ops!r}:
     s = str(getattr(torch.ops.xent_triton, name).default._schema)
     assert "float probe_scale" in s and "SymInt? probe_limit" in s, s
@@ -120,14 +139,29 @@ for red in ("mean", "none"):
           grads(lambda h, w: F.cross_entropy(cap(h @ w.T), y, reduction=red, **ref_kw), h0, w0))
 check("ce-soft", grads(lambda x, t: xent_triton.cross_entropy(x, t, **kw), x0, soft),
       grads(lambda x, t: F.cross_entropy(cap(x), t, **ref_kw), x0, soft))
+# the KL family (KLOptions inherits the two fields)
+tok = y.clamp(min=0)
+lp = lambda z: torch.log_softmax(z / 0.8, -1).gather(-1, tok[:, None])[:, 0]
+kl = lambda s, t: (torch.softmax(t, -1) * (torch.log_softmax(t, -1) - torch.log_softmax(s, -1))).sum(-1)
+t0, wt = torch.randn(N, C, generator=g, dtype=torch.float64), w0.flip(0)
+check("token_logprobs", grads(lambda x: xent_triton.token_logprobs(x, tok, temperature=0.8), x0),
+      grads(lp, x0))
+check("linear_token_logprobs", grads(lambda h, w: xent_triton.linear_token_logprobs(
+    h, w, tok, temperature=0.8, chunk_size=4), h0, w0), grads(lambda h, w: lp(h @ w.T), h0, w0))
+check("distillation", grads(lambda x: xent_triton.distillation_loss(x, t0, reduction="none"), x0),
+      grads(lambda x: kl(x, t0), x0))
+check("linear_distillation", grads(lambda h, w: xent_triton.linear_distillation_loss(
+    h, w, h0, wt, reduction="none", chunk_size=4), h0, w0),
+      grads(lambda h, w: kl(h @ w.T, h0 @ wt.T), h0, w0))
 print("probe ok")
 """
 
 
 def test_a_new_option_field_needs_no_edit_at_any_op(tmp_path):
     """A copy of the package whose LossOptions has two more fields (a float and an Optional[int])
-    registers every op with them, agrees on them, and runs every op forward and backward (the
-    torch path, float64) against torch: nothing but the dataclass was edited."""
+    registers every op with them (the KL family's too: KLOptions inherits them), agrees on them,
+    and runs every op forward and backward (the torch path, float64) against torch: nothing but the
+    dataclass was edited."""
     pkg = pathlib.Path(xent_triton.__file__).parent
     shutil.copytree(pkg, tmp_path / "xent_triton", ignore=shutil.ignore_patterns("__pycache__"))
     options = tmp_path / "xent_triton" / "core" / "options.py"
@@ -138,7 +172,7 @@ def test_a_new_option_field_needs_no_edit_at_any_op(tmp_path):
                                    "    probe_limit: Optional[int] = None\n"))
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(
         [str(tmp_path), str(pathlib.Path(__file__).resolve().parents[1] / "harness")]))
-    script = textwrap.dedent(PROBE.format(ops=sorted(OPTIONS_OPS)))
+    script = textwrap.dedent(PROBE.format(ops=sorted(OPTIONS_OPS | KL_OPS)))
     run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and "probe ok" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

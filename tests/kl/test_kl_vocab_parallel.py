@@ -133,6 +133,7 @@ CASES = [
        dtensor=True),  # DTensor: that rank's teacher head is Replicate, the others' Shard(0)
     KC("err-dt-w4-ld-divergence", 4, [2, 2, 1, 0], "linear_distill", rank_opts={0: dict(divergence="jsd")},
        error=True, dtensor=True),
+    KC("err-llp-acc", 2, [7, 7], "linear_logprobs", rank_opts={1: dict(grad_accum_dtype=BF16)}, error=True),
 ]
 # DTensor meshes with token-sharded dims: checked on the full tensors
 # softcap (each shard caps its own logits, before the temperature) and token_weight (on the per-row

@@ -149,7 +149,7 @@ def mesh_agreement(batch: list) -> dict:
 def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
                                   temperature: float, return_entropy: bool, chunk_size: int,
                                   error: Optional[BaseException], local: Callable, softcap: float = 0.0,
-                                  token_weight: Any = None):
+                                  token_weight: Any = None, accum_fp32: bool = True):
     """``linear_token_logprobs`` with DTensor hidden states and head (``core/dtensor.py``'s
     rules for the CE linear head): W ``Shard(0)`` on the TP mesh dim = vocabulary parallel there
     (``kl/parallel_linear.py``); outputs as ``dtensor_token_logprobs``'. ``error``: this rank's
@@ -165,13 +165,14 @@ def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, l
         if error is not None:
             raise error
         res = local(x, w, tok, linear_bias=b, temperature=temperature, return_entropy=return_entropy,
-                    softcap=softcap or None, chunk_size=chunk_size or None)
+                    softcap=softcap or None, chunk_size=chunk_size or None,
+                    grad_accum_dtype=None if accum_fp32 else w.dtype)
     else:
         start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
         agree = dict(mesh_agreement(batch), **agree_token_weight(token_weight))
         res = vocab_parallel_linear_token_logprobs(x, w, tok, b, temperature, return_entropy,
                                                    mesh.get_group(tp), start, error, agree, chunk_size,
-                                                   softcap)
+                                                   softcap, accum_fp32)
     outs = res if return_entropy else (res,)
     outs = weighted(tuple(o.reshape(-1) for o in outs), tw)
     shape = input.shape[:-1]
@@ -228,7 +229,8 @@ def dtensor_linear_distillation_loss(input: Any, linear_weight: Any, teacher_inp
         rows = local(x, w, ht, wt, lbl, linear_bias=b, teacher_linear_bias=bt, divergence=opts.divergence,
                      beta=opts.beta, temperature=opts.temperature, ignore_index=opts.ignore_index,
                      reduction="none", ce_weight=opts.ce_weight, softcap=opts.softcap or None,
-                     chunk_size=opts.chunk_size or None)
+                     chunk_size=opts.chunk_size or None,
+                     grad_accum_dtype=None if opts.accum_fp32 else w.dtype)
         flat = None if lbl is None else lbl.reshape(-1)
     else:
         start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))

@@ -21,9 +21,9 @@ from ..core.inputs import class_ids
 from ..core.renames import renamed_keywords
 from .dtensor import dtensor_linear_distillation_loss, dtensor_linear_token_logprobs
 from .functional import deferred_kl, reduce_tokens
-from .linear_ops import LINEAR_DISTILL_FLAT, chunked, linear_logprobs_rows, rows
+from .linear_ops import linear_distillation_rows, linear_logprobs_rows, rows
 from .names import LINEAR_DISTILL, LINEAR_LOGPROBS
-from .options import kl_flat, make_kl
+from .options import make_kl
 from .parallel_linear import (
     STUDENT,
     TEACHER,
@@ -54,6 +54,7 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
                              ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0,
                              empty_batch: str = "nan", softcap: Optional[float] = None,
                              token_weight: Optional[Tensor] = None, chunk_size: Optional[int] = None,
+                             grad_accum_dtype: Optional[torch.dtype] = None,
                              process_group: Optional[Any] = None,
                              vocab_start_index: Optional[int] = None) -> Tensor:
     """``distillation_loss(F.linear(input, linear_weight, linear_bias),
@@ -70,6 +71,10 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
             to the autocast dtype as ``F.linear`` does; hidden size 0 gives the bias (or zero)
             logits, as ``F.linear``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
+        grad_accum_dtype: as in ``linear_cross_entropy``: dW / db summed across token chunks in
+            fp32 (None, torch.float32; float64 heads in float64) or in ``linear_weight.dtype``
+            (less memory, rounding per chunk); any other dtype raises ValueError (on every rank
+            under ``process_group`` / DTensor; the class-sharded paths accumulate their shard alike).
         process_group, vocab_start_index: vocabulary parallelism with class-sharded heads
             (``kl/parallel_linear.py``, chunked over tokens as here; softcap / token_weight as
             here, agreed on by every rank). DTensor hidden states and heads (W ``Shard(0)`` over
@@ -88,7 +93,8 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
                    divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
                    has_target=target is not None, ignore_index=ignore_index, reduction=reduction,
                    empty_batch=empty_batch, softcap=softcap, chunk_size=chunk_size,
-                   has_token_weight=token_weight is not None)
+                   has_token_weight=token_weight is not None, grad_accum_dtype=grad_accum_dtype,
+                   weight_dtype=linear_weight.dtype)
     dtensor = is_dtensor(input) or is_dtensor(linear_weight)
     if dtensor or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
@@ -118,11 +124,9 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
     tw = check_token_weight(token_weight, lead, input.device)
     xs = rows(input)
     xt = rows(teacher_input.detach())
-    opts = chunked(opts, xs.shape[0], linear_weight.shape[0])
-    loss_rows, _stats = torch.ops.xent_triton.linear_distillation_fwd(
+    loss_rows = linear_distillation_rows(
         xs, linear_weight, linear_bias, xt, teacher_linear_weight.detach(),
-        None if teacher_linear_bias is None else teacher_linear_bias.detach(), lbl,
-        *kl_flat(opts, LINEAR_DISTILL_FLAT))
+        None if teacher_linear_bias is None else teacher_linear_bias.detach(), lbl, opts)
     return reduce_tokens(loss_rows, lbl, opts, lead, tw)
 
 
@@ -133,20 +137,21 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
                           linear_bias: Optional[Tensor] = ..., temperature: float = ...,
                           return_entropy: Literal[False] = ..., softcap: Optional[float] = ...,
                           token_weight: Optional[Tensor] = ..., chunk_size: Optional[int] = ...,
-                          process_group: Optional[Any] = ...,
+                          grad_accum_dtype: Optional[torch.dtype] = ..., process_group: Optional[Any] = ...,
                           vocab_start_index: Optional[int] = ...) -> Tensor: ...
 @overload
 def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                           linear_bias: Optional[Tensor] = ..., temperature: float = ...,
                           return_entropy: bool = ..., softcap: Optional[float] = ...,
                           token_weight: Optional[Tensor] = ..., chunk_size: Optional[int] = ...,
-                          process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...
-                          ) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+                          grad_accum_dtype: Optional[torch.dtype] = ..., process_group: Optional[Any] = ...,
+                          vocab_start_index: Optional[int] = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 @renamed_keywords(**LINEAR_LOGPROBS)
 def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                           linear_bias: Optional[Tensor] = None, temperature: float = 1.0,
                           return_entropy: bool = False, softcap: Optional[float] = None,
                           token_weight: Optional[Tensor] = None, chunk_size: Optional[int] = None,
+                          grad_accum_dtype: Optional[torch.dtype] = None,
                           process_group: Optional[Any] = None,
                           vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``token_logprobs(F.linear(input, linear_weight, linear_bias), target, ...)`` without the N x C
@@ -158,6 +163,10 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
             shape ``input.shape[:-1]`` in [0, C). temperature, return_entropy, softcap (before the
             temperature), token_weight: as in ``token_logprobs``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
+        grad_accum_dtype: as in ``linear_cross_entropy``: dW / db summed across token chunks in
+            fp32 (None, torch.float32; float64 heads in float64) or in ``linear_weight.dtype``
+            (less memory, rounding per chunk); any other dtype raises ValueError (on every rank
+            under ``process_group`` / DTensor; the class-sharded paths accumulate their shard alike).
         process_group, vocab_start_index: vocabulary parallelism with a class-sharded head
             (``kl/parallel_linear.py``, chunked over tokens as here; softcap / token_weight as
             here, agreed on by every rank). DTensor hidden states and heads (W ``Shard(0)`` over
@@ -173,8 +182,10 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
         >>> lp = linear_token_logprobs(h, W, torch.randint(0, 1000, (2, 5)), temperature=0.7)
         >>> lp.sum().backward()
     """
-    options: dict[str, Any] = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
-                   chunk_size=chunk_size, has_token_weight=token_weight is not None)
+    options: dict[str, Any] = dict(
+                   temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+                   chunk_size=chunk_size, has_token_weight=token_weight is not None,
+                   grad_accum_dtype=grad_accum_dtype, weight_dtype=linear_weight.dtype)
     dtensor = is_dtensor(input) or is_dtensor(linear_weight)
     if dtensor or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
@@ -182,11 +193,13 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
         chunk = opts.chunk_size if opts is not None else 0
         if dtensor:  # the layout comes from the placements (kl/dtensor.py)
             return dtensor_linear_token_logprobs(input, linear_weight, target, linear_bias, T, return_entropy,
-                                                 chunk, error, linear_token_logprobs, cap, token_weight)
+                                                 chunk, error, linear_token_logprobs, cap, token_weight,
+                                                 opts is None or opts.accum_fp32)
         tw, error = parallel_token_weight(token_weight, input, error)
         res = vocab_parallel_linear_token_logprobs(input, linear_weight, target, linear_bias, T,
                                                    return_entropy, process_group, vocab_start_index, error,
-                                                   agree_token_weight(token_weight), chunk, cap)
+                                                   agree_token_weight(token_weight), chunk, cap,
+                                                   opts is None or opts.accum_fp32)
         return weighted_outputs(res, tw)
     input, linear_weight, linear_bias = check_head(STUDENT, input, linear_weight, linear_bias)
     opts = make_kl(**options)

@@ -2,24 +2,23 @@
 of ``chunk_size`` rows the logits (student and teacher) are formed by ``torch.mm`` into reused
 (chunk, C) buffers and the row launchers of ``kl/ops.py`` run on them; the backward recomputes the
 chunk's logits, writes their gradient over the student buffer (in place) and turns it into dX
-(written per chunk) and dW, db (fp32 accumulators). Nothing N x C exists beyond one chunk per model.
-The options cross each schema flattened by ``kl_flat`` (``LINEAR_DISTILL_FLAT``,
-``LINEAR_LOGPROBS_FLAT``).
+(written per chunk) and dW, db (fp32 accumulators; with ``accum_fp32`` off, the head's dtype).
+Nothing N x C exists beyond one chunk per model. Each op takes the options as keyword-only
+arguments, one per ``KLOptions`` field (``core/op_schema.py``).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..core.inputs import target_range_check
+from ..core.op_schema import input_grads, options_op
 from ..core.runtime import compute_dtype, no_second_derivative, upstream_or_zeros
 from ..linear.chunked import accumulate_mm, logits_into, make_scratch
 from .ops import (
-    DISTILL_FLAT,
-    LOGPROBS_FLAT,
     distill_backward_into,
     distill_forward_rows,
     logprobs_backward_into,
@@ -27,7 +26,7 @@ from .ops import (
     saved_entropy,
     token_range_check,
 )
-from .options import KLOptions, kl_flat, kl_from_flat
+from .options import KLOptions
 
 CHUNK_LOGITS = 1 << 24  # default chunk: about 16M logits per model buffer
 
@@ -42,10 +41,12 @@ def chunked(opts: KLOptions, N: int, C: int) -> KLOptions:
 class Grads:
     """The student's gradient buffers, allocated only for what autograd asks (a frozen head
     - LoRA, RL with a fixed head - allocates no (C, D) or (C,) buffer): dX in x's dtype, dW and
-    db as fp32 / fp64 accumulators (``scratch`` from ``make_scratch``)."""
+    db as fp32 / fp64 accumulators (``scratch`` from ``make_scratch``), or with ``accum_fp32``
+    False (``grad_accum_dtype`` = the head's dtype) accumulated in the head's dtype."""
 
-    def __init__(self, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool):
-        acc = compute_dtype(x)
+    def __init__(self, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool,
+                 accum_fp32: bool = True):
+        acc = compute_dtype(x) if accum_fp32 else w.dtype
         self.x_dtype, self.w_dtype = x.dtype, w.dtype
         self.dx = x.new_empty(x.shape) if need_dx else None
         self.dw = torch.zeros(w.shape, dtype=acc, device=x.device) if need_dw else None
@@ -89,22 +90,20 @@ def fake_grads(x: Tensor, w: Tensor, b: Optional[Tensor], need_dx: bool, need_dw
             w.new_empty((w.shape[0],)) if need_db else x.new_empty((0,)))
 
 
-LINEAR_DISTILL_FLAT = DISTILL_FLAT + ("chunk_size",)  # the schema's scalars, in order (kl_flat)
-LINEAR_LOGPROBS_FLAT = LOGPROBS_FLAT + ("chunk_size",)
+STUDENT_ARGS = "Tensor xs, Tensor ws, Tensor? bs, Tensor xt, Tensor wt, Tensor? bt, Tensor? labels"
+NEEDS = "bool need_dx, bool need_dw, bool need_db"
 
 
-@torch.library.custom_op("xent_triton::linear_distillation_fwd", mutates_args=())
+@options_op("xent_triton::linear_distillation_fwd", STUDENT_ARGS, "(Tensor, Tensor)", options_cls=KLOptions)
 def linear_distillation_fwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
-                            bt: Optional[Tensor], labels: Optional[Tensor], divergence: int, beta: float,
-                            temperature: float, ignore_index: int, ce_weight: float, softcap: float,
-                            chunk_size: int) -> tuple[Tensor, Tensor]:
+                            bt: Optional[Tensor], labels: Optional[Tensor],
+                            **options: Any) -> tuple[Tensor, Tensor]:
     """Per-row (loss, stats) of the logits xs wsᵀ + bs against xt wtᵀ + bt, chunk_size rows at a
-    time (scalars: ``LINEAR_DISTILL_FLAT``)."""
-    opts = kl_from_flat(LINEAR_DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap,
-                                              chunk_size))
-    N, C, chunk = xs.shape[0], ws.shape[0], chunk_size
+    time (the options' ``chunk_size``, resolved by ``chunked``)."""
+    opts = KLOptions.from_flat(**options)
+    N, C, chunk = xs.shape[0], ws.shape[0], opts.chunk_size
     if labels is not None:
-        target_range_check(labels, C, ignore_index)
+        target_range_check(labels, C, opts.ignore_index)
     loss = xs.new_empty((N,), dtype=compute_dtype(xs))
     stats = xs.new_empty((N, 8), dtype=compute_dtype(xs))
     zs = xs.new_empty((min(chunk, N), C))
@@ -121,22 +120,21 @@ def linear_distillation_fwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Te
 
 
 @linear_distillation_fwd.register_fake
-def _(xs, ws, bs, xt, wt, bt, labels, *flat):
+def _(xs, ws, bs, xt, wt, bt, labels, **options):
     N, dt = xs.shape[0], compute_dtype(xs)
     return xs.new_empty((N,), dtype=dt), xs.new_empty((N, 8), dtype=dt)
 
 
-@torch.library.custom_op("xent_triton::linear_distillation_bwd", mutates_args=())
+@options_op("xent_triton::linear_distillation_bwd", f"{STUDENT_ARGS}, Tensor stats, Tensor dloss, {NEEDS}",
+            "(Tensor, Tensor, Tensor)", options_cls=KLOptions)
 def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
                             bt: Optional[Tensor], labels: Optional[Tensor], stats: Tensor, dloss: Tensor,
-                            divergence: int, beta: float, temperature: float, ignore_index: int,
-                            ce_weight: float, softcap: float, chunk_size: int, need_dx: bool, need_dw: bool,
-                            need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+                            need_dx: bool, need_dw: bool, need_db: bool,
+                            **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dW, db) of the student; (0,) for each one not needed (and db without a bias)."""
-    opts = kl_from_flat(LINEAR_DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap,
-                                              chunk_size))
-    N, C, chunk = xs.shape[0], ws.shape[0], chunk_size
-    grads = Grads(xs, ws, need_dx, need_dw, need_db)
+    opts = KLOptions.from_flat(**options)
+    N, C, chunk = xs.shape[0], ws.shape[0], opts.chunk_size
+    grads = Grads(xs, ws, need_dx, need_dw, need_db, opts.accum_fp32)
     zs = xs.new_empty((min(chunk, N), C))
     zt = xt.new_empty((min(chunk, N), C))
     for r0 in range(0, N, chunk):
@@ -151,14 +149,14 @@ def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Te
 
 
 @linear_distillation_bwd.register_fake
-def _(xs, ws, bs, xt, wt, bt, labels, stats, dloss, *flat_and_needs):
-    return fake_grads(xs, ws, bs, *flat_and_needs[-3:])
+def _(xs, ws, bs, xt, wt, bt, labels, stats, dloss, need_dx, need_dw, need_db, **options):
+    return fake_grads(xs, ws, bs, need_dx, need_dw, need_db)
 
 
-def _ld_setup(ctx, inputs, output):
-    xs, ws, bs, xt, wt, bt, labels, *flat = inputs
+def _ld_setup(ctx, inputs, keyword_only_inputs, output):
+    xs, ws, bs, xt, wt, bt, labels = inputs
     ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, output[1])
-    ctx.flat = tuple(flat)
+    ctx.opts = KLOptions.from_flat(**keyword_only_inputs)
     ctx.mark_non_differentiable(output[1])
 
 
@@ -167,22 +165,32 @@ def _ld_backward(ctx, dloss, _dstats):
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, xs.device)
     need = needs(ctx, bs)
     grads = torch.ops.xent_triton.linear_distillation_bwd(xs, ws, bs, xt, wt, bt, labels, stats, dloss,
-                                                           *ctx.flat, *need)
-    # (dxs, dws, dbs), then None for xt, wt, bt, labels and each flattened option
-    return grads_or_none(grads, need, "linear_distillation_loss") + (None,) * (4 + len(LINEAR_DISTILL_FLAT))
+                                                           *need, **ctx.opts.flat())
+    return input_grads(ctx, *grads_or_none(grads, need, "linear_distillation_loss"))
 
 
 linear_distillation_fwd.register_autograd(_ld_backward, setup_context=_ld_setup)
 
 
-@torch.library.custom_op("xent_triton::linear_token_logprobs_fwd", mutates_args=())
-def linear_token_logprobs_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, temperature: float,
-                              softcap: float, return_entropy: bool,
-                              chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(log-probs, entropy or (0,), stats) of the logits x wᵀ + b, chunk_size rows at a time
-    (scalars: ``LINEAR_LOGPROBS_FLAT``)."""
-    opts = kl_from_flat(LINEAR_LOGPROBS_FLAT, (temperature, softcap, return_entropy, chunk_size))
-    N, C, chunk, entropy = x.shape[0], w.shape[0], chunk_size, return_entropy
+def linear_distillation_rows(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
+                             bt: Optional[Tensor], labels: Optional[Tensor], opts: KLOptions) -> Tensor:
+    """Per-row loss of the (N, D) student rows against the teacher's through
+    ``linear_distillation_fwd`` (differentiable in the student; the options flattened here, at
+    the schema; chunk size resolved)."""
+    opts = chunked(opts, xs.shape[0], ws.shape[0])
+    return torch.ops.xent_triton.linear_distillation_fwd(xs, ws, bs, xt, wt, bt, labels, **opts.flat())[0]
+
+
+LOGPROBS_ARGS = "Tensor x, Tensor w, Tensor? b, Tensor tokens"
+
+
+@options_op("xent_triton::linear_token_logprobs_fwd", LOGPROBS_ARGS, "(Tensor, Tensor, Tensor)",
+            options_cls=KLOptions)
+def linear_token_logprobs_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor,
+                              **options: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs, entropy or (0,), stats) of the logits x wᵀ + b, chunk_size rows at a time."""
+    opts = KLOptions.from_flat(**options)
+    N, C, chunk, entropy = x.shape[0], w.shape[0], opts.chunk_size, opts.return_entropy
     token_range_check(tokens, C)
     dt = compute_dtype(x)
     lp, ent, stats = x.new_empty((N,), dtype=dt), x.new_empty((N if entropy else 0,), dtype=dt), \
@@ -198,21 +206,22 @@ def linear_token_logprobs_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens:
 
 
 @linear_token_logprobs_fwd.register_fake
-def _(x, w, b, tokens, temperature, softcap, return_entropy, chunk_size):
+def _(x, w, b, tokens, **options):
     N, dt = x.shape[0], compute_dtype(x)
-    return (x.new_empty((N,), dtype=dt), x.new_empty((N if return_entropy else 0,), dtype=dt),
+    return (x.new_empty((N,), dtype=dt), x.new_empty((N if options["return_entropy"] else 0,), dtype=dt),
             x.new_empty((N, 2), dtype=dt))
 
 
-@torch.library.custom_op("xent_triton::linear_token_logprobs_bwd", mutates_args=())
+@options_op("xent_triton::linear_token_logprobs_bwd",
+            f"{LOGPROBS_ARGS}, Tensor ent, Tensor stats, Tensor dlp, Tensor? dent, {NEEDS}",
+            "(Tensor, Tensor, Tensor)", options_cls=KLOptions)
 def linear_token_logprobs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, ent: Tensor,
-                              stats: Tensor, dlp: Tensor, dent: Optional[Tensor], temperature: float,
-                              softcap: float, return_entropy: bool, chunk_size: int, need_dx: bool,
-                              need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+                              stats: Tensor, dlp: Tensor, dent: Optional[Tensor], need_dx: bool,
+                              need_dw: bool, need_db: bool, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dW, db); (0,) for each one not needed (and db without a bias)."""
-    opts = kl_from_flat(LINEAR_LOGPROBS_FLAT, (temperature, softcap, return_entropy, chunk_size))
-    N, C, chunk = x.shape[0], w.shape[0], chunk_size
-    grads = Grads(x, w, need_dx, need_dw, need_db)
+    opts = KLOptions.from_flat(**options)
+    N, C, chunk = x.shape[0], w.shape[0], opts.chunk_size
+    grads = Grads(x, w, need_dx, need_dw, need_db, opts.accum_fp32)
     z = x.new_empty((min(chunk, N), C))
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
@@ -225,14 +234,14 @@ def linear_token_logprobs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens:
 
 
 @linear_token_logprobs_bwd.register_fake
-def _(x, w, b, tokens, ent, stats, dlp, dent, *flat_and_needs):
-    return fake_grads(x, w, b, *flat_and_needs[-3:])
+def _(x, w, b, tokens, ent, stats, dlp, dent, need_dx, need_dw, need_db, **options):
+    return fake_grads(x, w, b, need_dx, need_dw, need_db)
 
 
-def _lt_setup(ctx, inputs, output):
-    x, w, b, tokens, *flat = inputs
+def _lt_setup(ctx, inputs, keyword_only_inputs, output):
+    x, w, b, tokens = inputs
     ctx.save_for_backward(x, w, b, tokens, saved_entropy(output[1]), output[2])
-    ctx.flat = tuple(flat)
+    ctx.opts = KLOptions.from_flat(**keyword_only_inputs)
     # an unused output's gradient stays None (entropy logged only: no entropy term in the backward)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[2])
@@ -242,11 +251,9 @@ def _lt_backward(ctx, dlp, dent, _dstats):
     x, w, b, tokens, ent, stats = ctx.saved_tensors
     dlp = upstream_or_zeros(dlp, stats.shape[0], stats.dtype, x.device)
     need = needs(ctx, b)
-    entropy = ctx.flat[LINEAR_LOGPROBS_FLAT.index("return_entropy")]
     grads = torch.ops.xent_triton.linear_token_logprobs_bwd(
-        x, w, b, tokens, ent, stats, dlp, dent if entropy else None, *ctx.flat, *need)
-    # (dx, dw, db), then None for tokens and each flattened option
-    return grads_or_none(grads, need, "linear_token_logprobs") + (None,) * (1 + len(LINEAR_LOGPROBS_FLAT))
+        x, w, b, tokens, ent, stats, dlp, dent if ctx.opts.return_entropy else None, *need, **ctx.opts.flat())
+    return input_grads(ctx, *grads_or_none(grads, need, "linear_token_logprobs"))
 
 
 linear_token_logprobs_fwd.register_autograd(_lt_backward, setup_context=_lt_setup)
@@ -258,7 +265,6 @@ def linear_logprobs_rows(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tens
     through ``linear_token_logprobs_fwd`` (differentiable; the options flattened here, at the
     schema; chunk size resolved)."""
     opts = chunked(opts, x.shape[0], w.shape[0])
-    return torch.ops.xent_triton.linear_token_logprobs_fwd(x, w, b, tokens,
-                                                           *kl_flat(opts, LINEAR_LOGPROBS_FLAT))
+    return torch.ops.xent_triton.linear_token_logprobs_fwd(x, w, b, tokens, **opts.flat())
 
 

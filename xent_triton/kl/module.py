@@ -36,12 +36,20 @@ class OptionsModule(torch.nn.Module):
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in self.option_names if k != "process_group")
 
 
+def accum(grad_accum_dtype: Any) -> dict:
+    """``make_kl``'s keywords checking ``grad_accum_dtype`` at construction: a dtype that is not a
+    floating one fails here; whether it fits the head's dtype is checked at the call (it depends on
+    ``linear_weight``), as ``LinearCrossEntropyLoss``."""
+    floating = isinstance(grad_accum_dtype, torch.dtype) and grad_accum_dtype.is_floating_point
+    return dict(grad_accum_dtype=grad_accum_dtype, weight_dtype=grad_accum_dtype if floating else None)
+
+
 class _Distill(OptionsModule):
     def __init__(self, divergence: str, beta: float, temperature: float, ignore_index: int, reduction: str,
                  ce_weight: float, empty_batch: str, softcap: Optional[float], **more: Any) -> None:
         make_kl(divergence=divergence, beta=beta, temperature=temperature, ce_weight=ce_weight,
                 ignore_index=ignore_index, reduction=reduction, empty_batch=empty_batch, softcap=softcap,
-                chunk_size=more.get("chunk_size"))
+                chunk_size=more.get("chunk_size"), **accum(more.get("grad_accum_dtype")))
         super().__init__(divergence=divergence, beta=beta, temperature=temperature, ignore_index=ignore_index,
                          reduction=reduction, ce_weight=ce_weight, empty_batch=empty_batch, softcap=softcap,
                          **more)
@@ -81,10 +89,12 @@ class LinearDistillationLoss(_Distill):
     def __init__(self, divergence: str = "kl", beta: float = 0.5, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean", ce_weight: float = 0.0, *,
                  empty_batch: str = "nan", softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                 process_group: Any = None, vocab_start_index: Optional[int] = None) -> None:
+                 grad_accum_dtype: Optional[torch.dtype] = None, process_group: Any = None,
+                 vocab_start_index: Optional[int] = None) -> None:
         super().__init__(divergence, beta, temperature, ignore_index, reduction, ce_weight, empty_batch,
                          softcap,
-                         chunk_size=chunk_size, process_group=process_group,
+                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype,
+                         process_group=process_group,
                          vocab_start_index=vocab_start_index)
 
     @renamed_keywords(**LINEAR_DISTILL)
@@ -128,11 +138,13 @@ class LinearTokenLogprobs(OptionsModule):
     """
 
     def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *,
-                 softcap: Optional[float] = None, chunk_size: Optional[int] = None, process_group: Any = None,
+                 softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 grad_accum_dtype: Optional[torch.dtype] = None, process_group: Any = None,
                  vocab_start_index: Optional[int] = None) -> None:
-        make_kl(temperature=temperature, softcap=softcap, chunk_size=chunk_size)
+        make_kl(temperature=temperature, softcap=softcap, chunk_size=chunk_size, **accum(grad_accum_dtype))
         super().__init__(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
-                         chunk_size=chunk_size, process_group=process_group,
+                         chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype,
+                         process_group=process_group,
                          vocab_start_index=vocab_start_index)
 
     @renamed_keywords(**LINEAR_LOGPROBS)

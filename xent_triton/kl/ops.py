@@ -13,13 +13,14 @@ The teacher gets no gradient (treated as a constant).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ..core import launch
 from ..core.inputs import target_range_check
+from ..core.op_schema import input_grads, options_op
 from ..core.runtime import (
     TRITON_DTYPES,
     alloc,
@@ -31,12 +32,7 @@ from ..core.runtime import (
 from . import rows_torch
 from .distill_kernels import N_STATS, distill_bwd_kernel, distill_fwd_kernel
 from .logprobs_kernels import logprobs_bwd_kernel, logprobs_fwd_kernel
-from .options import DIVERGENCES, KLOptions, kl_flat, kl_from_flat
-
-# What crosses each custom op's schema: the options object flattened by ``kl_flat`` in this order
-# (the schemas below list them, typed, after the tensors).
-DISTILL_FLAT = ("divergence", "beta", "temperature", "ignore_index", "ce_weight", "softcap")
-LOGPROBS_FLAT = ("temperature", "softcap", "return_entropy")
+from .options import DIVERGENCES, KLOptions
 
 
 def token_range_check(tokens: Tensor, C: int) -> None:
@@ -146,99 +142,99 @@ def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, 
 
 
 # ------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("xent_triton::distillation_fwd", mutates_args=())
-def distillation_fwd(student: Tensor, teacher: Tensor, labels: Optional[Tensor], divergence: int,
-                     beta: float, temperature: float, ignore_index: int, ce_weight: float,
-                     softcap: float) -> tuple[Tensor, Tensor]:
-    """Per-row (loss, stats) of (R, C) student / teacher logits; the scalars are ``DISTILL_FLAT``.
+# Each op takes the options as keyword-only arguments, one per KLOptions field (core/op_schema.py).
+@options_op("xent_triton::distillation_fwd", "Tensor student, Tensor teacher, Tensor? labels",
+            "(Tensor, Tensor)", options_cls=KLOptions)
+def distillation_fwd(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
+                     **options: Any) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, stats) of (R, C) student / teacher logits.
     Out-of-range labels raise IndexError here on CPU (eager and compiled alike)."""
-    opts = kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap))
+    opts = KLOptions.from_flat(**options)
     if labels is not None:
-        target_range_check(labels, student.shape[1], ignore_index)
+        target_range_check(labels, student.shape[1], opts.ignore_index)
     return distill_forward_rows(student, teacher, labels, opts)
 
 
 @distillation_fwd.register_fake
-def _(student, teacher, labels, *flat):
+def _(student, teacher, labels, **options):
     R, dt = student.shape[0], compute_dtype(student)
     return student.new_empty((R,), dtype=dt), student.new_empty((R, N_STATS), dtype=dt)
 
 
-@torch.library.custom_op("xent_triton::distillation_bwd", mutates_args=())
+@options_op("xent_triton::distillation_bwd",
+            "Tensor student, Tensor teacher, Tensor? labels, Tensor stats, Tensor dloss", "Tensor",
+            options_cls=KLOptions)
 def distillation_bwd(student: Tensor, teacher: Tensor, labels: Optional[Tensor], stats: Tensor,
-                     dloss: Tensor, divergence: int, beta: float, temperature: float, ignore_index: int,
-                     ce_weight: float, softcap: float) -> Tensor:
+                     dloss: Tensor, **options: Any) -> Tensor:
     """dL/dstudent as a new tensor with the student's shape and dtype."""
-    opts = kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap))
     out = alloc(student.shape, student.dtype, student.device)
-    distill_backward_into(out, student, teacher, labels, stats, dloss, opts)
+    distill_backward_into(out, student, teacher, labels, stats, dloss, KLOptions.from_flat(**options))
     return out
 
 
 @distillation_bwd.register_fake
-def _(student, teacher, labels, stats, dloss, *flat):
+def _(student, teacher, labels, stats, dloss, **options):
     return student.new_empty(student.shape)
 
 
 def distillation_rows(student: Tensor, teacher: Tensor, labels: Optional[Tensor],
                       opts: KLOptions) -> tuple[Tensor, Tensor]:
     """``distillation_fwd`` with the options object (flattened here, at the schema)."""
-    return torch.ops.xent_triton.distillation_fwd(student, teacher, labels, *kl_flat(opts, DISTILL_FLAT))
+    return torch.ops.xent_triton.distillation_fwd(student, teacher, labels, **opts.flat())
 
 
-def _distill_setup(ctx, inputs, output):
-    student, teacher, labels, *flat = inputs
+def _distill_setup(ctx, inputs, keyword_only_inputs, output):
+    student, teacher, labels = inputs
     ctx.save_for_backward(student, teacher, labels, output[1])
-    ctx.flat = tuple(flat)
+    ctx.opts = KLOptions.from_flat(**keyword_only_inputs)
     ctx.mark_non_differentiable(output[1])
 
 
 def _distill_backward(ctx, dloss, _dstats):
     student, teacher, labels, stats = ctx.saved_tensors
     dloss = upstream_or_zeros(dloss, stats.shape[0], stats.dtype, student.device)
-    dx = torch.ops.xent_triton.distillation_bwd(student, teacher, labels, stats, dloss, *ctx.flat)
-    return (no_second_derivative(dx, "distillation_loss"),) + (None,) * (2 + len(DISTILL_FLAT))
+    dx = torch.ops.xent_triton.distillation_bwd(student, teacher, labels, stats, dloss, **ctx.opts.flat())
+    return input_grads(ctx, no_second_derivative(dx, "distillation_loss"))
 
 
 distillation_fwd.register_autograd(_distill_backward, setup_context=_distill_setup)
 
 
-@torch.library.custom_op("xent_triton::token_logprobs_fwd", mutates_args=())
-def token_logprobs_fwd(logits: Tensor, tokens: Tensor, temperature: float, softcap: float,
-                       return_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(log-probs, entropy or (0,), stats) of (R, C) logits (scalars: ``LOGPROBS_FLAT``);
-    IndexError for bad tokens on CPU."""
+@options_op("xent_triton::token_logprobs_fwd", "Tensor logits, Tensor tokens", "(Tensor, Tensor, Tensor)",
+            options_cls=KLOptions)
+def token_logprobs_fwd(logits: Tensor, tokens: Tensor, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs, entropy or (0,), stats) of (R, C) logits; IndexError for bad tokens on CPU."""
     token_range_check(tokens, logits.shape[1])
-    return logprobs_forward_rows(logits, tokens, kl_from_flat(LOGPROBS_FLAT, (temperature, softcap,
-                                                                              return_entropy)))
+    return logprobs_forward_rows(logits, tokens, KLOptions.from_flat(**options))
 
 
 @token_logprobs_fwd.register_fake
-def _(logits, tokens, temperature, softcap, return_entropy):
+def _(logits, tokens, **options):
     R, dt = logits.shape[0], compute_dtype(logits)
-    return (logits.new_empty((R,), dtype=dt), logits.new_empty((R if return_entropy else 0,), dtype=dt),
+    ent = R if options["return_entropy"] else 0
+    return (logits.new_empty((R,), dtype=dt), logits.new_empty((ent,), dtype=dt),
             logits.new_empty((R, 2), dtype=dt))
 
 
-@torch.library.custom_op("xent_triton::token_logprobs_bwd", mutates_args=())
+@options_op("xent_triton::token_logprobs_bwd",
+            "Tensor logits, Tensor tokens, Tensor ent, Tensor stats, Tensor dlp, Tensor? dent", "Tensor",
+            options_cls=KLOptions)
 def token_logprobs_bwd(logits: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp: Tensor,
-                       dent: Optional[Tensor], temperature: float, softcap: float,
-                       return_entropy: bool) -> Tensor:
+                       dent: Optional[Tensor], **options: Any) -> Tensor:
     """dL/dlogits as a new tensor with the logits' shape and dtype."""
     out = alloc(logits.shape, logits.dtype, logits.device)
-    logprobs_backward_into(out, logits, tokens, ent, stats, dlp, dent,
-                           kl_from_flat(LOGPROBS_FLAT, (temperature, softcap, return_entropy)))
+    logprobs_backward_into(out, logits, tokens, ent, stats, dlp, dent, KLOptions.from_flat(**options))
     return out
 
 
 @token_logprobs_bwd.register_fake
-def _(logits, tokens, ent, stats, dlp, dent, *flat):
+def _(logits, tokens, ent, stats, dlp, dent, **options):
     return logits.new_empty(logits.shape)
 
 
 def token_logprobs_rows(logits: Tensor, tokens: Tensor, opts: KLOptions) -> tuple[Tensor, Tensor, Tensor]:
     """``token_logprobs_fwd`` with the options object (flattened here, at the schema)."""
-    return torch.ops.xent_triton.token_logprobs_fwd(logits, tokens, *kl_flat(opts, LOGPROBS_FLAT))
+    return torch.ops.xent_triton.token_logprobs_fwd(logits, tokens, **opts.flat())
 
 
 def saved_entropy(ent: Tensor) -> Tensor:
@@ -247,10 +243,10 @@ def saved_entropy(ent: Tensor) -> Tensor:
     return ent.detach().clone()
 
 
-def _logprobs_setup(ctx, inputs, output):
-    logits, tokens, *flat = inputs
+def _logprobs_setup(ctx, inputs, keyword_only_inputs, output):
+    logits, tokens = inputs
     ctx.save_for_backward(logits, tokens, saved_entropy(output[1]), output[2])
-    ctx.flat = tuple(flat)
+    ctx.opts = KLOptions.from_flat(**keyword_only_inputs)
     # an unused output's gradient stays None (entropy logged only: no entropy term in the backward)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[2])
@@ -259,9 +255,9 @@ def _logprobs_setup(ctx, inputs, output):
 def _logprobs_backward(ctx, dlp, dent, _dstats):
     logits, tokens, ent, stats = ctx.saved_tensors
     dlp = upstream_or_zeros(dlp, stats.shape[0], stats.dtype, logits.device)
-    dent = dent if ctx.flat[LOGPROBS_FLAT.index("return_entropy")] else None
-    dx = torch.ops.xent_triton.token_logprobs_bwd(logits, tokens, ent, stats, dlp, dent, *ctx.flat)
-    return (no_second_derivative(dx, "token_logprobs"),) + (None,) * (1 + len(LOGPROBS_FLAT))
+    dent = dent if ctx.opts.return_entropy else None
+    dx = torch.ops.xent_triton.token_logprobs_bwd(logits, tokens, ent, stats, dlp, dent, **ctx.opts.flat())
+    return input_grads(ctx, no_second_derivative(dx, "token_logprobs"))
 
 
 token_logprobs_fwd.register_autograd(_logprobs_backward, setup_context=_logprobs_setup)

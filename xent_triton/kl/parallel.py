@@ -37,6 +37,7 @@ from torch import Tensor
 from ..core.exchange import FOREIGN, VocabShard, exchange_device, vocab_shard
 from ..core.formulas_torch import transform_grad, transform_logits
 from ..core.inputs import class_ids
+from ..core.op_schema import input_grads
 from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative, uses_triton
 from . import rows_torch
 from .ops import logprobs_backward_into, logprobs_forward_rows, token_range_check
@@ -168,7 +169,7 @@ class VocabParallelLogprobs(torch.autograd.Function):
         x2, loc, ent, stats = ctx.saved_tensors
         out = alloc(x2.shape, x2.dtype, x2.device)
         logprobs_shard_backward_into(out, x2, loc, ent, stats, dlp, dent, ctx.temperature, ctx.softcap)
-        return (no_second_derivative(out, "token_logprobs"),) + (None,) * 6
+        return input_grads(ctx, no_second_derivative(out, "token_logprobs"))
 
 
 def vocab_parallel_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, return_entropy: bool,

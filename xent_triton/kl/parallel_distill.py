@@ -25,12 +25,13 @@ from torch import Tensor
 from ..core.exchange import IGNORED, VocabShard, exchange_device, localize_target, vocab_shard
 from ..core.formulas_torch import transform_grad, transform_logits
 from ..core.inputs import class_ids, target_range_check
+from ..core.op_schema import input_grads
 from ..core.options import REDUCTIONS
 from ..core.row_blocks import BLOCK_ELEMS
 from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative
 from . import rows_torch
-from .ops import DISTILL_FLAT, both_triton, distill_backward_into, distill_forward_rows, logprobs_forward_rows
-from .options import DIVERGENCES, KLOptions, kl_from_flat
+from .ops import both_triton, distill_backward_into, distill_forward_rows, logprobs_forward_rows
+from .options import DIVERGENCES, KLOptions
 from .parallel import check_shard_logits, localize, owner_gather
 from .rows_torch import JSD, KL, REVERSE_KL, mixture_excess, mixture_gaps
 
@@ -41,7 +42,8 @@ def kernel_opts(divergence: int, beta: float, temperature: float, ignore_index: 
                 softcap: float) -> KLOptions:
     """The single-device launchers' ``KLOptions`` of a shard's scalars (softcap 0.0: none; being
     elementwise, each shard caps its own logits with the same kernels)."""
-    return kl_from_flat(DISTILL_FLAT, (divergence, beta, temperature, ignore_index, ce_weight, softcap))
+    return KLOptions(divergence=DIVERGENCES[divergence], beta=beta, temperature=temperature,
+                     ignore_index=ignore_index, ce_weight=ce_weight, softcap=softcap)
 
 
 def distill_local(x2: Tensor, t2: Tensor, loc: Optional[Tensor], divergence: int, beta: float,
@@ -208,13 +210,12 @@ class VocabParallelDistill(torch.autograd.Function):
     def backward(ctx, dloss):
         x2, t2, labels, stats = ctx.saved_tensors
         shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, softcap = ctx.flat
-        none = (None,) * 10
         if dloss is None:
-            return (no_second_derivative(torch.zeros_like(x2), "distillation_loss"),) + none
+            return input_grads(ctx, no_second_derivative(torch.zeros_like(x2), "distillation_loss"))
         out = alloc(x2.shape, x2.dtype, x2.device)
         distill_shard_backward_into(out, x2, t2, labels, shard, stats, dloss, divergence, beta, temperature,
                                     ignore_index, ce_weight, use_ce, softcap)
-        return (no_second_derivative(out, "distillation_loss"),) + none
+        return input_grads(ctx, no_second_derivative(out, "distillation_loss"))
 
 
 def vocab_parallel_distillation_rows(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor],

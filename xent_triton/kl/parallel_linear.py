@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..core.exchange import ReduceGradOver, VocabShard, exchange_device, vocab_shard
 from ..core.inputs import autocast_operands, class_ids, target_range_check
+from ..core.op_schema import input_grads
 from ..core.runtime import compute_dtype, is_compiling, no_second_derivative
 from ..linear.chunked import logits_into
 from .linear_ops import Grads, chunked, rows
@@ -77,7 +78,8 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, shard: VocabShard,
-                group: Any, temperature: float, entropy: bool, chunk: int, softcap: float):
+                group: Any, temperature: float, entropy: bool, chunk: int, softcap: float,
+                accum_fp32: bool = True):
         N, C = x.shape[0], w.shape[0]
         loc = localize(tokens, shard)
         local = torch.zeros((N, 4), dtype=compute_dtype(x), device=x.device)
@@ -87,16 +89,16 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
             local[r0:r1] = logprobs_local(zc, loc[r0:r1], temperature, entropy, scratch=True, softcap=softcap)
         lp, ent, stats = logprobs_combine(local, loc, tokens, shard.n_classes, group, entropy)
         ctx.save_for_backward(x, w, b, loc, ent, stats)
-        ctx.flat = (temperature, chunk, softcap)
+        ctx.flat = (temperature, chunk, softcap, accum_fp32)
         ctx.set_materialize_grads(False)
         return lp, ent
 
     @staticmethod
     def backward(ctx, dlp, dent):
         x, w, b, loc, ent, stats = ctx.saved_tensors
-        temperature, chunk, softcap = ctx.flat
+        temperature, chunk, softcap, accum_fp32 = ctx.flat
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        grads = Grads(x, w, *need)
+        grads = Grads(x, w, *need, accum_fp32=accum_fp32)
         N, C = x.shape[0], w.shape[0]
         z = x.new_empty((min(chunk, N), C))
         for r0, r1 in chunks(N, chunk):
@@ -105,8 +107,8 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
                                          stats[r0:r1], None if dlp is None else dlp[r0:r1],
                                          None if dent is None else dent[r0:r1], temperature, softcap)
             grads.add_chunk(zc, x, w, r0, r1)
-        return tuple(no_second_derivative(g, "linear_token_logprobs") if n else None
-                     for g, n in zip(grads.result(x), need)) + (None,) * 7
+        return input_grads(ctx, *(no_second_derivative(g, "linear_token_logprobs") if n else None
+                                   for g, n in zip(grads.result(x), need)))
 
 
 class VocabParallelLinearDistill(torch.autograd.Function):
@@ -117,7 +119,7 @@ class VocabParallelLinearDistill(torch.autograd.Function):
     def forward(ctx, xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor,
                 bt: Optional[Tensor], labels: Optional[Tensor], shard: VocabShard, group: Any,
                 divergence: int, beta: float, temperature: float, ignore_index: int, ce_weight: float,
-                chunk: int, softcap: float):
+                chunk: int, softcap: float, accum_fp32: bool = True):
         N, C = xs.shape[0], ws.shape[0]
         use_ce = labels is not None and ce_weight != 0
         loc = localize(labels, shard) if labels is not None else None
@@ -142,6 +144,7 @@ class VocabParallelLinearDistill(torch.autograd.Function):
                                       use_ce, terms)
         ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, stats)
         ctx.flat = (shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, chunk, softcap)
+        ctx.accum_fp32 = accum_fp32
         ctx.set_materialize_grads(False)
         return loss
 
@@ -150,7 +153,7 @@ class VocabParallelLinearDistill(torch.autograd.Function):
         xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
         shard, divergence, beta, temperature, ignore_index, ce_weight, use_ce, chunk, softcap = ctx.flat
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
-        grads = Grads(xs, ws, *need)
+        grads = Grads(xs, ws, *need, accum_fp32=ctx.accum_fp32)
         N, C = xs.shape[0], ws.shape[0]
         if dloss is None:
             dloss = torch.zeros((), dtype=stats.dtype, device=xs.device).expand(N)
@@ -162,8 +165,8 @@ class VocabParallelLinearDistill(torch.autograd.Function):
                                         stats[r0:r1], dloss[r0:r1], divergence, beta, temperature,
                                         ignore_index, ce_weight, use_ce, softcap)
             grads.add_chunk(zsc, xs, ws, r0, r1)
-        return tuple(no_second_derivative(g, "linear_distillation_loss") if n else None
-                     for g, n in zip(grads.result(xs), need)) + (None,) * 13
+        return input_grads(ctx, *(no_second_derivative(g, "linear_distillation_loss") if n else None
+                                   for g, n in zip(grads.result(xs), need)))
 
 
 def reduced_input(h: Tensor, group: Any, needs_dx: bool) -> Tensor:
@@ -176,20 +179,21 @@ def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens:
                                          process_group: Any, vocab_start_index: Optional[int] = None,
                                          error: Optional[BaseException] = None,
                                          extra_agree: Optional[dict] = None, chunk_size: int = 0,
-                                         softcap: float = 0.0) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                                         softcap: float = 0.0,
+                                         accum_fp32: bool = True) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``linear_token_logprobs`` with ``weight`` / ``bias`` this rank's class shard (called by it;
     ``temperature`` validated there, ``error`` its validation error, raised on every rank;
     ``extra_agree``: more values every rank must share; ``chunk_size``: tokens per chunk, 0 =
     automatic, validated by ``make_kl``; ``softcap``: 0.0 none, agreed on)."""
     args = (hidden, weight, tokens, bias, temperature, return_entropy, process_group, vocab_start_index,
-            error, extra_agree or {}, chunk_size, softcap)
+            error, extra_agree or {}, chunk_size, softcap, accum_fp32)
     if is_compiling():  # collectives inside an eager autograd.Function: a graph break
         return torch.compiler.disable(_linear_logprobs)(*args)
     return _linear_logprobs(*args)
 
 
 def _linear_logprobs(hidden, weight, tokens, bias, temperature, return_entropy, group, vocab_start_index,
-                     error, extra_agree, chunk_size, softcap):
+                     error, extra_agree, chunk_size, softcap, accum_fp32=True):
     C_local, chunk, tok = 0, 1, None
     try:
         hidden, weight, bias = check_shard_head(STUDENT, hidden, weight, bias)
@@ -207,7 +211,7 @@ def _linear_logprobs(hidden, weight, tokens, bias, temperature, return_entropy, 
     token_range_check(tok, shard.n_classes)
     lp, ent = VocabParallelLinearLogprobs.apply(reduced_input(hidden, group, needs_dx), weight, bias, tok,
                                                 shard, group, temperature, bool(return_entropy), chunk,
-                                                softcap)
+                                                softcap, accum_fp32)
     shape = hidden.shape[:-1]
     return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)
 
@@ -260,5 +264,5 @@ def _linear_distill(hs, ws, ht, wt, labels, bs, bt, chosen, group, vocab_start_i
     loss = VocabParallelLinearDistill.apply(
         reduced_input(hs, group, needs_dx), ws, bs, rows(ht.detach()), wt.detach(),
         None if bt is None else bt.detach(), lbl, shard, group, DIVERGENCES.index(opts.divergence), opts.beta,
-        opts.temperature, opts.ignore_index, opts.ce_weight, chunk, opts.softcap)
+        opts.temperature, opts.ignore_index, opts.ce_weight, chunk, opts.softcap, opts.accum_fp32)
     return loss, lbl
