@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..core.dtensor import DTensor, Partial, Replicate, head_plan, plan
+from ..core.dtensor import DTensor, Partial, Replicate, chunk_start, head_plan, local_part, plan
 from ..core.exchange import ReduceGradOver
 from ..core.inputs import class_ids
 from ..core.reduction import finish_sums, row_sums
@@ -38,16 +38,6 @@ from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
 from .parallel_linear import vocab_parallel_linear_distillation_rows, vocab_parallel_linear_token_logprobs
 from .weights import agree_token_weight, parallel_token_weight, weighted
-
-
-def local_part(t: Any) -> Any:
-    """The local part of a DTensor (differentiable), anything else unchanged."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def chunk_start(n: int, parts: int, index: int) -> int:
-    """First element of chunk ``index`` when ``torch.chunk`` splits n into ``parts``."""
-    return min(n, index * -(-n // parts))
 
 
 def rows_dtensor(r: Tensor, local_shape: torch.Size, mesh: Any, rows_pl: list,
