@@ -90,3 +90,43 @@ def test_sft_head_takes_one_pass_over_the_vocabulary(path):
     n_valid = int(out.label_mask.sum())
     assert counter.rows == n_valid > 0
     assert out.is_top1.dtype == torch.bool and out.entropy is not None
+
+
+def _capped_fields(h, w, b, y, T, softcap, scale, dtype):
+    """(log_probs, entropy, is_top1) of z = softcap tanh(scale x / softcap) / T composed in ``dtype``."""
+    x = F.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+    z = softcap * torch.tanh(scale * x / softcap) / T
+    lq = torch.log_softmax(z, -1)
+    return lq.gather(1, y[:, None])[:, 0], -(lq.exp() * lq).sum(-1), z.argmax(-1) == y
+
+
+CAPPED = [  # N, D, C, temperature, softcap, logit_scale, bias
+    pytest.param(29, 16, 1500, 0.7, 3.0, 1.0, False, id="gemma-T0.7-cap3"),
+    pytest.param(21, 24, 999, 1.3, 2.0, 0.6, True, id="cap2-scale0.6-bias"),
+]
+
+
+@pytest.mark.parametrize("N,D,C,T,softcap,scale,bias", CAPPED)
+def test_softcap_head_takes_the_logprob_pass(N, D, C, T, softcap, scale, bias, path):
+    """A softcap (Gemma): log-probs, entropy and is_top1 from the log-prob head's own softcap in one pass
+    (before: -CE per token, the entropy in checkpointed tiles and an argmax pass: three)."""
+    h, w, b, y = _inputs(N, D, C, bias)
+    g = torch.Generator().manual_seed(4)
+    up_lp, up_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    outs, grads = {}, {}
+    for name, dtype in (("ours", torch.float32), ("torch", torch.float32), ("ref", torch.float64)):
+        leaves = [t.clone().to(dtype).requires_grad_() for t in (h, w) + ((b,) if bias else ())]
+        hh, ww, bb = leaves[0], leaves[1], (leaves[2] if bias else None)
+        if name == "ours":
+            with LogitRows(C) as counter:
+                lp, ent, _, _, top1 = per_token(hh, ww, bb, y, T, softcap, scale, SFT)
+            assert counter.rows == N
+        else:
+            lp, ent, top1 = _capped_fields(hh, ww, bb, y, T, softcap, scale, dtype)
+        (lp * up_lp.to(dtype) + ent * up_ent.to(dtype)).sum().backward()
+        outs[name], grads[name] = (lp, ent, top1), [t.grad for t in leaves]
+    for i, field in enumerate(("log_probs", "entropy")):
+        assert_close_rule(field, outs["ours"][i], outs["torch"][i], outs["ref"][i], torch.float32)
+    for field, ours, theirs, ref in zip(("grad_hidden", "grad_weight", "grad_bias"), *grads.values()):
+        assert_close_rule(field, ours, theirs, ref, torch.float32)
+    assert torch.equal(outs["ours"][2], outs["ref"][2])

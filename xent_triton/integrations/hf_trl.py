@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import sys
 import types
 import warnings
@@ -47,13 +46,6 @@ class FusedCausalLMOutput(ModelOutput):
     aux_loss: Optional[Tensor] = None
 
 
-def _token_logprobs_takes(name: str) -> bool:
-    try:
-        return name in inspect.signature(xent_triton.linear_token_logprobs).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
 def _transform(x: Tensor, softcap: Optional[float], scale: float) -> Tensor:
     return transform_logits(x.float(), scale, softcap if softcap is not None else 0.0)
 
@@ -83,9 +75,11 @@ def _mean_logits(h, w, b, softcap, scale) -> Tensor:
                       for i in range(0, h.shape[0], rows)] + [h.new_zeros(0, dtype=torch.float32)])
 
 
-def one_pass(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, temperature: float, entropy: bool):
-    """``(log_probs, entropy or None, lse, is_top1)`` (N,) of the logits ``(h @ w.T + b) / temperature`` at
-    the targets ``y`` from ONE pass over the vocabulary (backward: one more, the recompute).
+def one_pass(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, temperature: float, entropy: bool,
+             softcap: Optional[float] = None):
+    """``(log_probs, entropy or None, lse, is_top1)`` (N,) of the logits ``T(h @ w.T + b) / temperature``
+    (``T`` the softcap ``softcap tanh(x / softcap)``, or none) at the targets ``y`` from ONE pass over the
+    vocabulary (backward: one more, the recompute).
 
     The op behind ``xent_triton.linear_token_logprobs`` also returns each row's (max, log-sum) of the
     scaled logits, which that function drops: they give the lse (``max + log_sum``) and ``is_top1``
@@ -97,8 +91,8 @@ def one_pass(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, temperature: 
     """
 
     x, tok = h.reshape(-1, h.shape[-1]), y.reshape(-1).to(torch.int64).contiguous()
-    lp, ent, stats = linear_logprobs_rows(x, w, b, tok, make_kl(temperature=float(temperature),
-                                                                return_entropy=bool(entropy)))
+    opts = make_kl(temperature=float(temperature), return_entropy=bool(entropy), softcap=softcap)
+    lp, ent, stats = linear_logprobs_rows(x, w, b, tok, opts)
     log_sum = stats[:, 1]
     return lp, (ent if entropy else None), stats[:, 0] + log_sum, lp.detach() == -log_sum
 
@@ -111,27 +105,27 @@ def per_token(h: Tensor, w: Tensor, b: Optional[Tensor], y: Tensor, temperature:
     differentiable, the others are not.
 
     Passes over the vocabulary in the forward (what SFT / GRPO / RLOO ask for: log_probs, entropy,
-    is_top1): one without a softcap (:func:`one_pass`); ``log_sum_sq_probs`` adds one (lse(2 z)),
-    ``mean_logits`` with a softcap one; a softcap takes -CE per token, the entropy in checkpointed tiles
-    and the argmax from ``LossStats.predicted`` (three).
+    is_top1): one, with or without a softcap (:func:`one_pass`); ``log_sum_sq_probs`` adds one (lse(2 z)),
+    ``mean_logits`` with a softcap one (a logit scale <= 0: -CE per token, the entropy in checkpointed
+    tiles and the argmax from ``LossStats.predicted``).
     """
     t = float(temperature)
     scale, cap = float(logit_scale) / t, (None if softcap is None else float(softcap) / t)
     want_entropy = "entropy" in outputs
     top1, sq = "is_top1" in outputs, "log_sum_sq_probs" in outputs
     entropy = log_sum_sq = mean_logits = is_top1 = lse = None
-    if cap is None and scale > 0:
-        log_probs, entropy, lse, is_top1 = one_pass(h, w, b, y, 1.0 / scale, want_entropy)
+    if logit_scale > 0:
+        # softcap tanh(a x / softcap) / t == S tanh(x / S) / T with S = softcap / a, T = t / a (a > 0): the
+        # log-prob head's own softcap before its temperature, one pass (``one_pass``)
+        a = float(logit_scale)
+        log_probs, entropy, lse, is_top1 = one_pass(h, w, b, y, t / a, want_entropy,
+                                                    None if softcap is None else float(softcap) / a)
         is_top1 = is_top1 if top1 else None
-    else:
-        if _token_logprobs_takes("softcap") and _token_logprobs_takes("logit_scale"):
-            res = xent_triton.linear_token_logprobs(h, w, y, bias=b, softcap=cap, logit_scale=scale,
-                                                    return_entropy=want_entropy)
-        else:  # the core's token log-probs have no softcap yet: -CE per token, entropy in checkpointed tiles
-            res = -xent_triton.linear_cross_entropy(h, w, y, linear_bias=b, reduction="none", softcap=cap,
-                                                    logit_scale=scale)
-            if want_entropy:
-                res = (res, _chunked_entropy(h, w, b, cap, scale))
+    else:  # a non-positive logit scale: -CE per token, the entropy in checkpointed tiles
+        res = -xent_triton.linear_cross_entropy(h, w, y, linear_bias=b, reduction="none", softcap=cap,
+                                                logit_scale=scale)
+        if want_entropy:
+            res = (res, _chunked_entropy(h, w, b, cap, scale))
         log_probs, entropy = res if want_entropy else (res, None)
         if top1 or sq:
             with torch.no_grad():
