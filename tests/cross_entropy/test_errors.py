@@ -117,6 +117,9 @@ ERROR_CASES = [
                  id="3d-input-target-transposed"),
     pytest.param(lambda: ((_x(shape=(2, C, 3)), _y(2)), {}), ValueError, "must have shape (2, 3)",
                  id="3d-input-1d-target"),
+    # a layout option without the group it belongs to is refused, not ignored
+    pytest.param(lambda: ((_x(), _y()), {"vocab_start_index": 0}), ValueError, "needs a process_group",
+                 id="vocab_start_index-without-group"),
 ]
 
 

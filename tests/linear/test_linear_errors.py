@@ -42,6 +42,8 @@ ERROR_CASES = [  # (thunk -> (kwargs for linear_cross_entropy), exception, messa
                  id="int-input"),
     pytest.param(lambda: _args(input=torch.tensor(1.0)), ValueError, "got a scalar", id="scalar-input"),
     pytest.param(lambda: _args(linear_weight=torch.randn(0, D)), ValueError, "no classes", id="C-zero"),
+    pytest.param(lambda: _args(vocab_start_index=8), ValueError, "needs a process_group",
+                 id="vocab_start_index-without-group"),
     pytest.param(lambda: _args(target=_with(torch.randint(0, C, (N,)), 2, C)), IndexError,
                  f"Target {C} is out of bounds", id="target-eq-C"),
     pytest.param(lambda: _args(target=_with(torch.randint(0, C, (N,)), 0, -1)), IndexError,

@@ -45,6 +45,14 @@ def target_range_check(target: Tensor, C: int, ignore_index: int) -> None:
                          f"ignore_index={ignore_index}")
 
 
+def single_device_layout(vocab_start_index: Optional[int], what: str) -> None:
+    """A ``vocab_start_index`` without a ``process_group`` is refused, not ignored (one device holds
+    every class; the KL family's vocabulary-parallel entry refuses it alike)."""
+    if vocab_start_index is not None:
+        raise ValueError(f"{what}: vocab_start_index={vocab_start_index} needs a process_group "
+                         "(None means: not vocabulary-parallel)")
+
+
 def class_ids(target: Tensor, expected_shape, what: str = "input") -> Tensor:
     """Hard targets as contiguous int64 (R,) (int64, int32 and uint8 ids are accepted)."""
     if target.dtype not in TARGET_DTYPES:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..core.dtensor import is_dtensor
-from ..core.inputs import canonical, check_token_weight, check_weight
+from ..core.inputs import canonical, check_token_weight, check_weight, single_device_layout
 from ..core.options import make_options
 from ..core.reduction import loss_stats, reduce_rows
 from ..core.runtime import compute_dtype
@@ -83,7 +83,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             ``mean`` divides by the sum of the token weights times the class weights of the
             non-ignored tokens (docs/math.md).
         process_group, vocab_start_index: vocabulary (tensor) parallelism, see docs/distributed.md:
-            ``input`` is this rank's contiguous slice of the classes; targets hold global ids.
+            ``input`` is this rank's contiguous slice of the classes; targets hold global ids
+            (``vocab_start_index`` without ``process_group`` raises ValueError).
 
     Returns:
         The float32 loss (float64 for float64 input; a scalar, or the target's shape for
@@ -120,6 +121,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                             vocab_start_index=vocab_start_index, options_error=options_error,
                                             unsupported=dict(return_stats=return_stats),
                                             token_weight=token_weight)
+    single_device_layout(vocab_start_index, "cross_entropy")
     can = canonical(input, target)
     w = check_weight(weight, can.C, input.device, input.dtype)
     tw = check_token_weight(token_weight, can)

@@ -19,6 +19,7 @@ from ..core.inputs import (
     check_token_weight,
     check_weight,
     class_ids,
+    single_device_layout,
 )
 from ..core.options import check_chunking, make_options
 from ..core.reduction import loss_stats, reduce_rows
@@ -95,7 +96,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         process_group: vocabulary (tensor) parallelism: ``linear_weight`` / ``linear_bias`` hold this
             rank's contiguous slice of the classes, ``target`` global ids, ``weight`` the global class
             weights; every rank returns the full-vocabulary loss. See docs/distributed.md.
-        vocab_start_index: this rank's first class id (None: shards in group-rank order).
+        vocab_start_index: this rank's first class id (None: shards in group-rank order); without
+            ``process_group`` it raises ValueError.
         empty_batch: "nan" (torch's mean over no valid token) or "zero" (0, zero gradients).
         reduce_input_grad: under ``process_group``, all-reduce the input gradient across the group
             (Megatron's column-parallel layout); False leaves each rank's partial.
@@ -159,6 +161,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             reduce_input_grad=reduce_input_grad, options_error=options_error,
             unsupported=dict(return_stats=return_stats), token_weight=token_weight,
             chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype)
+    single_device_layout(vocab_start_index, "linear_cross_entropy")
     if isinstance(input, Tensor) and isinstance(linear_weight, Tensor):
         input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     check_linear_operands(input, linear_weight, linear_bias, target)
