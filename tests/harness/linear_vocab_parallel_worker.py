@@ -1,6 +1,6 @@
 """One spawned rank of tests/linear/test_linear_vocab_parallel.py: runs every case of one world size in a
 single gloo group and saves, per case, the loss, lse, gradients (input, this rank's weight and bias
-shards) and the collectives of each call (forward and backward apart).
+shards), the collectives of each call (forward and backward apart) and, where asked, the FLOPs.
 
 Usage: python linear_vocab_parallel_worker.py RANK WORLD INIT_FILE CASES_FILE OUT_DIR
 
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import xent_triton
+from harness import traffic
 from vocab_parallel_worker import Recorder
 from vocab_parallel_worker import main as serve
 from xent_triton.core import launch
@@ -53,7 +54,8 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
         b = d["b"][start:start + size].clone().requires_grad_(need_b) if d["b"] is not None else None
         rec.active = True
         tiles = launch.overrides(**case["tiles"]) if case["tiles"] else contextlib.nullcontext()
-        with tiles:  # small class tiles / several class splits, forward and backward
+        counting = traffic.count() if case["flops"] else contextlib.nullcontext({})
+        with tiles, counting as counted:  # small class tiles / several class splits, forward and backward
             res = fn(x, w, b, y)
             fwd = rec.take()
             loss, lse = res if opts.get("return_lse") else (res, None)
@@ -65,6 +67,7 @@ def run_case(case: dict, groups: dict, rec: Recorder) -> dict:
         bwd = rec.take()
         rec.active = False
         out["calls"].append({"fwd": fwd, "bwd": bwd})
+        out["flops"] = counted.get("flops")  # aten GEMMs + interpreted tl.dot, forward + backward
         dx = None if leaf.grad is None else leaf.grad[:, :d["x"].shape[1]]
         out.update(loss=loss.detach().reshape(-1 if loss.dim() else ()),
                    lse=None if lse is None else lse.detach().reshape(-1), dx=dx,

@@ -57,6 +57,7 @@ class LVP:
     bad_target: Optional[int] = None
     weight_len: Optional[int] = None
     error: Optional[tuple] = None  # (exception name, message fragment) every rank must raise
+    flops: bool = False  # count each rank's FLOPs; ``ignore_frac`` is then exact (random positions)
 
     @property
     def C(self) -> int:
@@ -98,6 +99,14 @@ CASES = [
     LVP("w2-C40-bf16-weight-grads-only-repeat", 2, [20, 20], BF16, need=(False, True, True), repeat=2,
         opts=dict(IGN, label_smoothing=0.1)),
     LVP("w2-C32-fp32-compiled-smooth", 2, [16, 16], compile=True, opts=dict(IGN, label_smoothing=0.1)),
+    # ignored tokens cost no FLOPs on any rank (each rank compacts alike: the targets are the same)
+    LVP("w2-C64-fp32-torchpath-flops-none-ignored", 2, [32, 32], N=40, torch_path=True, flops=True),
+    LVP("w2-C64-fp32-torchpath-flops-half-ignored", 2, [32, 32], N=40, torch_path=True, flops=True,
+        opts=dict(IGN, ignore_frac=0.5, label_smoothing=0.1)),
+    LVP("w2-C66-fp32-torchpath-flops-90pc-ignored", 2, [30, 36], N=40, torch_path=True, flops=True,
+        opts=dict(IGN, ignore_frac=0.9)),
+    LVP("w2-C256-bf16-flops-half-ignored", 2, [128, 128], BF16, N=128, D=64, flops=True,  # whole tiles
+        opts=dict(IGN, ignore_frac=0.5)),
     # world 4
     LVP("w4-C1000-bf16-unequal-all-weight-mean-lse", 4, [251, 250, 250, 249], BF16, N=64, D=64,
         weight=True, use_lse=True, opts=dict(ALL)),
@@ -118,7 +127,11 @@ def _targets(c: LVP, gen: torch.Generator) -> torch.Tensor:
     for i in range(c.N):
         k = i % len(c.sizes)
         y[i] = c.real_starts[k] + int(torch.randint(0, c.sizes[k], (1,), generator=gen))
-    if c.opts.get("ignore_frac"):
+    if c.flops:  # exactly round(f N) ignored rows, at random positions
+        drop = torch.zeros(c.N, dtype=torch.bool)
+        drop[torch.randperm(c.N, generator=gen)[:round(c.opts.get("ignore_frac", 0) * c.N)]] = True
+        y[drop] = c.opts.get("ignore_index", -100)
+    elif c.opts.get("ignore_frac"):
         drop = torch.rand(c.N, generator=gen) < c.opts["ignore_frac"]
         drop[-1], drop[1] = True, False
         if c.ignore_block:
@@ -150,7 +163,7 @@ def _build(c: LVP, seed: int) -> tuple[dict, list]:
         opts["return_lse"] = True
     spec = dict(id=c.id, sizes=c.sizes, starts=c.starts, real_starts=c.real_starts, groups=groups,
                 data=data, opts=opts, need=c.need, torch_path=c.torch_path, tiles=c.tiles,
-                compile=c.compile, layout=c.layout, repeat=c.repeat)
+                compile=c.compile, layout=c.layout, repeat=c.repeat, flops=c.flops)
     return spec, data
 
 
@@ -255,6 +268,23 @@ def test_bad_setup_raises_on_every_rank(case: LVP, results):
         assert out.get("error") == name, \
             f"rank {r}: expected {name}, got {out.get('error')}: {out.get('message')}"
         assert fragment in out["message"], out["message"]
+
+
+FLOP_CASES = [pytest.param(c, id=c.id) for c in CASES if c.flops]
+
+
+@pytest.mark.parametrize("case", FLOP_CASES)
+def test_ignored_tokens_cost_no_flops_on_any_rank(case: LVP, results):
+    """Forward + backward FLOPs of each rank (aten GEMMs + interpreted tl.dot) <= 1.02 x (1 - f) x
+    8 N D C_local (the class-sharded head recomputes its logits in backward: the per-token path's
+    base) with a fraction f of the tokens ignored: every rank compacts the same rows away."""
+    res = results(case.world)[0][case.id]
+    _ok(res)
+    f = case.opts.get("ignore_frac", 0.0)
+    for o in res:
+        base = 8 * case.N * case.D * case.sizes[o["group_rank"]]
+        print(f"{case.id} rank {o['group_rank']}: flops = {o['flops'] / base:.4f} x 8 N D C_local")
+        assert 0 < o["flops"] <= 1.02 * (1 - f) * base
 
 
 def test_process_group_is_required():
