@@ -261,18 +261,18 @@ def run_composed(d: dict, c: KC, dtype: torch.dtype) -> tuple[list, list]:
     return [o.detach() for o in outs], [leaf.grad for leaf in leaves]
 
 
-def expected_calls(c: KC) -> list:
-    """(name, op, bytes) of the forward's collectives (fp32 statistics; float64 divergence sums)."""
-    lin = int(c.fn.startswith("linear"))  # + whether the input needs a gradient, in the agreement
-    lin += int(lin and c.dtensor)  # + the mesh dims that shard the tokens (DTensor linear forms)
+def expected_calls(c: KC, r: int = R) -> list:
+    """(name, op, bytes) of the forward's collectives (fp32 statistics; float64 divergence sums), r rows."""
+    lin = 2 * int(c.fn.startswith("linear"))  # + input_requires_grad, kept_tokens in the agreement
+    lin += int(lin > 0 and c.fn.endswith(LP)) + int(lin > 0 and c.dtensor)  # + ignore_index, mesh dims
     if c.fn.endswith(LP):
         k = 3 if c.opts.get("return_entropy") else 2
-        return [("all_gather", "", 8 * (7 + lin)), ("all_reduce", "max", 4 * R),
-                ("all_reduce", "sum", 4 * R * k)]
+        return [("all_gather", "", 8 * (7 + lin)), ("all_reduce", "max", 4 * r),
+                ("all_reduce", "sum", 4 * r * k)]
     ce = c.labels and c.opts.get("ce_weight", 0) > 0
     jsd = c.opts.get("divergence") == "jsd"
-    return [("all_gather", "", 8 * (13 + lin)), ("all_reduce", "max", 4 * R * (3 if ce else 2)),
-            ("all_reduce", "sum", 4 * R * (4 if ce else 2)), ("all_reduce", "sum", 8 * R * (3 if jsd else 1))]
+    return [("all_gather", "", 8 * (13 + lin)), ("all_reduce", "max", 4 * r * (3 if ce else 2)),
+            ("all_reduce", "sum", 4 * r * (4 if ce else 2)), ("all_reduce", "sum", 8 * r * (3 if jsd else 1))]
 
 
 # Peak memory per rank (world 2, the Triton path under the interpreter): N tokens, C_local classes per
@@ -347,13 +347,13 @@ def test_matches_full_vocabulary(case: KC, results):
 
 @pytest.mark.parametrize("case", OK_CASES, ids=lambda c: c.id)
 def test_collectives_per_call(case: KC, results):
-    """Forward: the layout all_gather + O(R) all-reduces (never C-sized); backward: none."""
-    res = results(case.world)[0][case.id]
-    assert_ranks_ok(res)
-    for o in res:
-        assert o["fwd"] == expected_calls(case)
-        dx = [("all_reduce", "sum", 4 * R * D)] if case.fn.startswith("linear") else []
-        assert o["bwd"] == dx
+    """Forward: the layout all_gather + O(r) all-reduces (never C-sized); backward: none but dX's (linear)."""
+    (res_all, data), lin = results(case.world), case.fn.startswith("linear")
+    r = int((data[case.id]["ids"] != -100).sum()) if lin and data[case.id]["ids"] is not None else R  # kept
+    assert_ranks_ok(res_all[case.id])
+    for o in res_all[case.id]:
+        assert o["fwd"] == expected_calls(case, r)
+        assert o["bwd"] == ([("all_reduce", "sum", 4 * r * D)] if lin else [])
 
 
 @pytest.mark.parametrize("case", MESH_CASES, ids=lambda c: c.id)

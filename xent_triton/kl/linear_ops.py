@@ -5,6 +5,15 @@ chunk's logits, writes their gradient over the student buffer (in place) and tur
 (written per chunk) and dW, db (fp32 accumulators; with ``accum_fp32`` off, the head's dtype).
 Nothing N x C exists beyond one chunk per model. Each op takes the options as keyword-only
 arguments, one per ``KLOptions`` field (``core/op_schema.py``).
+
+Ignored tokens cost no FLOPs (``core/compaction.py``, as the CE linear head): the rows whose label
+(distillation; without labels nothing is ignored) or token (log-probs) equals ``ignore_index`` are
+compacted away before the GEMMs, in forward and again in backward, and get the constants a kernel
+writes for an ignored row: loss 0 and stats (0, -inf, 0, -inf, 0, -inf, 0, 0) (distillation; the
+kernels' own, up to reverse_kl's 0/0 ``extra``, NaN there); log-prob 0, entropy 0, stats (0, 0);
+gradient rows 0. One host sync per op call (the count of kept rows: the GEMMs need host shapes);
+none while torch.compile traces (the ops' fake implementations have fixed output shapes, so
+``fullgraph=True, dynamic=True`` traces them once) and none with ``XENT_COMPACT=0``.
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ..core.compaction import kept_rows, scatter_rows, take_rows
 from ..core.inputs import target_range_check
 from ..core.op_schema import input_grads, options_op
 from ..core.runtime import compute_dtype, no_second_derivative, upstream_or_zeros
@@ -24,7 +34,6 @@ from .ops import (
     logprobs_backward_into,
     logprobs_forward_rows,
     saved_entropy,
-    token_range_check,
 )
 from .options import KLOptions
 
@@ -90,6 +99,26 @@ def fake_grads(x: Tensor, w: Tensor, b: Optional[Tensor], need_dx: bool, need_dw
             w.new_empty((w.shape[0],)) if need_db else x.new_empty((0,)))
 
 
+IGNORED_DISTILL_STATS = (0.0, float("-inf"), 0.0, float("-inf"), 0.0, float("-inf"), 0.0, 0.0)
+
+
+def scatter_distill_stats(stats: Tensor, idx: Tensor, n: int) -> Tensor:
+    """(n, 8) distillation stats: the kept rows' at ``idx``, an ignored row's constants elsewhere."""
+    out = torch.zeros((n, stats.shape[1]), dtype=stats.dtype, device=stats.device)
+    for col, v in enumerate(IGNORED_DISTILL_STATS):
+        if v != 0.0:
+            out[:, col] = v
+    return out.index_copy_(0, idx, stats)
+
+
+def scatter_grads(grads: tuple[Tensor, Tensor, Tensor], idx: Tensor, n: int,
+                  need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db) of the kept rows ``idx`` with dX (if needed) scattered back to ``n`` rows (0 on
+    the skipped ones)."""
+    dx, dw, db = grads
+    return (scatter_rows(dx, idx, n) if need_dx else dx), dw, db
+
+
 STUDENT_ARGS = "Tensor xs, Tensor ws, Tensor? bs, Tensor xt, Tensor wt, Tensor? bt, Tensor? labels"
 NEEDS = "bool need_dx, bool need_dw, bool need_db"
 
@@ -101,9 +130,21 @@ def linear_distillation_fwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Te
     """Per-row (loss, stats) of the logits xs wsᵀ + bs against xt wtᵀ + bt, chunk_size rows at a
     time (the options' ``chunk_size``, resolved by ``chunked``)."""
     opts = KLOptions.from_flat(**options)
-    N, C, chunk = xs.shape[0], ws.shape[0], opts.chunk_size
     if labels is not None:
-        target_range_check(labels, C, opts.ignore_index)
+        target_range_check(labels, ws.shape[0], opts.ignore_index)
+    idx = None if labels is None else kept_rows(labels != opts.ignore_index)
+    if idx is None:
+        return distill_chunks(xs, ws, bs, xt, wt, bt, labels, opts)
+    loss, stats = distill_chunks(take_rows(xs, idx), ws, bs, take_rows(xt, idx), wt, bt,
+                                 take_rows(labels, idx), opts)
+    N = xs.shape[0]
+    return scatter_rows(loss, idx, N), scatter_distill_stats(stats, idx, N)
+
+
+def distill_chunks(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor, bt: Optional[Tensor],
+                   labels: Optional[Tensor], opts: KLOptions) -> tuple[Tensor, Tensor]:
+    """The forward's chunk loop over every row given."""
+    N, C, chunk = xs.shape[0], ws.shape[0], opts.chunk_size
     loss = xs.new_empty((N,), dtype=compute_dtype(xs))
     stats = xs.new_empty((N, 8), dtype=compute_dtype(xs))
     zs = xs.new_empty((min(chunk, N), C))
@@ -133,8 +174,21 @@ def linear_distillation_bwd(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Te
                             **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dW, db) of the student; (0,) for each one not needed (and db without a bias)."""
     opts = KLOptions.from_flat(**options)
+    need = (need_dx, need_dw, need_db)
+    idx = None if labels is None or not any(need) else kept_rows(labels != opts.ignore_index)
+    if idx is None:
+        return distill_grads(xs, ws, bs, xt, wt, bt, labels, stats, dloss, need, opts)
+    return scatter_grads(distill_grads(take_rows(xs, idx), ws, bs, take_rows(xt, idx), wt, bt,
+                                       take_rows(labels, idx), take_rows(stats, idx), take_rows(dloss, idx),
+                                       need, opts), idx, xs.shape[0], need_dx)
+
+
+def distill_grads(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: Tensor, bt: Optional[Tensor],
+                  labels: Optional[Tensor], stats: Tensor, dloss: Tensor, need: tuple[bool, bool, bool],
+                  opts: KLOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's chunk loop over every row given."""
     N, C, chunk = xs.shape[0], ws.shape[0], opts.chunk_size
-    grads = Grads(xs, ws, need_dx, need_dw, need_db, opts.accum_fp32)
+    grads = Grads(xs, ws, *need, opts.accum_fp32)
     zs = xs.new_empty((min(chunk, N), C))
     zt = xt.new_empty((min(chunk, N), C))
     for r0 in range(0, N, chunk):
@@ -190,8 +244,20 @@ def linear_token_logprobs_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens:
                               **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(log-probs, entropy or (0,), stats) of the logits x wᵀ + b, chunk_size rows at a time."""
     opts = KLOptions.from_flat(**options)
+    target_range_check(tokens, w.shape[0], opts.ignore_index)
+    idx = kept_rows(tokens != opts.ignore_index)
+    if idx is None:
+        return logprobs_chunks(x, w, b, tokens, opts)
+    lp, ent, stats = logprobs_chunks(take_rows(x, idx), w, b, take_rows(tokens, idx), opts)
+    N = x.shape[0]
+    return (scatter_rows(lp, idx, N), scatter_rows(ent, idx, N) if opts.return_entropy else ent,
+            scatter_rows(stats, idx, N))
+
+
+def logprobs_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor,
+                    opts: KLOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward's chunk loop over every row given."""
     N, C, chunk, entropy = x.shape[0], w.shape[0], opts.chunk_size, opts.return_entropy
-    token_range_check(tokens, C)
     dt = compute_dtype(x)
     lp, ent, stats = x.new_empty((N,), dtype=dt), x.new_empty((N if entropy else 0,), dtype=dt), \
         x.new_empty((N, 2), dtype=dt)
@@ -220,8 +286,22 @@ def linear_token_logprobs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], tokens:
                               need_dw: bool, need_db: bool, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dW, db); (0,) for each one not needed (and db without a bias)."""
     opts = KLOptions.from_flat(**options)
+    need = (need_dx, need_dw, need_db)
+    idx = kept_rows(tokens != opts.ignore_index) if any(need) else None
+    if idx is None:
+        return logprobs_grads(x, w, b, tokens, ent, stats, dlp, dent, need, opts)
+    ent = take_rows(ent, idx) if dent is not None else ent  # read only with an entropy gradient
+    return scatter_grads(logprobs_grads(take_rows(x, idx), w, b, take_rows(tokens, idx), ent,
+                                        take_rows(stats, idx), take_rows(dlp, idx), take_rows(dent, idx),
+                                        need, opts), idx, x.shape[0], need_dx)
+
+
+def logprobs_grads(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, ent: Tensor, stats: Tensor,
+                   dlp: Tensor, dent: Optional[Tensor], need: tuple[bool, bool, bool],
+                   opts: KLOptions) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's chunk loop over every row given."""
     N, C, chunk = x.shape[0], w.shape[0], opts.chunk_size
-    grads = Grads(x, w, need_dx, need_dw, need_db, opts.accum_fp32)
+    grads = Grads(x, w, *need, opts.accum_fp32)
     z = x.new_empty((min(chunk, N), C))
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)

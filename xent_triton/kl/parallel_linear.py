@@ -10,6 +10,16 @@ logits-level code (``kl/parallel.py``'s ``logprobs_local``, ``kl/parallel_distil
 backward forms each chunk's logits again, writes their gradient over the buffer and turns it into
 dX rows and fp32 dW, db (``kl/linear_ops.Grads``). Nothing N x C_local exists beyond one chunk per model.
 
+Ignored tokens cost no FLOPs, as on one device (``kl/linear_ops.py``): the rows whose label /
+token is ``ignore_index`` are compacted away (``core/compaction.py``) before the autograd
+functions, so neither their GEMMs nor their O(N) collectives (nor their rows of the dX all-reduce)
+run; their outputs are 0 and their gradient rows 0. Every rank holds the same tokens, so each
+computes the same kept rows; the count (one host sync, as ``kept_rows``) joins the layout
+exchange's agreement (``kept_tokens``; and the log-probs' ``ignore_index``), so ranks whose masks
+differ in size (or one rank under ``XENT_COMPACT=0``) raise the same ValueError instead of
+entering collectives of different sizes. With compaction off (``XENT_COMPACT=0``) every row
+runs and the ignored ones are masked afterwards.
+
 The input gradient is summed over the group in backward by one ``all_reduce(SUM)`` of fp32
 (float64 for float64) dX (N x D) (``core.exchange.ReduceGradOver``), as the CE linear head
 (``linear/parallel.py``) and Megatron's ``copy_to_tensor_model_parallel_region`` do. Whether the
@@ -23,13 +33,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from ..core.compaction import kept_rows, scatter_rows, take_rows
 from ..core.exchange import ReduceGradOver, VocabShard, exchange_device, vocab_shard
 from ..core.inputs import autocast_operands, class_ids, target_range_check
 from ..core.op_schema import input_grads
 from ..core.runtime import compute_dtype, is_compiling, no_second_derivative
 from ..linear.chunked import logits_into
 from .linear_ops import Grads, chunked, rows
-from .ops import token_range_check
 from .options import DIVERGENCES, KLOptions
 from .parallel import localize, logprobs_combine, logprobs_local, logprobs_shard_backward_into
 from .parallel_distill import (
@@ -169,9 +179,19 @@ class VocabParallelLinearDistill(torch.autograd.Function):
                                    for g, n in zip(grads.result(xs), need)))
 
 
-def reduced_input(h: Tensor, group: Any, needs_dx: bool) -> Tensor:
-    """(N, D) rows of the hidden states, their gradient summed over ``group`` in backward."""
-    return rows(ReduceGradOver.apply(h, [group]) if needs_dx else h)
+def reduced_input(h: Tensor, group: Any, needs_dx: bool, idx: Optional[Tensor] = None) -> Tensor:
+    """(N, D) rows of the hidden states (the kept rows ``idx`` only, when given), their gradient
+    summed over ``group`` in backward."""
+    x = take_rows(rows(h), idx)
+    return ReduceGradOver.apply(x, [group]) if needs_dx else x
+
+
+def kept_count(ids: Optional[Tensor], ignore_index: int) -> tuple[Optional[Tensor], float]:
+    """(kept rows or None, how many rows the collectives will carry: the agreement's ``kept_tokens``)."""
+    if ids is None:
+        return None, 0.0
+    idx = kept_rows(ids != ignore_index)
+    return idx, float(ids.numel() if idx is None else idx.numel())
 
 
 def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor,
@@ -179,39 +199,50 @@ def vocab_parallel_linear_token_logprobs(hidden: Tensor, weight: Tensor, tokens:
                                          process_group: Any, vocab_start_index: Optional[int] = None,
                                          error: Optional[BaseException] = None,
                                          extra_agree: Optional[dict] = None, chunk_size: int = 0,
-                                         softcap: float = 0.0,
-                                         accum_fp32: bool = True) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                                         softcap: float = 0.0, accum_fp32: bool = True,
+                                         ignore_index: int = -100) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """``linear_token_logprobs`` with ``weight`` / ``bias`` this rank's class shard (called by it;
     ``temperature`` validated there, ``error`` its validation error, raised on every rank;
     ``extra_agree``: more values every rank must share; ``chunk_size``: tokens per chunk, 0 =
-    automatic, validated by ``make_kl``; ``softcap``: 0.0 none, agreed on)."""
+    automatic, validated by ``make_kl``; ``softcap``: 0.0 none, agreed on; ``ignore_index``: a
+    token equal to it gets log-prob 0, entropy 0 and no gradient, at no FLOP; agreed on)."""
     args = (hidden, weight, tokens, bias, temperature, return_entropy, process_group, vocab_start_index,
-            error, extra_agree or {}, chunk_size, softcap, accum_fp32)
+            error, extra_agree or {}, chunk_size, softcap, accum_fp32, ignore_index)
     if is_compiling():  # collectives inside an eager autograd.Function: a graph break
         return torch.compiler.disable(_linear_logprobs)(*args)
     return _linear_logprobs(*args)
 
 
 def _linear_logprobs(hidden, weight, tokens, bias, temperature, return_entropy, group, vocab_start_index,
-                     error, extra_agree, chunk_size, softcap, accum_fp32=True):
-    C_local, chunk, tok = 0, 1, None
+                     error, extra_agree, chunk_size, softcap, accum_fp32=True, ignore_index=-100):
+    C_local, chunk, tok, idx, kept = 0, 1, None, None, 0.0
     try:
         hidden, weight, bias = check_shard_head(STUDENT, hidden, weight, bias)
         C_local = weight.shape[0]
         tok = class_ids(tokens, hidden.shape[:-1], "input's leading shape")
         chunk = chunk_rows(chunk_size, tok.numel(), C_local)
+        idx, kept = kept_count(tok, ignore_index)
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange, on every rank
         error = error or e
     needs_dx = isinstance(hidden, Tensor) and hidden.requires_grad
     agree = dict(temperature=temperature if error is None else 0.0,
                  return_entropy=float(bool(return_entropy)), input_requires_grad=float(needs_dx),
-                 softcap=softcap if error is None else 0.0, **extra_agree)
+                 softcap=softcap if error is None else 0.0, ignore_index=ignore_index, kept_tokens=kept,
+                 **extra_agree)
     shard = vocab_shard(group, C_local, exchange_device(group, hidden), vocab_start_index, agree,
                         "vocab-parallel linear_token_logprobs", True, error)
-    token_range_check(tok, shard.n_classes)
-    lp, ent = VocabParallelLinearLogprobs.apply(reduced_input(hidden, group, needs_dx), weight, bias, tok,
-                                                shard, group, temperature, bool(return_entropy), chunk,
-                                                softcap, accum_fp32)
+    target_range_check(tok, shard.n_classes, ignore_index)
+    lp, ent = VocabParallelLinearLogprobs.apply(reduced_input(hidden, group, needs_dx, idx), weight, bias,
+                                                take_rows(tok, idx), shard, group, temperature,
+                                                bool(return_entropy), chunk, softcap, accum_fp32)
+    N = tok.numel()
+    if idx is not None:
+        lp = scatter_rows(lp, idx, N)
+        ent = scatter_rows(ent, idx, N) if return_entropy else ent
+    else:  # every row ran (none ignored, or XENT_COMPACT=0): an ignored token's outputs are 0
+        keep = tok != ignore_index
+        lp = torch.where(keep, lp, torch.zeros_like(lp))
+        ent = torch.where(keep, ent, torch.zeros_like(ent)) if return_entropy else ent
     shape = hidden.shape[:-1]
     return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)
 
@@ -252,9 +283,10 @@ def _linear_distill(hs, ws, ht, wt, labels, bs, bt, chosen, group, vocab_start_i
         chunk = chunk_rows(chosen.chunk_size if chosen is not None else 0, hs.shape[:-1].numel(), C_local)
     except (TypeError, ValueError, IndexError) as e:  # raised after the exchange, on every rank
         error = error or e
+    idx, kept = kept_count(lbl, chosen.ignore_index if chosen is not None else -100)
     needs_dx = isinstance(hs, Tensor) and hs.requires_grad
     agree = distill_agreement(chosen, labels is not None,
-                              dict(input_requires_grad=float(needs_dx), **extra_agree))
+                              dict(input_requires_grad=float(needs_dx), kept_tokens=kept, **extra_agree))
     shard = vocab_shard(group, C_local, exchange_device(group, hs), vocab_start_index, agree,
                         "vocab-parallel linear_distillation_loss", True, error)
     opts = chosen  # not None: vocab_shard raised its error otherwise
@@ -262,7 +294,10 @@ def _linear_distill(hs, ws, ht, wt, labels, bs, bt, chosen, group, vocab_start_i
     if lbl is not None:
         target_range_check(lbl, shard.n_classes, opts.ignore_index)
     loss = VocabParallelLinearDistill.apply(
-        reduced_input(hs, group, needs_dx), ws, bs, rows(ht.detach()), wt.detach(),
-        None if bt is None else bt.detach(), lbl, shard, group, DIVERGENCES.index(opts.divergence), opts.beta,
-        opts.temperature, opts.ignore_index, opts.ce_weight, chunk, opts.softcap, opts.accum_fp32)
+        reduced_input(hs, group, needs_dx, idx), ws, bs, take_rows(rows(ht.detach()), idx), wt.detach(),
+        None if bt is None else bt.detach(), take_rows(lbl, idx), shard, group,
+        DIVERGENCES.index(opts.divergence), opts.beta, opts.temperature, opts.ignore_index, opts.ce_weight,
+        chunk, opts.softcap, opts.accum_fp32)
+    if idx is not None:
+        loss = scatter_rows(loss, idx, hs.shape[:-1].numel())
     return loss, lbl
