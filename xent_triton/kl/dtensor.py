@@ -136,16 +136,24 @@ def mesh_agreement(batch: list) -> dict:
     return dict(batch_mesh_dims=float(sum(1 << i for i in batch)))
 
 
+def ignore_keyword(ignore_index: int) -> dict:
+    """``ignore_index`` for ``vocab_parallel_linear_token_logprobs`` (kl/parallel_linear.py takes it from
+    branch klcompact on; its default -100 is not passed, so a tree without it keeps working).
+    TODO(after merging klcompact): pass ``ignore_index=`` directly and drop this helper."""
+    return {} if ignore_index == -100 else dict(ignore_index=ignore_index)
+
+
 def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
                                   temperature: float, return_entropy: bool, chunk_size: int,
                                   error: Optional[BaseException], local: Callable, softcap: float = 0.0,
-                                  token_weight: Any = None, accum_fp32: bool = True):
+                                  token_weight: Any = None, accum_fp32: bool = True,
+                                  ignore_index: int = -100):
     """``linear_token_logprobs`` with DTensor hidden states and head (``core/dtensor.py``'s
     rules for the CE linear head): W ``Shard(0)`` on the TP mesh dim = vocabulary parallel there
     (``kl/parallel_linear.py``); outputs as ``dtensor_token_logprobs``'. ``error``: this rank's
     invalid option, raised on every rank of the TP group after the layout exchange; ``chunk_size``
     validated (0 = automatic). ``local``: the single-device ``linear_token_logprobs`` (no TP mesh
-    dim: it runs on the local parts)."""
+    dim: it runs on the local parts). ``ignore_index`` validated (agreed on by the TP group)."""
     what = "linear_token_logprobs on DTensors"
     mesh, tp, rows_pl, batch = head_plan(input, linear_weight, linear_bias, what)
     x, tok = input.to_local(), local_part(target)
@@ -155,14 +163,14 @@ def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, l
         if error is not None:
             raise error
         res = local(x, w, tok, linear_bias=b, temperature=temperature, return_entropy=return_entropy,
-                    softcap=softcap or None, chunk_size=chunk_size or None,
+                    ignore_index=ignore_index, softcap=softcap or None, chunk_size=chunk_size or None,
                     grad_accum_dtype=None if accum_fp32 else w.dtype)
     else:
         start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
         agree = dict(mesh_agreement(batch), **agree_token_weight(token_weight))
         res = vocab_parallel_linear_token_logprobs(x, w, tok, b, temperature, return_entropy,
                                                    mesh.get_group(tp), start, error, agree, chunk_size,
-                                                   softcap, accum_fp32)
+                                                   softcap, accum_fp32, **ignore_keyword(ignore_index))
     outs = res if return_entropy else (res,)
     outs = weighted(tuple(o.reshape(-1) for o in outs), tw)
     shape = input.shape[:-1]
