@@ -267,8 +267,8 @@ def expected_calls(c: KC) -> list:
     lin += int(lin and c.dtensor)  # + the mesh dims that shard the tokens (DTensor linear forms)
     if c.fn.endswith(LP):
         k = 3 if c.opts.get("return_entropy") else 2
-        return [("all_gather", "", 8 * (7 + lin)), ("all_reduce", "max", 4 * R),
-                ("all_reduce", "sum", 4 * R * k)]
+        return [("all_gather", "", 8 * (7 + int(c.fn == LP) + lin)), ("all_reduce", "max", 4 * R),
+                ("all_reduce", "sum", 4 * R * k)]  # logits form: + ignore_index in the agreement
     ce = c.labels and c.opts.get("ce_weight", 0) > 0
     jsd = c.opts.get("divergence") == "jsd"
     return [("all_gather", "", 8 * (13 + lin)), ("all_reduce", "max", 4 * R * (3 if ce else 2)),

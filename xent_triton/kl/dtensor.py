@@ -30,9 +30,9 @@ from torch import Tensor
 
 from ..core.dtensor import DTensor, Partial, Replicate, chunk_start, head_plan, local_part, plan
 from ..core.exchange import ReduceGradOver
-from ..core.inputs import class_ids
+from ..core.inputs import class_ids, target_range_check
 from ..core.reduction import finish_sums, row_sums
-from .ops import distillation_rows, token_logprobs_rows, token_range_check
+from .ops import distillation_rows, token_logprobs_rows
 from .options import KLOptions
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
@@ -49,9 +49,10 @@ def rows_dtensor(r: Tensor, local_shape: torch.Size, mesh: Any, rows_pl: list,
 
 def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, return_entropy: bool,
                            error: Optional[BaseException] = None, softcap: float = 0.0,
-                           token_weight: Any = None):
+                           token_weight: Any = None, ignore_index: int = -100):
     """``token_logprobs`` of DTensor logits (..., C); ``softcap`` validated (0.0: none);
-    ``token_weight``: a DTensor placed as the tokens or a plain tensor of THIS rank's tokens."""
+    ``token_weight``: a DTensor placed as the tokens or a plain tensor of THIS rank's tokens;
+    ``ignore_index`` validated (agreed on by the TP group: its rows skipped on every shard)."""
     tp, rows_pl, _batch = plan(logits, logits.dim() - 1, "token_logprobs on a DTensor")
     mesh, x, tok = logits.device_mesh, logits.to_local(), local_part(tokens)
     tw, error = parallel_token_weight(local_part(token_weight), x, error)
@@ -59,14 +60,15 @@ def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, r
         if error is not None:
             raise error
         ids = class_ids(tok, x.shape[:-1], "input's leading shape")
-        token_range_check(ids, x.shape[-1])
-        opts = KLOptions(temperature=temperature, return_entropy=bool(return_entropy), softcap=softcap)
+        target_range_check(ids, x.shape[-1], ignore_index)
+        opts = KLOptions(temperature=temperature, return_entropy=bool(return_entropy), softcap=softcap,
+                         ignore_index=ignore_index)
         lp, ent, _ = token_logprobs_rows(x.reshape(ids.numel(), x.shape[-1]), ids, opts)
         outs = (lp, ent) if return_entropy else (lp,)
     else:
         start = chunk_start(logits.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
         res = vocab_parallel_token_logprobs(x, tok, temperature, return_entropy, mesh.get_group(tp), start,
-                                            agree_token_weight(token_weight), error, softcap)
+                                            agree_token_weight(token_weight), error, softcap, ignore_index)
         outs = res if return_entropy else (res,)
     outs = weighted(tuple(o.reshape(-1) for o in outs), tw)
     outs = tuple(rows_dtensor(o, x.shape[:-1], mesh, rows_pl, logits.shape[:-1]) for o in outs)
