@@ -189,14 +189,16 @@ def test_linear_token_logprobs_ignored_positions(c: Case, path):
 def test_row_launchers_contract(entropy, path):
     """``logprobs_forward_rows`` / ``logprobs_backward_into`` (the linear forms' chunk step): an
     ignored row gives lp 0, entropy 0, stats (0, 0) and a zero gradient row even under a NaN
-    upstream gradient (the gradient buffer starts as NaN: every element is written); the kernel
+    upstream gradient (the gradient buffer starts as NaN: every element is written) and logits up
+    to 300 (e^300 overflows: the torch twin must not form it, as the kernel reads none); the kernel
     gives NaN for another out-of-range token (no range check at this level)."""
     gen = torch.Generator().manual_seed(3)
     R, ign = 9, 7
     x = torch.randn(R, C, generator=gen) * 3
     tok = torch.randint(8, C, (R,), generator=gen)
     tok[::3] = ign
-    opts = KLOptions(temperature=0.8, return_entropy=entropy, ignore_index=ign, softcap=5.0)
+    x[0] = x[0].abs() * 100  # an ignored row
+    opts = KLOptions(temperature=0.8, return_entropy=entropy, ignore_index=ign)
     lp, ent, stats = logprobs_forward_rows(x, tok, opts)
     ignored = tok == ign
     assert (lp[ignored] == 0).all() and (stats[ignored] == 0).all() and not lp[~ignored].isnan().any()
