@@ -116,9 +116,8 @@ def logprobs_forward_rows(x: Tensor, tokens: Tensor, opts: KLOptions,
     logprobs_fwd_kernel[(R,)](
         x_ptr=x, stride_xn=x.stride(0), stride_xc=x.stride(1), tok_ptr=tokens, lp_ptr=lp,
         ent_ptr=ent if entropy else lp, stats_ptr=stats, C=C, ignore_index=opts.ignore_index,
-        temperature=opts.temperature,
-        softcap=opts.softcap, ENTROPY=entropy, HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
+        temperature=opts.temperature, softcap=opts.softcap, ENTROPY=entropy, HAS_SOFTCAP=opts.has_softcap,
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return lp, ent, stats
 
@@ -141,8 +140,7 @@ def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, 
         stride_gc=out.stride(1), dlp_ptr=dlp, stride_dlp=dlp.stride(0),
         dent_ptr=dent if dent is not None else dlp, stride_dent=dent.stride(0) if dent is not None else 0,
         C=C, ignore_index=opts.ignore_index, span=span, temperature=opts.temperature, softcap=opts.softcap,
-        HAS_DENT=dent is not None,
-        HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        HAS_DENT=dent is not None, HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
 
 
