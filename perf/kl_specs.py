@@ -53,7 +53,8 @@ def _logprobs_fwd_args(dtype: str, flags: dict, config: dict, layout: Layout) ->
     """kl/ops.logprobs_forward_rows' launch of logprobs_fwd_kernel."""
     C = layout.C
     return dict(x_ptr=Ptr(dtype), stride_xn=C, stride_xc=1, tok_ptr=Ptr("i64"), lp_ptr=Ptr("fp32"),
-                ent_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"), C=C, temperature=0.7, softcap=30.0)
+                ent_ptr=Ptr("fp32"), stats_ptr=Ptr("fp32"), C=C, ignore_index=-100, temperature=0.7,
+                softcap=30.0)
 
 
 def _logprobs_bwd_args(dtype: str, flags: dict, config: dict, layout: Layout) -> dict:
@@ -63,7 +64,7 @@ def _logprobs_bwd_args(dtype: str, flags: dict, config: dict, layout: Layout) ->
     return dict(x_ptr=Ptr(dtype), stride_xn=C, stride_xc=1, tok_ptr=Ptr("i64"), ent_ptr=Ptr("fp32"),
                 stats_ptr=Ptr("fp32"), dx_ptr=Ptr(dtype), stride_gn=C, stride_gc=1, dlp_ptr=Ptr("fp32"),
                 stride_dlp=1, dent_ptr=Ptr("fp32"), stride_dent=1 if flags["HAS_DENT"] else 0, C=C,
-                span=4 * config["BLOCK_C"], temperature=0.7, softcap=30.0)
+                ignore_index=-100, span=4 * config["BLOCK_C"], temperature=0.7, softcap=30.0)
 
 
 def _ci_pick(key) -> bool:

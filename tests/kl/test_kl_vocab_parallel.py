@@ -267,8 +267,8 @@ def expected_calls(c: KC, r: int = R) -> list:
     lin += int(lin > 0 and c.fn.endswith(LP)) + int(lin > 0 and c.dtensor)  # + ignore_index, mesh dims
     if c.fn.endswith(LP):
         k = 3 if c.opts.get("return_entropy") else 2
-        return [("all_gather", "", 8 * (7 + lin)), ("all_reduce", "max", 4 * r),
-                ("all_reduce", "sum", 4 * r * k)]
+        return [("all_gather", "", 8 * (7 + int(c.fn == LP) + lin)), ("all_reduce", "max", 4 * r),
+                ("all_reduce", "sum", 4 * r * k)]  # logits form: + ignore_index in the agreement
     ce = c.labels and c.opts.get("ce_weight", 0) > 0
     jsd = c.opts.get("divergence") == "jsd"
     return [("all_gather", "", 8 * (13 + lin)), ("all_reduce", "max", 4 * r * (3 if ce else 2)),

@@ -30,9 +30,9 @@ from torch import Tensor
 
 from ..core.dtensor import DTensor, Partial, Replicate, chunk_start, head_plan, local_part, plan
 from ..core.exchange import ReduceGradOver
-from ..core.inputs import class_ids
+from ..core.inputs import class_ids, target_range_check
 from ..core.reduction import finish_sums, row_sums
-from .ops import distillation_rows, token_logprobs_rows, token_range_check
+from .ops import distillation_rows, token_logprobs_rows
 from .options import KLOptions
 from .parallel import vocab_parallel_token_logprobs
 from .parallel_distill import vocab_parallel_distillation_rows
@@ -49,9 +49,10 @@ def rows_dtensor(r: Tensor, local_shape: torch.Size, mesh: Any, rows_pl: list,
 
 def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, return_entropy: bool,
                            error: Optional[BaseException] = None, softcap: float = 0.0,
-                           token_weight: Any = None):
+                           token_weight: Any = None, ignore_index: int = -100):
     """``token_logprobs`` of DTensor logits (..., C); ``softcap`` validated (0.0: none);
-    ``token_weight``: a DTensor placed as the tokens or a plain tensor of THIS rank's tokens."""
+    ``token_weight``: a DTensor placed as the tokens or a plain tensor of THIS rank's tokens;
+    ``ignore_index`` validated (agreed on by the TP group: its rows skipped on every shard)."""
     tp, rows_pl, _batch = plan(logits, logits.dim() - 1, "token_logprobs on a DTensor")
     mesh, x, tok = logits.device_mesh, logits.to_local(), local_part(tokens)
     tw, error = parallel_token_weight(local_part(token_weight), x, error)
@@ -59,14 +60,15 @@ def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, r
         if error is not None:
             raise error
         ids = class_ids(tok, x.shape[:-1], "input's leading shape")
-        token_range_check(ids, x.shape[-1])
-        opts = KLOptions(temperature=temperature, return_entropy=bool(return_entropy), softcap=softcap)
+        target_range_check(ids, x.shape[-1], ignore_index)
+        opts = KLOptions(temperature=temperature, return_entropy=bool(return_entropy), softcap=softcap,
+                         ignore_index=ignore_index)
         lp, ent, _ = token_logprobs_rows(x.reshape(ids.numel(), x.shape[-1]), ids, opts)
         outs = (lp, ent) if return_entropy else (lp,)
     else:
         start = chunk_start(logits.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
         res = vocab_parallel_token_logprobs(x, tok, temperature, return_entropy, mesh.get_group(tp), start,
-                                            agree_token_weight(token_weight), error, softcap)
+                                            agree_token_weight(token_weight), error, softcap, ignore_index)
         outs = res if return_entropy else (res,)
     outs = weighted(tuple(o.reshape(-1) for o in outs), tw)
     outs = tuple(rows_dtensor(o, x.shape[:-1], mesh, rows_pl, logits.shape[:-1]) for o in outs)
@@ -139,13 +141,14 @@ def mesh_agreement(batch: list) -> dict:
 def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, linear_bias: Any,
                                   temperature: float, return_entropy: bool, chunk_size: int,
                                   error: Optional[BaseException], local: Callable, softcap: float = 0.0,
-                                  token_weight: Any = None, accum_fp32: bool = True):
+                                  token_weight: Any = None, accum_fp32: bool = True,
+                                  ignore_index: int = -100):
     """``linear_token_logprobs`` with DTensor hidden states and head (``core/dtensor.py``'s
     rules for the CE linear head): W ``Shard(0)`` on the TP mesh dim = vocabulary parallel there
     (``kl/parallel_linear.py``); outputs as ``dtensor_token_logprobs``'. ``error``: this rank's
     invalid option, raised on every rank of the TP group after the layout exchange; ``chunk_size``
     validated (0 = automatic). ``local``: the single-device ``linear_token_logprobs`` (no TP mesh
-    dim: it runs on the local parts)."""
+    dim: it runs on the local parts). ``ignore_index`` validated (agreed on by the TP group)."""
     what = "linear_token_logprobs on DTensors"
     mesh, tp, rows_pl, batch = head_plan(input, linear_weight, linear_bias, what)
     x, tok = input.to_local(), local_part(target)
@@ -155,14 +158,14 @@ def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, l
         if error is not None:
             raise error
         res = local(x, w, tok, linear_bias=b, temperature=temperature, return_entropy=return_entropy,
-                    softcap=softcap or None, chunk_size=chunk_size or None,
+                    ignore_index=ignore_index, softcap=softcap or None, chunk_size=chunk_size or None,
                     grad_accum_dtype=None if accum_fp32 else w.dtype)
     else:
         start = chunk_start(linear_weight.shape[0], mesh.size(tp), mesh.get_local_rank(tp))
         agree = dict(mesh_agreement(batch), **agree_token_weight(token_weight))
         res = vocab_parallel_linear_token_logprobs(x, w, tok, b, temperature, return_entropy,
                                                    mesh.get_group(tp), start, error, agree, chunk_size,
-                                                   softcap, accum_fp32)
+                                                   softcap, accum_fp32, ignore_index=ignore_index)
     outs = res if return_entropy else (res,)
     outs = weighted(tuple(o.reshape(-1) for o in outs), tw)
     shape = input.shape[:-1]

@@ -138,35 +138,39 @@ def distillation_loss(input: Tensor, teacher_input: Tensor, target: Optional[Ten
 # Typing only: the log-probabilities alone without return_entropy, else they or (logp, entropy).
 @overload
 def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = ...,
-                   return_entropy: Literal[False] = ..., softcap: Optional[float] = ...,
-                   token_weight: Optional[Tensor] = ...,
+                   return_entropy: Literal[False] = ..., ignore_index: int = ...,
+                   softcap: Optional[float] = ..., token_weight: Optional[Tensor] = ...,
                    process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...) -> Tensor: ...
 @overload
 def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = ...,
-                   return_entropy: bool = ..., softcap: Optional[float] = ...,
+                   return_entropy: bool = ..., ignore_index: int = ..., softcap: Optional[float] = ...,
                    token_weight: Optional[Tensor] = ...,
                    process_group: Optional[Any] = ..., vocab_start_index: Optional[int] = ...
                    ) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 @renamed_keywords(**LOGPROBS)
 def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False, softcap: Optional[float] = None,
+                   return_entropy: bool = False, ignore_index: int = -100, softcap: Optional[float] = None,
                    token_weight: Optional[Tensor] = None, process_group: Optional[Any] = None,
                    vocab_start_index: Optional[int] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Per-position log softmax(cap(input) / T)[target] (and the entropy of that softmax).
 
     Args:
         input: (..., C) logits, float16 / bfloat16 / float32 (float64 runs the torch path).
-        target: int64 / int32 / uint8 ids of shape ``input.shape[:-1]``, in [0, C) (IndexError on
-            CPU otherwise; NaN log-prob on CUDA).
+        target: int64 / int32 / uint8 ids of shape ``input.shape[:-1]``, in [0, C) or
+            ``ignore_index`` (IndexError on CPU otherwise; NaN log-prob on CUDA).
         temperature: T > 0, finite; divides the (capped) logits (logit_scale = 1 / T).
         return_entropy: also return -sum_j q_j log q_j, q = softmax(cap(input) / T).
+        ignore_index: a position whose target equals it (the CE heads' name and default) returns
+            log-prob 0 and entropy 0 and gets no gradient (through either output); its logits are
+            not read by the kernels. Any int, a valid class id included.
         softcap: None or a positive float: the logits are capped, z -> softcap tanh(z / softcap),
             BEFORE the temperature (cap(z) / T, as Gemma).
         token_weight: optional float weights of the target's shape: each position's log-prob (and
             entropy) is multiplied by its weight (its gradient too).
         process_group: vocabulary parallelism (``kl/parallel.py``): ``input`` is this rank's
             class slice, ``target`` global ids; every rank returns the full-vocabulary values.
-            ``softcap`` caps each shard's logits; ``token_weight``: the same on every rank.
+            ``softcap`` caps each shard's logits; ``token_weight``: the same on every rank;
+            ``ignore_index``: agreed on by every rank (an ignored row is skipped on each shard).
         vocab_start_index: this rank's first class (None on every rank: shards in rank order).
 
     Returns:
@@ -181,15 +185,17 @@ def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
         >>> (-(lp * torch.randn(2, 16)).sum() - 0.01 * ent.sum()).backward()
     """
     options: dict[str, Any] = dict(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
-                   has_token_weight=token_weight is not None)
+                   ignore_index=ignore_index, has_token_weight=token_weight is not None)
     if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
-        T, cap = (opts.temperature, opts.softcap) if opts is not None else (temperature, 0.0)
+        T, cap, ign = (opts.temperature, opts.softcap, opts.ignore_index) if opts is not None \
+            else (temperature, 0.0, -100)
         if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
-            return dtensor_token_logprobs(input, target, T, return_entropy, error, cap, token_weight)
+            return dtensor_token_logprobs(input, target, T, return_entropy, error, cap, token_weight, ign)
         tw, error = parallel_token_weight(token_weight, input, error)
         res = vocab_parallel_token_logprobs(input, target, T, return_entropy, process_group,
-                                            vocab_start_index, agree_token_weight(token_weight), error, cap)
+                                            vocab_start_index, agree_token_weight(token_weight), error, cap,
+                                            ign)
         return weighted_outputs(res, tw)
     check_logits("input", input)
     opts = make_kl(**options)

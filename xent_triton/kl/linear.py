@@ -135,21 +135,24 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
 @overload
 def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                           linear_bias: Optional[Tensor] = ..., temperature: float = ...,
-                          return_entropy: Literal[False] = ..., softcap: Optional[float] = ...,
+                          return_entropy: Literal[False] = ..., ignore_index: int = ...,
+                          softcap: Optional[float] = ...,
                           token_weight: Optional[Tensor] = ..., chunk_size: Optional[int] = ...,
                           grad_accum_dtype: Optional[torch.dtype] = ..., process_group: Optional[Any] = ...,
                           vocab_start_index: Optional[int] = ...) -> Tensor: ...
 @overload
 def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                           linear_bias: Optional[Tensor] = ..., temperature: float = ...,
-                          return_entropy: bool = ..., softcap: Optional[float] = ...,
+                          return_entropy: bool = ..., ignore_index: int = ...,
+                          softcap: Optional[float] = ...,
                           token_weight: Optional[Tensor] = ..., chunk_size: Optional[int] = ...,
                           grad_accum_dtype: Optional[torch.dtype] = ..., process_group: Optional[Any] = ...,
                           vocab_start_index: Optional[int] = ...) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 @renamed_keywords(**LINEAR_LOGPROBS)
 def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                           linear_bias: Optional[Tensor] = None, temperature: float = 1.0,
-                          return_entropy: bool = False, softcap: Optional[float] = None,
+                          return_entropy: bool = False, ignore_index: int = -100,
+                          softcap: Optional[float] = None,
                           token_weight: Optional[Tensor] = None, chunk_size: Optional[int] = None,
                           grad_accum_dtype: Optional[torch.dtype] = None,
                           process_group: Optional[Any] = None,
@@ -160,7 +163,8 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
     Args:
         input: (..., D); linear_weight: (C, D); linear_bias: (C,) or None (same dtype; under
             ``torch.autocast`` cast to the autocast dtype as ``F.linear`` does); target: ids of
-            shape ``input.shape[:-1]`` in [0, C). temperature, return_entropy, softcap (before the
+            shape ``input.shape[:-1]`` in [0, C) or ``ignore_index``. temperature, return_entropy,
+            ignore_index (log-prob 0, entropy 0, no gradient there), softcap (before the
             temperature), token_weight: as in ``token_logprobs``.
         chunk_size: tokens per chunk (default: about 16M logits per chunk).
         grad_accum_dtype: as in ``linear_cross_entropy``: dW / db summed across token chunks in
@@ -184,22 +188,24 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
     """
     options: dict[str, Any] = dict(
                    temperature=temperature, return_entropy=return_entropy, softcap=softcap,
-                   chunk_size=chunk_size, has_token_weight=token_weight is not None,
+                   ignore_index=ignore_index, chunk_size=chunk_size,
+                   has_token_weight=token_weight is not None,
                    grad_accum_dtype=grad_accum_dtype, weight_dtype=linear_weight.dtype)
     dtensor = is_dtensor(input) or is_dtensor(linear_weight)
     if dtensor or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
         T, cap = (opts.temperature, opts.softcap) if opts is not None else (temperature, 0.0)
         chunk = opts.chunk_size if opts is not None else 0
+        ign = opts.ignore_index if opts is not None else -100
         if dtensor:  # the layout comes from the placements (kl/dtensor.py)
             return dtensor_linear_token_logprobs(input, linear_weight, target, linear_bias, T, return_entropy,
                                                  chunk, error, linear_token_logprobs, cap, token_weight,
-                                                 opts is None or opts.accum_fp32)
+                                                 opts is None or opts.accum_fp32, ign)
         tw, error = parallel_token_weight(token_weight, input, error)
         res = vocab_parallel_linear_token_logprobs(input, linear_weight, target, linear_bias, T,
                                                    return_entropy, process_group, vocab_start_index, error,
                                                    agree_token_weight(token_weight), chunk, cap,
-                                                   opts is None or opts.accum_fp32)
+                                                   opts is None or opts.accum_fp32, ignore_index=ign)
         return weighted_outputs(res, tw)
     input, linear_weight, linear_bias = check_head(STUDENT, input, linear_weight, linear_bias)
     opts = make_kl(**options)

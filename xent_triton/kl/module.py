@@ -115,12 +115,12 @@ class TokenLogprobs(OptionsModule):
         ...                                                               torch.randint(0, 1000, (2, 5)))
     """
 
-    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *,
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *, ignore_index: int = -100,
                  softcap: Optional[float] = None, process_group: Any = None,
                  vocab_start_index: Optional[int] = None) -> None:
-        make_kl(temperature=temperature, softcap=softcap)
-        super().__init__(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
-                         process_group=process_group, vocab_start_index=vocab_start_index)
+        make_kl(temperature=temperature, softcap=softcap, ignore_index=ignore_index)
+        super().__init__(temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index,
+                         softcap=softcap, process_group=process_group, vocab_start_index=vocab_start_index)
 
     @renamed_keywords(**LOGPROBS)
     def forward(self, input: Tensor, target: Tensor,
@@ -137,12 +137,14 @@ class LinearTokenLogprobs(OptionsModule):
         ...                                           torch.randint(0, 1000, (2, 5)))
     """
 
-    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *,
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, *, ignore_index: int = -100,
                  softcap: Optional[float] = None, chunk_size: Optional[int] = None,
                  grad_accum_dtype: Optional[torch.dtype] = None, process_group: Any = None,
                  vocab_start_index: Optional[int] = None) -> None:
-        make_kl(temperature=temperature, softcap=softcap, chunk_size=chunk_size, **accum(grad_accum_dtype))
-        super().__init__(temperature=temperature, return_entropy=return_entropy, softcap=softcap,
+        make_kl(temperature=temperature, softcap=softcap, ignore_index=ignore_index, chunk_size=chunk_size,
+                **accum(grad_accum_dtype))
+        super().__init__(temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index,
+                         softcap=softcap,
                          chunk_size=chunk_size, grad_accum_dtype=grad_accum_dtype,
                          process_group=process_group,
                          vocab_start_index=vocab_start_index)

@@ -36,7 +36,8 @@ from .options import DIVERGENCES, KLOptions
 
 
 def token_range_check(tokens: Tensor, C: int) -> None:
-    """On CPU, IndexError for a token id outside [0, C) (no ignore index for sampled tokens)."""
+    """On CPU, IndexError for a token id outside [0, C), ignore index included (the paths that take
+    an ``ignore_index`` check with ``core.inputs.target_range_check`` instead)."""
     if tokens.device.type != "cpu" or tokens.numel() == 0:
         return
     bad = (tokens < 0) | (tokens >= C)
@@ -100,7 +101,8 @@ def distill_backward_into(out: Tensor, x: Tensor, t: Tensor, labels: Optional[Te
 def logprobs_forward_rows(x: Tensor, tokens: Tensor, opts: KLOptions,
                           scratch: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(log-probs (R,), entropy (R,) or (0,), stats (R, 2)) of rows x (R, C); ``scratch``: the torch
-    path may overwrite x."""
+    path may overwrite x. A row whose token is ``opts.ignore_index`` gives lp 0, entropy 0, stats
+    (0, 0) on both paths (the kernel reads none of its logits)."""
     if not uses_triton(x):
         return rows_torch.logprobs_forward(x, tokens, opts, scratch)
     R, C = x.shape
@@ -113,16 +115,17 @@ def logprobs_forward_rows(x: Tensor, tokens: Tensor, opts: KLOptions,
     cfg = launch.config(C)
     logprobs_fwd_kernel[(R,)](
         x_ptr=x, stride_xn=x.stride(0), stride_xc=x.stride(1), tok_ptr=tokens, lp_ptr=lp,
-        ent_ptr=ent if entropy else lp, stats_ptr=stats, C=C, temperature=opts.temperature,
-        softcap=opts.softcap, ENTROPY=entropy, HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
+        ent_ptr=ent if entropy else lp, stats_ptr=stats, C=C, ignore_index=opts.ignore_index,
+        temperature=opts.temperature, softcap=opts.softcap, ENTROPY=entropy, HAS_SOFTCAP=opts.has_softcap,
+        BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
     return lp, ent, stats
 
 
 def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor,
                            dlp: Tensor, dent: Optional[Tensor], opts: KLOptions) -> None:
-    """dL/dx of rows x into ``out`` (may be ``x``)."""
+    """dL/dx of rows x into ``out`` (may be ``x``); a row whose token is ``opts.ignore_index`` gets a
+    zero row (the kernel reads none of its logits)."""
     if not uses_triton(x):
         rows_torch.logprobs_backward(x, tokens, ent, stats, dlp, dent, opts, out=out)
         return
@@ -136,8 +139,8 @@ def logprobs_backward_into(out: Tensor, x: Tensor, tokens: Tensor, ent: Tensor, 
         ent_ptr=ent if dent is not None else stats, stats_ptr=stats, dx_ptr=out, stride_gn=out.stride(0),
         stride_gc=out.stride(1), dlp_ptr=dlp, stride_dlp=dlp.stride(0),
         dent_ptr=dent if dent is not None else dlp, stride_dent=dent.stride(0) if dent is not None else 0,
-        C=C, span=span, temperature=opts.temperature, softcap=opts.softcap, HAS_DENT=dent is not None,
-        HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+        C=C, ignore_index=opts.ignore_index, span=span, temperature=opts.temperature, softcap=opts.softcap,
+        HAS_DENT=dent is not None, HAS_SOFTCAP=opts.has_softcap, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
     )
 
 
@@ -203,9 +206,11 @@ distillation_fwd.register_autograd(_distill_backward, setup_context=_distill_set
 @options_op("xent_triton::token_logprobs_fwd", "Tensor logits, Tensor tokens", "(Tensor, Tensor, Tensor)",
             options_cls=KLOptions)
 def token_logprobs_fwd(logits: Tensor, tokens: Tensor, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """(log-probs, entropy or (0,), stats) of (R, C) logits; IndexError for bad tokens on CPU."""
-    token_range_check(tokens, logits.shape[1])
-    return logprobs_forward_rows(logits, tokens, KLOptions.from_flat(**options))
+    """(log-probs, entropy or (0,), stats) of (R, C) logits; IndexError on CPU for a token outside
+    [0, C) that is not ``ignore_index`` (an ignored row: 0, 0, (0, 0))."""
+    opts = KLOptions.from_flat(**options)
+    target_range_check(tokens, logits.shape[1], opts.ignore_index)
+    return logprobs_forward_rows(logits, tokens, opts)
 
 
 @token_logprobs_fwd.register_fake

@@ -14,7 +14,9 @@ row (ref, log s, H) of the shard; ``all_reduce(MAX)`` of the shard maxima (R flo
 ``all_reduce(SUM)`` of (s e^{ref - ref_g}, the owner's b_y - ref_g, and with the entropy
 s e^{ref - ref_g} (E_r[b] - ref_g)): 2 or 3 R floats. The backward is local: the single-device
 backward kernel fed the global (ref_g, log S) and H and a localized token (another shard's token
-never matches a column).
+never matches a column). An ignored row (target == ``ignore_index``, agreed on in the exchange)
+is localized to ``IGNORED`` on every rank: each shard's kernels skip it (no logit read), it returns
+log-prob 0 / entropy 0 and gets a zero gradient row; the all-reduces keep their O(R) size.
 
 ``distillation_loss``: ``all_reduce(MAX)`` of the row maxima of teacher / T, student / T (and the
 student at T = 1 when ce_weight > 0): 2-3 R floats; ``all_reduce(SUM)`` of the rescaled sums (and
@@ -34,13 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..core.exchange import FOREIGN, VocabShard, exchange_device, vocab_shard
+from ..core.exchange import FOREIGN, IGNORED, VocabShard, exchange_device, localize_target, vocab_shard
 from ..core.formulas_torch import transform_grad, transform_logits
-from ..core.inputs import class_ids
+from ..core.inputs import class_ids, target_range_check
 from ..core.op_schema import input_grads
 from ..core.runtime import alloc, compute_dtype, is_compiling, no_second_derivative, uses_triton
 from . import rows_torch
-from .ops import logprobs_backward_into, logprobs_forward_rows, token_range_check
+from .ops import logprobs_backward_into, logprobs_forward_rows
 from .options import KLOptions
 
 NEG_INF = float("-inf")
@@ -54,8 +56,12 @@ def check_shard_logits(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must have a class dimension (..., C_local), got a scalar")
 
 
-def localize(ids: Tensor, shard: VocabShard) -> Tensor:
-    """Global ids -> shard-local ids, ``FOREIGN`` (-2) for another shard's (or an invalid) id."""
+def localize(ids: Tensor, shard: VocabShard, ignore_index: Optional[int] = None) -> Tensor:
+    """Global ids -> shard-local ids, ``FOREIGN`` (-2) for another shard's (or an invalid) id;
+    with ``ignore_index``, ``IGNORED`` (-1) for it (``core.exchange.localize_target``): the log-prob
+    helpers below skip those rows."""
+    if ignore_index is not None:
+        return localize_target(ids, shard, ignore_index)
     local = ids - shard.start
     return torch.where((local >= 0) & (local < shard.size), local, torch.full_like(local, FOREIGN))
 
@@ -84,7 +90,8 @@ def logprobs_local(z: Tensor, loc: Tensor, temperature: float, entropy: bool,
     """Per row of a shard's logits z (R, C_local): (ref, log s, H or 0, b_y or 0) of b = cap(z) / T
     over this shard (one streaming pass: ``logprobs_forward_rows``), b_y the owned token's b; the
     softcap is elementwise, so each shard caps its own logits (0.0: none). ``scratch``: the torch
-    path may overwrite z (the linear form's own chunk buffer)."""
+    path may overwrite z (the linear form's own chunk buffer). A row localized to ``IGNORED`` is
+    skipped by the kernels (no logit read): (0, 0, 0, 0)."""
     R, C = z.shape
     cdt = compute_dtype(z)
     out = torch.zeros((R, 4), dtype=cdt, device=z.device)
@@ -92,8 +99,8 @@ def logprobs_local(z: Tensor, loc: Tensor, temperature: float, entropy: bool,
         out[:, 1] = NEG_INF
         return out
     out[:, 3] = transform_logits(owner_gather(z, loc).to(cdt), 1.0, softcap) / temperature
-    safe = torch.where(loc >= 0, loc, torch.zeros_like(loc))
-    opts = KLOptions(temperature=temperature, return_entropy=entropy, softcap=softcap)
+    safe = torch.where(loc == IGNORED, loc, loc.clamp_min(0))  # FOREIGN -> any column: 0
+    opts = KLOptions(temperature=temperature, return_entropy=entropy, softcap=softcap, ignore_index=IGNORED)
     _lp, ent, st = logprobs_forward_rows(z, safe, opts, scratch)
     out[:, :2] = st.to(cdt)
     if entropy:
@@ -104,7 +111,8 @@ def logprobs_local(z: Tensor, loc: Tensor, temperature: float, entropy: bool,
 def logprobs_combine(local: Tensor, loc: Tensor, tokens: Tensor, n_classes: int, group: Any,
                      entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The full-vocabulary (log-probs, entropy or (0,), stats (ref_g, log S)) from every shard's
-    ``logprobs_local`` rows: ``all_reduce(MAX)`` of R floats, ``all_reduce(SUM)`` of 2-3 R."""
+    ``logprobs_local`` rows: ``all_reduce(MAX)`` of R floats, ``all_reduce(SUM)`` of 2-3 R. A row
+    localized to ``IGNORED`` (on every rank alike) comes out (0, 0, (0, 0)) as on one device."""
     ref_l, log_s_l, ent_l, b_y = local.unbind(1)
     live = log_s_l > NEG_INF
     ref_g = global_ref(torch.where(live, ref_l, torch.full_like(ref_l, NEG_INF)), group)
@@ -118,7 +126,11 @@ def logprobs_combine(local: Tensor, loc: Tensor, tokens: Tensor, n_classes: int,
     lp = pack[1] - log_S
     lp = torch.where((tokens >= 0) & (tokens < n_classes), lp, torch.full_like(lp, float("nan")))
     ent = log_S - pack[2] / pack[0] if entropy else lp.new_empty((0,))
-    return lp, ent, torch.stack([ref_g, log_S], dim=1).contiguous()
+    stats = torch.stack([ref_g, log_S], dim=1)
+    ignored = loc == IGNORED
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    lp, stats = torch.where(ignored, zero, lp), torch.where(ignored[:, None], zero, stats)
+    return lp, torch.where(ignored, zero, ent) if entropy else ent, stats.contiguous()
 
 
 def logprobs_shard_backward_into(out: Tensor, x2: Tensor, loc: Tensor, ent: Tensor, stats: Tensor,
@@ -126,7 +138,8 @@ def logprobs_shard_backward_into(out: Tensor, x2: Tensor, loc: Tensor, ent: Tens
                                  softcap: float = 0.0) -> None:
     """dL/dx of a shard's logits x2 (R, C_local) into ``out`` (may be x2) from the global stats:
     the single-device backward kernel (a localized token never matches another shard's column),
-    or torch ops on the rows (the torch path: R x C_local temporaries)."""
+    or torch ops on the rows (the torch path: R x C_local temporaries). A row localized to
+    ``IGNORED`` gets zeros (the kernel reads none of its logits)."""
     R, C = x2.shape
     if C == 0 or R == 0:
         return
@@ -137,7 +150,7 @@ def logprobs_shard_backward_into(out: Tensor, x2: Tensor, loc: Tensor, ent: Tens
         dlp32 = dlp.to(stats.dtype).contiguous()
         dent32 = dent.to(stats.dtype).contiguous() if dent is not None else None
         logprobs_backward_into(out, x2, loc, ent.contiguous(), stats, dlp32, dent32,
-                               KLOptions(temperature=T, softcap=softcap))
+                               KLOptions(temperature=T, softcap=softcap, ignore_index=IGNORED))
         return
     xs = transform_logits(x2.to(stats.dtype), 1.0, softcap)
     logq = (xs / T - stats[:, :1]) - stats[:, 1:]
@@ -147,7 +160,8 @@ def logprobs_shard_backward_into(out: Tensor, x2: Tensor, loc: Tensor, ent: Tens
     if dent is not None:
         dx = dx - dent.to(q.dtype)[:, None] * torch.where(q > 0, q * (logq + ent[:, None]),
                                                           torch.zeros_like(q))
-    out.copy_(transform_grad(dx / T, xs, 1.0, softcap))
+    dx = transform_grad(dx / T, xs, 1.0, softcap)
+    out.copy_(torch.where((loc == IGNORED)[:, None], torch.zeros((), dtype=dx.dtype, device=dx.device), dx))
 
 
 class VocabParallelLogprobs(torch.autograd.Function):
@@ -155,8 +169,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: Tensor, tokens: Tensor, shard: VocabShard, group: Any, temperature: float,
-                entropy: bool, softcap: float):
-        loc = localize(tokens, shard)
+                entropy: bool, softcap: float, ignore_index: int = -100):
+        loc = localize(tokens, shard, ignore_index)
         local = logprobs_local(x2, loc, temperature, entropy, softcap=softcap)  # the kernel path reads x2
         lp, ent, stats = logprobs_combine(local, loc, tokens, shard.n_classes, group, entropy)
         ctx.save_for_backward(x2, loc, ent, stats)
@@ -175,7 +189,8 @@ class VocabParallelLogprobs(torch.autograd.Function):
 def vocab_parallel_token_logprobs(logits: Tensor, tokens: Tensor, temperature: float, return_entropy: bool,
                                   process_group: Any, vocab_start_index: Optional[int] = None,
                                   extra_agree: Optional[dict] = None,
-                                  options_error: Optional[BaseException] = None, softcap: float = 0.0):
+                                  options_error: Optional[BaseException] = None, softcap: float = 0.0,
+                                  ignore_index: int = -100):
     """``token_logprobs`` over a class shard (``token_logprobs(..., process_group=)`` calls it).
 
     ``logits``: this rank's (..., C_local) slice; ``tokens``: GLOBAL ids. Returns the
@@ -184,17 +199,18 @@ def vocab_parallel_token_logprobs(logits: Tensor, tokens: Tensor, temperature: f
     ``temperature``: validated by the caller, which passes its error as ``options_error`` instead
     of raising (this rank's own validation error, raised after the exchange; the linear form's:
     the head's operands too); ``extra_agree``: more values that must agree across ranks;
-    ``softcap``: validated by the caller (0.0: none), agreed on.
+    ``softcap``: validated by the caller (0.0: none), agreed on; ``ignore_index``: validated by the
+    caller, agreed on (its rows return 0, 0 and get no gradient on every rank).
     """
     args = (logits, tokens, temperature, return_entropy, process_group, vocab_start_index, extra_agree or {},
-            options_error, softcap)
+            options_error, softcap, ignore_index)
     if is_compiling():
         return torch.compiler.disable(_token_logprobs)(*args)
     return _token_logprobs(*args)
 
 
 def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, vocab_start_index,
-                    extra_agree, options_error, softcap):
+                    extra_agree, options_error, softcap, ignore_index):
     local_error, tok, C_local = options_error, None, 0
     try:
         check_shard_logits("input", logits)
@@ -204,11 +220,11 @@ def _token_logprobs(logits, tokens, temperature, return_entropy, process_group, 
         local_error = local_error or e
     agree = dict(temperature=temperature if local_error is None else 0.0,
                  return_entropy=float(bool(return_entropy)), softcap=softcap if local_error is None else 0.0,
-                 **extra_agree)
+                 ignore_index=ignore_index if local_error is None else 0, **extra_agree)
     shard = vocab_shard(process_group, C_local, exchange_device(process_group, logits), vocab_start_index,
                         agree, "vocab-parallel token_logprobs", True, local_error)
-    token_range_check(tok, shard.n_classes)
+    target_range_check(tok, shard.n_classes, ignore_index)
     lp, ent = VocabParallelLogprobs.apply(logits.reshape(tok.numel(), C_local), tok, shard, process_group,
-                                          temperature, bool(return_entropy), softcap)
+                                          temperature, bool(return_entropy), softcap, ignore_index)
     shape = logits.shape[:-1]
     return (lp.view(shape), ent.view(shape)) if return_entropy else lp.view(shape)

@@ -162,17 +162,25 @@ def logprobs_forward(x: Tensor, tokens: Tensor, opts: KLOptions,
     log s, H = log s - sum(e^d d) / s (e^d d by an in-place product and torch's sum: a bmm dot
     product accumulated 2e-5 of error at C = 32000, torch's own fp32 entropy 5e-6). ``scratch``: x
     may be overwritten (a chunk of logits the caller formed; no copy of fp32 rows). A softcap caps
-    each block first (``transform_logits``, one more block-sized temporary)."""
+    each block first (``transform_logits``, one more block-sized temporary). A row whose token is
+    ``opts.ignore_index`` gives lp 0, H 0, stats (0, 0) as the kernel's (computed, then replaced: no
+    host sync to leave it out of the block; the kernel reads none of its logits)."""
     temperature, entropy, softcap = opts.temperature, opts.return_entropy, opts.softcap
     R, C = x.shape
     cdt = compute_dtype(x)
     lp, stats = x.new_empty((R,), dtype=cdt), x.new_empty((R, 2), dtype=cdt)
     ent = x.new_empty((R if entropy else 0,), dtype=cdt)
-    if C == 0:  # no classes: log s = -inf as torch's logsumexp (no token can be valid)
+    ignored = tokens == opts.ignore_index
+    if C == 0:  # no classes: log s = -inf as torch's logsumexp (no token can be valid; ignored: 0)
         stats[:, 0], stats[:, 1] = 0.0, float("-inf")
         lp.fill_(float("nan"))
         ent.fill_(float("nan"))
+        stats.masked_fill_(ignored[:, None], 0.0)
+        lp.masked_fill_(ignored, 0.0)
+        if entropy:
+            ent.masked_fill_(ignored, 0.0)
         return lp, ent, stats
+    safe = torch.where(ignored, torch.zeros_like(tokens), tokens)
     buf = block_buffer(x) if entropy else None
     for s, work in (row_blocks(x) if scratch else copied_blocks(x)):
         if softcap > 0:
@@ -180,7 +188,7 @@ def logprobs_forward(x: Tensor, tokens: Tensor, opts: KLOptions,
         if temperature != 1.0:
             work.div_(temperature)
         ref = safe_ref(work.amax(1))
-        b_y = work.gather(1, tokens[s, None]).squeeze(1)
+        b_y = work.gather(1, safe[s, None]).squeeze(1)
         d = work.sub_(ref[:, None])
         if entropy:
             e = torch.exp(d.clamp_min_(LOGQ_FLOOR), out=buf[:d.numel()].view(d.shape))
@@ -191,24 +199,35 @@ def logprobs_forward(x: Tensor, tokens: Tensor, opts: KLOptions,
             log_s = torch.log(d.exp_().sum(1))
         lp[s] = (b_y - ref) - log_s
         stats[s, 0], stats[s, 1] = ref, log_s
-    return lp, ent, stats
+    zero = torch.zeros((), dtype=cdt, device=x.device)
+    lp = torch.where(ignored, zero, lp)
+    ent = torch.where(ignored, zero, ent) if entropy else ent
+    return lp, ent, torch.where(ignored[:, None], zero, stats)
 
 
 def logprobs_backward(x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp: Tensor,
                       dent: Optional[Tensor], opts: KLOptions, out: Optional[Tensor] = None) -> Tensor:
     """dL/dx of rows x into ``out`` (x's dtype; may be x itself, then overwritten; a new tensor when
     None), in cache-sized row blocks: with log q = b - ref - log s, q = e^{log q},
-    dx = (dlp onehot - q (dlp + dent (log q + H))) / T, through the softcap by ``transform_grad``."""
+    dx = (dlp onehot - q (dlp + dent (log q + H))) / T, through the softcap by ``transform_grad``.
+    A row whose token is ``opts.ignore_index`` gets zeros (whatever its upstream gradients; its logits
+    finite, as any the torch path reads)."""
     temperature, softcap = opts.temperature, opts.softcap
     cdt = stats.dtype
     out = torch.empty_like(x) if out is None else out
     inplace = out is x
     buf = block_buffer(x) if dent is not None else None
-    g = dlp.to(cdt) / temperature
+    # an ignored row: all-zero coefficients and a shift of +inf (q = e^{-inf} = 0), so its gradient
+    # is 0 x 0 with no masking pass (as linear/chunk_torch.py's skipped rows)
+    ignored = tokens == opts.ignore_index
+    safe = torch.where(ignored, torch.zeros_like(tokens), tokens)
+    zero = torch.zeros((), dtype=cdt, device=x.device)
+    g = torch.where(ignored, zero, dlp.to(cdt) / temperature)
+    neg_g = torch.where(ignored, zero, -g)
     if dent is not None:
-        c1 = dent.to(cdt) / -temperature
-        c0 = -(dent.to(cdt) * ent.to(cdt) + dlp.to(cdt)) / temperature
-    shift = stats[:, 0] + stats[:, 1]
+        c1 = torch.where(ignored, zero, dent.to(cdt) / -temperature)
+        c0 = torch.where(ignored, zero, -(dent.to(cdt) * ent.to(cdt) + dlp.to(cdt)) / temperature)
+    shift = torch.where(ignored, float("inf"), stats[:, 0] + stats[:, 1])
     for s, work in (row_blocks(x) if inplace else copied_blocks(x)):
         z = None
         if softcap > 0:
@@ -218,11 +237,11 @@ def logprobs_backward(x: Tensor, tokens: Tensor, ent: Tensor, stats: Tensor, dlp
             work.div_(temperature)
         logq = work.sub_(shift[s, None])
         if dent is None:
-            work = logq.exp_().mul_(-g[s, None])
+            work = logq.exp_().mul_(neg_g[s, None])
         else:
             q = torch.exp(logq.clamp_min_(LOGQ_FLOOR), out=buf[:logq.numel()].view(logq.shape))
             work = logq.mul_(c1[s, None]).add_(c0[s, None]).mul_(q)
-        work.scatter_add_(1, tokens[s, None], g[s, None])
+        work.scatter_add_(1, safe[s, None], g[s, None])
         if z is not None:
             work.copy_(transform_grad(work, z, 1.0, softcap))
         if not (inplace and x.dtype == cdt):
