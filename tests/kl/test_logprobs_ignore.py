@@ -14,7 +14,6 @@ Ids read dtype-outputs-options-fraction-ignore_index.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from typing import Optional
 
@@ -26,7 +25,6 @@ import xent_triton
 from tolerances import assert_close_rule
 from xent_triton.kl.ops import logprobs_backward_into, logprobs_forward_rows
 from xent_triton.kl.options import KLOptions
-from xent_triton.kl.parallel_linear import vocab_parallel_linear_token_logprobs
 
 # the interpreter evaluates both branches of tl.where on numpy (masked lanes warn there)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -34,10 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 SHAPE, C = (3, 7), 301  # 21 positions, an odd vocabulary
 PATHS = [pytest.param("1", id="kernel"), pytest.param("0", id="torch")]
-# kl/linear_ops.py's range check accepts ignore_index with branch klcompact (which also gives
-# vocab_parallel_linear_token_logprobs its ignore_index keyword): until then a target of -100 raises
-# IndexError there before any kernel runs
-KLCOMPACT = "ignore_index" in inspect.signature(vocab_parallel_linear_token_logprobs).parameters
 
 
 @pytest.fixture(params=PATHS)
@@ -158,8 +152,6 @@ def test_token_logprobs_ignored_positions(c: Case, path):
 def test_linear_token_logprobs_ignored_positions(c: Case, path):
     """dX rows of ignored positions exactly 0; dW, db exactly as if those rows were absent (vs the
     masked float64 composition, whose ignored rows contribute nothing)."""
-    if c.ign == -100 and not KLCOMPACT:
-        pytest.skip("kl/linear_ops.py range-checks -100 until branch klcompact lands")
     gen, y, keep, ups, tw = setup(c)
     D = 6
     h = torch.randn(*SHAPE, D, generator=gen).to(c.dtype)

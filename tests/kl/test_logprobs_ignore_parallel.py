@@ -13,7 +13,6 @@ ignore id of 7 is a valid class owned by one shard.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import pathlib
 
 import pytest
@@ -22,15 +21,12 @@ import torch.nn.functional as F
 
 from spawn_group import assert_ranks_ok, cached_spawner, run_group
 from tolerances import assert_close_rule
-from xent_triton.kl.parallel_linear import vocab_parallel_linear_token_logprobs
 
 WORKER = pathlib.Path(__file__).resolve().parents[1] / "harness" / "kl_vocab_parallel_worker.py"
 SPAWN_TIMEOUT_S = 120
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
 ROWS, R, D = (2, 3), 6, 5
 TW = torch.rand(ROWS, generator=torch.Generator().manual_seed(7)) + 0.25
-# the class-sharded linear form takes ignore_index from branch klcompact (kl/parallel_linear.py)
-KLCOMPACT = "ignore_index" in inspect.signature(vocab_parallel_linear_token_logprobs).parameters
 
 
 @dataclasses.dataclass
@@ -69,7 +65,6 @@ CASES = [
     PC("err-dt-lp-ign-differs", [7, 6], dict(ignore_index=3), rank_opts={0: dict(ignore_index=4)}, error=True,
        dtensor=True),
 ]
-LINEAR_NEEDS_KLCOMPACT = "the class-sharded linear_token_logprobs takes ignore_index with branch klcompact"
 
 
 def _build(c: PC, seed: int, full: bool) -> dict:
@@ -102,7 +97,7 @@ def _spec(c: PC, cid: str, data: dict) -> dict:
 
 
 def _spawn(world: int, tmp: pathlib.Path) -> tuple[dict, dict]:
-    run = [c for c in CASES if KLCOMPACT or not c.fn.startswith("linear")]
+    run = CASES
     built = {c.id: _build(c, i, False) for i, c in enumerate(run)}
     twins = {c.id: _build(c, i, True) for i, c in enumerate(run) if not c.error}
     specs = [_spec(c, c.id, built[c.id]) for c in run]
@@ -149,8 +144,6 @@ OK = [c for c in CASES if not c.error]
 
 @pytest.mark.parametrize("case", OK, ids=lambda c: c.id)
 def test_ignored_positions_under_vocab_parallel(case: PC, results):
-    if case.fn.startswith("linear") and not KLCOMPACT:
-        pytest.skip(LINEAR_NEEDS_KLCOMPACT)
     res_all, data = results(2)
     res, twin, d = res_all[case.id], res_all[case.id + "/full"], data["built"][case.id]
     assert_ranks_ok(res)
