@@ -28,8 +28,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from ..core.dtensor import DTensor, Partial, Replicate, chunk_start, head_plan, local_part, plan
-from ..core.exchange import ReduceGradOver
+from ..core.dtensor import DTensor, Partial, Replicate, agree_rows, chunk_start, head_plan, local_part, plan
+from ..core.exchange import ReduceGradOver, agreement
 from ..core.inputs import class_ids, target_range_check
 from ..core.reduction import finish_sums, row_sums
 from .ops import distillation_rows, token_logprobs_rows
@@ -45,6 +45,22 @@ def rows_dtensor(r: Tensor, local_shape: torch.Size, mesh: Any, rows_pl: list,
     """Per-token values of THIS rank's tokens (``local_shape``) as a DTensor of the global ``shape``."""
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(r.reshape(local_shape), mesh, rows_pl, shape=shape, stride=stride)
+
+
+def agree_local(what: str, mesh: Any, batch: list, opts: Optional[KLOptions], error: Optional[BaseException],
+                ids: Optional[Tensor], C: int, hint: Tensor) -> None:
+    """No vocabulary-parallel dim, but a loss reduced over (or a head's gradient summed over) the
+    batch-sharded mesh dims: this rank's invalid option, token weight or target (ids outside [0, C)
+    on CPU) joins the options agreement there (``core/dtensor.agree_rows``), so every rank raises
+    alike instead of one raising while the others wait in that collective. No batch-sharded dim:
+    no exchange, the error is raised here."""
+    if error is None and ids is not None:
+        try:
+            target_range_check(ids, C, opts.ignore_index if opts is not None else -100)
+        except IndexError as e:
+            error = e
+    agree = agreement(None, opts if opts is not None else KLOptions())
+    agree_rows(what, mesh, batch, agree, None, error, hint)
 
 
 def dtensor_token_logprobs(logits: "DTensor", tokens: Any, temperature: float, return_entropy: bool,
@@ -90,11 +106,14 @@ def dtensor_distillation_loss(student: "DTensor", teacher: Any, labels: Optional
     mesh, x, t, lbl = student.device_mesh, student.to_local(), teacher.to_local(), local_part(labels)
     tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
-        if error is not None:
-            raise error
-        opts = chosen
-        flat = None if lbl is None else class_ids(lbl, x.shape[:-1], "input's leading shape")
+        flat = None
+        try:
+            flat = None if lbl is None else class_ids(lbl, x.shape[:-1], "input's leading shape")
+        except (TypeError, ValueError) as e:
+            error = error or e
         C = x.shape[-1]
+        agree_local(what, mesh, batch, chosen, error, flat, C, x)
+        opts = chosen
         rows, _ = distillation_rows(x.reshape(-1, C), t.detach().reshape(-1, C), flat, opts)
     else:
         start = chunk_start(student.shape[-1], mesh.size(tp), mesh.get_local_rank(tp))
@@ -155,8 +174,9 @@ def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, l
     w, b = head_locals(mesh, batch, linear_weight, linear_bias)
     tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
-        if error is not None:
-            raise error
+        # the head's gradient is summed over the batch dims in backward: no rank may raise alone
+        agree_local(what, mesh, batch, KLOptions(ignore_index=ignore_index), error,
+                    tok if isinstance(tok, Tensor) else None, linear_weight.shape[0], x)
         res = local(x, w, tok, linear_bias=b, temperature=temperature, return_entropy=return_entropy,
                     ignore_index=ignore_index, softcap=softcap or None, chunk_size=chunk_size or None,
                     grad_accum_dtype=None if accum_fp32 else w.dtype)
@@ -215,10 +235,10 @@ def dtensor_linear_distillation_loss(input: Any, linear_weight: Any, teacher_inp
     w, b = head_locals(mesh, batch, linear_weight, linear_bias)
     tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
-        if error is not None:
-            raise error
+        agree_local(what, mesh, batch, chosen, error, lbl if isinstance(lbl, Tensor) else None,
+                    linear_weight.shape[0], x)
         opts = chosen
-        assert opts is not None  # else make_kl raised: error
+        assert opts is not None  # else make_kl raised: error, raised on every rank above
         rows = local(x, w, ht, wt, lbl, linear_bias=b, teacher_linear_bias=bt, divergence=opts.divergence,
                      beta=opts.beta, temperature=opts.temperature, ignore_index=opts.ignore_index,
                      reduction="none", ce_weight=opts.ce_weight, softcap=opts.softcap or None,
