@@ -29,6 +29,7 @@ OPTIONS_OPS = {"cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_soft
                "linear_cross_entropy_chunked"}
 # the KL family's ops take every KLOptions field (LossOptions' first, then the KL ones)
 KL_OPS = {"distillation_fwd", "distillation_bwd", "token_logprobs_fwd", "token_logprobs_bwd",
+          "linear_distillation_scalar",
           "linear_distillation_fwd", "linear_distillation_bwd", "linear_token_logprobs_fwd",
           "linear_token_logprobs_bwd"}
 FIELDS = [f.name for f in dataclasses.fields(LossOptions)]
