@@ -154,6 +154,8 @@ check("distillation", grads(lambda x: xent_triton.distillation_loss(x, t0, reduc
 check("linear_distillation", grads(lambda h, w: xent_triton.linear_distillation_loss(
     h, w, h0, wt, reduction="none", chunk_size=4), h0, w0),
       grads(lambda h, w: kl(h @ w.T, h0 @ wt.T), h0, w0))
+check("linear_distillation_mean", grads(lambda h, w: xent_triton.linear_distillation_loss(
+    h, w, h0, wt, chunk_size=4), h0, w0), grads(lambda h, w: kl(h @ w.T, h0 @ wt.T).mean(), h0, w0))
 print("probe ok")
 """
 

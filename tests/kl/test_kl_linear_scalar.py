@@ -257,3 +257,16 @@ def test_one_chunk_dw_has_no_fp32_accumulator(monkeypatch, record_property):
     print(f"\nbytes per added C·D beyond the workspace: one chunk {one:.3f}, chunks of 4 {several:.3f}")
     assert 0 < one <= 2.0
     assert several > 2.0
+
+
+def test_opcheck():
+    """The op's schema, fake implementation and autograd registration (torch.library.opcheck)."""
+    from xent_triton.kl.options import make_kl
+
+    t = heads(9, D, DT, 50, F32, seed=6)
+    ids = ignored_ids(9, 50, 0.3, -100, seed=6)
+    opts = make_kl(divergence="jsd", ce_weight=0.3, softcap=5.0, chunk_size=4)
+    args = (t["h"].requires_grad_(), t["w"].requires_grad_(), t["b"], t["ht"], t["wt"], t["bt"], ids,
+            token_weight(9), True, True, False)
+    torch.library.opcheck(torch.ops.xent_triton.linear_distillation_scalar.default, args, opts.flat(),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
