@@ -29,6 +29,7 @@ OPTIONS_OPS = {"cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_bwd_soft
                "linear_cross_entropy_chunked"}
 # the KL family's ops take every KLOptions field (LossOptions' first, then the KL ones)
 KL_OPS = {"distillation_fwd", "distillation_bwd", "token_logprobs_fwd", "token_logprobs_bwd",
+          "linear_distillation_scalar",
           "linear_distillation_fwd", "linear_distillation_bwd", "linear_token_logprobs_fwd",
           "linear_token_logprobs_bwd"}
 FIELDS = [f.name for f in dataclasses.fields(LossOptions)]
@@ -153,6 +154,8 @@ check("distillation", grads(lambda x: xent_triton.distillation_loss(x, t0, reduc
 check("linear_distillation", grads(lambda h, w: xent_triton.linear_distillation_loss(
     h, w, h0, wt, reduction="none", chunk_size=4), h0, w0),
       grads(lambda h, w: kl(h @ w.T, h0 @ wt.T), h0, w0))
+check("linear_distillation_mean", grads(lambda h, w: xent_triton.linear_distillation_loss(
+    h, w, h0, wt, chunk_size=4), h0, w0), grads(lambda h, w: kl(h @ w.T, h0 @ wt.T).mean(), h0, w0))
 print("probe ok")
 """
 

@@ -197,16 +197,18 @@ def test_compile_dynamic_traces_compacting_linear_forms_once():
 
 
 def test_compiled_linear_forms_compact(monkeypatch):
-    """Under torch.compile the ops still compact at run time: the chunk loops (forward, backward)
-    see the kept rows only (a dispatch mode cannot count FLOPs inside a compiled graph)."""
-    from xent_triton.kl import linear_ops
+    """Under torch.compile the ops still compact at run time: the chunk loops (forward, backward;
+    the mean distillation's one loop of kl/linear_scalar.py) see the kept rows only (a dispatch
+    mode cannot count FLOPs inside a compiled graph)."""
+    from xent_triton.kl import linear_ops, linear_scalar
 
     seen = []
-    for name in ("distill_chunks", "distill_grads", "logprobs_chunks", "logprobs_grads"):
-        def spy(*args, _f=getattr(linear_ops, name), _n=name, **kw):
+    for mod, name in ((linear_scalar, "scalar_chunks"), (linear_ops, "logprobs_chunks"),
+                      (linear_ops, "logprobs_grads")):
+        def spy(*args, _f=getattr(mod, name), _n=name, **kw):
             seen.append((_n, args[0].shape[0]))
             return _f(*args, **kw)
-        monkeypatch.setattr(linear_ops, name, spy)
+        monkeypatch.setattr(mod, name, spy)
     t = heads(N, D, DT, 64, F32, seed=5)
     y, tok = ignored_ids(N, 64, 0.75, -100, seed=6), ignored_ids(N, 64, 0.5, -100, seed=7)
 
@@ -219,5 +221,4 @@ def test_compiled_linear_forms_compact(monkeypatch):
     h, w = (t[k].clone().requires_grad_() for k in "hw")
     compiled(h, w).backward()
     ky, kt = int((y != -100).sum()), int((tok != -100).sum())
-    assert sorted(seen) == sorted([("distill_chunks", ky), ("distill_grads", ky), ("logprobs_chunks", kt),
-                                   ("logprobs_grads", kt)])
+    assert sorted(seen) == sorted([("scalar_chunks", ky), ("logprobs_chunks", kt), ("logprobs_grads", kt)])

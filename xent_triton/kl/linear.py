@@ -22,6 +22,7 @@ from ..core.renames import renamed_keywords
 from .dtensor import dtensor_linear_distillation_loss, dtensor_linear_token_logprobs
 from .functional import deferred_kl, reduce_tokens
 from .linear_ops import linear_distillation_rows, linear_logprobs_rows, rows
+from .linear_scalar import grads_needed, linear_distillation_scalar_loss, serves
 from .names import LINEAR_DISTILL, LINEAR_LOGPROBS
 from .options import make_kl
 from .parallel_linear import (
@@ -124,9 +125,13 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
     tw = check_token_weight(token_weight, lead, input.device)
     xs = rows(input)
     xt = rows(teacher_input.detach())
-    loss_rows = linear_distillation_rows(
-        xs, linear_weight, linear_bias, xt, teacher_linear_weight.detach(),
-        None if teacher_linear_bias is None else teacher_linear_bias.detach(), lbl, opts)
+    bt = None if teacher_linear_bias is None else teacher_linear_bias.detach()
+    need = grads_needed(input, linear_weight, linear_bias)
+    if serves(opts, need, tw):  # mean / sum: gradients formed in forward (kl/linear_scalar.py)
+        return linear_distillation_scalar_loss(xs, linear_weight, linear_bias, xt,
+                                               teacher_linear_weight.detach(), bt, lbl, tw, need, opts)
+    loss_rows = linear_distillation_rows(xs, linear_weight, linear_bias, xt, teacher_linear_weight.detach(),
+                                         bt, lbl, opts)
     return reduce_tokens(loss_rows, lbl, opts, lead, tw)
 
 
