@@ -6,8 +6,11 @@ over the student buffer (in place) and turns it into dX (written per chunk) and 
 accumulators). Nothing N x C exists beyond one chunk per model.
 
 FLOPs (N tokens, C classes, D / Dt hidden sizes): forward 2 N D C (student) + 2 N Dt C (teacher);
-backward recompute 2 N D C + 2 N Dt C, dX 2 N D C, dW 2 N D C. token_logprobs: forward 2 N D C,
-backward 6 N D C. The teacher gets no gradient.
+backward recompute 2 N D C + 2 N Dt C, dX 2 N D C, dW 2 N D C. ``linear_distillation_loss`` with
+reduction mean / sum on one device: student 6 N D C + teacher 2 N Dt C, the gradients formed in
+forward (``kl/linear_scalar.py``). token_logprobs: forward 2 N D C, backward 6 N D C. The teacher
+gets no gradient. Ignored tokens (``ignore_index``) are compacted away first: each count scales by
+the kept fraction (``core/compaction.py``; one host sync per call).
 """
 from __future__ import annotations
 
