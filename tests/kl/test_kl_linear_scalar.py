@@ -227,8 +227,10 @@ def test_one_chunk_dw_has_no_fp32_accumulator(monkeypatch, record_property):
     copy in backward. The same call in chunks of 4 rows (an fp32 accumulator, + 4 B per C·D) fails
     that bound (shown below: the measure can fail)."""
     from harness import traffic
+    from xent_triton.linear import cpu_gemm
 
     use_path(monkeypatch, "torch")
+    monkeypatch.setattr(cpu_gemm, "BLOCK_ELEMS", 1 << 14)  # the fp32 GEMMs' blocks: constant in C
     n, d, c = 16, 512, 512
 
     def step_for(cc: int, chunk):

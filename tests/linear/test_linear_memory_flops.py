@@ -173,9 +173,11 @@ def test_one_chunk_dw_has_no_fp32_accumulator(path, ws, monkeypatch, record_prop
     most 2 bytes per added C·D element (dW once, in w's dtype: no fp32 accumulator, no scaled copy
     in backward, no zero "gradients" of the saved outputs) beyond the workspace (kept rows x C x ws)."""
     from xent_triton.linear import chunked as linear_chunked
+    from xent_triton.linear import cpu_gemm
     if path == "torch":
         _torch_path(monkeypatch)
     monkeypatch.setattr(linear_chunked, "CPU_SCRATCH_ELEMS", 1 << 14)  # w's fp32 class blocks: constant
+    monkeypatch.setattr(cpu_gemm, "BLOCK_ELEMS", 1 << 14)  # fp32 GEMM blocks too
     N, D, C = 40, 256, 1024
     _peak(_step(N, D, 256))  # warm-up
     steps = [_step(N, D, c) for c in (C, 2 * C)]

@@ -187,13 +187,14 @@ def test_chunked_dw_bytes_per_cd_match_the_model(path, accum, ws, monkeypatch):
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("the peak-memory harness measures CPU runs")
     from harness import traffic
-    from xent_triton.linear import chunked
+    from xent_triton.linear import chunked, cpu_gemm
     from xent_triton.linear import ops as linear_ops
 
     if path == "torch":
         monkeypatch.setattr(linear_ops, "uses_triton", lambda x: False)
         monkeypatch.setattr(chunked, "uses_triton", lambda x: False)
     monkeypatch.setattr(chunked, "CPU_SCRATCH_ELEMS", 1 << 14)  # w's fp32 class blocks: constant
+    monkeypatch.setattr(cpu_gemm, "BLOCK_ELEMS", 1 << 14)  # fp32 GEMM blocks too
     N, D, C, chunk = 40, 256, 1024, 16
     torch.manual_seed(0)
     x = torch.randn(N, D).to(torch.bfloat16).requires_grad_()
@@ -241,6 +242,34 @@ def test_one_chunk_threshold_on_cuda(n, rows, monkeypatch):
     monkeypatch.setattr(chunked, "uses_triton", lambda x: True)
     monkeypatch.setattr(chunked, "compute_dtype", lambda x: torch.float32)
     assert chunked.token_rows(n, 128256, 4096, _CudaLike()) == rows
+
+
+NO_ACCUMULATOR = [  # (need_dw, accum_fp32, head dtype): no fp32 dW accumulator to do without
+    pytest.param(False, True, torch.bfloat16, id="frozen-head"),
+    pytest.param(True, False, torch.bfloat16, id="dW-summed-in-bf16"),
+    pytest.param(True, True, torch.float32, id="fp32-head"),
+]
+
+
+@pytest.mark.parametrize("need_dw,accum_fp32,w_dtype", NO_ACCUMULATOR)
+def test_one_chunk_only_where_it_saves_an_accumulator(need_dw, accum_fp32, w_dtype, monkeypatch):
+    """Where several chunks keep no fp32 dW accumulator, one chunk saves nothing: the automatic chunk
+    stays (n = 4096 at the Llama-3 head: 2048-row chunks, not one 4096-row workspace), in the CE head
+    (``token_rows``) and the KL scalar path (``scalar_rows``, ~16M logits per buffer)."""
+    from xent_triton.kl import linear_scalar
+    from xent_triton.linear import chunked
+
+    monkeypatch.setattr(chunked, "uses_triton", lambda x: True)
+    monkeypatch.setattr(chunked, "compute_dtype", lambda x: torch.float32)
+    w = torch.empty(0, dtype=w_dtype)
+    acc = chunked.accumulator_bytes(need_dw, accum_fp32, w, _CudaLike())
+    assert acc == 0
+    assert chunked.token_rows(4096, 128256, 4096, _CudaLike(), None, acc) == 2048
+    assert chunked.accumulator_bytes(True, True, torch.empty(0, dtype=torch.bfloat16), _CudaLike()) == 4
+    x = torch.empty(0, dtype=torch.bfloat16)
+    auto = linear_scalar.CHUNK_LOGITS // 128256
+    assert linear_scalar.scalar_rows(4 * auto, 128256, 4096, x, x, 0, acc) == auto
+    assert linear_scalar.scalar_rows(4 * auto, 128256, 4096, x, x, 0, 4) == 4 * auto  # an accumulator saved
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA failure path")

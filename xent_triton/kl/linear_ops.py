@@ -66,7 +66,7 @@ class Grads:
         """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (16-bit products reach dW as in the
         linear head: ``out_dtype`` GEMMs on CUDA, a block scratch on CPU)."""
         if self.dx is not None:
-            torch.mm(dz, w, out=self.dx[r0:r1])
+            accumulate_mm(self.dx[r0:r1], dz, w, True, None)
         if self.dw is not None:
             accumulate_mm(self.dw, dz.t(), x[r0:r1], False, self.scratch)
         if self.db is not None:

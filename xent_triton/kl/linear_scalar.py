@@ -43,7 +43,7 @@ from ..core.inputs import target_range_check
 from ..core.op_schema import input_grads, options_op
 from ..core.reduction import guard_empty, weight_sums
 from ..core.runtime import alloc, compute_dtype, no_second_derivative
-from ..linear.chunked import ACC_BYTES, accumulate_mm, logits_into, make_scratch
+from ..linear.chunked import accumulate_mm, accumulator_bytes, logits_into, make_scratch
 from ..linear.ops import scaled
 from .functional import reduce_tokens
 from .linear_ops import CHUNK_LOGITS
@@ -53,18 +53,19 @@ from .options import KLOptions
 WHAT = "linear_distillation_loss"
 
 
-def scalar_rows(n: int, C: int, D: int, xs: Tensor, xt: Tensor, chunk_size: int) -> int:
+def scalar_rows(n: int, C: int, D: int, xs: Tensor, xt: Tensor, chunk_size: int, acc_bytes: int) -> int:
     """Rows per token chunk over ``n`` kept rows: ``chunk_size`` if set; else about CHUNK_LOGITS
     logits per model buffer (``linear_ops.chunked``), or all n rows in ONE chunk when both buffers
     for n rows are at most those for the automatic chunk plus the fp32 dW accumulator one chunk
-    does without (C D 4 bytes): one chunk never raises the peak (``linear/chunked.token_rows``)."""
+    does without (C D ``acc_bytes``: ``linear/chunked.accumulator_bytes``, 0 for a frozen head or a
+    dW summed in the head's dtype): one chunk never raises the peak (``linear/chunked.token_rows``)."""
     if chunk_size:
         return max(1, min(n, int(chunk_size)))
     rows = max(1, CHUNK_LOGITS // max(C, 1))
     if rows >= n:
         return max(1, n)
     per_row = C * (xs.element_size() + xt.element_size())
-    return n if n * per_row <= rows * per_row + C * D * ACC_BYTES else rows
+    return n if n * per_row <= rows * per_row + C * D * acc_bytes else rows
 
 
 def mean_scale(valid: Tensor, tw: Optional[Tensor], opts: KLOptions, dtype: torch.dtype) -> Tensor:
@@ -105,7 +106,7 @@ def scalar_chunks(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: 
     C = ws.shape[0]
     cdt, dev = compute_dtype(xs), xs.device
     need_dx, need_dw, need_db = need
-    rows = scalar_rows(n, C, D, xs, xt, opts.chunk_size)
+    rows = scalar_rows(n, C, D, xs, xt, opts.chunk_size, accumulator_bytes(need_dw, opts.accum_fp32, ws, xs))
     loss = alloc((n,), cdt, dev)
     dx = alloc((n, D), xs.dtype, dev) if need_dx else None
     dw = alloc((C, D), cdt if opts.accum_fp32 and rows < n else ws.dtype, dev) if need_dw else None
@@ -123,7 +124,7 @@ def scalar_chunks(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: 
         loss[r0:r1] = lo
         distill_backward_into(s, s, t, lab, st, dloss[r0:r1], opts)  # s now holds dZ
         if dx is not None:
-            torch.mm(s, ws, out=dx[r0:r1])
+            accumulate_mm(dx[r0:r1], s, ws, True, None)
         if dw is not None:
             accumulate_mm(dw, s.t(), xs[r0:r1], i == 0, scratch)
         if db is not None:

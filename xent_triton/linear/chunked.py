@@ -49,6 +49,7 @@ from ..core.reduction import guard_empty, weight_sums
 from ..core.runtime import alloc, compute_dtype, uses_triton
 from .chunk_kernels import chunk_grad_kernel, chunk_loss_grad_kernel
 from .chunk_torch import grad_torch, loss_grad_torch
+from .cpu_gemm import mm_fp32, upcast_gemm
 
 GPU_WORKSPACE_BYTES = 3 << 29  # rows x C x (4 + 2) bytes: 2048 rows at C = 128256 in bf16
 GPU_MIN_ROWS = 1024  # below ~1024 rows (the dW GEMM's K) the GEMMs turn memory-bound
@@ -78,18 +79,27 @@ def chunk_rows(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> i
     return max(1, min(N, rows))
 
 
-def token_rows(n: int, C: int, D: int, x: Tensor, chunk_size: Optional[int] = None) -> int:
+def accumulator_bytes(need_dw: bool, accum_fp32: bool, w: Tensor, x: Tensor) -> int:
+    """Bytes per C x D element of the fp32 dW accumulator several token chunks would keep (and one
+    chunk does without): none for a frozen head, a dW summed in the head's own dtype, or an fp32
+    head (its dW is its own accumulator)."""
+    return ACC_BYTES if need_dw and accum_fp32 and w.dtype != compute_dtype(x) else 0
+
+
+def token_rows(n: int, C: int, D: int, x: Tensor, chunk_size: Optional[int] = None,
+               acc_bytes: int = ACC_BYTES) -> int:
     """Rows per token chunk of the token-chunked head over ``n`` (kept) rows: ``chunk_rows``, or
     all n rows in ONE chunk when that workspace (n C ``logit_bytes``) is at most the chunked one
-    (the budget) plus the fp32 dW accumulator a single chunk does without (C D 4 bytes): one
-    chunk never raises the peak. ``chunk_size`` still caps it. At the Llama-3 head on CUDA (bf16,
+    (the budget) plus the fp32 dW accumulator a single chunk does without (C D ``acc_bytes``,
+    ``accumulator_bytes``; 0 where there is none): one chunk never raises the peak.
+    ``chunk_size`` still caps it. At the Llama-3 head on CUDA (bf16,
     D = 4096, C = 128256: 6 bytes per logit) that is n <= 4823 (2048 and 4096 tokens: one
     chunk; 8192: chunks of 2048 and the fp32 accumulator)."""
     rows = chunk_rows(n, C, x, chunk_size)
     if chunk_size is not None or rows >= n:
         return rows
     budget = GPU_WORKSPACE_BYTES if x.is_cuda else CPU_WORKSPACE_BYTES
-    return n if n * C * logit_bytes(x) <= budget + C * D * ACC_BYTES else rows
+    return n if n * C * logit_bytes(x) <= budget + C * D * acc_bytes else rows
 
 
 def split_cols(N: int, C: int, x: Tensor, chunk_size: Optional[int] = None) -> int:
@@ -105,6 +115,8 @@ def logits_into(out: Tensor, xr: Tensor, w: Tensor, b: Optional[Tensor]) -> Tens
     ``out`` of 16-bit operands by ``out_dtype`` (CUDA, torch >= 2.8); fp32 ``xr`` / ``out`` with a
     16-bit ``w`` (CPU / interpreter, ``gemm_operands``) by blocks of classes, each block of w
     upcast into a cache-sized copy (no C x D fp32 copy of w)."""
+    if out.dtype == xr.dtype == w.dtype and upcast_gemm(xr):  # plain CPU without a fast 16-bit GEMM
+        return mm_fp32(out, xr, w.t(), bias=b)
     if out.dtype != xr.dtype:
         torch.mm(xr, w.t(), out_dtype=out.dtype, out=out)
         return out.add_(b) if b is not None else out
@@ -121,9 +133,9 @@ def logits_into(out: Tensor, xr: Tensor, w: Tensor, b: Optional[Tensor]) -> Tens
 
 def logits_dtype(x: Tensor) -> torch.dtype:
     """dtype of the logits workspace: the compute dtype where the Triton kernels read it (fp32
-    logits of 16-bit operands), x's own dtype on the plain-CPU path (16-bit GEMMs run on AMX /
-    AVX512-BF16 at 2-3x the speed of fp32 ones; the torch twins upcast cache-sized row blocks,
-    and the loss sees the 16-bit logits torch eager's F.linear gives it)."""
+    logits of 16-bit operands), x's own dtype on the plain-CPU path (half the bytes; the GEMMs run
+    in that dtype on AMX, else as fp32 GEMMs on upcast blocks, ``cpu_gemm``; the torch twins upcast
+    cache-sized row blocks, and the loss sees the 16-bit logits torch eager's F.linear gives it)."""
     return compute_dtype(x) if uses_triton(x) else x.dtype
 
 
@@ -141,7 +153,11 @@ def gemm_operands(x: Tensor, w: Tensor, b: Optional[Tensor]):
 def accumulate_mm(acc: Tensor, a: Tensor, bmat: Tensor, first: bool,
                   scratch: Optional[Tensor]) -> None:
     """acc (=|+=) a @ bmat in acc's dtype (see the module docstring for the 16-bit -> fp32 case;
-    there, blocks of ``scratch.shape[0]`` rows of acc, one GEMM each)."""
+    there, blocks of ``scratch.shape[0]`` rows of acc, one GEMM each). Plain-CPU 16-bit operands
+    without a fast 16-bit GEMM: fp32 GEMMs on upcast blocks (``cpu_gemm.mm_fp32``)."""
+    if upcast_gemm(a) and acc.dtype in (a.dtype, torch.float32):
+        mm_fp32(acc, a, bmat, accumulate=not first)
+        return
     if acc.dtype == a.dtype:
         if first:
             torch.mm(a, bmat, out=acc)
@@ -260,9 +276,9 @@ def chunked_loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Te
         zcoef = zcoef.reshape(1)
     idx = None if with_stats else kept_rows(valid)
     xs, ts, tws = take_rows(x, idx), take_rows(target, idx), take_rows(tw, idx)
-    loss, lse, stats, dx, dw, db, ent, pred = token_chunks(
-        xs, w, b, ts, weight, zcoef, opts, token_rows(xs.shape[0], C, D, x, chunk_size), accum_fp32, need,
-        tws, with_stats)
+    rows = token_rows(xs.shape[0], C, D, x, chunk_size, accumulator_bytes(need[1], accum_fp32, w, x))
+    loss, lse, stats, dx, dw, db, ent, pred = token_chunks(xs, w, b, ts, weight, zcoef, opts, rows,
+                                                           accum_fp32, need, tws, with_stats)
     if idx is not None:
         loss, lse, stats = (scatter_rows(t, idx, N) for t in (loss, lse, stats))
         dx = scatter_rows(dx, idx, N) if dx is not None else None
@@ -305,7 +321,7 @@ def token_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weig
                         stats[r0:r1], *(t[r0:r1] if t is not None else None for t in (tw, ent, pred)))
         if dx is not None:
             if dx.dtype == zc.dtype:
-                torch.mm(zc, w, out=dx[r0:r1])
+                accumulate_mm(dx[r0:r1], zc, w, True, None)
             else:
                 dx[r0:r1].copy_(torch.mm(zc, w))
         if dw is not None:
@@ -370,7 +386,7 @@ def recompute_backward(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor
             accumulate_mm(dx, zc, ws, c0 == 0, scratch)
         if dw is not None:
             if dw.dtype == zc.dtype:
-                torch.mm(zc.t(), x, out=dw[c0:c1])
+                accumulate_mm(dw[c0:c1], zc.t(), x, True, None)
             else:
                 dw[c0:c1].copy_(torch.mm(zc.t(), x))
         if db is not None:
