@@ -73,6 +73,12 @@ TABLE = [
 ]
 VIAS = ["pg", "dtensor", "dtensor-rows"]
 CASES = [(via, *row) for row in TABLE for via in VIAS]
+# DTensor operands take their layout from the placements: a vocab_start_index (on one rank) is refused
+# on every rank, not ignored
+CASES += [(via, *row) for via in ("dtensor", "dtensor-rows") for row in [
+    ("one-vocab-start", "ce", {}, dict(vocab_start_index=0), ("ValueError", BAD)),
+    ("one-lin-vocab-start", "linear", {}, dict(vocab_start_index=0), ("ValueError", BAD)),
+]]
 
 
 def _spawn(world: int, tmp: pathlib.Path) -> dict:

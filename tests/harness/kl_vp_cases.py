@@ -178,5 +178,10 @@ CASES += [
        w_pl=("R",), rank_opts={0: dict(divergence="jensen")}, error=True),
     KC("err-mesh-llp-w2-dp-only-temperature", 2, [13], "linear_logprobs", mesh=(2,), h_pl=("S",),
        w_pl=("R",), rank_opts={1: dict(temperature=0.0)}, error=True),
+    # DTensor operands: a vocab_start_index on one rank is refused on every rank, not ignored
+    KC("err-dt-lp-vocab-start", 2, [7, 6], rank_opts={1: dict(vocab_start_index=7)}, dtensor=True,
+       error=True),
+    KC("err-dt-lkl-vocab-start", 2, [7, 6], "linear_distill", labels=True,
+       rank_opts={0: dict(vocab_start_index=0)}, dtensor=True, error=True),
 ]
 OK_CASES = [c for c in CASES if not c.error and not c.mesh]

@@ -53,6 +53,18 @@ def is_dtensor(t: Any) -> "TypeGuard[DTensor]":
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def placement_layout_error(process_group: Any, vocab_start_index: Any, what: str) -> Optional[ValueError]:
+    """The error for DTensor operands given a ``process_group`` or ``vocab_start_index`` too (their
+    layout comes from the placements: the arguments would be ignored), or None; the caller raises
+    it with its other local errors after the agreement, on every rank alike."""
+    given = [n for n, v in (("process_group", process_group), ("vocab_start_index", vocab_start_index))
+             if v is not None]
+    if not given:
+        return None
+    return ValueError(f"{what}: {' and '.join(given)} with DTensor operands: their layout comes from the "
+                      "placements (pass plain tensors for process_group)")
+
+
 def local_part(t: Any) -> Any:
     """The local part of a DTensor (differentiable), anything else unchanged."""
     return t.to_local() if is_dtensor(t) else t

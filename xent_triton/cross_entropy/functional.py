@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional, Union, cast, overload
 import torch
 from torch import Tensor
 
-from ..core.dtensor import is_dtensor
+from ..core.dtensor import is_dtensor, placement_layout_error
 from ..core.inputs import canonical, check_token_weight, check_weight, single_device_layout
 from ..core.options import make_options
 from ..core.reduction import loss_stats, reduce_rows
@@ -84,7 +84,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             non-ignored tokens (docs/math.md).
         process_group, vocab_start_index: vocabulary (tensor) parallelism, see docs/distributed.md:
             ``input`` is this rank's contiguous slice of the classes; targets hold global ids
-            (``vocab_start_index`` without ``process_group`` raises ValueError).
+            (``vocab_start_index`` without ``process_group``, or either with DTensor input, raises
+            ValueError; with DTensors on every rank alike).
 
     Returns:
         The float32 loss (float64 for float64 input; a scalar, or the target's shape for
@@ -111,6 +112,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
             inplace_backward = False
     if dtensor:  # the layout comes from the placements (core/dtensor.py); refused options and
         # invalid ones join the options agreement first (core/exchange.py): no rank raises alone
+        options_error = options_error or placement_layout_error(process_group, vocab_start_index,
+                                                                "cross_entropy")
         return dtensor_cross_entropy(cast(Any, input), target, weight, opts,
                                      inplace_backward=inplace_backward,
                                      return_lse=return_lse, options_error=options_error,

@@ -48,16 +48,18 @@ def rows_dtensor(r: Tensor, local_shape: torch.Size, mesh: Any, rows_pl: list,
 
 
 def agree_local(what: str, mesh: Any, batch: list, opts: Optional[KLOptions], error: Optional[BaseException],
-                ids: Optional[Tensor], C: int, hint: Tensor) -> None:
+                ids: Any, C: int, hint: Tensor, lead: Optional[torch.Size] = None) -> None:
     """No vocabulary-parallel dim, but a loss reduced over (or a head's gradient summed over) the
-    batch-sharded mesh dims: this rank's invalid option, token weight or target (ids outside [0, C)
-    on CPU) joins the options agreement there (``core/dtensor.agree_rows``), so every rank raises
-    alike instead of one raising while the others wait in that collective. No batch-sharded dim:
-    no exchange, the error is raised here."""
+    batch-sharded mesh dims: this rank's invalid option, token weight or target (not integer ids of
+    the ``lead`` shape when given; ids outside [0, C) on CPU) joins the options agreement there
+    (``core/dtensor.agree_rows``), so every rank raises alike instead of one raising while the
+    others wait in that collective. No batch-sharded dim: no exchange, the error is raised here."""
     if error is None and ids is not None:
         try:
+            if lead is not None:
+                ids = class_ids(ids, lead, "input's leading shape")
             target_range_check(ids, C, opts.ignore_index if opts is not None else -100)
-        except IndexError as e:
+        except (TypeError, ValueError, IndexError) as e:
             error = e
     agree = agreement(None, opts if opts is not None else KLOptions())
     agree_rows(what, mesh, batch, agree, None, error, hint)
@@ -175,8 +177,8 @@ def dtensor_linear_token_logprobs(input: Any, linear_weight: Any, target: Any, l
     tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
         # the head's gradient is summed over the batch dims in backward: no rank may raise alone
-        agree_local(what, mesh, batch, KLOptions(ignore_index=ignore_index), error,
-                    tok if isinstance(tok, Tensor) else None, linear_weight.shape[0], x)
+        agree_local(what, mesh, batch, KLOptions(ignore_index=ignore_index), error, tok,
+                    linear_weight.shape[0], x, x.shape[:-1])
         res = local(x, w, tok, linear_bias=b, temperature=temperature, return_entropy=return_entropy,
                     ignore_index=ignore_index, softcap=softcap or None, chunk_size=chunk_size or None,
                     grad_accum_dtype=None if accum_fp32 else w.dtype)
@@ -235,8 +237,7 @@ def dtensor_linear_distillation_loss(input: Any, linear_weight: Any, teacher_inp
     w, b = head_locals(mesh, batch, linear_weight, linear_bias)
     tw, error = parallel_token_weight(local_part(token_weight), x, error)
     if tp is None:
-        agree_local(what, mesh, batch, chosen, error, lbl if isinstance(lbl, Tensor) else None,
-                    linear_weight.shape[0], x)
+        agree_local(what, mesh, batch, chosen, error, lbl, linear_weight.shape[0], x, x.shape[:-1])
         opts = chosen
         assert opts is not None  # else make_kl raised: error, raised on every rank above
         rows = local(x, w, ht, wt, lbl, linear_bias=b, teacher_linear_bias=bt, divergence=opts.divergence,

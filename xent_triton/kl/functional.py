@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from ..core.dtensor import is_dtensor
+from ..core.dtensor import is_dtensor, placement_layout_error
 from ..core.inputs import class_ids
 from ..core.reduction import finish_sums, row_sums
 from ..core.renames import renamed_keywords
@@ -113,6 +113,7 @@ def distillation_loss(input: Tensor, teacher_input: Tensor, target: Optional[Ten
     if is_dtensor(input) or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
         if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
+            error = error or placement_layout_error(process_group, vocab_start_index, "distillation_loss")
             return dtensor_distillation_loss(input, teacher_input, target, opts, error, token_weight)
         tw, error = parallel_token_weight(token_weight, input, error)
         rows, lbl = vocab_parallel_distillation_rows(input, teacher_input, target, opts,
@@ -191,6 +192,7 @@ def token_logprobs(input: Tensor, target: Tensor, *, temperature: float = 1.0,
         T, cap, ign = (opts.temperature, opts.softcap, opts.ignore_index) if opts is not None \
             else (temperature, 0.0, -100)
         if is_dtensor(input):  # the layout comes from the placements (kl/dtensor.py)
+            error = error or placement_layout_error(process_group, vocab_start_index, "token_logprobs")
             return dtensor_token_logprobs(input, target, T, return_entropy, error, cap, token_weight, ign)
         tw, error = parallel_token_weight(token_weight, input, error)
         res = vocab_parallel_token_logprobs(input, target, T, return_entropy, process_group,

@@ -10,7 +10,8 @@ backward recompute 2 N D C + 2 N Dt C, dX 2 N D C, dW 2 N D C. ``linear_distilla
 reduction mean / sum on one device: student 6 N D C + teacher 2 N Dt C, the gradients formed in
 forward (``kl/linear_scalar.py``). token_logprobs: forward 2 N D C, backward 6 N D C. The teacher
 gets no gradient. Ignored tokens (``ignore_index``) are compacted away first: each count scales by
-the kept fraction (``core/compaction.py``; one host sync per call).
+the kept fraction (``core/compaction.py``; one host sync per op call: the forward, and the
+recompute backward where there is one).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any, Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from ..core.dtensor import is_dtensor
+from ..core.dtensor import is_dtensor, placement_layout_error
 from ..core.inputs import class_ids
 from ..core.renames import renamed_keywords
 from .dtensor import dtensor_linear_distillation_loss, dtensor_linear_token_logprobs
@@ -103,6 +104,8 @@ def linear_distillation_loss(input: Tensor, linear_weight: Tensor, teacher_input
     if dtensor or process_group is not None or vocab_start_index is not None:
         opts, error = deferred_kl(**options)  # a rank's error is raised after the exchange, on every rank
         if dtensor:  # the layout comes from the placements (kl/dtensor.py)
+            error = error or placement_layout_error(process_group, vocab_start_index,
+                                                    "linear_distillation_loss")
             return dtensor_linear_distillation_loss(input, linear_weight, teacher_input,
                                                     teacher_linear_weight, target, linear_bias,
                                                     teacher_linear_bias, opts, error,
@@ -206,6 +209,7 @@ def linear_token_logprobs(input: Tensor, linear_weight: Tensor, target: Tensor, 
         chunk = opts.chunk_size if opts is not None else 0
         ign = opts.ignore_index if opts is not None else -100
         if dtensor:  # the layout comes from the placements (kl/dtensor.py)
+            error = error or placement_layout_error(process_group, vocab_start_index, "linear_token_logprobs")
             return dtensor_linear_token_logprobs(input, linear_weight, target, linear_bias, T, return_entropy,
                                                  chunk, error, linear_token_logprobs, cap, token_weight,
                                                  opts is None or opts.accum_fp32, ign)

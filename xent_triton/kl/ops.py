@@ -35,16 +35,6 @@ from .logprobs_kernels import logprobs_bwd_kernel, logprobs_fwd_kernel
 from .options import DIVERGENCES, KLOptions
 
 
-def token_range_check(tokens: Tensor, C: int) -> None:
-    """On CPU, IndexError for a token id outside [0, C), ignore index included (the paths that take
-    an ``ignore_index`` check with ``core.inputs.target_range_check`` instead)."""
-    if tokens.device.type != "cpu" or tokens.numel() == 0:
-        return
-    bad = (tokens < 0) | (tokens >= C)
-    if bool(bad.any()):
-        raise IndexError(f"token {int(tokens[bad][0])} is out of bounds: expected ids in [0, {C})")
-
-
 def both_triton(x: Tensor, t: Tensor) -> bool:
     return uses_triton(x) and t.dtype in TRITON_DTYPES
 

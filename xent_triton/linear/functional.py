@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union, cast, overload
 import torch
 from torch import Tensor
 
-from ..core.dtensor import is_dtensor
+from ..core.dtensor import is_dtensor, placement_layout_error
 from ..core.inputs import (
     Canonical,
     autocast_operands,
@@ -97,7 +97,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
             rank's contiguous slice of the classes, ``target`` global ids, ``weight`` the global class
             weights; every rank returns the full-vocabulary loss. See docs/distributed.md.
         vocab_start_index: this rank's first class id (None: shards in group-rank order); without
-            ``process_group`` it raises ValueError.
+            ``process_group``, or with DTensor operands (either argument), ValueError (with
+            DTensors on every rank alike).
         empty_batch: "nan" (torch's mean over no valid token) or "zero" (0, zero gradients).
         reduce_input_grad: under ``process_group``, all-reduce the input gradient across the group
             (Megatron's column-parallel layout); False leaves each rank's partial.
@@ -148,6 +149,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                          "process_group / DTensor operands")
     if dtensor:  # layout from the placements (core/dtensor.py); refused and invalid options
         # join the options agreement first (core/exchange.py): no rank raises alone
+        options_error = options_error or placement_layout_error(process_group, vocab_start_index,
+                                                                "linear_cross_entropy")
         return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts,
                                             return_lse=return_lse, reduce_input_grad=reduce_input_grad,
                                             unsupported=dict(return_stats=return_stats,
