@@ -19,7 +19,7 @@ from reference import cross_entropy_composed
 from tolerances import assert_close_rule, rel_err
 from xent_triton.core.options import LossOptions
 from xent_triton.core.partials import combine
-from xent_triton.linear import chunk_torch
+from xent_triton.linear import chunk_grads, chunk_torch, cpu_gemm
 from xent_triton.linear import chunked as linear_chunked
 from xent_triton.linear import ops as linear_ops
 
@@ -215,14 +215,19 @@ def test_pure_torch_path(monkeypatch, dtype):
 @pytest.mark.parametrize("kw", [pytest.param(dict(ALL, return_lse=False), id="chunked-all-options"),
                                 pytest.param(dict(reduction="sum", weight=True), id="chunked-sum"),
                                 pytest.param(dict(ALL, reduction="none"), id="recompute-all-options")])
-def test_plain_cpu_path_16bit(monkeypatch, dtype, kw):
-    """CPU tensors without Triton, 16-bit operands: 16-bit GEMMs, logits upcast by row blocks,
-    dW accumulated in fp32 through a block-sized scratch; every block loop iterates (3 rows per
-    row block, 16 classes per scratch block, 7-token chunks), against the float64 truth."""
+@pytest.mark.parametrize("gemm", ["16bit", "fp32"])
+def test_plain_cpu_path_16bit(monkeypatch, dtype, kw, gemm):
+    """CPU tensors without Triton, 16-bit operands: 16-bit GEMMs (or fp32 GEMMs on upcast blocks,
+    ``XENT_CPU_GEMM``), logits upcast by row blocks, dW accumulated in fp32 through a block-sized
+    scratch (16-bit GEMMs); every block loop iterates (3 rows per row block, 16 classes per scratch
+    block, 7-token chunks), against the float64 truth."""
+    monkeypatch.setenv("XENT_CPU_GEMM", gemm)
+    monkeypatch.setattr(cpu_gemm, "BLOCK_ELEMS", 64)  # several fp32 blocks per GEMM
     monkeypatch.setattr(linear_ops, "uses_triton", lambda x: False)
     monkeypatch.setattr(linear_chunked, "uses_triton", lambda x: False)
     monkeypatch.setattr(chunk_torch, "BLOCK_ELEMS", 3 * 300)
     monkeypatch.setattr(linear_chunked, "CPU_SCRATCH_ELEMS", 1)
+    monkeypatch.setattr(chunk_grads, "CPU_SCRATCH_ELEMS", 1)  # its product blocks too
     monkeypatch.setattr(linear_ops, "CPU_SCRATCH_ELEMS", 16 * 32)
     monkeypatch.setattr(linear_chunked, "CPU_WORKSPACE_BYTES", 1)  # the per-token forward: 16-row chunks
     assert linear_chunked.logits_dtype(torch.empty(1, dtype=dtype)) == dtype

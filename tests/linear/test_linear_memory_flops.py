@@ -172,11 +172,12 @@ def test_one_chunk_dw_has_no_fp32_accumulator(path, ws, monkeypatch, record_prop
     """Default mode, all tokens in one chunk: peak extra bytes from (N, C) to (N, 2C) grow by at
     most 2 bytes per added C·D element (dW once, in w's dtype: no fp32 accumulator, no scaled copy
     in backward, no zero "gradients" of the saved outputs) beyond the workspace (kept rows x C x ws)."""
+    from xent_triton.linear import chunk_grads, cpu_gemm
     from xent_triton.linear import chunked as linear_chunked
-    from xent_triton.linear import cpu_gemm
     if path == "torch":
         _torch_path(monkeypatch)
     monkeypatch.setattr(linear_chunked, "CPU_SCRATCH_ELEMS", 1 << 14)  # w's fp32 class blocks: constant
+    monkeypatch.setattr(chunk_grads, "CPU_SCRATCH_ELEMS", 1 << 14)  # its product blocks too
     monkeypatch.setattr(cpu_gemm, "BLOCK_ELEMS", 1 << 14)  # fp32 GEMM blocks too
     N, D, C = 40, 256, 1024
     _peak(_step(N, D, 256))  # warm-up

@@ -187,13 +187,14 @@ def test_chunked_dw_bytes_per_cd_match_the_model(path, accum, ws, monkeypatch):
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         pytest.skip("the peak-memory harness measures CPU runs")
     from harness import traffic
-    from xent_triton.linear import chunked, cpu_gemm
+    from xent_triton.linear import chunk_grads, chunked, cpu_gemm
     from xent_triton.linear import ops as linear_ops
 
     if path == "torch":
         monkeypatch.setattr(linear_ops, "uses_triton", lambda x: False)
         monkeypatch.setattr(chunked, "uses_triton", lambda x: False)
     monkeypatch.setattr(chunked, "CPU_SCRATCH_ELEMS", 1 << 14)  # w's fp32 class blocks: constant
+    monkeypatch.setattr(chunk_grads, "CPU_SCRATCH_ELEMS", 1 << 14)  # its product blocks too
     monkeypatch.setattr(cpu_gemm, "BLOCK_ELEMS", 1 << 14)  # fp32 GEMM blocks too
     N, D, C, chunk = 40, 256, 1024, 16
     torch.manual_seed(0)

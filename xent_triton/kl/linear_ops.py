@@ -27,7 +27,8 @@ from ..core.compaction import kept_rows, scatter_rows, take_rows
 from ..core.inputs import target_range_check
 from ..core.op_schema import input_grads, options_op
 from ..core.runtime import compute_dtype, no_second_derivative, upstream_or_zeros
-from ..linear.chunked import accumulate_mm, logits_into, make_scratch
+from ..linear.chunk_grads import ChunkGrads
+from ..linear.chunked import logits_into
 from .ops import (
     distill_backward_into,
     distill_forward_rows,
@@ -47,36 +48,23 @@ def chunked(opts: KLOptions, N: int, C: int) -> KLOptions:
     return dataclasses.replace(opts, chunk_size=max(1, min(N, CHUNK_LOGITS // max(C, 1))))
 
 
-class Grads:
-    """The student's gradient buffers, allocated only for what autograd asks (a frozen head
-    - LoRA, RL with a fixed head - allocates no (C, D) or (C,) buffer): dX in x's dtype, dW and
-    db as fp32 / fp64 accumulators (``scratch`` from ``make_scratch``), or with ``accum_fp32``
-    False (``grad_accum_dtype`` = the head's dtype) accumulated in the head's dtype."""
+class Grads(ChunkGrads):
+    """The student's gradient buffers (``linear/chunk_grads.ChunkGrads``), allocated only for what
+    autograd asks (a frozen head - LoRA, RL with a fixed head - allocates no (C, D) or (C,) buffer):
+    dX in x's dtype, dW and db summed in fp32 / fp64, or with ``accum_fp32`` False
+    (``grad_accum_dtype`` = the head's dtype) in the head's dtype."""
 
     def __init__(self, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool,
                  accum_fp32: bool = True):
         acc = compute_dtype(x) if accum_fp32 else w.dtype
-        self.x_dtype, self.w_dtype = x.dtype, w.dtype
-        self.dx = x.new_empty(x.shape) if need_dx else None
-        self.dw = torch.zeros(w.shape, dtype=acc, device=x.device) if need_dw else None
-        self.db = torch.zeros((w.shape[0],), dtype=acc, device=x.device) if need_db else None
-        self.scratch = make_scratch(self.dw, x.dtype)
-
-    def add_chunk(self, dz: Tensor, x: Tensor, w: Tensor, r0: int, r1: int) -> None:
-        """dX rows = dZ W (written), dW += dZᵀ X, db += sum dZ (16-bit products reach dW as in the
-        linear head: ``out_dtype`` GEMMs on CUDA, a block scratch on CPU)."""
-        if self.dx is not None:
-            accumulate_mm(self.dx[r0:r1], dz, w, True, None)
-        if self.dw is not None:
-            accumulate_mm(self.dw, dz.t(), x[r0:r1], False, self.scratch)
-        if self.db is not None:
-            self.db.add_(dz.sum(0, dtype=self.db.dtype))
+        super().__init__(x, w, (need_dx, need_dw, need_db), acc, acc)
+        self.w = w
 
     def result(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(dX, dW, db) with a (0,) placeholder for each one not asked for."""
-        return (x.new_empty((0,)) if self.dx is None else self.dx,
-                x.new_empty((0,)) if self.dw is None else self.dw.to(self.w_dtype),
-                x.new_empty((0,)) if self.db is None else self.db.to(self.w_dtype))
+        """(dX, dW, db) in the operands' dtypes with a (0,) placeholder for each one not asked for."""
+        dx, dw, db = self.done(self.w)
+        return (x.new_empty((0,)) if dx is None else dx, x.new_empty((0,)) if dw is None else dw,
+                x.new_empty((0,)) if db is None else db.to(self.w.dtype))
 
 
 def rows(h: Tensor) -> Tensor:
@@ -198,7 +186,7 @@ def distill_grads(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: 
         logits_into(zt[:n], xt[r0:r1], wt, bt)
         distill_backward_into(zs[:n], zs[:n], zt[:n], None if labels is None else labels[r0:r1],
                               stats[r0:r1], dloss[r0:r1], opts)
-        grads.add_chunk(zs[:n], xs, ws, r0, r1)
+        grads.add(zs[:n], xs, ws, r0, r1)
     return grads.result(xs)
 
 
@@ -309,7 +297,7 @@ def logprobs_grads(x: Tensor, w: Tensor, b: Optional[Tensor], tokens: Tensor, en
         logits_into(zc, x[r0:r1], w, b)
         logprobs_backward_into(zc, zc, tokens[r0:r1], ent[r0:r1] if dent is not None else ent,
                                stats[r0:r1], dlp[r0:r1], None if dent is None else dent[r0:r1], opts)
-        grads.add_chunk(zc, x, w, r0, r1)
+        grads.add(zc, x, w, r0, r1)
     return grads.result(x)
 
 

@@ -43,7 +43,8 @@ from ..core.inputs import target_range_check
 from ..core.op_schema import input_grads, options_op
 from ..core.reduction import guard_empty, weight_sums
 from ..core.runtime import alloc, compute_dtype, no_second_derivative
-from ..linear.chunked import accumulate_mm, accumulator_bytes, logits_into, make_scratch
+from ..linear.chunk_grads import ChunkGrads
+from ..linear.chunked import accumulator_bytes, logits_into
 from ..linear.ops import scaled
 from .functional import reduce_tokens
 from .linear_ops import CHUNK_LOGITS
@@ -105,16 +106,12 @@ def scalar_chunks(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: 
     n, D = xs.shape
     C = ws.shape[0]
     cdt, dev = compute_dtype(xs), xs.device
-    need_dx, need_dw, need_db = need
-    rows = scalar_rows(n, C, D, xs, xt, opts.chunk_size, accumulator_bytes(need_dw, opts.accum_fp32, ws, xs))
+    rows = scalar_rows(n, C, D, xs, xt, opts.chunk_size, accumulator_bytes(need[1], opts.accum_fp32, ws, xs))
     loss = alloc((n,), cdt, dev)
-    dx = alloc((n, D), xs.dtype, dev) if need_dx else None
-    dw = alloc((C, D), cdt if opts.accum_fp32 and rows < n else ws.dtype, dev) if need_dw else None
-    db = alloc((C,), cdt, dev) if need_db else None
-    scratch = make_scratch(dw, xs.dtype)
+    grads = ChunkGrads(xs, ws, need, cdt if opts.accum_fp32 and rows < n else ws.dtype, cdt)
     zs = xs.new_empty((min(rows, n), C))
     zt = xt.new_empty((min(rows, n), C))
-    for i, r0 in enumerate(range(0, n, rows)):
+    for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         s, t = zs[:r1 - r0], zt[:r1 - r0]
         lab = None if labels is None else labels[r0:r1]
@@ -123,20 +120,9 @@ def scalar_chunks(xs: Tensor, ws: Tensor, bs: Optional[Tensor], xt: Tensor, wt: 
         lo, st = distill_forward_rows(s, t, lab, opts)
         loss[r0:r1] = lo
         distill_backward_into(s, s, t, lab, st, dloss[r0:r1], opts)  # s now holds dZ
-        if dx is not None:
-            accumulate_mm(dx[r0:r1], s, ws, True, None)
-        if dw is not None:
-            accumulate_mm(dw, s.t(), xs[r0:r1], i == 0, scratch)
-        if db is not None:
-            part = s.sum(0, dtype=cdt)
-            db.copy_(part) if i == 0 else db.add_(part)
-    del zs, zt, scratch
-    if n == 0:
-        for g in (dw, db):
-            if g is not None:
-                g.zero_()
-    if dw is not None and dw.dtype != ws.dtype:
-        dw = torch.empty((C, D), dtype=ws.dtype, device=dev).copy_(dw)
+        grads.add(s, xs, ws, r0, r1)
+    del zs, zt
+    dx, dw, db = grads.done(ws)
     return loss, dx, dw, db
 
 

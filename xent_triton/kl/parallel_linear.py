@@ -116,7 +116,7 @@ class VocabParallelLinearLogprobs(torch.autograd.Function):
             logprobs_shard_backward_into(zc, zc, loc[r0:r1], ent[r0:r1] if dent is not None else ent,
                                          stats[r0:r1], None if dlp is None else dlp[r0:r1],
                                          None if dent is None else dent[r0:r1], temperature, softcap)
-            grads.add_chunk(zc, x, w, r0, r1)
+            grads.add(zc, x, w, r0, r1)
         return input_grads(ctx, *(no_second_derivative(g, "linear_token_logprobs") if n else None
                                    for g, n in zip(grads.result(x), need)))
 
@@ -174,7 +174,7 @@ class VocabParallelLinearDistill(torch.autograd.Function):
             distill_shard_backward_into(zsc, zsc, ztc, None if labels is None else labels[r0:r1], shard,
                                         stats[r0:r1], dloss[r0:r1], divergence, beta, temperature,
                                         ignore_index, ce_weight, use_ce, softcap)
-            grads.add_chunk(zsc, xs, ws, r0, r1)
+            grads.add(zsc, xs, ws, r0, r1)
         return input_grads(ctx, *(no_second_derivative(g, "linear_distillation_loss") if n else None
                                    for g, n in zip(grads.result(xs), need)))
 

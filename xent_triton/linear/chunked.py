@@ -47,6 +47,7 @@ from ..core.compaction import kept_rows, scatter_rows, take_rows
 from ..core.options import LossOptions
 from ..core.reduction import guard_empty, weight_sums
 from ..core.runtime import alloc, compute_dtype, uses_triton
+from .chunk_grads import CPU_SCRATCH_ELEMS, HAS_OUT_DTYPE, ChunkGrads, accumulate_mm, make_scratch
 from .chunk_kernels import chunk_grad_kernel, chunk_loss_grad_kernel
 from .chunk_torch import grad_torch, loss_grad_torch
 from .cpu_gemm import mm_fp32, upcast_gemm
@@ -55,9 +56,7 @@ GPU_WORKSPACE_BYTES = 3 << 29  # rows x C x (4 + 2) bytes: 2048 rows at C = 1282
 GPU_MIN_ROWS = 1024  # below ~1024 rows (the dW GEMM's K) the GEMMs turn memory-bound
 CPU_WORKSPACE_BYTES = 48 << 20  # CPU / interpreter: cache-sized chunks, memory well under torch's
 CPU_MIN_ROWS = 16
-CPU_SCRATCH_ELEMS = 1 << 20  # a 16-bit product block of accumulate_mm on CPU (2 MiB; its fp32 upcast 4)
 ACC_BYTES = 4  # the fp32 dW accumulator of a multi-chunk head, per C x D element
-HAS_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out") and hasattr(torch.ops.aten.mm, "dtype")
 
 
 def logit_bytes(x: Tensor) -> int:
@@ -148,44 +147,6 @@ def gemm_operands(x: Tensor, w: Tensor, b: Optional[Tensor]):
         return x, w, b
     cdt = compute_dtype(x)
     return x.to(cdt), w.to(cdt) if w.is_cuda else w, b.to(cdt) if b is not None else None
-
-
-def accumulate_mm(acc: Tensor, a: Tensor, bmat: Tensor, first: bool,
-                  scratch: Optional[Tensor]) -> None:
-    """acc (=|+=) a @ bmat in acc's dtype (see the module docstring for the 16-bit -> fp32 case;
-    there, blocks of ``scratch.shape[0]`` rows of acc, one GEMM each). Plain-CPU 16-bit operands
-    without a fast 16-bit GEMM: fp32 GEMMs on upcast blocks (``cpu_gemm.mm_fp32``)."""
-    if upcast_gemm(a) and acc.dtype in (a.dtype, torch.float32):
-        mm_fp32(acc, a, bmat, accumulate=not first)
-        return
-    if acc.dtype == a.dtype:
-        if first:
-            torch.mm(a, bmat, out=acc)
-        else:
-            acc.addmm_(a, bmat)
-    elif acc.is_cuda and HAS_OUT_DTYPE:
-        if first:
-            torch.mm(a, bmat, out_dtype=acc.dtype, out=acc)
-        else:
-            torch.addmm(acc, a, bmat, out_dtype=acc.dtype, out=acc)
-    else:
-        step = scratch.shape[0]
-        for r0 in range(0, acc.shape[0], step):
-            r1 = min(acc.shape[0], r0 + step)
-            part = torch.mm(a[r0:r1], bmat, out=scratch[:r1 - r0])
-            acc[r0:r1].copy_(part) if first else acc[r0:r1].add_(part)
-
-
-def make_scratch(acc: Optional[Tensor], operand_dtype: torch.dtype) -> Optional[Tensor]:
-    """The operands'-dtype product buffer of ``accumulate_mm`` where the GEMM cannot output fp32:
-    all of acc's shape on CUDA, cache-sized row blocks on CPU (a mixed-dtype add there upcasts
-    its operand into a temporary of the same size: with the whole (C, D) that is C D 4 bytes)."""
-    if acc is None or acc.dtype == operand_dtype or (acc.is_cuda and HAS_OUT_DTYPE):
-        return None
-    rows, cols = acc.shape
-    if not acc.is_cuda:
-        rows = min(rows, max(16, CPU_SCRATCH_ELEMS // max(1, cols)))
-    return torch.empty((rows, cols), dtype=operand_dtype, device=acc.device)
 
 
 # ------------------------------------------------------------------------- chunk gradient
@@ -298,44 +259,25 @@ def token_chunks(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weig
     N, D = x.shape
     C = w.shape[0]
     cdt, dev = compute_dtype(x), x.device
-    need_dx, need_dw, need_db = need
     wsum = weight.sum().reshape(1) if weight is not None else None
     loss, lse = alloc((N,), cdt, dev), alloc((N,), cdt, dev)
     stats = alloc((N, 3), cdt, dev)
     ent = alloc((N,), cdt, dev) if with_stats else None
     pred = torch.empty((N,), dtype=torch.int64, device=dev) if with_stats else None
-    dx = alloc((N, D), x.dtype, dev) if need_dx else None
-    acc_dt = cdt if accum_fp32 and rows < N else w.dtype
-    dw = alloc((C, D), acc_dt, dev) if need_dw else None
-    db = alloc((C,), cdt, dev) if need_db else None
+    grads = ChunkGrads(x, w, need, cdt if accum_fp32 and rows < N else w.dtype, cdt)
     ldt = logits_dtype(x)
-    scratch = make_scratch(dw, x.dtype)
     xg, wg, bg = gemm_operands(x, w, b)
     buf = torch.empty(min(rows, N) * C, dtype=ldt, device=dev)
     dbuf = buf if x.dtype == ldt else torch.empty(min(rows, N) * C, dtype=x.dtype, device=dev)  # dZ
-    for i, r0 in enumerate(range(0, N, rows)):
+    for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         z = logits_into(buf[:(r1 - r0) * C].view(r1 - r0, C), xg[r0:r1], wg, bg)
         zc = dbuf[:(r1 - r0) * C].view(r1 - r0, C)
         loss_grad_chunk(z, zc, target[r0:r1], weight, wsum, zcoef, opts, loss[r0:r1], lse[r0:r1],
                         stats[r0:r1], *(t[r0:r1] if t is not None else None for t in (tw, ent, pred)))
-        if dx is not None:
-            if dx.dtype == zc.dtype:
-                accumulate_mm(dx[r0:r1], zc, w, True, None)
-            else:
-                dx[r0:r1].copy_(torch.mm(zc, w))
-        if dw is not None:
-            accumulate_mm(dw, zc.t(), x[r0:r1], i == 0, scratch)
-        if db is not None:
-            part = zc.sum(0, dtype=cdt)
-            db.copy_(part) if i == 0 else db.add_(part)
-    del buf, dbuf, scratch
-    if N == 0:
-        for t in (dw, db):
-            if t is not None:
-                t.zero_()
-    if dw is not None and dw.dtype != w.dtype:
-        dw = torch.empty((C, D), dtype=w.dtype, device=dev).copy_(dw)
+        grads.add(zc, x, w, r0, r1)
+    del buf, dbuf
+    dx, dw, db = grads.done(w)
     return loss, lse, stats, dx, dw, db, ent, pred
 
 

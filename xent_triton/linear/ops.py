@@ -43,9 +43,9 @@ from ..core.runtime import (
     upstream_or_zeros,
     uses_triton,
 )
+from .chunk_grads import CPU_SCRATCH_ELEMS
 from .chunk_torch import partials_torch
 from .chunked import (
-    CPU_SCRATCH_ELEMS,
     chunk_rows,
     chunked_loss_and_grads,
     gemm_operands,
